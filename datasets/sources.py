@@ -1,0 +1,138 @@
+"""Where images come from: torchvision's CIFAR files, or an image-folder tree.
+
+Every source gives an `ImageSet`: all images decoded once into memory as uint8 H x W x 3
+(CIFAR is 150 MB for 50,000 images), integer labels and class names. Nothing here knows
+about training; errors a user can cause are raised as `DataError` with one line to print.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
+
+TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+
+
+class DataError(Exception):
+    """Missing or malformed data: the message is one line that says what to do."""
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray      # N x H x W x 3 uint8
+    targets: np.ndarray     # N int64, class numbers in sorted-class-name order
+    classes: list           # class names, index = class number
+    source: str             # where it was read from, for the log
+
+    def __len__(self):
+        return len(self.targets)
+
+    def subset(self, indices):
+        indices = np.asarray(indices)
+        return ImageSet(self.images[indices], self.targets[indices], self.classes, self.source)
+
+
+def find_image_folder(root, dataset):
+    """The folder holding `train/` and `test/` class trees: `root` itself or `root/<dataset>`."""
+    for candidate in (root, os.path.join(root, dataset)):
+        if os.path.isdir(os.path.join(candidate, 'train')):
+            return candidate
+    return None
+
+
+def list_image_folder_split(folder, split, classes=None):
+    """Paths and labels of `folder/split/<class>/*`, classes and files in sorted order."""
+    split_dir = os.path.join(folder, split)
+    if not os.path.isdir(split_dir):
+        raise DataError(f'image folder {folder} has no {split}/ directory '
+                        f'(expected {folder}/train/<class>/* and {folder}/test/<class>/*)')
+    found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if not found:
+        raise DataError(f'{split_dir} holds no class directories (expected {split_dir}/<class>/*)')
+    if classes is not None and found != classes:
+        raise DataError(f'{split_dir} classes {found[:5]}... differ from the training classes '
+                        f'{classes[:5]}...')
+    paths, targets = [], []
+    for label, name in enumerate(found):
+        class_dir = os.path.join(split_dir, name)
+        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f'class directory {class_dir} holds no images '
+                            f'({", ".join(IMAGE_EXTENSIONS)})')
+        paths += [os.path.join(class_dir, f) for f in files]
+        targets += [label] * len(files)
+    return paths, np.asarray(targets, dtype=np.int64), found
+
+
+def decode_images(paths):
+    """N x H x W x 3 uint8 of the images at `paths`, which must share one size."""
+    images, shape = [], None
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert('RGB'))
+        except (OSError, ValueError) as err:
+            raise DataError(f'cannot read image {path}: {err}') from None
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(f'images differ in size ({path} is {array.shape[1]}x'
+                            f'{array.shape[0]}, {paths[0]} is {shape[1]}x{shape[0]}); '
+                            f'resize them to one size')
+        images.append(array)
+    return np.stack(images)
+
+
+def read_image_folder(folder, select=None):
+    """(train, test) ImageSets of an image-folder tree; only the images that
+    `select(split, count)` picks (index arrays) are decoded."""
+    sets, classes = [], None
+    for split in ('train', 'test'):
+        paths, targets, classes = list_image_folder_split(folder, split, classes)
+        keep = select(split, len(paths)) if select else np.arange(len(paths))
+        images = decode_images([paths[i] for i in keep])
+        sets.append(ImageSet(images, targets[keep], classes, os.path.join(folder, split)))
+    return sets
+
+
+def read_torchvision_cifar(dataset, root, download):
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if dataset == 'cifar10' else torchvision.datasets.CIFAR100
+    splits = []
+    for train in (True, False):
+        ds = cls(root=root, train=train, download=download)
+        splits.append(ImageSet(np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64),
+                               list(ds.classes), os.path.join(root, TORCHVISION_FOLDERS[dataset])))
+    return splits
+
+
+def load_cifar(dataset, root, download=True, select=None):
+    """CIFAR-10/100 from an image-folder tree or torchvision's files under `root`.
+
+    Looked for, in order: `root/train` + `root/test` (or `root/<dataset>/...`) class folders;
+    torchvision's extracted files; a torchvision download into `root`.
+    """
+    folder = find_image_folder(root, dataset)
+    if folder is not None:
+        train, test = read_image_folder(folder, select)
+        if len(train.classes) != NUM_CLASSES[dataset]:
+            raise DataError(f'{folder}/train has {len(train.classes)} classes, but {dataset} has '
+                            f'{NUM_CLASSES[dataset]}: wrong --data-root or --dataset?')
+        return train, test
+    if os.path.isdir(os.path.join(root, TORCHVISION_FOLDERS[dataset])):
+        download = False
+    try:
+        sets = read_torchvision_cifar(dataset, root, download)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f'no {dataset} data under {root!r}: looked for {root}/train/<class>/* + '
+            f'{root}/test/<class>/* image folders and torchvision\'s '
+            f'{root}/{TORCHVISION_FOLDERS[dataset]}, and the download failed ({reason}); '
+            f'run once with network access, or point --data-root at an image-folder copy') from None
+    if select is None:
+        return sets
+    return [s.subset(select(split, len(s))) for split, s in zip(('train', 'test'), sets)]

@@ -1,0 +1,58 @@
+"""torchvision transforms of the released code (SPEC section 2), and the datasets that
+apply them for the `--pipeline cpu` loader path."""
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+# The released augmentation's constants; lib/augment.py's batched version uses the same.
+CROP_SCALE = (0.2, 1.0)         # RandomResizedCrop area fraction
+CROP_RATIO = (3 / 4, 4 / 3)     # RandomResizedCrop aspect ratio (log-uniform)
+JITTER = 0.4                    # ColorJitter brightness = contrast = saturation = hue strength
+GRAYSCALE_P = 0.2               # RandomGrayscale probability
+FLIP_P = 0.5                    # RandomHorizontalFlip probability
+MEAN_STD = {                    # per-channel normalisation, as released
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    'cifar100': ((0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)),
+}
+
+
+def train_transform(mean, std, size=32, flip=True, color=True):
+    """RandomResizedCrop, ColorJitter(0.4 x4), RandomGrayscale(0.2), flip, ToTensor, Normalize."""
+    steps = [T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO)]
+    if color:
+        steps += [T.ColorJitter(JITTER, JITTER, JITTER, JITTER), T.RandomGrayscale(GRAYSCALE_P)]
+    if flip:
+        steps.append(T.RandomHorizontalFlip(FLIP_P))
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def test_transform(mean, std, size=32):
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """Training images as `views` independently augmented tensors, the label and the index."""
+
+    def __init__(self, image_set, transform, views=2):
+        self.images, self.targets = image_set.images, image_set.targets
+        self.transform, self.views = transform, views
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index])
+        return (*(self.transform(img) for _ in range(self.views)), int(self.targets[index]), index)
+
+
+class Plain(torch.utils.data.Dataset):
+    """Images through a deterministic transform, with label and index (test / feature pass)."""
+
+    def __init__(self, image_set, transform):
+        self.images, self.targets, self.transform = image_set.images, image_set.targets, transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), int(self.targets[index]), index

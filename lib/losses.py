@@ -1,0 +1,65 @@
+"""The three losses of one Super-AND step (SPEC section 5), as small functions.
+
+Shapes: R rows = views x B (view-1 rows first, then view-2 rows of the same images in the
+same order), N bank entries, K neighbours per anchor, M the width of the rows given to the
+augmentation loss (N for the released bank-logit rows, D for the feature variant).
+All three take float32 logits; callers keep the bank and the softmaxes out of bf16.
+"""
+import torch
+import torch.nn.functional as F
+
+from .config import UE_SELF_LOGIT
+
+
+def and_loss(logits, targets, neighbours):
+    """Anchor-neighbourhood loss (AND, Huang et al. 2019; Super-AND's L_AND; SPEC 5.1).
+
+    logits: R x N bank logits; targets: R dataset indexes of each row's image;
+    neighbours: R x K the image's neighbour indexes, -1 where it has none (non-anchors).
+    Per row: -log P[y] for a non-anchor, -log(P[y] + sum_j P[n_j]) for an anchor, where
+    P = softmax over the bank. Returns the mean over the R rows (the released sum / 2B).
+    Written with logsumexp, which equals the released log(softmax) without its underflow.
+    """
+    candidates = torch.cat((targets[:, None], neighbours.clamp(min=0)), dim=1)   # R x (1+K)
+    keep = torch.cat((torch.ones_like(targets[:, None], dtype=torch.bool), neighbours >= 0), 1)
+    picked = logits.gather(1, candidates).masked_fill(~keep, float('-inf'))
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(picked, 1)).mean()
+
+
+def augmentation_loss(rows, temperature, negative_weight=1.0):
+    """Augmentation-invariance loss: instance discrimination inside the batch (SPEC 5.2).
+
+    The in-batch criterion of Ye et al. 2019 (ISIF), which Super-AND applies to the
+    L2-normalised *bank-logit rows* (rows: R x N, as released) or, as an option, to the
+    embeddings (rows: R x D). R = 2B; row i's positive is the other view of its image.
+    With s_ij = exp(x_i . x_j / t) for j != i (s_ii = 0) and Z_i = sum_j s_ij:
+        loss = -( sum_i log(s_ip / Z_i) + m * sum_i sum_{j != i, p} log(1 - s_ij / Z_i) ) / R.
+    The second operand of every dot product is detached, so gradients reach x_i only.
+    `negative_weight` m is the released `batch_m` (1 by default, Z then unchanged).
+    """
+    x = F.normalize(rows, dim=1)
+    n = x.shape[0]
+    arange = torch.arange(n, device=x.device)
+    partner = (arange + n // 2) % n
+    is_self = torch.eye(n, dtype=torch.bool, device=x.device)
+    is_partner = is_self[partner]
+    s = torch.exp(x @ x.detach().t() / temperature).masked_fill(is_self, 0.0)     # R x R
+    positive = s[arange, partner]                                                  # R
+    z = s.sum(1)
+    if negative_weight != 1.0:
+        z = (z - positive) * negative_weight + positive
+    # Zero the partner *before* the log, so its log1p(0) = 0 has a finite gradient.
+    negatives = torch.log1p(-s.masked_fill(is_partner, 0.0) / z[:, None])         # R x R
+    return -(torch.log(positive / z).sum() + negative_weight * negatives.sum()) / n
+
+
+def ue_loss(logits, targets):
+    """Unification entropy (UE) loss (Super-AND's L_UE; SPEC 5.3).
+
+    logits: R x N; targets: R. The row's own bank entry is set to -10 (it is excluded
+    from the neighbourhood being made confident), then the entropy of the softmax over the
+    bank is averaged over the rows (the released sum / 2B).
+    """
+    masked = logits.scatter(1, targets[:, None], UE_SELF_LOGIT)
+    log_p = torch.log_softmax(masked, dim=1)
+    return -(log_p.exp() * log_p).sum(1).mean()

@@ -1,0 +1,117 @@
+"""Anchor-neighbourhood (ANs) discovery: the curriculum of rounds (SPEC section 4).
+
+Before round r >= 1 the `int(N * select_rate * r)` bank entries whose softmax over the bank
+has the lowest entropy become anchors, and each anchor gets its `ANs_size` most similar
+other entries as neighbours (Huang et al. 2019, AND). Everything is computed from the bank
+alone, in row chunks, so no N x N matrix is ever held (50,000^2 floats would be 10 GB).
+
+The buffers keep the released names and meaning so released checkpoints load:
+`position[i]` is i's rank among the anchors (>= 0), or -(k+1) for the k-th non-anchor;
+`neighbours` is (anchors x ANs_size), row j belonging to `anchor_indexes[j]`.
+"""
+import torch
+import torch.nn as nn
+
+from .config import CHUNK_ROWS
+
+
+@torch.no_grad()
+def bank_entropy(memory, temperature, chunk_rows=CHUNK_ROWS):
+    """H_i = -sum_j p_ij log p_ij, p_i = softmax(memory_i @ memory^T / T), itself included.
+
+    memory: N x D -> N entropies (float32), computed `chunk_rows` rows at a time.
+    """
+    entropy = torch.empty(memory.shape[0], dtype=torch.float32, device=memory.device)
+    for start in range(0, memory.shape[0], chunk_rows):
+        logits = (memory[start:start + chunk_rows] @ memory.t()).float() / temperature
+        log_p = torch.log_softmax(logits, dim=1)
+        entropy[start:start + chunk_rows] = -(log_p.exp() * log_p).sum(1)
+    return entropy
+
+
+@torch.no_grad()
+def nearest_other_entries(memory, rows, k, chunk_rows=CHUNK_ROWS):
+    """For each entry in `rows` (A), the k most similar *other* bank entries (A x k).
+
+    Similarity is the dot product of bank rows (cosine, the rows being unit vectors once
+    trained); the entry itself is excluded by setting its own similarity to -inf.
+    """
+    out = torch.empty(rows.shape[0], k, dtype=torch.long, device=memory.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        chunk = rows[start:start + chunk_rows]
+        sims = memory[chunk] @ memory.t()
+        sims.scatter_(1, chunk[:, None], float('-inf'))
+        out[start:start + chunk_rows] = sims.topk(k, dim=1).indices
+    return out
+
+
+class ANsDiscovery(nn.Module):
+    def __init__(self, num_entries, select_rate, ans_size):
+        super().__init__()
+        self.select_rate = select_rate
+        self.ans_size = ans_size
+        self.register_buffer('samples_num', torch.tensor(num_entries))
+        self.register_buffer('anchor_indexes', torch.zeros(0, dtype=torch.long))
+        self.register_buffer('instance_indexes', torch.arange(num_entries))
+        self.register_buffer('position', -torch.arange(num_entries) - 1)
+        self.register_buffer('neighbours', torch.zeros(0, ans_size, dtype=torch.long))
+        self.register_buffer('entropy', torch.zeros(num_entries))
+        self.register_buffer('consistency', torch.tensor(0.))
+        # Dense view used by the loss: row i holds i's neighbours, or -1 for a non-anchor.
+        # Its shape never changes between rounds (no recompilation of the training step).
+        self.register_buffer('neighbour_table', torch.full((num_entries, ans_size), -1),
+                             persistent=False)
+
+    @property
+    def num_entries(self):
+        return self.position.shape[0]
+
+    @property
+    def num_anchors(self):
+        return self.anchor_indexes.shape[0]
+
+    def anchors_in_round(self, round_index):
+        """int(N * select_rate * r), capped at N."""
+        return min(int(self.num_entries * self.select_rate * round_index), self.num_entries)
+
+    @torch.no_grad()
+    def update(self, round_index, memory, temperature, labels=None, chunk_rows=CHUNK_ROWS):
+        """Choose this round's anchors and their neighbours from the bank (SPEC 4).
+
+        `labels` (N), if given, are used only for the diagnostic `consistency`: the share of
+        (anchor, neighbour) pairs with the same true label.
+        """
+        n = self.num_entries
+        self.entropy = bank_entropy(memory, temperature, chunk_rows)
+        num = self.anchors_in_round(round_index)
+        anchors = self.entropy.topk(num, largest=False).indices
+        is_anchor = torch.zeros(n, dtype=torch.bool, device=memory.device)
+        is_anchor[anchors] = True
+        position = -torch.cumsum((~is_anchor).long(), 0)       # -1, -2, ... over non-anchors
+        position[anchors] = torch.arange(num, device=memory.device)
+        self.anchor_indexes = anchors
+        self.instance_indexes = torch.nonzero(~is_anchor).view(-1)
+        self.position = position
+        self.neighbours = nearest_other_entries(memory, anchors, self.ans_size, chunk_rows)
+        if labels is not None and num > 0:
+            same = labels[anchors][:, None] == labels[self.neighbours]
+            self.consistency = same.float().mean()
+        self._fill_neighbour_table()
+        return self.consistency
+
+    def _fill_neighbour_table(self):
+        self.neighbour_table = torch.full((self.num_entries, self.ans_size), -1,
+                                          dtype=torch.long, device=self.position.device)
+        if self.num_anchors:
+            self.neighbour_table[self.anchor_indexes] = self.neighbours.to(self.position.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The anchor lists change size every round: take the stored shapes before loading.
+        for name in ('anchor_indexes', 'instance_indexes', 'neighbours'):
+            if prefix + name in state_dict:
+                stored = state_dict[prefix + name]
+                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.neighbours.dim() == 2 and self.num_anchors:
+            self.ans_size = self.neighbours.shape[1]
+        self._fill_neighbour_table()

@@ -1,0 +1,127 @@
+"""Feeding the training step: which images, and their augmented views.
+
+Both pipelines draw the same image order: epoch (round r, epoch e) shuffles with a seed
+derived from (seed, r, e) alone, so a run resumed at any epoch sees the data a never-stopped
+run would have seen, and every rank of a distributed run agrees on the global batch.
+
+- `LoaderPipeline` (`--pipeline cpu`): the released path, torchvision transforms on PIL
+  images in DataLoader workers, batches copied to the device.
+- `TensorPipeline` (`--pipeline gpu`, the CUDA default): the training set decoded once into a
+  uint8 tensor on the device, batches indexed there and augmented by `lib.augment` in one
+  batched call per view. It also runs on CPU tensors (tests, gloo runs).
+Each yields `(views, indexes)`: views V*B x 3 x H x W float32 normalised, view-major
+(all first views, then all second views), indexes B long, both on the training device.
+"""
+import numpy as np
+import torch
+
+from datasets import AugmentedViews, Plain, test_transform, train_transform
+
+from .config import TEST_BATCH_SIZE
+
+
+def epoch_seed(seed, round_index, epoch):
+    """A 63-bit seed for one epoch, a pure function of (seed, round, epoch)."""
+    return int(np.random.SeedSequence([seed, round_index, epoch]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def epoch_order(num_images, batch_size, seed, round_index, epoch):
+    """steps x B dataset indexes of one epoch: a seeded shuffle, incomplete last batch dropped."""
+    generator = torch.Generator().manual_seed(epoch_seed(seed, round_index, epoch))
+    order = torch.randperm(num_images, generator=generator)
+    steps = num_images // batch_size
+    return order[:steps * batch_size].view(steps, batch_size)
+
+
+class LoaderPipeline:
+    def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
+                 workers, device, seed, flip=True, color=True):
+        self.train_set, self.test_set = train_set, test_set
+        self.views, self.batch_size, self.workers = views, batch_size, workers
+        self.device, self.seed = torch.device(device), seed
+        self.augmented = AugmentedViews(train_set, train_transform(mean, std, image_size, flip,
+                                                                   color), views)
+        self.eval_transform = test_transform(mean, std, image_size)
+
+    @property
+    def steps_per_epoch(self):
+        return len(self.train_set) // self.batch_size
+
+    def _loader(self, dataset, batch_sampler=None, generator=None):
+        batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None
+                    else dict(batch_size=TEST_BATCH_SIZE, shuffle=False))
+        return torch.utils.data.DataLoader(
+            dataset, num_workers=self.workers, generator=generator,
+            pin_memory=self.device.type == 'cuda', **batching)
+
+    def train_batches(self, round_index, epoch, start_step=0):
+        order = epoch_order(len(self.train_set), self.batch_size, self.seed, round_index, epoch)
+        seed = epoch_seed(self.seed, round_index, epoch)
+        # Transforms draw from the global RNG in the main process (workers=0) or from worker
+        # seeds taken from the loader's generator: seeding both makes each epoch repeatable.
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        loader = self._loader(self.augmented, order[start_step:].tolist(), generator)
+        for batch in loader:
+            views = torch.cat(batch[:self.views]).to(self.device, non_blocking=True)
+            yield views, batch[-1].to(self.device, non_blocking=True)
+
+    def eval_batches(self, split='test'):
+        """(images, targets) of a split through the test transform, in dataset order."""
+        image_set = self.test_set if split == 'test' else self.train_set
+        for images, targets, _ in self._loader(Plain(image_set, self.eval_transform)):
+            yield images.to(self.device, non_blocking=True), targets.to(self.device)
+
+
+class TensorPipeline:
+    """The training set as one uint8 tensor on the device, augmented there in batches."""
+
+    def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
+                 device, seed, flip=True, color=True, compile_mode='none'):
+        from .augment import NUM_UNIFORMS, BatchAugment
+        self.device, self.seed = torch.device(device), seed
+        self.views, self.batch_size = views, batch_size
+        self.num_train = len(train_set)
+        to_tensor = lambda s: torch.from_numpy(s.images).permute(0, 3, 1, 2).contiguous().to(self.device)  # noqa: E731
+        self.train_images = to_tensor(train_set)        # N x 3 x H x W uint8
+        self.test_images = to_tensor(test_set)
+        self.train_targets = torch.from_numpy(train_set.targets).to(self.device)
+        self.test_targets = torch.from_numpy(test_set.targets).to(self.device)
+        self.num_uniforms = NUM_UNIFORMS
+        self.augment = BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device)
+        if compile_mode != 'none':
+            self.augment = torch.compile(self.augment, mode=compile_mode, dynamic=False)
+        self.register_eval_normalisation(mean, std)
+
+    def register_eval_normalisation(self, mean, std):
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def steps_per_epoch(self):
+        return self.num_train // self.batch_size
+
+    def epoch_uniforms(self, round_index, epoch):
+        """All random numbers of an epoch in one draw: steps x views x B x NUM_UNIFORMS."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(epoch_seed(self.seed, round_index, epoch) ^ 0x5A17)
+        shape = (self.steps_per_epoch, self.views, self.batch_size, self.num_uniforms)
+        return torch.rand(shape, generator=generator, device=self.device)
+
+    def train_batches(self, round_index, epoch, start_step=0):
+        order = epoch_order(self.num_train, self.batch_size, self.seed, round_index, epoch)
+        order = order.to(self.device)
+        uniforms = self.epoch_uniforms(round_index, epoch)
+        for step in range(start_step, order.shape[0]):
+            indexes = order[step]
+            images = self.train_images[indexes]
+            views = torch.cat([self.augment(images, uniforms[step, v]) for v in range(self.views)])
+            yield views, indexes
+
+    def eval_batches(self, split='test'):
+        images = self.test_images if split == 'test' else self.train_images
+        targets = self.test_targets if split == 'test' else self.train_targets
+        for start in range(0, images.shape[0], TEST_BATCH_SIZE):
+            batch = images[start:start + TEST_BATCH_SIZE].float().div_(255)
+            yield (batch - self.mean) / self.std, targets[start:start + TEST_BATCH_SIZE]

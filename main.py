@@ -1,0 +1,308 @@
+"""Super-AND: train an embedding without labels, evaluate it by weighted kNN.
+
+    python3 main.py --dataset cifar10 --network resnet18           # the released schedule
+    python3 main.py --resume ckpt_SAND.t7 --test_only              # kNN of a checkpoint
+    python3 main.py --resume last.t7                               # continue a stopped run
+
+The algorithm and every default are the released code's (see lib/config.py and SPEC.md).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import datasets
+import models
+from lib import checkpoint as ckpt
+from lib.config import DEFAULTS
+from lib.errors import UserError
+from lib.evaluate import embed, knn_accuracy
+from lib.memory_bank import MemoryBank
+from lib.neighbourhoods import ANsDiscovery
+from lib.pipelines import LoaderPipeline, TensorPipeline
+from lib.schedules import learning_rate, set_learning_rate, ue_weight
+from lib.train import Objective, Trainer
+
+# Options that describe the run itself: on --resume they come from the checkpoint unless
+# given again on the command line. The rest (where, how fast, what to do) never do.
+NOT_RESUMED = {'resume', 'test_only', 'device', 'workers', 'model_dir', 'data_root',
+               'stop_after', 'pipeline'}
+
+
+# ----------------------------------------------------------------------------- flags
+def checked(kind, test, requirement):
+    def parse(text):
+        value = kind(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f'{text} is not {requirement}')
+        return value
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v >= 1, 'an integer >= 1')
+POSITIVE_FLOAT = checked(float, lambda v: v > 0, 'a number > 0')
+NON_NEGATIVE_FLOAT = checked(float, lambda v: v >= 0, 'a number >= 0')
+
+
+def build_parser():
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description='Super-AND unsupervised embedding learning '
+                                '(Han et al. 2020): train, evaluate by weighted kNN, resume.')
+    p.add_argument('--dataset', default=d['dataset'], choices=datasets.DATASETS,
+                   help='training and evaluation data (default: %(default)s)')
+    p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORKS),
+                   help='backbone of both branches (default: %(default)s)')
+    p.add_argument('--low_dim', default=d['low_dim'], type=POSITIVE_INT,
+                   help='embedding size D (default: %(default)s)')
+    p.add_argument('--npc_t', default=d['npc_t'], type=POSITIVE_FLOAT, metavar='T',
+                   help='temperature of the memory-bank softmax (default: %(default)s)')
+    p.add_argument('--npc_m', default=d['npc_m'], type=checked(float, lambda v: 0 <= v < 1,
+                   'in [0, 1)'), help='momentum of the memory-bank update (default: %(default)s)')
+    p.add_argument('--ANs_select_rate', default=d['ANs_select_rate'],
+                   type=checked(float, lambda v: 0 < v <= 1, 'in (0, 1]'),
+                   help='share of the data added as anchors each round (default: %(default)s)')
+    p.add_argument('--ANs_size', default=d['ANs_size'], type=POSITIVE_INT,
+                   help='neighbours per anchor, the anchor excluded (default: %(default)s)')
+    p.add_argument('--lr', default=d['lr'], type=POSITIVE_FLOAT,
+                   help='learning rate at the start of each round (default: %(default)s)')
+    p.add_argument('--momentum', default=d['momentum'], type=NON_NEGATIVE_FLOAT,
+                   help='SGD Nesterov momentum (default: %(default)s)')
+    p.add_argument('--weight_decay', '--wd', default=d['weight_decay'], type=NON_NEGATIVE_FLOAT,
+                   help='SGD weight decay (default: %(default)s)')
+    p.add_argument('--epochs', default=d['epochs'], type=POSITIVE_INT,
+                   help='epochs per round (default: %(default)s)')
+    p.add_argument('--rounds', default=d['rounds'], type=POSITIVE_INT,
+                   help='rounds, the first without anchors (default: %(default)s)')
+    p.add_argument('--batch_t', default=d['batch_t'], type=POSITIVE_FLOAT, metavar='T',
+                   help='temperature of the augmentation-invariance loss (default: %(default)s)')
+    p.add_argument('--batch_m', default=d['batch_m'], type=NON_NEGATIVE_FLOAT,
+                   help='weight of that loss\'s negative terms (default: %(default)s)')
+    p.add_argument('--batch_size', default=d['batch_size'],
+                   type=checked(int, lambda v: v >= 2, 'an integer >= 2'),
+                   help='images per step, two views each (default: %(default)s)')
+    p.add_argument('--aug-input', dest='aug_input', default='logits',
+                   choices=('logits', 'features'),
+                   help='rows the augmentation loss compares: the normalised bank logits as '
+                        'released, or the 128-d embeddings (default: %(default)s)')
+    p.add_argument('--model_dir', default='checkpoint/',
+                   help='where checkpoints are written and --resume looks (default: %(default)s)')
+    p.add_argument('--resume', '-r', default='', metavar='NAME',
+                   help='checkpoint in model_dir to load: last.t7 continues a run, ckpt.t7 or '
+                        'a released file with --test_only evaluates it')
+    p.add_argument('--test_only', action='store_true',
+                   help='only print the kNN accuracy of the --resume checkpoint')
+    p.add_argument('--seed', default=d['seed'], type=int,
+                   help='random seed of initialisation, data order and augmentation '
+                        '(default: %(default)s)')
+    p.add_argument('--data-root', dest='data_root', default='./data',
+                   help='torchvision\'s files, or an image-folder tree train/<class>/*, '
+                        'test/<class>/* (default: %(default)s)')
+    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
+                   help='auto = CUDA when present (default: %(default)s)')
+    p.add_argument('--pipeline', default='auto', choices=('auto', 'gpu', 'cpu'),
+                   help='gpu: data and augmentation as batched tensors on the device; cpu: '
+                        'torchvision transforms in loader workers, as released; auto = gpu on '
+                        'CUDA, cpu otherwise (default: %(default)s)')
+    p.add_argument('--workers', default=2, type=checked(int, lambda v: v >= 0, '>= 0'),
+                   help='data-loader processes of the cpu pipeline (default: %(default)s)')
+    p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
+                   help='train and test on seeded random subsets of N images each (quick runs)')
+    p.add_argument('--stop-after', dest='stop_after', default=None, type=POSITIVE_INT,
+                   metavar='EPOCHS', help='stop after this many epochs of this invocation, '
+                   'checkpoints written (continue with --resume last.t7)')
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Which options were typed (the rest may come from a resumed checkpoint).
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(parser.parse_args(argv)))
+    if args.test_only and not args.resume:
+        parser.error('--test_only needs --resume NAME')
+    return args
+
+
+# ----------------------------------------------------------------------------- building
+def choose_device(name):
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda, but no CUDA device is available')
+    return torch.device('cuda' if name != 'cpu' and torch.cuda.is_available() else 'cpu')
+
+
+def adopt_checkpoint_config(args, state):
+    """On --resume, take the run's own options from the checkpoint unless typed again."""
+    stored = state.get('config') or {}
+    adopted = []
+    for key, value in stored.items():
+        if key in NOT_RESUMED or key in args.given or not hasattr(args, key):
+            continue
+        if getattr(args, key) != value:
+            adopted.append(f'{key}={value}')
+        setattr(args, key, value)
+    if adopted:
+        print('options from the checkpoint: ' + ' '.join(adopted))
+
+
+def load_data(args):
+    train, test = datasets.load_dataset(args.dataset, args.data_root, subset=args.subset,
+                                        seed=args.seed)
+    if args.ANs_size >= len(train):
+        raise UserError(f'--ANs_size {args.ANs_size} needs more than {len(train)} training images')
+    if args.batch_size > len(train) and not args.test_only:
+        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train)} '
+                        f'training images')
+    print(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
+          f'classes, from {train.source}')
+    return train, test
+
+
+def build_model(args, num_train, device):
+    """Network, memory bank and anchor discovery, initialised from the seed on the CPU."""
+    torch.manual_seed(args.seed)
+    net = models.build_network(args.network, args.low_dim)
+    bank = MemoryBank(args.low_dim, num_train, args.npc_t, args.npc_m)
+    anchors = ANsDiscovery(num_train, args.ANs_select_rate, args.ANs_size)
+    return net.to(device), bank.to(device), anchors.to(device)
+
+
+def build_pipeline(args, train, test, device):
+    mean, std = datasets.MEAN_STD[args.dataset]
+    common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=32, views=2,
+                  batch_size=args.batch_size, device=device, seed=args.seed)
+    pipeline = args.pipeline
+    if pipeline == 'auto':
+        pipeline = 'gpu' if device.type == 'cuda' else 'cpu'
+    if pipeline == 'gpu':
+        return TensorPipeline(**common)
+    return LoaderPipeline(workers=args.workers, **common)
+
+
+def build_optimizer(args, net):
+    params = [p for p in net.parameters() if p.requires_grad]   # the Sobel filters are frozen
+    return torch.optim.SGD(params, args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+
+
+# ----------------------------------------------------------------------------- steps of a run
+def evaluate(net, bank, pipeline, train_labels, num_classes):
+    test_features, test_targets = embed(net, pipeline.eval_batches('test'))
+    return knn_accuracy(test_features, test_targets, bank.memory, train_labels, num_classes)
+
+
+def discover_anchors(anchors, bank, round_index, train_labels):
+    start = time.time()
+    consistency = anchors.update(round_index, bank.memory, bank.temperature, train_labels)
+    print(f'round {round_index}: {anchors.num_anchors} anchors '
+          f'({100 * anchors.num_anchors / anchors.num_entries:.1f}% of {anchors.num_entries}), '
+          f'label consistency of (anchor, neighbour) pairs {100 * float(consistency):.2f}% '
+          f'({time.time() - start:.1f} s)')
+
+
+def save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best):
+    """last.t7 after every epoch (to continue from), ckpt.t7 when the kNN is the best yet."""
+    round_index, epoch, acc = progress['round'], progress['epoch'], progress['acc']
+    state = ckpt.model_state(net, bank, anchors, acc, round_index, epoch)
+    state['config'] = {k: v for k, v in vars(args).items() if k != 'given'}
+    if is_best:
+        ckpt.save_atomic(state, os.path.join(args.model_dir, 'ckpt.t7'))
+    next_round, next_epoch = (round_index, epoch + 1) if epoch + 1 < args.epochs \
+        else (round_index + 1, 0)
+    state.update(optimizer=optimizer.state_dict(), rng=ckpt.rng_state(),
+                 next={'round': next_round, 'epoch': next_epoch},
+                 best={k: progress[f'best_{k}'] for k in ('acc', 'round', 'epoch')})
+    ckpt.save_atomic(state, os.path.join(args.model_dir, 'last.t7'))
+
+
+def test_only(args, net, bank, pipeline, train_labels, num_classes, state):
+    top1, top5 = evaluate(net, bank, pipeline, train_labels, num_classes)
+    where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
+    print(f'kNN accuracy of {args.resume} ({where}): top-1 {100 * top1:.2f}% '
+          f'top-5 {100 * top5:.2f}%')
+
+
+# ----------------------------------------------------------------------------- the run
+def run(args):
+    device = choose_device(args.device)
+    state = None
+    if args.resume:
+        path = ckpt.resolve_path(args.model_dir, args.resume)
+        state = ckpt.load(path)
+        adopt_checkpoint_config(args, state)
+    train, test = load_data(args)
+    net, bank, anchors = build_model(args, len(train), device)
+    train_labels = torch.from_numpy(train.targets).to(device)
+    num_classes = len(train.classes)
+    if state is not None:
+        ckpt.restore_model(state, path, net, bank, anchors)
+    pipeline = build_pipeline(args, train, test, device)
+    if args.test_only:
+        return test_only(args, net, bank, pipeline, train_labels, num_classes, state)
+
+    os.makedirs(args.model_dir, exist_ok=True)
+    optimizer = build_optimizer(args, net)
+    progress = dict(round=0, epoch=0, acc=0.0, best_acc=0.0, best_round=-1, best_epoch=-1)
+    if state is not None:
+        if 'optimizer' in state:
+            optimizer.load_state_dict(state['optimizer'])
+            ckpt.set_rng_state(state.get('rng'))
+        nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
+        best = state.get('best', {'acc': state['acc'], 'round': state['round'],
+                                  'epoch': state['epoch']})
+        progress.update(round=nxt['round'], epoch=nxt['epoch'],
+                        **{f'best_{k}': v for k, v in best.items()})
+        print(f"resuming at round {progress['round']} epoch {progress['epoch']} "
+              f"(best so far {100 * progress['best_acc']:.2f}%)")
+    objective = Objective(aug_input=args.aug_input, batch_t=args.batch_t, batch_m=args.batch_m)
+    trainer = Trainer(net, bank, anchors, optimizer, objective)
+    print(f'training {args.network} on {args.dataset} ({device.type}, '
+          f'{type(pipeline).__name__}): {args.rounds} rounds x {args.epochs} epochs, '
+          f'{pipeline.steps_per_epoch} steps of {args.batch_size} images')
+
+    epochs_run = 0
+    for round_index in range(progress['round'], args.rounds):
+        first_epoch = progress['epoch'] if round_index == progress['round'] else 0
+        if round_index > 0 and first_epoch == 0:
+            discover_anchors(anchors, bank, round_index, train_labels)
+        for epoch in range(first_epoch, args.epochs):
+            start = time.time()
+            lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
+            set_learning_rate(optimizer, lr)
+            losses, _ = trainer.train_epoch(pipeline.train_batches(round_index, epoch), weight)
+            top1, top5 = evaluate(net, bank, pipeline, train_labels, num_classes)
+            is_best = top1 > progress['best_acc']
+            progress.update(round=round_index, epoch=epoch, acc=top1)
+            if is_best:
+                progress.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
+            save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best)
+            print(f"round {round_index} epoch {epoch:3d}/{args.epochs} | lr {lr:.5f} | "
+                  f"ue weight {weight:.1f} | loss and {losses['and']:.4f} aug {losses['aug']:.4f} "
+                  f"ue {losses['ue']:.4f} | kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}% | "
+                  f"best {100 * progress['best_acc']:.2f}% | {time.time() - start:.1f} s",
+                  flush=True)
+            epochs_run += 1
+            if args.stop_after and epochs_run >= args.stop_after:
+                print(f'stopping after {epochs_run} epochs (--stop-after); continue with '
+                      f'--resume last.t7')
+                return
+    print(f"done: best kNN top-1 {100 * progress['best_acc']:.2f}% (round "
+          f"{progress['best_round']} epoch {progress['best_epoch']}, best-on-test as released), "
+          f"final {100 * progress['acc']:.2f}%")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UserError, datasets.DataError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""main.py end to end on a generated tiny image folder: training, checkpoints, resume, errors."""
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import fast_args, run_cli, write_image_folder
+
+
+def percent(pattern, text):
+    return [float(v) for v in re.findall(pattern, text)]
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
+    code, out, err = run_cli(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '1'))
+    assert code == 0, err
+    epoch_lines = [l for l in out.splitlines() if l.startswith('round ') and '| lr' in l]
+    assert len(epoch_lines) == 2
+    for line in epoch_lines:
+        for field in ('lr', 'ue weight', 'loss and', 'aug', 'kNN top-1', 'top-5', 'best', ' s'):
+            assert field in line
+    assert re.search(r'round 1: 5 anchors \(25\.0% of 20\), label consistency .* \d+\.\d\d%', out)
+    best = percent(r'done: best kNN top-1 (\d+\.\d+)%', out)[0]
+    assert best == max(percent(r'kNN top-1 (\d+\.\d+)%', out))
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.t7', 'last.t7']   # no temporary files left
+
+    code, out, err = run_cli('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,
+                             '--data-root', tiny_folder, '--workers', '0')
+    assert code == 0, err
+    assert percent(r'top-1 (\d+\.\d+)%', out) == [best]
+
+
+def test_checkpoint_contents(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '1'))
+    assert code == 0, err
+    best = torch.load(tmp_path / 'ckpt.t7', weights_only=True)
+    assert {'net', 'npc', 'ANs_discovery', 'acc', 'round', 'epoch'} <= set(best)
+    assert best['npc']['memory'].shape == (20, 128)
+    assert (best['round'], best['epoch']) == (0, 0)
+    last = torch.load(tmp_path / 'last.t7', weights_only=True)
+    assert {'optimizer', 'rng', 'next', 'best', 'config'} <= set(last)
+    assert last['next'] == {'round': 1, 'epoch': 0}
+    assert torch.equal(last['npc']['memory'], best['npc']['memory'])
+
+
+@pytest.mark.parametrize('pipeline, stops', [('cpu', (1, 2)), ('gpu', (1,))])
+def test_resume_equals_unbroken_run(tiny_folder, tmp_path, run_main, pipeline, stops):
+    """Stopped after epoch k and resumed == never stopped (bank and weights, CPU, fixed seed).
+
+    k = 1 resumes inside round 0; k = 2 resumes at the start of round 1 (anchors rediscovered).
+    """
+    flags = ['--rounds', '2', '--epochs', '2', '--pipeline', pipeline]
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'whole', *flags))
+    assert code == 0, err
+    whole = torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True)
+    for stop_after in stops:
+        split_dir = tmp_path / f'split{stop_after}'
+        code, out, err = run_main(*fast_args(tiny_folder, split_dir, *flags,
+                                             '--stop-after', stop_after))
+        assert code == 0 and 'stopping after' in out, err
+        code, out, err = run_main('--resume', 'last.t7', '--model_dir', split_dir,
+                                  '--data-root', tiny_folder, '--workers', '0',
+                                  '--pipeline', pipeline)
+        assert code == 0, err
+        assert f'resuming at round {stop_after // 2} epoch {stop_after % 2}' in out
+        split = torch.load(split_dir / 'last.t7', weights_only=True)
+        assert torch.equal(whole['npc']['memory'], split['npc']['memory'])
+        for key, value in whole['net'].items():
+            assert torch.equal(value, split['net'][key]), key
+        assert torch.equal(whole['ANs_discovery']['anchor_indexes'],
+                           split['ANs_discovery']['anchor_indexes'])
+
+
+def test_released_checkpoint_layout_evaluates(tiny_folder, tmp_path, run_main):
+    """A file in the released layout (DataParallel `module.` keys, ANs buffers) loads."""
+    import models
+    from lib.memory_bank import MemoryBank
+    from lib.neighbourhoods import ANsDiscovery
+    net = models.build_network('resnet18')
+    bank = MemoryBank(128, 20, 0.1, 0.5)
+    ans = ANsDiscovery(20, 0.25, 1)
+    ans.update(1, bank.memory, 0.1)
+    torch.save({'net': {'module.' + k: v for k, v in net.state_dict().items()},
+                'npc': bank.state_dict(), 'ANs_discovery': ans.state_dict(),
+                'acc': 0.5, 'round': 1, 'epoch': 7}, tmp_path / 'ckpt_SAND.t7')
+    code, out, err = run_main('--resume', 'ckpt_SAND.t7', '--test_only', '--model_dir',
+                              tmp_path, '--data-root', tiny_folder, '--workers', '0')
+    assert code == 0, err
+    assert re.search(r'kNN accuracy of ckpt_SAND\.t7 \(round 1 epoch 7\): top-1 \d+\.\d\d%', out)
+
+
+# ----------------------------------------------------------------------------- errors
+def assert_user_error(result, *needles):
+    code, out, err = result
+    assert code == 2, (out, err)
+    assert 'Traceback' not in err
+    assert 'error:' in err.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize('flags, needle', [
+    (['--dataset', 'mnist'], '--dataset'),
+    (['--network', 'vgg'], '--network'),
+    (['--epochs', '0'], '--epochs'),
+    (['--rounds', '0'], '--rounds'),
+    (['--batch_size', '1'], '--batch_size'),
+    (['--ANs_select_rate', '0'], '--ANs_select_rate'),
+    (['--ANs_select_rate', '1.5'], '--ANs_select_rate'),
+    (['--ANs_size', '0'], '--ANs_size'),
+    (['--npc_t', '0'], '--npc_t'),
+    (['--batch_t', '-0.1'], '--batch_t'),
+    (['--test_only'], '--resume'),
+])
+def test_bad_flags(run_main, flags, needle):
+    assert_user_error(run_main(*flags), needle)
+
+
+def test_missing_data_is_one_line_exit_2(tmp_path):
+    code, out, err = run_cli('--data-root', tmp_path / 'nowhere', '--model_dir', tmp_path)
+    assert code == 2 and 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1
+    assert 'no cifar10 data under' in err and 'image folder' in err
+
+
+def test_malformed_folders(tmp_path, run_main):
+    root = write_image_folder(tmp_path / 'data', train_per_class=1, test_per_class=1)
+    args = ['--data-root', root, '--model_dir', tmp_path / 'ck', '--workers', '0']
+    shutil.rmtree(os.path.join(root, 'test'))
+    assert_user_error(run_main(*args), 'no test/ directory')
+    write_image_folder(root, train_per_class=1, test_per_class=1)
+    empty = os.path.join(root, 'train', 'class_03')
+    for f in os.listdir(empty):
+        os.remove(os.path.join(empty, f))
+    assert_user_error(run_main(*args), 'holds no images')
+    write_image_folder(root, train_per_class=1, test_per_class=1)
+    with open(os.path.join(root, 'train', 'class_03', '0000.png'), 'wb') as f:
+        f.write(b'not an image')
+    assert_user_error(run_main(*args), 'cannot read image')
+    shutil.rmtree(os.path.join(root, 'train', 'class_03'))
+    shutil.rmtree(os.path.join(root, 'test', 'class_03'))
+    assert_user_error(run_main(*args), 'has 9 classes')
+
+
+def test_checkpoint_errors(tiny_folder, tmp_path, run_main):
+    base = ['--test_only', '--model_dir', tmp_path, '--data-root', tiny_folder, '--workers', '0']
+    assert_user_error(run_main('--resume', 'missing.t7', *base), 'no checkpoint at')
+    (tmp_path / 'damaged.t7').write_bytes(b'\x80\x02garbage' * 10)
+    assert_user_error(run_main('--resume', 'damaged.t7', *base), 'damaged')
+    torch.save({'something': 1}, tmp_path / 'other.t7')
+    assert_user_error(run_main('--resume', 'other.t7', *base), 'not a Super-AND checkpoint')
+    import models
+    from lib.memory_bank import MemoryBank
+    torch.save({'net': models.build_network('resnet18').state_dict(),
+                'npc': MemoryBank(128, 999, 0.1, 0.5).state_dict(), 'ANs_discovery': {},
+                'acc': 0.1, 'round': 0, 'epoch': 0}, tmp_path / 'big.t7')
+    assert_user_error(run_main('--resume', 'big.t7', *base), 'bank of 999 x 128', 'needs 20')
