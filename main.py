@@ -16,19 +16,17 @@ import torch
 import datasets
 import models
 from lib import checkpoint as ckpt
+from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,
+                       choose_device, load_data)
 from lib.config import DEFAULTS
 from lib.errors import UserError
-from lib.evaluate import embed, knn_accuracy
-from lib.memory_bank import MemoryBank
-from lib.neighbourhoods import ANsDiscovery
-from lib.pipelines import LoaderPipeline, TensorPipeline
+from lib.evaluate import evaluate_knn
 from lib.schedules import learning_rate, set_learning_rate, ue_weight
-from lib.train import Objective, Trainer
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
 # given again on the command line. The rest (where, how fast, what to do) never do.
 NOT_RESUMED = {'resume', 'test_only', 'device', 'workers', 'model_dir', 'data_root',
-               'stop_after', 'pipeline'}
+               'stop_after', 'pipeline', 'precision', 'compile'}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -105,6 +103,14 @@ def build_parser():
                    help='gpu: data and augmentation as batched tensors on the device; cpu: '
                         'torchvision transforms in loader workers, as released; auto = gpu on '
                         'CUDA, cpu otherwise (default: %(default)s)')
+    p.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+                   help='network arithmetic: bf16 autocast (the bank, softmaxes and losses stay '
+                        'float32) or fp32; auto = bf16 on CUDA (default: %(default)s)')
+    p.add_argument('--compile', default='auto', choices=('auto', 'none', 'default',
+                                                          'reduce-overhead'),
+                   help='torch.compile the forward pass and losses (and the GPU augmentation); '
+                        'reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
+                        'CUDA, none on the CPU (default: %(default)s)')
     p.add_argument('--workers', default=2, type=checked(int, lambda v: v >= 0, '>= 0'),
                    help='data-loader processes of the cpu pipeline (default: %(default)s)')
     p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
@@ -128,12 +134,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- building
-def choose_device(name):
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda, but no CUDA device is available')
-    return torch.device('cuda' if name != 'cpu' and torch.cuda.is_available() else 'cpu')
-
-
 def adopt_checkpoint_config(args, state):
     """On --resume, take the run's own options from the checkpoint unless typed again."""
     stored = state.get('config') or {}
@@ -148,50 +148,12 @@ def adopt_checkpoint_config(args, state):
         print('options from the checkpoint: ' + ' '.join(adopted))
 
 
-def load_data(args):
-    train, test = datasets.load_dataset(args.dataset, args.data_root, subset=args.subset,
-                                        seed=args.seed)
-    if args.ANs_size >= len(train):
-        raise UserError(f'--ANs_size {args.ANs_size} needs more than {len(train)} training images')
-    if args.batch_size > len(train) and not args.test_only:
-        raise UserError(f'--batch_size {args.batch_size} is larger than the {len(train)} '
-                        f'training images')
-    print(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
-          f'classes, from {train.source}')
-    return train, test
-
-
-def build_model(args, num_train, device):
-    """Network, memory bank and anchor discovery, initialised from the seed on the CPU."""
-    torch.manual_seed(args.seed)
-    net = models.build_network(args.network, args.low_dim)
-    bank = MemoryBank(args.low_dim, num_train, args.npc_t, args.npc_m)
-    anchors = ANsDiscovery(num_train, args.ANs_select_rate, args.ANs_size)
-    return net.to(device), bank.to(device), anchors.to(device)
-
-
-def build_pipeline(args, train, test, device):
-    mean, std = datasets.MEAN_STD[args.dataset]
-    common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=32, views=2,
-                  batch_size=args.batch_size, device=device, seed=args.seed)
-    pipeline = args.pipeline
-    if pipeline == 'auto':
-        pipeline = 'gpu' if device.type == 'cuda' else 'cpu'
-    if pipeline == 'gpu':
-        return TensorPipeline(**common)
-    return LoaderPipeline(workers=args.workers, **common)
-
-
-def build_optimizer(args, net):
-    params = [p for p in net.parameters() if p.requires_grad]   # the Sobel filters are frozen
-    return torch.optim.SGD(params, args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, nesterov=args.momentum > 0)
-
-
 # ----------------------------------------------------------------------------- steps of a run
-def evaluate(net, bank, pipeline, train_labels, num_classes):
-    test_features, test_targets = embed(net, pipeline.eval_batches('test'))
-    return knn_accuracy(test_features, test_targets, bank.memory, train_labels, num_classes)
+def evaluate(args, net, bank, pipeline, train_labels, num_classes):
+    """kNN top-1 and top-5 of the test set against the bank."""
+    return evaluate_knn(net, pipeline.eval_batches('test'), bank.memory, train_labels,
+                        num_classes, bf16=args.precision == 'bf16',
+                        channels_last=bank.memory.device.type == 'cuda')
 
 
 def discover_anchors(anchors, bank, round_index, train_labels):
@@ -219,7 +181,7 @@ def save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best):
 
 
 def test_only(args, net, bank, pipeline, train_labels, num_classes, state):
-    top1, top5 = evaluate(net, bank, pipeline, train_labels, num_classes)
+    top1, top5 = evaluate(args, net, bank, pipeline, train_labels, num_classes)
     where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
     print(f'kNN accuracy of {args.resume} ({where}): top-1 {100 * top1:.2f}% '
           f'top-5 {100 * top5:.2f}%')
@@ -227,13 +189,15 @@ def test_only(args, net, bank, pipeline, train_labels, num_classes, state):
 
 # ----------------------------------------------------------------------------- the run
 def run(args):
-    device = choose_device(args.device)
+    device = choose_device(args)
     state = None
     if args.resume:
         path = ckpt.resolve_path(args.model_dir, args.resume)
         state = ckpt.load(path)
         adopt_checkpoint_config(args, state)
     train, test = load_data(args)
+    print(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
+          f'classes, from {train.source}')
     net, bank, anchors = build_model(args, len(train), device)
     train_labels = torch.from_numpy(train.targets).to(device)
     num_classes = len(train.classes)
@@ -257,11 +221,10 @@ def run(args):
                         **{f'best_{k}': v for k, v in best.items()})
         print(f"resuming at round {progress['round']} epoch {progress['epoch']} "
               f"(best so far {100 * progress['best_acc']:.2f}%)")
-    objective = Objective(aug_input=args.aug_input, batch_t=args.batch_t, batch_m=args.batch_m)
-    trainer = Trainer(net, bank, anchors, optimizer, objective)
-    print(f'training {args.network} on {args.dataset} ({device.type}, '
-          f'{type(pipeline).__name__}): {args.rounds} rounds x {args.epochs} epochs, '
-          f'{pipeline.steps_per_epoch} steps of {args.batch_size} images')
+    trainer = build_trainer(args, net, bank, anchors, optimizer)
+    print(f'training {args.network} on {args.dataset} ({device.type}, {args.pipeline} pipeline, '
+          f'{args.precision}, compile {args.compile}): {args.rounds} rounds x {args.epochs} '
+          f'epochs, {pipeline.steps_per_epoch} steps of {args.batch_size} images')
 
     epochs_run = 0
     for round_index in range(progress['round'], args.rounds):
@@ -273,7 +236,7 @@ def run(args):
             lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
             set_learning_rate(optimizer, lr)
             losses, _ = trainer.train_epoch(pipeline.train_batches(round_index, epoch), weight)
-            top1, top5 = evaluate(net, bank, pipeline, train_labels, num_classes)
+            top1, top5 = evaluate(args, net, bank, pipeline, train_labels, num_classes)
             is_best = top1 > progress['best_acc']
             progress.update(round=round_index, epoch=epoch, acc=top1)
             if is_best:

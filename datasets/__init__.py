@@ -6,6 +6,10 @@ from .sources import DataError, ImageSet, load_cifar
 from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, MEAN_STD,
                          AugmentedViews, Plain, test_transform, train_transform)
 
+__all__ = ['DATASETS', 'DataError', 'ImageSet', 'load_dataset', 'random_subset_indices',
+           'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
+           'AugmentedViews', 'Plain', 'test_transform', 'train_transform']
+
 DATASETS = ('cifar10', 'cifar100')
 
 

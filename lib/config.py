@@ -36,6 +36,8 @@ KNN_SIGMA = 0.1                 # vote weight exp(similarity / sigma)
 
 # Data constants (crop, jitter, mean/std: SPEC 2) live with the transforms in datasets/transforms.py.
 TEST_BATCH_SIZE = 100           # evaluation batch, as released (no effect on the result)
+EVAL_BATCH_GPU = 1000           # evaluation batch of the GPU pipeline (fewer launches)
 
 # Work sizes that bound memory, not results.
-CHUNK_ROWS = 1024               # rows per chunk in N x N work (entropy, neighbours): 1024 x N floats
+CHUNK_FLOATS = 2 ** 27          # elements of one rows x N chunk of similarities or logits (512 MB
+                                # float32): N x N work (kNN, entropy, neighbours) never exceeds it

@@ -12,15 +12,20 @@ The buffers keep the released names and meaning so released checkpoints load:
 import torch
 import torch.nn as nn
 
-from .config import CHUNK_ROWS
+from .config import CHUNK_FLOATS
+
+
+def default_chunk_rows(num_entries):
+    return max(1, CHUNK_FLOATS // num_entries)
 
 
 @torch.no_grad()
-def bank_entropy(memory, temperature, chunk_rows=CHUNK_ROWS):
+def bank_entropy(memory, temperature, chunk_rows=None):
     """H_i = -sum_j p_ij log p_ij, p_i = softmax(memory_i @ memory^T / T), itself included.
 
     memory: N x D -> N entropies (float32), computed `chunk_rows` rows at a time.
     """
+    chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
     entropy = torch.empty(memory.shape[0], dtype=torch.float32, device=memory.device)
     for start in range(0, memory.shape[0], chunk_rows):
         logits = (memory[start:start + chunk_rows] @ memory.t()).float() / temperature
@@ -30,12 +35,13 @@ def bank_entropy(memory, temperature, chunk_rows=CHUNK_ROWS):
 
 
 @torch.no_grad()
-def nearest_other_entries(memory, rows, k, chunk_rows=CHUNK_ROWS):
+def nearest_other_entries(memory, rows, k, chunk_rows=None):
     """For each entry in `rows` (A), the k most similar *other* bank entries (A x k).
 
     Similarity is the dot product of bank rows (cosine, the rows being unit vectors once
     trained); the entry itself is excluded by setting its own similarity to -inf.
     """
+    chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
     out = torch.empty(rows.shape[0], k, dtype=torch.long, device=memory.device)
     for start in range(0, rows.shape[0], chunk_rows):
         chunk = rows[start:start + chunk_rows]
@@ -75,7 +81,7 @@ class ANsDiscovery(nn.Module):
         return min(int(self.num_entries * self.select_rate * round_index), self.num_entries)
 
     @torch.no_grad()
-    def update(self, round_index, memory, temperature, labels=None, chunk_rows=CHUNK_ROWS):
+    def update(self, round_index, memory, temperature, labels=None, chunk_rows=None):
         """Choose this round's anchors and their neighbours from the bank (SPEC 4).
 
         `labels` (N), if given, are used only for the diagnostic `consistency`: the share of
@@ -100,8 +106,12 @@ class ANsDiscovery(nn.Module):
         return self.consistency
 
     def _fill_neighbour_table(self):
-        self.neighbour_table = torch.full((self.num_entries, self.ans_size), -1,
-                                          dtype=torch.long, device=self.position.device)
+        # In place where the shape allows: a captured CUDA graph keeps reading this tensor.
+        shape = (self.num_entries, self.ans_size)
+        if tuple(self.neighbour_table.shape) != shape:
+            self.neighbour_table = torch.empty(shape, dtype=torch.long,
+                                               device=self.position.device)
+        self.neighbour_table.fill_(-1)
         if self.num_anchors:
             self.neighbour_table[self.anchor_indexes] = self.neighbours.to(self.position.device)
 

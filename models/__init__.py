@@ -2,6 +2,9 @@
 from .resnet_cifar import (ResNetwithSobel, ResNet18withSobel, ResNet50withSobel,
                            ResNet101withSobel)
 
+__all__ = ['NETWORKS', 'build_network', 'ResNetwithSobel', 'ResNet18withSobel',
+           'ResNet50withSobel', 'ResNet101withSobel']
+
 NETWORKS = {
     'resnet18': ResNet18withSobel,
     'resnet50': ResNet50withSobel,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU measurement of the fast path, in one go (run from the repository root on a CUDA
+# machine): per-phase seconds per epoch on CIFAR-10, then EPOCHS (default 40) epochs of round
+# 0 at the released settings with the kNN curve next to SPEC 8's row 0.
+#   Needs the CIFAR-10 image-folder tarball at .devdata/cifar10-jpeg.tar.gz, or DATA set to
+#   an unpacked copy. Writes its logs to $OUT (default /tmp/gpu_check).
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_check}
+EPOCHS=${EPOCHS:-40}
+mkdir -p "$OUT"
+if [ -z "${DATA:-}" ]; then
+  DATA=/tmp/cifar10
+  mkdir -p "$DATA" && tar xzf .devdata/cifar10-jpeg.tar.gz -C "$DATA"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$OUT/gpu.txt"
+python3 bench/epoch_speed.py --data-root "$DATA" --steps "${BENCH_STEPS:-200}" 2>&1 \
+  | tee "$OUT/epoch_speed.txt"
+python3 main.py --data-root "$DATA" --rounds 1 --epochs "$EPOCHS" --model_dir /tmp/gpu_check_ckpt \
+  2>&1 | tee "$OUT/round0.log"
+python3 bench/compare_curve.py "$OUT/round0.log" | tee "$OUT/round0_vs_published.md"

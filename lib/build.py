@@ -1,0 +1,80 @@
+"""Building a run's parts from its options (an argparse namespace or any object with the
+same attributes): device, data, network + bank + anchors, pipeline, optimizer, trainer.
+
+`main.py`, `bench/` and `experiments/` all build through here, so they train the same thing.
+"""
+import torch
+
+import datasets
+import models
+
+from .errors import UserError
+from .memory_bank import MemoryBank
+from .neighbourhoods import ANsDiscovery
+from .pipelines import LoaderPipeline, TensorPipeline
+from .train import Objective, Trainer
+
+
+def choose_device(opts):
+    """The device, with the choices `auto` leaves to it (pipeline, precision, compile)."""
+    if opts.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda, but no CUDA device is available')
+    device = torch.device('cuda' if opts.device != 'cpu' and torch.cuda.is_available() else 'cpu')
+    cuda = device.type == 'cuda'
+    if opts.pipeline == 'auto':
+        opts.pipeline = 'gpu' if cuda else 'cpu'
+    if opts.precision == 'auto':
+        opts.precision = 'bf16' if cuda else 'fp32'
+    if opts.compile == 'auto':
+        # SPEC 9: the CUDA-graph-captured step is ~3x faster than eager bf16 at batch 128.
+        opts.compile = 'reduce-overhead' if cuda else 'none'
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def load_data(opts):
+    train, test = datasets.load_dataset(opts.dataset, opts.data_root, subset=opts.subset,
+                                        seed=opts.seed)
+    if opts.ANs_size >= len(train):
+        raise UserError(f'--ANs_size {opts.ANs_size} needs more than {len(train)} training images')
+    if opts.batch_size > len(train) and not opts.test_only:
+        raise UserError(f'--batch_size {opts.batch_size} is larger than the {len(train)} '
+                        f'training images')
+    return train, test
+
+
+def build_model(opts, num_train, device):
+    """Network, memory bank and anchor discovery, initialised from the seed on the CPU."""
+    torch.manual_seed(opts.seed)
+    net = models.build_network(opts.network, opts.low_dim)
+    bank = MemoryBank(opts.low_dim, num_train, opts.npc_t, opts.npc_m)
+    anchors = ANsDiscovery(num_train, opts.ANs_select_rate, opts.ANs_size)
+    net = net.to(device)
+    if device.type == 'cuda':
+        net = net.to(memory_format=torch.channels_last)
+    return net, bank.to(device), anchors.to(device)
+
+
+def build_pipeline(opts, train, test, device):
+    mean, std = datasets.MEAN_STD[opts.dataset]
+    common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=32, views=2,
+                  batch_size=opts.batch_size, device=device, seed=opts.seed)
+    if opts.pipeline == 'gpu':
+        return TensorPipeline(compile_mode=opts.compile, **common)
+    return LoaderPipeline(workers=opts.workers, **common)
+
+
+def build_optimizer(opts, net):
+    params = [p for p in net.parameters() if p.requires_grad]   # the Sobel filters are frozen
+    cuda = params[0].device.type == 'cuda'
+    return torch.optim.SGD(params, opts.lr, momentum=opts.momentum,
+                           weight_decay=opts.weight_decay, nesterov=opts.momentum > 0,
+                           fused=cuda or None)   # one kernel for all parameters on CUDA
+
+
+def build_trainer(opts, net, bank, anchors, optimizer):
+    objective = Objective(aug_input=opts.aug_input, batch_t=opts.batch_t, batch_m=opts.batch_m)
+    cuda = bank.memory.device.type == 'cuda'
+    return Trainer(net, bank, anchors, optimizer, objective, precision=opts.precision,
+                   channels_last=cuda, compile_mode=opts.compile)
