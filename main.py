@@ -17,10 +17,11 @@ import datasets
 import models
 from lib import checkpoint as ckpt
 from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,
-                       choose_device, load_data)
+                       choose_device, load_data, normalisation)
 from lib.config import DEFAULTS
 from lib.errors import UserError
-from lib.evaluate import evaluate_knn
+from lib.recipes import COMPONENTS, RECIPES, describe, resolve
+from lib.evaluate import embed, evaluate_knn
 from lib.schedules import learning_rate, set_learning_rate, ue_weight
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
@@ -49,9 +50,36 @@ def build_parser():
     p = argparse.ArgumentParser(description='Super-AND unsupervised embedding learning '
                                 '(Han et al. 2020): train, evaluate by weighted kNN, resume.')
     p.add_argument('--dataset', default=d['dataset'], choices=datasets.DATASETS,
-                   help='training and evaluation data (default: %(default)s)')
+                   help='training and evaluation data; folder = any train/<class>/*, '
+                        'test/<class>/* tree under --data-root (default: %(default)s)')
     p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORKS),
                    help='backbone of both branches (default: %(default)s)')
+    p.add_argument('--method', default='super-and', choices=sorted(RECIPES),
+                   help='recipe of components (lib/recipes.py); the component flags below '
+                        'override it (default: %(default)s)')
+    flag = argparse.BooleanOptionalAction
+    p.add_argument('--sobel', action=flag, default=None, help=COMPONENTS['sobel'])
+    p.add_argument('--views', type=int, choices=(1, 2), default=None, help=COMPONENTS['views'])
+    p.add_argument('--bank', action=flag, default=None, help=COMPONENTS['bank'])
+    p.add_argument('--aug-loss', dest='aug_loss', action=flag, default=None,
+                   help=COMPONENTS['aug_loss'])
+    p.add_argument('--aug-input', dest='aug_input', default=None,
+                   choices=('logits', 'features'), help=COMPONENTS['aug_input'])
+    p.add_argument('--ue-loss', dest='ue_loss', action=flag, default=None,
+                   help=COMPONENTS['ue_loss'])
+    p.add_argument('--flip', action=flag, default=None, help=COMPONENTS['flip'])
+    p.add_argument('--nesterov', action=flag, default=None, help=COMPONENTS['nesterov'])
+    p.add_argument('--image-size', dest='image_size', default=32, type=POSITIVE_INT,
+                   help='side of the training crops and test images; other than 32 only for '
+                        '--dataset folder, whose larger images are resized and centre-cropped '
+                        'for test (default: %(default)s)')
+    p.add_argument('--stem', default='auto', choices=('auto', 'cifar', 'imagenet'),
+                   help='first layers: cifar (3x3 stride 1) or imagenet (7x7 stride 2 + '
+                        'max-pool); auto = imagenet above 64 px (default: %(default)s)')
+    p.add_argument('--mean', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                   help='normalisation mean (default: the dataset\'s, computed for folder)')
+    p.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                   help='normalisation std (default: the dataset\'s, computed for folder)')
     p.add_argument('--low_dim', default=d['low_dim'], type=POSITIVE_INT,
                    help='embedding size D (default: %(default)s)')
     p.add_argument('--npc_t', default=d['npc_t'], type=POSITIVE_FLOAT, metavar='T',
@@ -71,8 +99,9 @@ def build_parser():
                    help='SGD weight decay (default: %(default)s)')
     p.add_argument('--epochs', default=d['epochs'], type=POSITIVE_INT,
                    help='epochs per round (default: %(default)s)')
-    p.add_argument('--rounds', default=d['rounds'], type=POSITIVE_INT,
-                   help='rounds, the first without anchors (default: %(default)s)')
+    p.add_argument('--rounds', default=None, type=POSITIVE_INT,
+                   help='rounds, the first without anchors (default: the method\'s; '
+                        f'{d["rounds"]} for super-and)')
     p.add_argument('--batch_t', default=d['batch_t'], type=POSITIVE_FLOAT, metavar='T',
                    help='temperature of the augmentation-invariance loss (default: %(default)s)')
     p.add_argument('--batch_m', default=d['batch_m'], type=NON_NEGATIVE_FLOAT,
@@ -80,10 +109,6 @@ def build_parser():
     p.add_argument('--batch_size', default=d['batch_size'],
                    type=checked(int, lambda v: v >= 2, 'an integer >= 2'),
                    help='images per step, two views each (default: %(default)s)')
-    p.add_argument('--aug-input', dest='aug_input', default='logits',
-                   choices=('logits', 'features'),
-                   help='rows the augmentation loss compares: the normalised bank logits as '
-                        'released, or the 128-d embeddings (default: %(default)s)')
     p.add_argument('--model_dir', default='checkpoint/',
                    help='where checkpoints are written and --resume looks (default: %(default)s)')
     p.add_argument('--resume', '-r', default='', metavar='NAME',
@@ -150,10 +175,16 @@ def adopt_checkpoint_config(args, state):
 
 # ----------------------------------------------------------------------------- steps of a run
 def evaluate(args, net, bank, pipeline, train_labels, num_classes):
-    """kNN top-1 and top-5 of the test set against the bank."""
-    return evaluate_knn(net, pipeline.eval_batches('test'), bank.memory, train_labels,
-                        num_classes, bf16=args.precision == 'bf16',
-                        channels_last=bank.memory.device.type == 'cuda')
+    """kNN top-1 and top-5 of the test set against the bank (or, without one, against
+    training embeddings recomputed with the test transform)."""
+    cuda = next(net.parameters()).device.type == 'cuda'
+    bf16 = args.precision == 'bf16'
+    if bank is not None:
+        train_features = bank.memory
+    else:
+        train_features, _ = embed(net, pipeline.eval_batches('train'), bf16, cuda)
+    return evaluate_knn(net, pipeline.eval_batches('test'), train_features, train_labels,
+                        num_classes, bf16=bf16, channels_last=cuda)
 
 
 def discover_anchors(anchors, bank, round_index, train_labels):
@@ -187,40 +218,60 @@ def test_only(args, net, bank, pipeline, train_labels, num_classes, state):
           f'top-5 {100 * top5:.2f}%')
 
 
+def restore_progress(state, optimizer):
+    """Where a resumed run continues, and its best so far; fresh runs start at (0, 0)."""
+    # best_acc starts below any accuracy, so the first epoch always writes ckpt.t7
+    progress = dict(round=0, epoch=0, acc=0.0, best_acc=-1.0, best_round=-1, best_epoch=-1)
+    if state is None:
+        return progress
+    if 'optimizer' in state:
+        optimizer.load_state_dict(state['optimizer'])
+        ckpt.set_rng_state(state.get('rng'))
+    nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
+    best = state.get('best', {'acc': state['acc'], 'round': state['round'],
+                              'epoch': state['epoch']})
+    progress.update(round=nxt['round'], epoch=nxt['epoch'],
+                    **{f'best_{k}': v for k, v in best.items()})
+    print(f"resuming at round {progress['round']} epoch {progress['epoch']} "
+          f"(best so far {100 * progress['best_acc']:.2f}%)")
+    return progress
+
+
+def epoch_line(args, round_index, epoch, lr, weight, losses, top1, top5, best, seconds):
+    active = [name for name, on in (('and', args.bank), ('aug', args.aug_loss),
+                                    ('ue', args.ue_loss)) if on]
+    loss_text = ' '.join(f'{name} {losses[name]:.4f}' for name in active)
+    return (f'round {round_index} epoch {epoch:3d}/{args.epochs} | lr {lr:.5f} | '
+            f'ue weight {weight:.1f} | loss {loss_text} | kNN top-1 {100 * top1:.2f}% '
+            f'top-5 {100 * top5:.2f}% | best {100 * best:.2f}% | {seconds:.1f} s')
+
+
 # ----------------------------------------------------------------------------- the run
 def run(args):
     device = choose_device(args)
-    state = None
+    state, path = None, None
     if args.resume:
         path = ckpt.resolve_path(args.model_dir, args.resume)
         state = ckpt.load(path)
         adopt_checkpoint_config(args, state)
+    from_recipe = resolve(args)
+    print(describe(args, from_recipe))
     train, test = load_data(args)
+    mean, std = normalisation(args, train)
     print(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
-          f'classes, from {train.source}')
+          f'classes, from {train.source}; {args.image_size} px, mean {mean} std {std}')
     net, bank, anchors = build_model(args, len(train), device)
     train_labels = torch.from_numpy(train.targets).to(device)
     num_classes = len(train.classes)
     if state is not None:
         ckpt.restore_model(state, path, net, bank, anchors)
-    pipeline = build_pipeline(args, train, test, device)
+    pipeline = build_pipeline(args, train, test, device, mean, std)
     if args.test_only:
         return test_only(args, net, bank, pipeline, train_labels, num_classes, state)
 
     os.makedirs(args.model_dir, exist_ok=True)
     optimizer = build_optimizer(args, net)
-    progress = dict(round=0, epoch=0, acc=0.0, best_acc=0.0, best_round=-1, best_epoch=-1)
-    if state is not None:
-        if 'optimizer' in state:
-            optimizer.load_state_dict(state['optimizer'])
-            ckpt.set_rng_state(state.get('rng'))
-        nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
-        best = state.get('best', {'acc': state['acc'], 'round': state['round'],
-                                  'epoch': state['epoch']})
-        progress.update(round=nxt['round'], epoch=nxt['epoch'],
-                        **{f'best_{k}': v for k, v in best.items()})
-        print(f"resuming at round {progress['round']} epoch {progress['epoch']} "
-              f"(best so far {100 * progress['best_acc']:.2f}%)")
+    progress = restore_progress(state, optimizer)
     trainer = build_trainer(args, net, bank, anchors, optimizer)
     print(f'training {args.network} on {args.dataset} ({device.type}, {args.pipeline} pipeline, '
           f'{args.precision}, compile {args.compile}): {args.rounds} rounds x {args.epochs} '
@@ -242,11 +293,8 @@ def run(args):
             if is_best:
                 progress.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
             save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best)
-            print(f"round {round_index} epoch {epoch:3d}/{args.epochs} | lr {lr:.5f} | "
-                  f"ue weight {weight:.1f} | loss and {losses['and']:.4f} aug {losses['aug']:.4f} "
-                  f"ue {losses['ue']:.4f} | kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}% | "
-                  f"best {100 * progress['best_acc']:.2f}% | {time.time() - start:.1f} s",
-                  flush=True)
+            print(epoch_line(args, round_index, epoch, lr, weight, losses, top1, top5,
+                             progress['best_acc'], time.time() - start), flush=True)
             epochs_run += 1
             if args.stop_after and epochs_run >= args.stop_after:
                 print(f'stopping after {epochs_run} epochs (--stop-after); continue with '

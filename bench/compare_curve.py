@@ -37,7 +37,8 @@ def main():
                   f'{ours[epoch] - published:+.2f} |')
     if seconds:
         steady = sorted(seconds[1:])[len(seconds[1:]) // 2] if len(seconds) > 1 else seconds[0]
-        print(f'\n{len(seconds)} epochs, {sum(seconds):.0f} s in all; first epoch {seconds[0]:.1f} s '
+        print(f'\n{len(seconds)} epochs, {sum(seconds):.0f} s in all; '
+              f'first epoch {seconds[0]:.1f} s '
               f'(compilation), median of the rest {steady:.2f} s (training + kNN)')
 
 

@@ -32,9 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
 from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,  # noqa: E402
-                       choose_device, load_data)
+                       choose_device, load_data, normalisation)
 from lib.config import DEFAULTS  # noqa: E402
 from lib.evaluate import evaluate_knn  # noqa: E402
+from lib.recipes import COMPONENTS, RECIPES, resolve  # noqa: E402
 
 PHASES = ('aug', 'step', 'bank', 'train', 'net', 'knn', 'ans')
 
@@ -48,6 +49,7 @@ def parse_args():
     p.add_argument('--synthetic-test', dest='synthetic_test', type=int, default=10000,
                    help='test images with --synthetic-n (default: %(default)s)')
     p.add_argument('--network', default='resnet18')
+    p.add_argument('--method', default='super-and', choices=sorted(RECIPES))
     p.add_argument('--batch_size', type=int, default=DEFAULTS['batch_size'])
     p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
     p.add_argument('--pipeline', default='auto', choices=('auto', 'gpu', 'cpu'))
@@ -73,9 +75,13 @@ def parse_args():
 
 
 def options(args):
-    """The run options lib.build expects: the released defaults plus this script's choices."""
-    return SimpleNamespace(**{**DEFAULTS, 'aug_input': 'logits', 'subset': None,
-                              'test_only': False, **vars(args)})
+    """The run options lib.build expects: the released defaults, the method's recipe and this
+    script's choices."""
+    opts = SimpleNamespace(**{**DEFAULTS, 'subset': None, 'test_only': False, 'image_size': 32,
+                              'stem': 'auto', 'mean': None, 'std': None,
+                              **{name: None for name in COMPONENTS}, **vars(args)})
+    resolve(opts)
+    return opts
 
 
 def synthetic_sets(n_train, n_test, seed=0):
@@ -158,12 +164,16 @@ def main():
           f'{opts.precision}, compile {opts.compile}', flush=True)
 
     net, bank, anchors = build_model(opts, len(train), device)
+    if bank is None:
+        print('  (no memory bank in this method: the bank, knn and ans phases are skipped)')
+        args.phases = [p for p in args.phases if p not in ('bank', 'knn', 'ans')]
     labels = torch.from_numpy(train.targets).to(device)
     training = {'aug', 'step', 'bank', 'train'} & set(args.phases)
     pipeline = None
     if training or 'knn' in args.phases:
         # kNN alone needs only the test images on the device (and the train labels).
-        pipeline = build_pipeline(opts, train if training else train.subset([0]), test, device)
+        pipeline = build_pipeline(opts, train if training else train.subset([0]), test, device,
+                                  *normalisation(opts, train))
     timer = Timer(device)
     seconds = {}
 
@@ -177,11 +187,12 @@ def main():
         net.train()
         stream = endless_batches(pipeline)
         views, indexes = next(stream)
+        pairs = views.shape[0] // indexes.shape[0]   # views per image
     if 'aug' in args.phases:
         report('aug', f'augmentation ({opts.pipeline} pipeline, 2 views)',
                timer(lambda: next(stream), steps, warmup) * scale)
     if 'bank' in args.phases:
-        features = torch.nn.functional.normalize(torch.randn(2 * opts.batch_size, opts.low_dim,
+        features = torch.nn.functional.normalize(torch.randn(pairs * opts.batch_size, opts.low_dim,
                                                              device=device), dim=1)
         report('bank', 'memory-bank update', timer(lambda: bank.update(features, indexes), steps,
                                                    warmup) * scale)
@@ -200,7 +211,7 @@ def main():
         report('net', f'network only (compile {opts.compile})', timer(step, steps, warmup) * scale)
     if 'knn' in args.phases:
         def knn():
-            evaluate_knn(net, pipeline.eval_batches('test'), bank.memory, labels, 10,
+            evaluate_knn(net, pipeline.eval_batches("test"), bank.memory, labels, 10,
                          bf16=opts.precision == 'bf16', channels_last=cuda)
         report('knn', f'kNN pass ({len(test)} test x {len(train)} bank)', timer(knn, 1, 1))
     if 'ans' in args.phases:

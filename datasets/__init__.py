@@ -2,30 +2,52 @@
 import numpy as np
 import torch
 
-from .sources import DataError, ImageSet, load_cifar
+from .sources import DataError, ImageSet, load_cifar, load_folder, load_svhn
 from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, MEAN_STD,
                          AugmentedViews, Plain, test_transform, train_transform)
 
-__all__ = ['DATASETS', 'DataError', 'ImageSet', 'load_dataset', 'random_subset_indices',
+__all__ = ['DATASETS', 'FIXED_SIZE', 'DataError', 'ImageSet', 'load_dataset', 'mean_std',
+           'random_subset_indices',
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'test_transform', 'train_transform']
 
-DATASETS = ('cifar10', 'cifar100')
+DATASETS = ('cifar10', 'cifar100', 'svhn', 'folder')
+FIXED_SIZE = {'cifar10': 32, 'cifar100': 32, 'svhn': 32}   # image side of the fixed datasets
 
 
-def load_dataset(name, root, download=True, subset=None, seed=0):
+def load_dataset(name, root, download=True, subset=None, seed=0, image_size=32):
     """(train, test) ImageSets of dataset `name` found under `root` (see datasets.sources).
 
     `subset`: keep a seeded random `subset` images of each split (seed for train, seed + 1
-    for test), in dataset order; only those are decoded.
+    for test), in dataset order; only those are decoded. `image_size` matters for `folder`
+    only (the other datasets are 32 px).
     """
     select = None
     if subset is not None:
         def select(split, count):
             return random_subset_indices(count, subset, seed + (split == 'test'))
+    if name in FIXED_SIZE and image_size != FIXED_SIZE[name]:
+        raise DataError(f'{name} images are {FIXED_SIZE[name]} px; --image-size '
+                        f'{image_size} is for --dataset folder')
     if name in ('cifar10', 'cifar100'):
         return load_cifar(name, root, download, select)
+    if name == 'svhn':
+        return load_svhn(root, download, select)
+    if name == 'folder':
+        return load_folder(root, image_size, select)
     raise DataError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
+
+
+def mean_std(name, train_set):
+    """The normalisation of dataset `name`: the released constants, or for `folder` computed
+    from the training images with the convention of those constants (per-channel mean over all
+    pixels; std = the mean over images of each image's per-channel standard deviation)."""
+    if name in MEAN_STD:
+        return MEAN_STD[name]
+    pixels = train_set.images.reshape(len(train_set), -1, 3).astype(np.float64) / 255.0
+    mean = pixels.mean(axis=(0, 1))
+    std = pixels.std(axis=1).mean(axis=0)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
 def random_subset_indices(count, size, seed):

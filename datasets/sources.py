@@ -12,6 +12,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 
+TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
@@ -67,12 +68,25 @@ def list_image_folder_split(folder, split, classes=None):
     return paths, np.asarray(targets, dtype=np.int64), found
 
 
-def decode_images(paths):
-    """N x H x W x 3 uint8 of the images at `paths`, which must share one size."""
+def fit_square(img, size):
+    """Resize the shorter side to `size` (bilinear, antialiased), then centre-crop size x size:
+    torchvision's Resize(size) + CenterCrop(size), done once at load time."""
+    if img.size == (size, size):
+        return img
+    import torchvision.transforms.functional as F
+    return F.center_crop(F.resize(img, size), size)
+
+
+def decode_images(paths, size=None):
+    """N x H x W x 3 uint8 of the images at `paths`: as they are (then they must share one
+    size), or each fitted to a `size` x `size` square."""
     images, shape = [], None
     for path in paths:
         try:
             with Image.open(path) as img:
+                if size is not None:
+                    img.draft('RGB', (size, size))    # JPEG: decode at a reduced scale >= size
+                    img = fit_square(img.convert('RGB'), size)
                 array = np.asarray(img.convert('RGB'))
         except (OSError, ValueError) as err:
             raise DataError(f'cannot read image {path}: {err}') from None
@@ -81,20 +95,88 @@ def decode_images(paths):
         elif array.shape != shape:
             raise DataError(f'images differ in size ({path} is {array.shape[1]}x'
                             f'{array.shape[0]}, {paths[0]} is {shape[1]}x{shape[0]}); '
-                            f'resize them to one size')
+                            f'resize them to one size or use --dataset folder --image-size')
         images.append(array)
     return np.stack(images)
 
 
-def read_image_folder(folder, select=None):
+def stored_train_size(image_size):
+    """Training images are kept a little larger than the crops taken from them (as 256 is to
+    224 on ImageNet), so RandomResizedCrop still sees most of each image."""
+    return int(round(image_size * TRAIN_STORE_RATIO))
+
+
+def read_image_folder(folder, select=None, image_size=None):
     """(train, test) ImageSets of an image-folder tree; only the images that
-    `select(split, count)` picks (index arrays) are decoded."""
+    `select(split, count)` picks (index arrays) are decoded.
+
+    image_size None: images are kept as they are (they must share one size, as CIFAR's do).
+    Otherwise test images become Resize(image_size) + CenterCrop(image_size), the test
+    transform, and training images squares of `stored_train_size(image_size)` to crop from;
+    images already image_size x image_size are kept as they are.
+    """
     sets, classes = [], None
     for split in ('train', 'test'):
         paths, targets, classes = list_image_folder_split(folder, split, classes)
         keep = select(split, len(paths)) if select else np.arange(len(paths))
-        images = decode_images([paths[i] for i in keep])
+        size = None
+        if image_size is not None:
+            size = stored_train_size(image_size) if split == 'train' else image_size
+            if split == 'train' and _all_square(paths, keep, image_size):
+                size = image_size
+        images = decode_images([paths[i] for i in keep], size)
         sets.append(ImageSet(images, targets[keep], classes, os.path.join(folder, split)))
+    return sets
+
+
+def _all_square(paths, keep, size):
+    """Whether every chosen image is already size x size (read from headers, not decoded)."""
+    for i in keep:
+        try:
+            with Image.open(paths[i]) as img:
+                if img.size != (size, size):
+                    return False
+        except (OSError, ValueError) as err:
+            raise DataError(f'cannot read image {paths[i]}: {err}') from None
+    return True
+
+
+def load_folder(root, image_size, select=None):
+    """Any image-folder tree `root/train/<class>/*`, `root/test/<class>/*`."""
+    if not os.path.isdir(os.path.join(root, 'train')):
+        raise DataError(f'no image folder at {root!r}: --dataset folder needs '
+                        f'{root}/train/<class>/* and {root}/test/<class>/*')
+    return read_image_folder(root, select, image_size)
+
+
+def load_svhn(root, download=True, select=None):
+    """SVHN's torchvision files `train_32x32.mat` and `test_32x32.mat` (under `root` or
+    `root/svhn`), downloaded there by torchvision when missing. Label 10 means the digit 0."""
+    sets = []
+    for split in ('train', 'test'):
+        name = f'{split}_32x32.mat'
+        found = [d for d in (root, os.path.join(root, 'svhn'))
+                 if os.path.isfile(os.path.join(d, name))]
+        if not found:
+            try:
+                import torchvision
+                torchvision.datasets.SVHN(root, split=split, download=download)
+            except Exception as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise DataError(f'no SVHN data under {root!r}: looked for {root}/{name} '
+                                f'(torchvision\'s file), and the download failed ({reason}); run '
+                                f'once with network access or copy the .mat files there') from None
+            found = [root]
+        path = os.path.join(found[0], name)
+        try:
+            from scipy.io import loadmat
+            mat = loadmat(path)
+            images = np.ascontiguousarray(np.transpose(mat['X'], (3, 0, 1, 2)), dtype=np.uint8)
+            targets = mat['y'].reshape(-1).astype(np.int64) % 10
+        except Exception as err:
+            raise DataError(f'cannot read SVHN file {path}: {err}') from None
+        image_set = ImageSet(images, targets, [str(d) for d in range(10)], path)
+        sets.append(image_set.subset(select(split, len(image_set))) if select else image_set)
     return sets
 
 

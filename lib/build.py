@@ -35,7 +35,7 @@ def choose_device(opts):
 
 def load_data(opts):
     train, test = datasets.load_dataset(opts.dataset, opts.data_root, subset=opts.subset,
-                                        seed=opts.seed)
+                                        seed=opts.seed, image_size=opts.image_size)
     if opts.ANs_size >= len(train):
         raise UserError(f'--ANs_size {opts.ANs_size} needs more than {len(train)} training images')
     if opts.batch_size > len(train) and not opts.test_only:
@@ -44,22 +44,32 @@ def load_data(opts):
     return train, test
 
 
+def normalisation(opts, train):
+    """(mean, std): given by flags, the dataset's constants, or computed from `train`."""
+    mean, std = datasets.mean_std(opts.dataset, train)
+    return tuple(opts.mean or mean), tuple(opts.std or std)
+
+
 def build_model(opts, num_train, device):
-    """Network, memory bank and anchor discovery, initialised from the seed on the CPU."""
+    """Network, memory bank and anchor discovery, initialised from the seed on the CPU.
+    Without the bank (isif) the bank and the anchors are None."""
     torch.manual_seed(opts.seed)
-    net = models.build_network(opts.network, opts.low_dim)
-    bank = MemoryBank(opts.low_dim, num_train, opts.npc_t, opts.npc_m)
-    anchors = ANsDiscovery(num_train, opts.ANs_select_rate, opts.ANs_size)
+    stem = models.default_stem(opts.image_size) if opts.stem == 'auto' else opts.stem
+    net = models.build_network(opts.network, opts.low_dim, sobel=opts.sobel, stem=stem)
+    bank = anchors = None
+    if opts.bank:
+        bank = MemoryBank(opts.low_dim, num_train, opts.npc_t, opts.npc_m).to(device)
+        anchors = ANsDiscovery(num_train, opts.ANs_select_rate, opts.ANs_size).to(device)
     net = net.to(device)
     if device.type == 'cuda':
         net = net.to(memory_format=torch.channels_last)
-    return net, bank.to(device), anchors.to(device)
+    return net, bank, anchors
 
 
-def build_pipeline(opts, train, test, device):
-    mean, std = datasets.MEAN_STD[opts.dataset]
-    common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=32, views=2,
-                  batch_size=opts.batch_size, device=device, seed=opts.seed)
+def build_pipeline(opts, train, test, device, mean, std):
+    common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=opts.image_size,
+                  views=opts.views, batch_size=opts.batch_size, device=device, seed=opts.seed,
+                  flip=opts.flip)
     if opts.pipeline == 'gpu':
         return TensorPipeline(compile_mode=opts.compile, **common)
     return LoaderPipeline(workers=opts.workers, **common)
@@ -69,12 +79,15 @@ def build_optimizer(opts, net):
     params = [p for p in net.parameters() if p.requires_grad]   # the Sobel filters are frozen
     cuda = params[0].device.type == 'cuda'
     return torch.optim.SGD(params, opts.lr, momentum=opts.momentum,
-                           weight_decay=opts.weight_decay, nesterov=opts.momentum > 0,
+                           weight_decay=opts.weight_decay,
+                           nesterov=opts.nesterov and opts.momentum > 0,
                            fused=cuda or None)   # one kernel for all parameters on CUDA
 
 
 def build_trainer(opts, net, bank, anchors, optimizer):
-    objective = Objective(aug_input=opts.aug_input, batch_t=opts.batch_t, batch_m=opts.batch_m)
-    cuda = bank.memory.device.type == 'cuda'
+    objective = Objective(views=opts.views, bank_loss=opts.bank, aug_loss=opts.aug_loss,
+                          aug_input=opts.aug_input, ue_loss=opts.ue_loss, batch_t=opts.batch_t,
+                          batch_m=opts.batch_m)
+    cuda = next(net.parameters()).device.type == 'cuda'
     return Trainer(net, bank, anchors, optimizer, objective, precision=opts.precision,
                    channels_last=cuda, compile_mode=opts.compile)

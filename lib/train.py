@@ -19,7 +19,7 @@ class Objective:
     views: int = 2                 # augmented views per image per step
     bank_loss: bool = True         # AND loss through the memory bank (instance loss in round 0)
     aug_loss: bool = True          # in-batch augmentation-invariance loss (needs views == 2)
-    aug_input: str = 'logits'      # its rows: 'logits' (bank-similarity profile, as released) or 'features'
+    aug_input: str = 'logits'      # its rows: 'logits' (bank profile, as released) or 'features'
     ue_loss: bool = True           # unification entropy loss, weighted by the UE schedule
     batch_t: float = 0.1           # temperature of the augmentation loss
     batch_m: float = 1.0           # weight of its negative terms

@@ -1,0 +1,79 @@
+"""Methods as recipes of components: Super-AND and the ancestors its paper compares with.
+
+A recipe fills every component the command line left unset; a component given as a flag
+always wins, so an ablation is one flag away (`--method super-and --no-ue-loss`).
+Sources: the papers and their released code (SPEC 8 lists the reported accuracies).
+
+- lemniscate (Wu et al. 2018): memory bank + full-softmax instance loss (T 0.1, bank
+  momentum 0.5), one view, no Sobel, no flip, one round, SGD without Nesterov.
+- isif (Ye et al. 2019): no bank; the in-batch two-view loss on the 128-d embeddings (T 0.1);
+  no Sobel. kNN then uses embeddings recomputed from the network (there is no bank).
+- and (Huang et al. 2019): bank + anchor-neighbourhood rounds (5 x 200), one view, no Sobel,
+  no flip, no augmentation or UE loss.
+- super-and (Han et al. 2020): everything, as released.
+"""
+from .config import DEFAULTS
+from .errors import UserError
+
+RELEASED_ROUNDS = DEFAULTS['rounds']
+
+COMPONENTS = {
+    # name: help text (the flag is --name with dashes, or --no-name for booleans)
+    'sobel': 'the Sobel-edge branch of the network',
+    'views': 'augmented views of each image per step (1 or 2)',
+    'bank': 'the memory bank and its (anchor-neighbourhood) instance loss',
+    'aug_loss': 'the in-batch augmentation-invariance loss (needs 2 views)',
+    'aug_input': 'rows of that loss: the bank logits (as released) or the 128-d features',
+    'ue_loss': 'the unification-entropy loss (needs the bank)',
+    'flip': 'random horizontal flips in the augmentation',
+    'nesterov': 'Nesterov momentum in SGD',
+    'rounds': 'rounds; anchors are added from the second on (needs the bank)',
+}
+
+RECIPES = {
+    'super-and': dict(sobel=True, views=2, bank=True, aug_loss=True, aug_input='logits',
+                      ue_loss=True, flip=True, nesterov=True, rounds=RELEASED_ROUNDS),
+    'and': dict(sobel=False, views=1, bank=True, aug_loss=False, aug_input='logits',
+                ue_loss=False, flip=False, nesterov=True, rounds=RELEASED_ROUNDS),
+    'isif': dict(sobel=False, views=2, bank=False, aug_loss=True, aug_input='features',
+                 ue_loss=False, flip=True, nesterov=True, rounds=1),
+    'lemniscate': dict(sobel=False, views=1, bank=True, aug_loss=False, aug_input='logits',
+                       ue_loss=False, flip=False, nesterov=False, rounds=1),
+}
+
+
+def resolve(opts):
+    """Fill the components `opts` leaves as None from `opts.method`'s recipe and check that
+    they fit together. Returns the component names that came from the recipe."""
+    recipe = RECIPES[opts.method]
+    from_recipe = []
+    for name in COMPONENTS:
+        if getattr(opts, name, None) is None:
+            setattr(opts, name, recipe[name])
+            from_recipe.append(name)
+    if opts.aug_loss and opts.views != 2:
+        raise UserError('the augmentation loss compares two views of each image: use '
+                        '--views 2 or --no-aug-loss')
+    if not opts.bank:
+        if opts.ue_loss:
+            raise UserError('the UE loss is taken over the memory bank: drop --no-bank or '
+                            'add --no-ue-loss')
+        if not opts.aug_loss:
+            raise UserError('without the bank and the augmentation loss nothing is trained')
+        if opts.aug_input == 'logits':
+            if 'aug_input' not in from_recipe:
+                raise UserError('--aug-input logits needs the memory bank')
+            opts.aug_input = 'features'
+        if opts.rounds > 1:
+            raise UserError('rounds add anchors from the memory bank: --no-bank needs --rounds 1')
+    return from_recipe
+
+
+def describe(opts, from_recipe):
+    """One line naming the method and every component, marking those set by flags."""
+    parts = []
+    for name in COMPONENTS:
+        value = getattr(opts, name)
+        shown = ('on' if value else 'off') if isinstance(value, bool) else str(value)
+        parts.append(f'{name}={shown}' + ('' if name in from_recipe else '*'))
+    return f'method {opts.method}: ' + ' '.join(parts) + '  (* set by a flag)'
