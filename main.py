@@ -18,16 +18,19 @@ import models
 from lib import checkpoint as ckpt
 from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,
                        choose_device, load_data, normalisation)
-from lib.config import DEFAULTS
+from lib.config import DEFAULTS, RUN_DEFAULTS, TRAIN_LOG_EVERY
 from lib.errors import UserError
+from lib.progress import progress
 from lib.recipes import COMPONENTS, RECIPES, describe, resolve
+from lib.run_log import RunLog
 from lib.evaluate import embed, evaluate_knn
 from lib.schedules import learning_rate, set_learning_rate, ue_weight
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
 # given again on the command line. The rest (where, how fast, what to do) never do.
 NOT_RESUMED = {'resume', 'test_only', 'device', 'workers', 'model_dir', 'data_root',
-               'stop_after', 'pipeline', 'precision', 'compile'}
+               'stop_after', 'pipeline', 'precision', 'compile', 'quiet', 'tensorboard',
+               'log_dir'}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -46,7 +49,7 @@ NON_NEGATIVE_FLOAT = checked(float, lambda v: v >= 0, 'a number >= 0')
 
 
 def build_parser():
-    d = DEFAULTS
+    d, r = DEFAULTS, RUN_DEFAULTS
     p = argparse.ArgumentParser(description='Super-AND unsupervised embedding learning '
                                 '(Han et al. 2020): train, evaluate by weighted kNN, resume.')
     p.add_argument('--dataset', default=d['dataset'], choices=datasets.DATASETS,
@@ -54,7 +57,7 @@ def build_parser():
                         'test/<class>/* tree under --data-root (default: %(default)s)')
     p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORKS),
                    help='backbone of both branches (default: %(default)s)')
-    p.add_argument('--method', default='super-and', choices=sorted(RECIPES),
+    p.add_argument('--method', default=r['method'], choices=sorted(RECIPES),
                    help='recipe of components (lib/recipes.py); the component flags below '
                         'override it (default: %(default)s)')
     flag = argparse.BooleanOptionalAction
@@ -69,11 +72,11 @@ def build_parser():
                    help=COMPONENTS['ue_loss'])
     p.add_argument('--flip', action=flag, default=None, help=COMPONENTS['flip'])
     p.add_argument('--nesterov', action=flag, default=None, help=COMPONENTS['nesterov'])
-    p.add_argument('--image-size', dest='image_size', default=32, type=POSITIVE_INT,
+    p.add_argument('--image-size', dest='image_size', default=r['image_size'], type=POSITIVE_INT,
                    help='side of the training crops and test images; other than 32 only for '
                         '--dataset folder, whose larger images are resized and centre-cropped '
                         'for test (default: %(default)s)')
-    p.add_argument('--stem', default='auto', choices=('auto', 'cifar', 'imagenet'),
+    p.add_argument('--stem', default=r['stem'], choices=('auto', 'cifar', 'imagenet'),
                    help='first layers: cifar (3x3 stride 1) or imagenet (7x7 stride 2 + '
                         'max-pool); auto = imagenet above 64 px (default: %(default)s)')
     p.add_argument('--mean', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
@@ -109,7 +112,7 @@ def build_parser():
     p.add_argument('--batch_size', default=d['batch_size'],
                    type=checked(int, lambda v: v >= 2, 'an integer >= 2'),
                    help='images per step, two views each (default: %(default)s)')
-    p.add_argument('--model_dir', default='checkpoint/',
+    p.add_argument('--model_dir', default=r['model_dir'],
                    help='where checkpoints are written and --resume looks (default: %(default)s)')
     p.add_argument('--resume', '-r', default='', metavar='NAME',
                    help='checkpoint in model_dir to load: last.t7 continues a run, ckpt.t7 or '
@@ -119,25 +122,45 @@ def build_parser():
     p.add_argument('--seed', default=d['seed'], type=int,
                    help='random seed of initialisation, data order and augmentation '
                         '(default: %(default)s)')
-    p.add_argument('--data-root', dest='data_root', default='./data',
+    p.add_argument('--data-root', dest='data_root', default=r['data_root'],
                    help='torchvision\'s files, or an image-folder tree train/<class>/*, '
                         'test/<class>/* (default: %(default)s)')
-    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'),
+    p.add_argument('--device', default=r['device'], choices=('auto', 'cuda', 'cpu'),
                    help='auto = CUDA when present (default: %(default)s)')
-    p.add_argument('--pipeline', default='auto', choices=('auto', 'gpu', 'cpu'),
+    p.add_argument('--pipeline', default=r['pipeline'], choices=('auto', 'gpu', 'cpu'),
                    help='gpu: data and augmentation as batched tensors on the device; cpu: '
                         'torchvision transforms in loader workers, as released; auto = gpu on '
                         'CUDA, cpu otherwise (default: %(default)s)')
-    p.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'),
+    p.add_argument('--precision', default=r['precision'], choices=('auto', 'bf16', 'fp32'),
                    help='network arithmetic: bf16 autocast (the bank, softmaxes and losses stay '
                         'float32) or fp32; auto = bf16 on CUDA (default: %(default)s)')
-    p.add_argument('--compile', default='auto', choices=('auto', 'none', 'default',
+    p.add_argument('--compile', default=r['compile'], choices=('auto', 'none', 'default',
                                                           'reduce-overhead'),
                    help='torch.compile the forward pass and losses (and the GPU augmentation); '
                         'reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
                         'CUDA, none on the CPU (default: %(default)s)')
-    p.add_argument('--workers', default=2, type=checked(int, lambda v: v >= 0, '>= 0'),
+    p.add_argument('--workers', default=r['workers'],
+                   type=checked(int, lambda v: v >= 0, '>= 0'),
                    help='data-loader processes of the cpu pipeline (default: %(default)s)')
+    p.add_argument('--knn-k', dest='knn_k', default=r['knn_k'], type=POSITIVE_INT,
+                   help='kNN neighbours voting (default: %(default)s)')
+    p.add_argument('--knn-sigma', dest='knn_sigma', default=r['knn_sigma'], type=POSITIVE_FLOAT,
+                   help='kNN vote weight exp(similarity / sigma) (default: %(default)s)')
+    p.add_argument('--knn-features', dest='knn_features', default=r['knn_features'],
+                   choices=('bank', 'recompute'),
+                   help='kNN training side: the memory bank as released, or embeddings '
+                        'recomputed by the network (test transform, eval mode); runs without a '
+                        'bank always recompute (default: %(default)s)')
+    p.add_argument('--name', default=r['name'],
+                   help='run name, the TensorBoard folder log_dir/name (default: '
+                        'method-dataset-network-date-time)')
+    p.add_argument('--log-dir', dest='log_dir', default=r['log_dir'],
+                   help='TensorBoard root (default: %(default)s)')
+    p.add_argument('--tensorboard', action=argparse.BooleanOptionalAction,
+                   default=r['tensorboard'],
+                   help='write TensorBoard events (default: on; log.jsonl is always written)')
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress bars, epoch or round lines: only the start and the result')
     p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
                    help='train and test on seeded random subsets of N images each (quick runs)')
     p.add_argument('--stop-after', dest='stop_after', default=None, type=POSITIVE_INT,
@@ -175,25 +198,32 @@ def adopt_checkpoint_config(args, state):
 
 # ----------------------------------------------------------------------------- steps of a run
 def evaluate(args, net, bank, pipeline, train_labels, num_classes):
-    """kNN top-1 and top-5 of the test set against the bank (or, without one, against
-    training embeddings recomputed with the test transform)."""
+    """kNN top-1 and top-5 of the test set against the bank, or against training embeddings
+    recomputed with the test transform (--knn-features recompute, or runs without a bank)."""
     cuda = next(net.parameters()).device.type == 'cuda'
     bf16 = args.precision == 'bf16'
-    if bank is not None:
+    show = not args.quiet
+    if bank is not None and args.knn_features == 'bank':
         train_features = bank.memory
     else:
-        train_features, _ = embed(net, pipeline.eval_batches('train'), bf16, cuda)
-    return evaluate_knn(net, pipeline.eval_batches('test'), train_features, train_labels,
-                        num_classes, bf16=bf16, channels_last=cuda)
+        batches = progress(pipeline.eval_batches('train'), desc='embed train', enabled=show)
+        train_features, _ = embed(net, batches, bf16, cuda)
+    test_batches = progress(pipeline.eval_batches('test'), desc='embed test', enabled=show)
+    return evaluate_knn(net, test_batches, train_features, train_labels, num_classes, bf16=bf16,
+                        channels_last=cuda, k=args.knn_k, sigma=args.knn_sigma)
 
 
-def discover_anchors(anchors, bank, round_index, train_labels):
+def discover_anchors(anchors, bank, round_index, train_labels, log):
     start = time.time()
-    consistency = anchors.update(round_index, bank.memory, bank.temperature, train_labels)
-    print(f'round {round_index}: {anchors.num_anchors} anchors '
-          f'({100 * anchors.num_anchors / anchors.num_entries:.1f}% of {anchors.num_entries}), '
-          f'label consistency of (anchor, neighbour) pairs {100 * float(consistency):.2f}% '
-          f'({time.time() - start:.1f} s)')
+    consistency = 100 * float(anchors.update(round_index, bank.memory, bank.temperature,
+                                             train_labels))
+    seconds = time.time() - start
+    log.line(f'round {round_index}: {anchors.num_anchors} anchors '
+             f'({100 * anchors.num_anchors / anchors.num_entries:.1f}% of '
+             f'{anchors.num_entries}), label consistency of (anchor, neighbour) pairs '
+             f'{consistency:.2f}% ({seconds:.1f} s)')
+    log.round(dict(round=round_index, anchors=anchors.num_anchors, consistency=consistency,
+                   seconds=seconds), entropy=anchors.entropy)
 
 
 def save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best):
@@ -211,8 +241,8 @@ def save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best):
     ckpt.save_atomic(state, os.path.join(args.model_dir, 'last.t7'))
 
 
-def test_only(args, net, bank, pipeline, train_labels, num_classes, state):
-    top1, top5 = evaluate(args, net, bank, pipeline, train_labels, num_classes)
+def test_only(args, evaluate_now, state):
+    top1, top5 = evaluate_now()
     where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
     print(f'kNN accuracy of {args.resume} ({where}): top-1 {100 * top1:.2f}% '
           f'top-5 {100 * top5:.2f}%')
@@ -221,29 +251,68 @@ def test_only(args, net, bank, pipeline, train_labels, num_classes, state):
 def restore_progress(state, optimizer):
     """Where a resumed run continues, and its best so far; fresh runs start at (0, 0)."""
     # best_acc starts below any accuracy, so the first epoch always writes ckpt.t7
-    progress = dict(round=0, epoch=0, acc=0.0, best_acc=-1.0, best_round=-1, best_epoch=-1)
+    status = dict(round=0, epoch=0, acc=0.0, best_acc=-1.0, best_round=-1, best_epoch=-1)
     if state is None:
-        return progress
+        return status
     if 'optimizer' in state:
         optimizer.load_state_dict(state['optimizer'])
         ckpt.set_rng_state(state.get('rng'))
     nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
     best = state.get('best', {'acc': state['acc'], 'round': state['round'],
                               'epoch': state['epoch']})
-    progress.update(round=nxt['round'], epoch=nxt['epoch'],
-                    **{f'best_{k}': v for k, v in best.items()})
-    print(f"resuming at round {progress['round']} epoch {progress['epoch']} "
-          f"(best so far {100 * progress['best_acc']:.2f}%)")
-    return progress
+    status.update(round=nxt['round'], epoch=nxt['epoch'],
+                  **{f'best_{k}': v for k, v in best.items()})
+    print(f"resuming at round {status['round']} epoch {status['epoch']} "
+          f"(best so far {100 * status['best_acc']:.2f}%)")
+    return status
 
 
-def epoch_line(args, round_index, epoch, lr, weight, losses, top1, top5, best, seconds):
+def epoch_line(args, record):
     active = [name for name, on in (('and', args.bank), ('aug', args.aug_loss),
                                     ('ue', args.ue_loss)) if on]
-    loss_text = ' '.join(f'{name} {losses[name]:.4f}' for name in active)
-    return (f'round {round_index} epoch {epoch:3d}/{args.epochs} | lr {lr:.5f} | '
-            f'ue weight {weight:.1f} | loss {loss_text} | kNN top-1 {100 * top1:.2f}% '
-            f'top-5 {100 * top5:.2f}% | best {100 * best:.2f}% | {seconds:.1f} s')
+    losses = ' '.join(f'{name} {record["loss"][name]:.4f}' for name in active)
+    return (f"round {record['round']} epoch {record['epoch']:3d}/{args.epochs} | "
+            f"lr {record['lr']:.5f} | ue weight {record['ue_weight']:.1f} | loss {losses} | "
+            f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}% | "
+            f"best {record['best_top1']:.2f}% | {record['seconds']:.1f} s")
+
+
+def train_rounds(args, trainer, pipeline, train_labels, evaluate_now, save, status, log):
+    """The rounds and epochs: anchors at each round's start, then per epoch train, evaluate,
+    save, report. Returns False when --stop-after ended the run early."""
+    epochs_run = 0
+    steps = pipeline.steps_per_epoch
+    for round_index in range(status['round'], args.rounds):
+        first_epoch = status['epoch'] if round_index == status['round'] else 0
+        if round_index > 0 and first_epoch == 0 and trainer.anchors is not None:
+            discover_anchors(trainer.anchors, trainer.bank, round_index, train_labels, log)
+        for epoch in range(first_epoch, args.epochs):
+            start = time.time()
+            lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
+            set_learning_rate(trainer.optimizer, lr)
+            batches = progress(pipeline.train_batches(round_index, epoch), total=steps,
+                               desc=f'round {round_index} epoch {epoch}', enabled=not args.quiet)
+            losses, _, samples = trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY)
+            top1, top5 = evaluate_now()
+            is_best = top1 > status['best_acc']
+            status.update(round=round_index, epoch=epoch, acc=top1)
+            if is_best:
+                status.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
+            save(status, is_best)
+            global_epoch = round_index * args.epochs + epoch
+            record = dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
+                          ue_weight=weight, loss=losses, knn_top1=100 * top1,
+                          knn_top5=100 * top5, best_top1=100 * status['best_acc'],
+                          seconds=time.time() - start)
+            log.steps(global_epoch * steps, samples, lr)
+            log.epoch(record)
+            log.line(epoch_line(args, record))
+            epochs_run += 1
+            if args.stop_after and epochs_run >= args.stop_after:
+                log.line(f'stopping after {epochs_run} epochs (--stop-after); continue with '
+                         f'--resume last.t7', always=True)
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the run
@@ -266,43 +335,34 @@ def run(args):
     if state is not None:
         ckpt.restore_model(state, path, net, bank, anchors)
     pipeline = build_pipeline(args, train, test, device, mean, std)
+
+    def evaluate_now():
+        return evaluate(args, net, bank, pipeline, train_labels, num_classes)
     if args.test_only:
-        return test_only(args, net, bank, pipeline, train_labels, num_classes, state)
+        return test_only(args, evaluate_now, state)
 
     os.makedirs(args.model_dir, exist_ok=True)
     optimizer = build_optimizer(args, net)
-    progress = restore_progress(state, optimizer)
+    status = restore_progress(state, optimizer)
     trainer = build_trainer(args, net, bank, anchors, optimizer)
+    args.name = args.name or (f'{args.method}-{args.dataset}-{args.network}-'
+                              f'{time.strftime("%Y%m%d-%H%M%S")}')
+    log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet)
     print(f'training {args.network} on {args.dataset} ({device.type}, {args.pipeline} pipeline, '
           f'{args.precision}, compile {args.compile}): {args.rounds} rounds x {args.epochs} '
-          f'epochs, {pipeline.steps_per_epoch} steps of {args.batch_size} images')
+          f'epochs, {pipeline.steps_per_epoch} steps of {args.batch_size} images; logs in '
+          f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
+                                           if log.writer is not None else ''))
 
-    epochs_run = 0
-    for round_index in range(progress['round'], args.rounds):
-        first_epoch = progress['epoch'] if round_index == progress['round'] else 0
-        if round_index > 0 and first_epoch == 0:
-            discover_anchors(anchors, bank, round_index, train_labels)
-        for epoch in range(first_epoch, args.epochs):
-            start = time.time()
-            lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
-            set_learning_rate(optimizer, lr)
-            losses, _ = trainer.train_epoch(pipeline.train_batches(round_index, epoch), weight)
-            top1, top5 = evaluate(args, net, bank, pipeline, train_labels, num_classes)
-            is_best = top1 > progress['best_acc']
-            progress.update(round=round_index, epoch=epoch, acc=top1)
-            if is_best:
-                progress.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
-            save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best)
-            print(epoch_line(args, round_index, epoch, lr, weight, losses, top1, top5,
-                             progress['best_acc'], time.time() - start), flush=True)
-            epochs_run += 1
-            if args.stop_after and epochs_run >= args.stop_after:
-                print(f'stopping after {epochs_run} epochs (--stop-after); continue with '
-                      f'--resume last.t7')
-                return
-    print(f"done: best kNN top-1 {100 * progress['best_acc']:.2f}% (round "
-          f"{progress['best_round']} epoch {progress['best_epoch']}, best-on-test as released), "
-          f"final {100 * progress['acc']:.2f}%")
+    def save(status, is_best):
+        save_checkpoints(args, net, bank, anchors, optimizer, status, is_best)
+    finished = train_rounds(args, trainer, pipeline, train_labels, evaluate_now, save, status,
+                            log)
+    log.close()
+    if finished:
+        print(f"done: best kNN top-1 {100 * status['best_acc']:.2f}% (round "
+              f"{status['best_round']} epoch {status['best_epoch']}, best-on-test as "
+              f"released), final {100 * status['acc']:.2f}%")
 
 
 def main(argv=None):

@@ -27,13 +27,19 @@ class ImageSet:
     targets: np.ndarray     # N int64, class numbers in sorted-class-name order
     classes: list           # class names, index = class number
     source: str             # where it was read from, for the log
+    indexes: np.ndarray = None   # N positions in the full split (differ from 0..N-1 in subsets)
+
+    def __post_init__(self):
+        if self.indexes is None:
+            self.indexes = np.arange(len(self.targets))
 
     def __len__(self):
         return len(self.targets)
 
     def subset(self, indices):
         indices = np.asarray(indices)
-        return ImageSet(self.images[indices], self.targets[indices], self.classes, self.source)
+        return ImageSet(self.images[indices], self.targets[indices], self.classes, self.source,
+                        self.indexes[indices])
 
 
 def find_image_folder(root, dataset):
@@ -125,7 +131,8 @@ def read_image_folder(folder, select=None, image_size=None):
             if split == 'train' and _all_square(paths, keep, image_size):
                 size = image_size
         images = decode_images([paths[i] for i in keep], size)
-        sets.append(ImageSet(images, targets[keep], classes, os.path.join(folder, split)))
+        sets.append(ImageSet(images, targets[keep], classes, os.path.join(folder, split),
+                             np.asarray(keep)))
     return sets
 
 

@@ -3,16 +3,30 @@ same attributes): device, data, network + bank + anchors, pipeline, optimizer, t
 
 `main.py`, `bench/` and `experiments/` all build through here, so they train the same thing.
 """
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 import torch
 
 import datasets
 import models
 
+from . import checkpoint as ckpt
+from .config import DEFAULTS, RUN_DEFAULTS
 from .errors import UserError
+from .evaluate import embed
 from .memory_bank import MemoryBank
 from .neighbourhoods import ANsDiscovery
 from .pipelines import LoaderPipeline, TensorPipeline
+from .recipes import COMPONENTS, resolve
 from .train import Objective, Trainer
+
+
+def default_options(**overrides):
+    """A run's options as `main.py` would default them, with `overrides` applied."""
+    # Components (rounds among them) stay None for the method's recipe to fill.
+    return SimpleNamespace(**{**DEFAULTS, **RUN_DEFAULTS, **{name: None for name in COMPONENTS},
+                              **overrides})
 
 
 def choose_device(opts):
@@ -91,3 +105,46 @@ def build_trainer(opts, net, bank, anchors, optimizer):
     cuda = next(net.parameters()).device.type == 'cuda'
     return Trainer(net, bank, anchors, optimizer, objective, precision=opts.precision,
                    channels_last=cuda, compile_mode=opts.compile)
+
+
+@dataclass
+class Trained:
+    """A checkpoint loaded with the data and network it was trained on, for analysis."""
+    opts: SimpleNamespace
+    state: dict
+    net: torch.nn.Module
+    bank: MemoryBank
+    train: datasets.ImageSet
+    test: datasets.ImageSet
+    pipeline: object
+    device: torch.device
+
+    def embeddings(self, split, source='network'):
+        """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the
+        test transform, or for the training split also the memory bank (`source='bank'`)."""
+        if source == 'bank':
+            if split != 'train' or self.bank is None:
+                raise UserError('bank features exist for the training split of a run with a '
+                                'memory bank only')
+            return self.bank.memory.float(), torch.from_numpy(self.train.targets).to(self.device)
+        cuda = self.device.type == 'cuda'
+        return embed(self.net, self.pipeline.eval_batches(split),
+                     bf16=self.opts.precision == 'bf16', channels_last=cuda)
+
+
+def load_trained(path, **overrides):
+    """Load the checkpoint at `path` with the options it was trained with (its stored config,
+    else the released defaults), `overrides` (e.g. data_root, device) applied on top."""
+    state = ckpt.load(path)
+    stored = {k: v for k, v in (state.get('config') or {}).items() if k != 'given'}
+    opts = default_options(**{**stored, 'test_only': True, 'compile': 'none',
+                              'pipeline': 'auto', **overrides})
+    resolve(opts)
+    device = choose_device(opts)
+    train, test = load_data(opts)
+    mean, std = normalisation(opts, train)
+    net, bank, anchors = build_model(opts, len(train), device)
+    ckpt.restore_model(state, path, net, bank, anchors)
+    net.eval()
+    pipeline = build_pipeline(opts, train, test, device, mean, std)
+    return Trained(opts, state, net, bank, train, test, pipeline, device)

@@ -22,6 +22,31 @@ DEFAULTS = dict(
     seed=1567010775,            # the released seed (SPEC 6)
 )
 
+# How a run is done rather than what it computes: `main.py`'s other flag defaults, and what
+# the scripts (bench/, experiments/, lib.visualize, ...) start from.
+RUN_DEFAULTS = dict(
+    method='super-and',         # recipe of components (lib/recipes.py)
+    image_size=32,              # crop / test side (other than 32 only for folder data)
+    stem='auto',                # network stem: cifar up to 64 px, imagenet above
+    mean=None, std=None,        # normalisation: the dataset's (computed for folder data)
+    data_root='./data',         # torchvision files or an image-folder tree
+    model_dir='checkpoint/',    # checkpoints and the JSON-lines log
+    log_dir='runs',             # TensorBoard event files, runs/<name>/
+    name=None,                  # run name for TensorBoard (default: method-dataset-network-time)
+    tensorboard=True,           # write TensorBoard events (when tensorboardX is installed)
+    quiet=False,                # no progress bars and no per-epoch lines
+    device='auto',              # CUDA when present
+    pipeline='auto',            # gpu (device tensors) on CUDA, cpu (torchvision loader) otherwise
+    precision='auto',           # bf16 autocast on CUDA, fp32 on the CPU
+    compile='auto',             # reduce-overhead (CUDA graphs) on CUDA, none on the CPU
+    workers=2,                  # loader processes of the cpu pipeline (released: 2)
+    subset=None,                # train/test on seeded random subsets of this many images
+    knn_k=200,                  # kNN neighbours voting (SPEC 7)
+    knn_sigma=0.1,              # kNN vote weight exp(similarity / sigma) (SPEC 7)
+    knn_features='bank',        # kNN training side: the bank (as released) or recomputed
+    resume='', test_only=False, stop_after=None,
+)
+
 # Schedules inside a round (SPEC 5.3 and 6), epoch counted from 0 within the round.
 LR_DECAY_START = 80             # lr * 0.1 ** ((epoch - 80) // 40) from epoch 80 on
 LR_DECAY_EVERY = 40             # ... so 0.03 to epoch 119, 0.003 to 159, 0.0003 after
@@ -31,8 +56,9 @@ UE_WEIGHT_EVERY = 80
 UE_SELF_LOGIT = -10.0           # own-index logit before the UE entropy (SPEC 5.3)
 
 # Weighted kNN evaluation (SPEC 7).
-KNN_K = 200                     # neighbours voting
-KNN_SIGMA = 0.1                 # vote weight exp(similarity / sigma)
+KNN_K = RUN_DEFAULTS['knn_k']
+KNN_SIGMA = RUN_DEFAULTS['knn_sigma']
+TRAIN_LOG_EVERY = 50            # training steps between sampled loss records (TensorBoard)
 
 # Data constants (crop, jitter, mean/std: SPEC 2) live with the transforms, in
 # datasets/transforms.py.

@@ -103,17 +103,26 @@ class Trainer:
             self.bank.update(features, indexes)
         return parts
 
-    def train_epoch(self, batches, ue_weight):
-        """Run the steps of `batches`; returns the mean of each loss part as Python floats.
+    def train_epoch(self, batches, ue_weight, sample_every=0):
+        """Run the steps of `batches`. Returns the mean of each loss part (Python floats), the
+        number of steps, and every `sample_every`-th step's parts as (step, [and, aug, ue]).
 
-        The sums stay on the device: the only host synchronisation is the read at the end.
+        Sums and samples stay on the device: the only host synchronisation is one read at the
+        end of the epoch.
         """
         self.net.train()
         self.set_ue_weight(ue_weight)
-        sums, steps = None, 0
+        sums, steps, samples = None, 0, []
         for views, indexes in batches:
             parts = self.step(views, indexes)
             sums = parts if sums is None else sums + parts
+            if sample_every and steps % sample_every == 0:
+                samples.append((steps, parts.clone()))
             steps += 1
-        means = (sums / max(steps, 1)).tolist() if sums is not None else [0.0, 0.0, 0.0]
-        return dict(zip(LOSS_NAMES, means)), steps
+        if sums is None:
+            return dict.fromkeys(LOSS_NAMES, 0.0), 0, []
+        means = dict(zip(LOSS_NAMES, (sums / steps).tolist()))
+        if samples:
+            values = torch.stack([parts for _, parts in samples]).tolist()
+            samples = [(step, dict(zip(LOSS_NAMES, v))) for (step, _), v in zip(samples, values)]
+        return means, steps, samples

@@ -38,7 +38,8 @@ def tiny_folder(tmp_path_factory):
 def fast_args(data_root, model_dir, *extra):
     """Flags of a quick CPU run on the tiny dataset."""
     return ['--data-root', data_root, '--model_dir', str(model_dir), '--batch_size', '8',
-            '--workers', '0', '--device', 'cpu', *extra]
+            '--workers', '0', '--device', 'cpu', '--log-dir', os.path.join(model_dir, 'runs'),
+            *extra]
 
 
 def run_cli(*argv, timeout=600):

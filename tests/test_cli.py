@@ -25,7 +25,8 @@ def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
     assert re.search(r'round 1: 5 anchors \(25\.0% of 20\), label consistency .* \d+\.\d\d%', out)
     best = percent(r'done: best kNN top-1 (\d+\.\d+)%', out)[0]
     assert best == max(percent(r'kNN top-1 (\d+\.\d+)%', out))
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.t7', 'last.t7']   # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.t7', 'last.t7', 'log.jsonl', 'runs']
+    # (no temporary checkpoint files left behind)
 
     code, out, err = run_cli('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,
                              '--data-root', tiny_folder, '--workers', '0')

@@ -155,7 +155,8 @@ def test_folder_dataset_trains_at_96_px(tmp_path, run_main):
     code, out, err = run_main('--dataset', 'folder', '--data-root', tmp_path / 'data',
                               '--image-size', '96', '--network', 'alexnet', '--method', 'and',
                               '--epochs', '1', '--rounds', '2', '--batch_size', '2',
-                              '--workers', '0', '--model_dir', tmp_path / 'ck')
+                              '--workers', '0', '--model_dir', tmp_path / 'ck',
+                              '--no-tensorboard')
     assert code == 0, err
     assert '2 classes' in out and '96 px' in out and 'round 1: 1 anchors' in out
 
@@ -188,7 +189,8 @@ def test_compare_script_writes_a_table(tiny_folder, tmp_path):
     proc = subprocess.run(
         [sys.executable, 'experiments/compare.py', '--runs', 'lemniscate:cifar10:resnet18:2',
          'and:cifar10:resnet18:2', '--data-root', tiny_folder, '--work-dir', tmp_path,
-         '--out', out_file, '--extra', '--batch_size 8 --workers 0 --device cpu'],
+         '--out', out_file, '--extra',
+         '--batch_size 8 --workers 0 --device cpu --no-tensorboard'],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = out_file.read_text().splitlines()

@@ -1,0 +1,121 @@
+"""Linear evaluation: a linear classifier trained on frozen features of a checkpoint.
+
+    python -m lib.linear_probe --ckpt checkpoint/ckpt.t7 --data-root data
+
+The network embeds the training and test splits once (eval mode, the test transform; features
+cached in memory), then a softmax-regression layer is trained on the training features with
+SGD (momentum 0.9, cosine learning rate, mini-batches from a seeded shuffle) and its test top-1
+and top-5 are reported. `--layer backbone` (default) probes the concatenated pooled trunk
+outputs, the input of the network's last linear layer (1024-d for ResNet18 with Sobel);
+`--layer embedding` the L2-normalised 128-d embedding kNN uses. Features are standardised with
+the training split's mean and std.
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+PROBE_DEFAULTS = dict(epochs=50, lr=0.1, batch_size=256, weight_decay=0.0, seed=0)
+
+
+@torch.no_grad()
+def probe_features(trained, split, layer):
+    """(N x F features, N targets) of a split: the embedding, or the input of `net.linear`."""
+    if layer == 'embedding':
+        return trained.embeddings(split)
+    captured = []
+    hook = trained.net.linear.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].float()))
+    try:
+        _, targets = trained.embeddings(split)
+    finally:
+        hook.remove()
+    return torch.cat(captured), targets
+
+
+def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50, lr=0.1,
+                       batch_size=256, weight_decay=0.0, seed=0):
+    """Softmax regression on fixed features; returns test top-1/top-5 and train top-1 (%).
+
+    train_x: N x F, train_y: N, test_x: M x F, test_y: M (on one device).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    layer = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
+        layer.bias.zero_()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9,
+                                weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(train_x) // batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
+        for start in range(0, len(train_x), batch_size):
+            batch = order[start:start + batch_size]
+            loss = F.cross_entropy(layer(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        ranked = layer(test_x).argsort(1, descending=True)
+        top1 = (ranked[:, 0] == test_y).float().mean().item()
+        top5 = (ranked[:, :5] == test_y[:, None]).any(1).float().mean().item()
+        train_top1 = (layer(train_x).argmax(1) == train_y).float().mean().item()
+    return dict(top1=100 * top1, top5=100 * top5, train_top1=100 * train_top1)
+
+
+def parse_args(argv=None):
+    d = PROBE_DEFAULTS
+    p = argparse.ArgumentParser(prog='python -m lib.linear_probe',
+                                description='Linear probe on frozen features of a checkpoint.')
+    p.add_argument('--ckpt', required=True, help='checkpoint file (ckpt.t7, last.t7, ...)')
+    p.add_argument('--data-root', dest='data_root', default=None,
+                   help='data location (default: the one the checkpoint was trained with)')
+    p.add_argument('--subset', type=int, default=None,
+                   help='override the subset the checkpoint was trained on')
+    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    p.add_argument('--layer', default='backbone', choices=('backbone', 'embedding'),
+                   help='features probed (default: %(default)s)')
+    p.add_argument('--epochs', type=int, default=d['epochs'],
+                   help='passes over the training features (default: %(default)s)')
+    p.add_argument('--lr', type=float, default=d['lr'],
+                   help='SGD learning rate, cosine-annealed to 0 (default: %(default)s)')
+    p.add_argument('--batch-size', dest='batch_size', type=int, default=d['batch_size'],
+                   help='(default: %(default)s)')
+    p.add_argument('--weight-decay', dest='weight_decay', type=float,
+                   default=d['weight_decay'], help='(default: %(default)s)')
+    p.add_argument('--seed', type=int, default=d['seed'],
+                   help='initialisation and shuffling (default: %(default)s)')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from datasets import DataError
+    from lib.build import load_trained
+    from lib.errors import UserError
+    args = parse_args(argv)
+    overrides = {k: v for k, v in dict(data_root=args.data_root, subset=args.subset,
+                                       device=args.device, workers=0).items() if v is not None}
+    try:
+        trained = load_trained(args.ckpt, **overrides)
+    except (UserError, DataError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    train_x, train_y = probe_features(trained, 'train', args.layer)
+    test_x, test_y = probe_features(trained, 'test', args.layer)
+    result = train_linear_probe(train_x, train_y, test_x, test_y, len(trained.train.classes),
+                                args.epochs, args.lr, args.batch_size, args.weight_decay,
+                                args.seed)
+    print(f'linear probe on {args.layer} features ({train_x.shape[1]}-d, {len(train_x)} train / '
+          f'{len(test_x)} test images, {args.epochs} epochs): test top-1 {result["top1"]:.2f}% '
+          f'top-5 {result["top5"]:.2f}% (train top-1 {result["train_top1"]:.2f}%)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
