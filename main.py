@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -17,14 +18,17 @@ import datasets
 import models
 from lib import checkpoint as ckpt
 from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,
-                       choose_device, load_data, normalisation)
+                       choose_device, distribute, load_data, normalisation)
 from lib.config import DEFAULTS, RUN_DEFAULTS, TRAIN_LOG_EVERY
 from lib.errors import UserError
 from lib.progress import progress
 from lib.recipes import COMPONENTS, RECIPES, describe, resolve
 from lib.run_log import RunLog
-from lib.evaluate import embed, evaluate_knn
+from lib.distributed import World, broadcast_anchors, close_world, init_world
+from lib.evaluate import embed, knn_correct
 from lib.schedules import learning_rate, set_learning_rate, ue_weight
+from lib.stopping import StopSignals
+from lib.train import NonFiniteLoss
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
 # given again on the command line. The rest (where, how fast, what to do) never do.
@@ -159,6 +163,9 @@ def build_parser():
     p.add_argument('--tensorboard', action=argparse.BooleanOptionalAction,
                    default=r['tensorboard'],
                    help='write TensorBoard events (default: on; log.jsonl is always written)')
+    p.add_argument('--sync-bn', dest='sync_bn', action='store_true',
+                   help='with several processes (torchrun), BatchNorm statistics over the global '
+                        'batch: SyncBatchNorm on GPUs, an all-reduce version on the CPU')
     p.add_argument('--quiet', action='store_true',
                    help='no progress bars, epoch or round lines: only the start and the result')
     p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
@@ -182,7 +189,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- building
-def adopt_checkpoint_config(args, state):
+def adopt_checkpoint_config(args, state, say=print):
     """On --resume, take the run's own options from the checkpoint unless typed again."""
     stored = state.get('config') or {}
     adopted = []
@@ -193,77 +200,103 @@ def adopt_checkpoint_config(args, state):
             adopted.append(f'{key}={value}')
         setattr(args, key, value)
     if adopted:
-        print('options from the checkpoint: ' + ' '.join(adopted))
+        say('options from the checkpoint: ' + ' '.join(adopted))
 
 
 # ----------------------------------------------------------------------------- steps of a run
-def evaluate(args, net, bank, pipeline, train_labels, num_classes):
+@dataclass
+class Run:
+    """What the steps of a run share."""
+    args: argparse.Namespace
+    world: World
+    net: torch.nn.Module               # DistributedDataParallel-wrapped with several processes
+    bank: object                       # MemoryBank, or None (isif)
+    anchors: object                    # ANsDiscovery, or None
+    pipeline: object
+    train_labels: torch.Tensor
+    num_classes: int
+    optimizer: object = None
+    trainer: object = None
+    log: RunLog = None
+    status: dict = None                # where the run is, its last and best accuracy
+
+    @property
+    def model(self):
+        return getattr(self.net, 'module', self.net)
+
+
+def evaluate(run):
     """kNN top-1 and top-5 of the test set against the bank, or against training embeddings
-    recomputed with the test transform (--knn-features recompute, or runs without a bank)."""
-    cuda = next(net.parameters()).device.type == 'cuda'
-    bf16 = args.precision == 'bf16'
-    show = not args.quiet
-    if bank is not None and args.knn_features == 'bank':
-        train_features = bank.memory
+    recomputed with the test transform (--knn-features recompute, or runs without a bank).
+    With several processes each embeds a share of the images and the counts are summed."""
+    args, world, model = run.args, run.world, run.model
+    cuda = next(model.parameters()).device.type == 'cuda'
+    bf16, show = args.precision == 'bf16', not args.quiet and world.main
+    if run.bank is not None and args.knn_features == 'bank':
+        train_features = run.bank.memory
     else:
-        batches = progress(pipeline.eval_batches('train'), desc='embed train', enabled=show)
-        train_features, _ = embed(net, batches, bf16, cuda)
-    test_batches = progress(pipeline.eval_batches('test'), desc='embed test', enabled=show)
-    return evaluate_knn(net, test_batches, train_features, train_labels, num_classes, bf16=bf16,
-                        channels_last=cuda, k=args.knn_k, sigma=args.knn_sigma)
+        count = len(run.train_labels)
+        batches = run.pipeline.eval_batches('train', world.shard(count))
+        features, _ = embed(model, progress(batches, desc='embed train', enabled=show), bf16,
+                            cuda)
+        train_features = world.gather_rows(features, count)
+    count = run.pipeline.num_test
+    batches = run.pipeline.eval_batches('test', world.shard(count))
+    test_features, test_targets = embed(model, progress(batches, desc='embed test',
+                                                        enabled=show), bf16, cuda)
+    correct = knn_correct(test_features, test_targets, train_features, run.train_labels,
+                          run.num_classes, args.knn_k, args.knn_sigma)
+    top1, top5 = (world.sum(correct) / count).tolist()
+    return top1, top5
 
 
-def discover_anchors(anchors, bank, round_index, train_labels, log):
+def discover_anchors(run, round_index):
+    """This round's anchors, found on rank 0 and copied to the others."""
     start = time.time()
-    consistency = 100 * float(anchors.update(round_index, bank.memory, bank.temperature,
-                                             train_labels))
-    seconds = time.time() - start
-    log.line(f'round {round_index}: {anchors.num_anchors} anchors '
-             f'({100 * anchors.num_anchors / anchors.num_entries:.1f}% of '
-             f'{anchors.num_entries}), label consistency of (anchor, neighbour) pairs '
-             f'{consistency:.2f}% ({seconds:.1f} s)')
-    log.round(dict(round=round_index, anchors=anchors.num_anchors, consistency=consistency,
-                   seconds=seconds), entropy=anchors.entropy)
+    if run.world.main:
+        run.anchors.update(round_index, run.bank.memory, run.bank.temperature, run.train_labels)
+    broadcast_anchors(run.anchors, round_index, run.world)
+    consistency, seconds = 100 * float(run.anchors.consistency), time.time() - start
+    n, count = run.anchors.num_entries, run.anchors.num_anchors
+    run.log.line(f'round {round_index}: {count} anchors ({100 * count / n:.1f}% of {n}), label '
+                 f'consistency of (anchor, neighbour) pairs {consistency:.2f}% ({seconds:.1f} s)')
+    run.log.round(dict(round=round_index, anchors=count, consistency=consistency,
+                       seconds=seconds), entropy=run.anchors.entropy)
 
 
-def save_checkpoints(args, net, bank, anchors, optimizer, progress, is_best):
-    """last.t7 after every epoch (to continue from), ckpt.t7 when the kNN is the best yet."""
-    round_index, epoch, acc = progress['round'], progress['epoch'], progress['acc']
-    state = ckpt.model_state(net, bank, anchors, acc, round_index, epoch)
+def save_checkpoints(run, is_best, next_position):
+    """last.t7 (to continue from `next_position`), and ckpt.t7 when the kNN is the best yet.
+    Rank 0 only; every write is atomic."""
+    if not run.world.main:
+        return
+    args, status = run.args, run.status
+    state = ckpt.model_state(run.model, run.bank, run.anchors, status['acc'], status['round'],
+                             status['epoch'])
     state['config'] = {k: v for k, v in vars(args).items() if k != 'given'}
     if is_best:
         ckpt.save_atomic(state, os.path.join(args.model_dir, 'ckpt.t7'))
-    next_round, next_epoch = (round_index, epoch + 1) if epoch + 1 < args.epochs \
-        else (round_index + 1, 0)
-    state.update(optimizer=optimizer.state_dict(), rng=ckpt.rng_state(),
-                 next={'round': next_round, 'epoch': next_epoch},
-                 best={k: progress[f'best_{k}'] for k in ('acc', 'round', 'epoch')})
+    state.update(optimizer=run.optimizer.state_dict(), rng=ckpt.rng_state(), next=next_position,
+                 best={k: status[f'best_{k}'] for k in ('acc', 'round', 'epoch')})
     ckpt.save_atomic(state, os.path.join(args.model_dir, 'last.t7'))
 
 
-def test_only(args, evaluate_now, state):
-    top1, top5 = evaluate_now()
-    where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
-    print(f'kNN accuracy of {args.resume} ({where}): top-1 {100 * top1:.2f}% '
-          f'top-5 {100 * top5:.2f}%')
-
-
-def restore_progress(state, optimizer):
-    """Where a resumed run continues, and its best so far; fresh runs start at (0, 0)."""
+def restore_progress(run, state):
+    """Where a resumed run continues (round, epoch, and step within it after a stop signal),
+    and its best so far; fresh runs start at (0, 0, 0)."""
     # best_acc starts below any accuracy, so the first epoch always writes ckpt.t7
-    status = dict(round=0, epoch=0, acc=0.0, best_acc=-1.0, best_round=-1, best_epoch=-1)
-    if state is None:
-        return status
-    if 'optimizer' in state:
-        optimizer.load_state_dict(state['optimizer'])
-        ckpt.set_rng_state(state.get('rng'))
-    nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
-    best = state.get('best', {'acc': state['acc'], 'round': state['round'],
-                              'epoch': state['epoch']})
-    status.update(round=nxt['round'], epoch=nxt['epoch'],
-                  **{f'best_{k}': v for k, v in best.items()})
-    print(f"resuming at round {status['round']} epoch {status['epoch']} "
-          f"(best so far {100 * status['best_acc']:.2f}%)")
+    status = dict(round=0, epoch=0, step=0, loss_sums=None, acc=0.0, best_acc=-1.0,
+                  best_round=-1, best_epoch=-1)
+    if state is not None:
+        if 'optimizer' in state:
+            run.optimizer.load_state_dict(state['optimizer'])
+            ckpt.set_rng_state(state.get('rng'))
+        nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
+        best = state.get('best', {'acc': state['acc'], 'round': state['round'],
+                                  'epoch': state['epoch']})
+        status.update(nxt, acc=state['acc'], **{f'best_{k}': v for k, v in best.items()})
+        where = f" step {status['step']}" if status['step'] else ''
+        run.log.line(f"resuming at round {status['round']} epoch {status['epoch']}{where} "
+                     f"(best so far {100 * status['best_acc']:.2f}%)", always=True)
     return status
 
 
@@ -277,101 +310,160 @@ def epoch_line(args, record):
             f"best {record['best_top1']:.2f}% | {record['seconds']:.1f} s")
 
 
-def train_rounds(args, trainer, pipeline, train_labels, evaluate_now, save, status, log):
-    """The rounds and epochs: anchors at each round's start, then per epoch train, evaluate,
-    save, report. Returns False when --stop-after ended the run early."""
+def train_epoch(run, round_index, epoch, stop):
+    """Train one epoch (from the resumed step if any); None when a stop signal ended it early
+    (last.t7 then holds the step to continue from), else the epoch's record."""
+    args, status = run.args, run.status
+    start = time.time()
+    first_step, sums = status.pop('step', 0), status.pop('loss_sums', None)
+    lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
+    set_learning_rate(run.optimizer, lr)
+    steps = run.pipeline.steps_per_epoch
+    batches = progress(run.pipeline.train_batches(round_index, epoch, first_step),
+                       total=steps - first_step, desc=f'round {round_index} epoch {epoch}',
+                       enabled=not args.quiet and run.world.main)
+    try:
+        result = run.trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY, first_step, sums,
+                                         stop)
+    except NonFiniteLoss as bad:
+        raise UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch '
+                        f'{epoch} step {bad.step}: stopped; {args.model_dir}/last.t7 still '
+                        f'holds the last good epoch (round {status["round"]} epoch '
+                        f'{status["epoch"]}); a lower --lr may help') from None
+    if result.stopped:
+        status.update(round=round_index, epoch=epoch)
+        save_checkpoints(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
+                                          loss_sums=result.sums))
+        run.log.line(f'stopped by {stop.name} at round {round_index} epoch {epoch} step '
+                     f'{result.steps}: last.t7 written; continue with --resume last.t7',
+                     always=True)
+        return None
+    top1, top5 = evaluate(run)
+    is_best = top1 > status['best_acc']
+    status.update(round=round_index, epoch=epoch, acc=top1)
+    if is_best:
+        status.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
+    following = (round_index, epoch + 1) if epoch + 1 < args.epochs else (round_index + 1, 0)
+    save_checkpoints(run, is_best, dict(round=following[0], epoch=following[1], step=0))
+    global_epoch = round_index * args.epochs + epoch
+    run.log.steps(global_epoch * steps, result.samples, lr)
+    return dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
+                ue_weight=weight, loss=result.losses, knn_top1=100 * top1, knn_top5=100 * top5,
+                best_top1=100 * status['best_acc'], seconds=time.time() - start)
+
+
+def train_rounds(run, stop):
+    """The rounds and epochs: anchors at each round's start, then train, evaluate, save and
+    report every epoch. Returns False when a stop signal or --stop-after ended it early."""
+    args, status = run.args, run.status
     epochs_run = 0
-    steps = pipeline.steps_per_epoch
     for round_index in range(status['round'], args.rounds):
         first_epoch = status['epoch'] if round_index == status['round'] else 0
-        if round_index > 0 and first_epoch == 0 and trainer.anchors is not None:
-            discover_anchors(trainer.anchors, trainer.bank, round_index, train_labels, log)
+        resuming_mid_epoch = round_index == status['round'] and status.get('step', 0) > 0
+        if round_index > 0 and first_epoch == 0 and not resuming_mid_epoch \
+                and run.anchors is not None:
+            discover_anchors(run, round_index)
         for epoch in range(first_epoch, args.epochs):
-            start = time.time()
-            lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
-            set_learning_rate(trainer.optimizer, lr)
-            batches = progress(pipeline.train_batches(round_index, epoch), total=steps,
-                               desc=f'round {round_index} epoch {epoch}', enabled=not args.quiet)
-            losses, _, samples = trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY)
-            top1, top5 = evaluate_now()
-            is_best = top1 > status['best_acc']
-            status.update(round=round_index, epoch=epoch, acc=top1)
-            if is_best:
-                status.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
-            save(status, is_best)
-            global_epoch = round_index * args.epochs + epoch
-            record = dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
-                          ue_weight=weight, loss=losses, knn_top1=100 * top1,
-                          knn_top5=100 * top5, best_top1=100 * status['best_acc'],
-                          seconds=time.time() - start)
-            log.steps(global_epoch * steps, samples, lr)
-            log.epoch(record)
-            log.line(epoch_line(args, record))
+            record = train_epoch(run, round_index, epoch, stop)
+            if record is None:
+                return False
+            run.log.epoch(record)
+            run.log.line(epoch_line(args, record))
             epochs_run += 1
             if args.stop_after and epochs_run >= args.stop_after:
-                log.line(f'stopping after {epochs_run} epochs (--stop-after); continue with '
-                         f'--resume last.t7', always=True)
+                run.log.line(f'stopping after {epochs_run} epochs (--stop-after); continue '
+                             f'with --resume last.t7', always=True)
                 return False
     return True
 
 
+def test_only(run, state):
+    top1, top5 = evaluate(run)
+    where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
+    run.log.line(f'kNN accuracy of {run.args.resume} ({where}): top-1 {100 * top1:.2f}% '
+                 f'top-5 {100 * top5:.2f}%', always=True)
+
+
 # ----------------------------------------------------------------------------- the run
-def run(args):
-    device = choose_device(args)
+def setup(args, world):
+    """Everything a run needs, built (and restored from --resume) in the same way on every
+    process: the Run, and the checkpoint it was resumed from (or None)."""
+    say = print if world.main else (lambda *a, **k: None)
+    device = choose_device(args, world)
     state, path = None, None
     if args.resume:
         path = ckpt.resolve_path(args.model_dir, args.resume)
         state = ckpt.load(path)
-        adopt_checkpoint_config(args, state)
-    from_recipe = resolve(args)
-    print(describe(args, from_recipe))
+        adopt_checkpoint_config(args, state, say)
+    say(describe(args, resolve(args)))
     train, test = load_data(args)
     mean, std = normalisation(args, train)
-    print(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
-          f'classes, from {train.source}; {args.image_size} px, mean {mean} std {std}')
+    say(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
+        f'classes, from {train.source}; {args.image_size} px, mean {mean} std {std}')
     net, bank, anchors = build_model(args, len(train), device)
-    train_labels = torch.from_numpy(train.targets).to(device)
-    num_classes = len(train.classes)
     if state is not None:
         ckpt.restore_model(state, path, net, bank, anchors)
-    pipeline = build_pipeline(args, train, test, device, mean, std)
+    pipeline = build_pipeline(args, train, test, device, mean, std, world)
+    run = Run(args, world, distribute(args, net, world), bank, anchors, pipeline,
+              torch.from_numpy(train.targets).to(device), len(train.classes))
+    return run, state
 
-    def evaluate_now():
-        return evaluate(args, net, bank, pipeline, train_labels, num_classes)
-    if args.test_only:
-        return test_only(args, evaluate_now, state)
 
-    os.makedirs(args.model_dir, exist_ok=True)
-    optimizer = build_optimizer(args, net)
-    status = restore_progress(state, optimizer)
-    trainer = build_trainer(args, net, bank, anchors, optimizer)
+def train(run, state):
+    args, world = run.args, run.world
+    problem = None
+    if world.main:      # checked once, but every rank stops if it fails
+        try:
+            ckpt.prepare_model_dir(args.model_dir,
+                                   3 * ckpt.estimated_size(run.model, run.bank, run.anchors))
+        except UserError as err:
+            problem = str(err)
+    problem = world.share(problem)
+    if problem:
+        raise UserError(problem)
+    run.optimizer = build_optimizer(args, run.net)
+    run.trainer = build_trainer(args, run.net, run.bank, run.anchors, run.optimizer, world)
     args.name = args.name or (f'{args.method}-{args.dataset}-{args.network}-'
                               f'{time.strftime("%Y%m%d-%H%M%S")}')
-    log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet)
-    print(f'training {args.network} on {args.dataset} ({device.type}, {args.pipeline} pipeline, '
-          f'{args.precision}, compile {args.compile}): {args.rounds} rounds x {args.epochs} '
-          f'epochs, {pipeline.steps_per_epoch} steps of {args.batch_size} images; logs in '
-          f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
-                                           if log.writer is not None else ''))
-
-    def save(status, is_best):
-        save_checkpoints(args, net, bank, anchors, optimizer, status, is_best)
-    finished = train_rounds(args, trainer, pipeline, train_labels, evaluate_now, save, status,
-                            log)
-    log.close()
+    run.log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet,
+                     enabled=world.main)
+    run.status = restore_progress(run, state)
+    where = f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
+                                             if run.log.writer is not None else '')
+    run.log.line(f'training {args.network} on {args.dataset} ({run.pipeline.device}, '
+                 f'{world.size} process{"es" if world.size > 1 else ""}, {args.pipeline} '
+                 f'pipeline, {args.precision}, compile {args.compile}): {args.rounds} rounds x '
+                 f'{args.epochs} epochs, {run.pipeline.steps_per_epoch} steps of '
+                 f'{args.batch_size} images; logs in {where}', always=True)
+    with StopSignals() as stop:
+        finished = train_rounds(run, stop)
+    run.log.close()
+    status = run.status
     if finished:
-        print(f"done: best kNN top-1 {100 * status['best_acc']:.2f}% (round "
-              f"{status['best_round']} epoch {status['best_epoch']}, best-on-test as "
-              f"released), final {100 * status['acc']:.2f}%")
+        run.log.line(f"done: best kNN top-1 {100 * status['best_acc']:.2f}% (round "
+                     f"{status['best_round']} epoch {status['best_epoch']}, best-on-test as "
+                     f"released), final {100 * status['acc']:.2f}%", always=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    world = None
     try:
-        run(args)
+        world = init_world(args.device)
+        run, state = setup(args, world)
+        if args.test_only:
+            run.log = RunLog(args.model_dir, args.log_dir, '', tensorboard=False,
+                             enabled=world.main)
+            test_only(run, state)
+        else:
+            train(run, state)
     except (UserError, datasets.DataError) as err:
-        print(f'error: {err}', file=sys.stderr)
+        if world is None or world.main:
+            print(f'error: {err}', file=sys.stderr)
         return 2
+    finally:
+        if world is not None:
+            close_world(world)
     return 0
 
 

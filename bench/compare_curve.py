@@ -3,17 +3,14 @@
     python bench/compare_curve.py run.log [--round 0]
 """
 import argparse
+import os
 import re
+import sys
 
-# SPEC 8: kNN top-1 % of the released run (CIFAR-10, ResNet18) by (round, epoch-in-round).
-PUBLISHED_EPOCHS = (0, 4, 9, 19, 39, 79, 119, 159, 199)
-PUBLISHED = {
-    0: (25.80, 42.07, 48.73, 62.79, 69.64, 77.12, 79.68, 83.55, 84.54),
-    1: (81.44, 81.40, 81.78, 80.39, 80.38, 82.85, 82.82, 86.78, 87.15),
-    2: (84.10, 83.40, 84.29, 84.50, 84.08, 82.92, 84.72, 87.55, 88.26),
-    3: (83.62, 85.59, 85.36, 85.64, 84.70, 85.54, 84.20, 87.97, 88.83),
-    4: (84.94, 85.98, 85.29, 85.19, 86.14, 86.57, 86.27, 88.64, 89.03),
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib.config import PUBLISHED_EPOCHS, PUBLISHED_TOP1  # noqa: E402
+
 LINE = re.compile(r'round (\d+) epoch\s+(\d+)/\d+ .*kNN top-1 ([\d.]+)% .*\| ([\d.]+) s$')
 
 
@@ -31,7 +28,7 @@ def main():
                 seconds.append(float(m.group(4)))
     print(f'| round {args.round} epoch | published kNN % | ours | difference |')
     print('|---|---|---|---|')
-    for epoch, published in zip(PUBLISHED_EPOCHS, PUBLISHED[args.round]):
+    for epoch, published in zip(PUBLISHED_EPOCHS, PUBLISHED_TOP1[args.round]):
         if epoch in ours:
             print(f'| {epoch} | {published:.2f} | {ours[epoch]:.2f} | '
                   f'{ours[epoch] - published:+.2f} |')

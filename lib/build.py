@@ -29,11 +29,14 @@ def default_options(**overrides):
                               **overrides})
 
 
-def choose_device(opts):
-    """The device, with the choices `auto` leaves to it (pipeline, precision, compile)."""
+def choose_device(opts, world=None):
+    """The device (this rank's GPU), with the choices `auto` leaves to it (pipeline,
+    precision, compile)."""
     if opts.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda, but no CUDA device is available')
-    device = torch.device('cuda' if opts.device != 'cpu' and torch.cuda.is_available() else 'cpu')
+    cuda_index = world.local_rank if world is not None else 0
+    device = torch.device(f'cuda:{cuda_index}' if opts.device != 'cpu'
+                          and torch.cuda.is_available() else 'cpu')
     cuda = device.type == 'cuda'
     if opts.pipeline == 'auto':
         opts.pipeline = 'gpu' if cuda else 'cpu'
@@ -80,10 +83,13 @@ def build_model(opts, num_train, device):
     return net, bank, anchors
 
 
-def build_pipeline(opts, train, test, device, mean, std):
+def build_pipeline(opts, train, test, device, mean, std, world=None):
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    if opts.batch_size % size:
+        raise UserError(f'--batch_size {opts.batch_size} does not split over {size} processes')
     common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=opts.image_size,
                   views=opts.views, batch_size=opts.batch_size, device=device, seed=opts.seed,
-                  flip=opts.flip)
+                  flip=opts.flip, rank=rank, world_size=size)
     if opts.pipeline == 'gpu':
         return TensorPipeline(compile_mode=opts.compile, **common)
     return LoaderPipeline(workers=opts.workers, **common)
@@ -98,13 +104,26 @@ def build_optimizer(opts, net):
                            fused=cuda or None)   # one kernel for all parameters on CUDA
 
 
-def build_trainer(opts, net, bank, anchors, optimizer):
+def distribute(opts, net, world):
+    """DistributedDataParallel over the world's processes (--sync-bn: BatchNorm statistics of
+    the global batch); the network itself for a single process."""
+    if world.size == 1:
+        return net
+    from .distributed import sync_batchnorm
+    cuda = next(net.parameters()).device.type == 'cuda'
+    if opts.sync_bn:
+        net = sync_batchnorm(net, cuda)
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[world.local_rank] if cuda else None)
+
+
+def build_trainer(opts, net, bank, anchors, optimizer, world=None):
     objective = Objective(views=opts.views, bank_loss=opts.bank, aug_loss=opts.aug_loss,
                           aug_input=opts.aug_input, ue_loss=opts.ue_loss, batch_t=opts.batch_t,
                           batch_m=opts.batch_m)
     cuda = next(net.parameters()).device.type == 'cuda'
     return Trainer(net, bank, anchors, optimizer, objective, precision=opts.precision,
-                   channels_last=cuda, compile_mode=opts.compile)
+                   channels_last=cuda, compile_mode=opts.compile, world=world)
 
 
 @dataclass

@@ -7,6 +7,8 @@ temporary file that is then renamed over the old one: a run killed mid-write lea
 previous checkpoint intact.
 """
 import os
+import re
+import shutil
 
 import torch
 
@@ -110,3 +112,34 @@ def set_rng_state(state):
         torch.set_rng_state(state['torch'])
     if state and 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def estimated_size(net, bank, anchors):
+    """Bytes of a last.t7: the network, one SGD momentum buffer per weight, bank, anchors."""
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    extra = sum(t.numel() * t.element_size() for module in (bank, anchors) if module is not None
+                for t in module.state_dict().values())
+    return weights + trainable + extra
+
+
+def prepare_model_dir(model_dir, needed_bytes):
+    """Create `model_dir`, check that it can be written and holds `needed_bytes` more, and
+    remove temporaries a killed run left behind: at start-up, not after hours of training."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        probe = os.path.join(model_dir, f'.write-test-{os.getpid()}')
+        with open(probe, 'wb') as f:
+            f.write(b'0')
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f'--model_dir {model_dir} cannot be written: '
+                        f'{err.strerror or err}') from None
+    free = shutil.disk_usage(model_dir).free
+    if free < needed_bytes:
+        raise UserError(f'--model_dir {model_dir} has {free / 2**20:.0f} MiB free, but the '
+                        f'checkpoints need about {needed_bytes / 2**20:.0f} MiB (last.t7, '
+                        f'ckpt.t7 and a temporary copy while writing)')
+    for name in os.listdir(model_dir):
+        if re.fullmatch(r'.+\.t7\.tmp\d+', name):
+            os.remove(os.path.join(model_dir, name))

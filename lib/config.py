@@ -44,6 +44,7 @@ RUN_DEFAULTS = dict(
     knn_k=200,                  # kNN neighbours voting (SPEC 7)
     knn_sigma=0.1,              # kNN vote weight exp(similarity / sigma) (SPEC 7)
     knn_features='bank',        # kNN training side: the bank (as released) or recomputed
+    sync_bn=False,              # BatchNorm statistics over the global batch of all processes
     resume='', test_only=False, stop_after=None,
 )
 
@@ -59,6 +60,8 @@ UE_SELF_LOGIT = -10.0           # own-index logit before the UE entropy (SPEC 5.
 KNN_K = RUN_DEFAULTS['knn_k']
 KNN_SIGMA = RUN_DEFAULTS['knn_sigma']
 TRAIN_LOG_EVERY = 50            # training steps between sampled loss records (TensorBoard)
+CHECK_EVERY = 20                # steps between the reads that catch a NaN loss or (across
+                                # ranks) a stop request: one small device sync, not one per step
 
 # Data constants (crop, jitter, mean/std: SPEC 2) live with the transforms, in
 # datasets/transforms.py.
@@ -68,3 +71,15 @@ EVAL_BATCH_GPU = 1000           # evaluation batch of the GPU pipeline (fewer la
 # Work sizes that bound memory, not results.
 CHUNK_FLOATS = 2 ** 27          # elements of one rows x N chunk of similarities or logits (512 MB
                                 # float32): N x N work (kNN, entropy, neighbours) never exceeds it
+
+# The released run's kNN top-1 % (SPEC 8, CIFAR-10, ResNet18), by round (rows) at these epochs
+# of each 200-epoch round: the reference curve of bench/compare_curve.py and lib.visualize.
+PUBLISHED_EPOCHS = (0, 4, 9, 19, 39, 79, 119, 159, 199)
+PUBLISHED_EPOCHS_PER_ROUND = 200
+PUBLISHED_TOP1 = (
+    (25.80, 42.07, 48.73, 62.79, 69.64, 77.12, 79.68, 83.55, 84.54),
+    (81.44, 81.40, 81.78, 80.39, 80.38, 82.85, 82.82, 86.78, 87.15),
+    (84.10, 83.40, 84.29, 84.50, 84.08, 82.92, 84.72, 87.55, 88.26),
+    (83.62, 85.59, 85.36, 85.64, 84.70, 85.54, 84.20, 87.97, 88.83),
+    (84.94, 85.98, 85.29, 85.19, 86.14, 86.57, 86.27, 88.64, 89.03),
+)

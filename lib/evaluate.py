@@ -23,15 +23,24 @@ def embed(net, batches, bf16=False, channels_last=False):
 
 
 @torch.no_grad()
-def knn_accuracy(test_features, test_targets, train_features, train_labels, num_classes,
-                 k=KNN_K, sigma=KNN_SIGMA):
-    """Weighted-kNN top-1 and top-5 accuracy (fractions in [0, 1]) of test embeddings."""
+def knn_correct(test_features, test_targets, train_features, train_labels, num_classes,
+                k=KNN_K, sigma=KNN_SIGMA):
+    """Numbers of test rows right at top-1 and at top-5 (a 2-vector on the device), the
+    Q x N similarities taken in chunks of at most CHUNK_FLOATS."""
     correct = torch.zeros(2, device=test_features.device)
     chunk = max(1, CHUNK_FLOATS // max(train_features.shape[0], 1))
     for start in range(0, test_features.shape[0], chunk):
         scores = knn_scores(test_features[start:start + chunk], train_features,
                             train_labels, num_classes, k, sigma)
         correct += torch.stack(topk_correct(scores, test_targets[start:start + chunk]))
+    return correct
+
+
+def knn_accuracy(test_features, test_targets, train_features, train_labels, num_classes,
+                 k=KNN_K, sigma=KNN_SIGMA):
+    """Weighted-kNN top-1 and top-5 accuracy (fractions in [0, 1]) of test embeddings."""
+    correct = knn_correct(test_features, test_targets, train_features, train_labels,
+                          num_classes, k, sigma)
     top1, top5 = (correct / max(test_features.shape[0], 1)).tolist()
     return top1, top5
 

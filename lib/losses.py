@@ -26,31 +26,37 @@ def and_loss(logits, targets, neighbours):
     return (torch.logsumexp(logits, 1) - torch.logsumexp(picked, 1)).mean()
 
 
-def augmentation_loss(rows, temperature, negative_weight=1.0):
+def augmentation_loss(rows, temperature, negative_weight=1.0, keys=None, positions=None):
     """Augmentation-invariance loss: instance discrimination inside the batch (SPEC 5.2).
 
     The in-batch criterion of Ye et al. 2019 (ISIF), which Super-AND applies to the
     L2-normalised *bank-logit rows* (rows: R x N, as released) or, as an option, to the
-    embeddings (rows: R x D). R = 2B; row i's positive is the other view of its image.
-    With s_ij = exp(x_i . x_j / t) for j != i (s_ii = 0) and Z_i = sum_j s_ij:
+    embeddings (rows: R x D). R = 2B, view-major; row i's positive is the other view of its
+    image, row (i + B) mod 2B. With s_ij = exp(x_i . x_j / t) for j != i (s_ii = 0) and
+    Z_i = sum_j s_ij:
         loss = -( sum_i log(s_ip / Z_i) + m * sum_i sum_{j != i, p} log(1 - s_ij / Z_i) ) / R.
-    The second operand of every dot product is detached, so gradients reach x_i only.
+    The second operand of every dot product is detached, so gradients reach x_i only, and the
+    loss is a sum of per-row terms: a process holding only some rows of a batch split over
+    several passes them as `rows` (r x M), the whole batch as `keys` (R x M, no gradient) and
+    each row's place in it as `positions` (r); it gets the mean over its own rows.
     `negative_weight` m is the released `batch_m` (1 by default, Z then unchanged).
     """
     x = F.normalize(rows, dim=1)
-    n = x.shape[0]
-    arange = torch.arange(n, device=x.device)
-    partner = (arange + n // 2) % n
-    is_self = torch.eye(n, dtype=torch.bool, device=x.device)
-    is_partner = is_self[partner]
-    s = torch.exp(x @ x.detach().t() / temperature).masked_fill(is_self, 0.0)     # R x R
-    positive = s[arange, partner]                                                  # R
+    k = x.detach() if keys is None else F.normalize(keys.detach(), dim=1)
+    n = k.shape[0]
+    if positions is None:
+        positions = torch.arange(x.shape[0], device=x.device)
+    columns = torch.arange(n, device=x.device)
+    is_self = positions[:, None] == columns                                       # r x R
+    is_partner = ((positions + n // 2) % n)[:, None] == columns
+    s = torch.exp(x @ k.t() / temperature).masked_fill(is_self, 0.0)              # r x R
+    positive = (s * is_partner).sum(1)                                             # r
     z = s.sum(1)
     if negative_weight != 1.0:
         z = (z - positive) * negative_weight + positive
     # Zero the partner *before* the log, so its log1p(0) = 0 has a finite gradient.
-    negatives = torch.log1p(-s.masked_fill(is_partner, 0.0) / z[:, None])         # R x R
-    return -(torch.log(positive / z).sum() + negative_weight * negatives.sum()) / n
+    negatives = torch.log1p(-s.masked_fill(is_partner, 0.0) / z[:, None])         # r x R
+    return -(torch.log(positive / z).sum() + negative_weight * negatives.sum()) / x.shape[0]
 
 
 def ue_loss(logits, targets):

@@ -102,10 +102,10 @@ class ANsDiscovery(nn.Module):
         if labels is not None and num > 0:
             same = labels[anchors][:, None] == labels[self.neighbours]
             self.consistency = same.float().mean()
-        self._fill_neighbour_table()
+        self.fill_neighbour_table()
         return self.consistency
 
-    def _fill_neighbour_table(self):
+    def fill_neighbour_table(self):
         # In place where the shape allows: a captured CUDA graph keeps reading this tensor.
         shape = (self.num_entries, self.ans_size)
         if tuple(self.neighbour_table.shape) != shape:
@@ -124,4 +124,4 @@ class ANsDiscovery(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.neighbours.dim() == 2 and self.num_anchors:
             self.ans_size = self.neighbours.shape[1]
-        self._fill_neighbour_table()
+        self.fill_neighbour_table()

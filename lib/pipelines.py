@@ -34,14 +34,22 @@ def epoch_order(num_images, batch_size, seed, round_index, epoch):
     return order[:steps * batch_size].view(steps, batch_size)
 
 
+def rank_slice(batch_size, rank, world_size):
+    """This rank's share of every global batch of `batch_size` images."""
+    local = batch_size // world_size
+    return slice(rank * local, (rank + 1) * local)
+
+
 class LoaderPipeline:
     def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
-                 workers, device, seed, flip=True, color=True):
+                 workers, device, seed, flip=True, color=True, rank=0, world_size=1):
         self.train_set, self.test_set = train_set, test_set
         self.views, self.batch_size, self.workers = views, batch_size, workers
+        self.share = rank_slice(batch_size, rank, world_size)
         self.device, self.seed = torch.device(device), seed
         self.augmented = AugmentedViews(train_set, train_transform(mean, std, image_size, flip,
                                                                    color), views)
+        self.num_test = len(test_set)
         self.eval_transform = test_transform(mean, std, image_size)
 
     @property
@@ -62,15 +70,19 @@ class LoaderPipeline:
         # seeds taken from the loader's generator: seeding both makes each epoch repeatable.
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        loader = self._loader(self.augmented, order[start_step:].tolist(), generator)
+        loader = self._loader(self.augmented, order[start_step:, self.share].tolist(), generator)
         for batch in loader:
             views = torch.cat(batch[:self.views]).to(self.device, non_blocking=True)
             yield views, batch[-1].to(self.device, non_blocking=True)
 
-    def eval_batches(self, split='test'):
-        """(images, targets) of a split through the test transform, in dataset order."""
+    def eval_batches(self, split='test', shard=None):
+        """(images, targets) of a split through the test transform, in dataset order; only
+        the images [start, stop) with `shard`."""
         image_set = self.test_set if split == 'test' else self.train_set
-        for images, targets, _ in self._loader(Plain(image_set, self.eval_transform)):
+        dataset = Plain(image_set, self.eval_transform)
+        if shard is not None:
+            dataset = torch.utils.data.Subset(dataset, range(*shard))
+        for images, targets, _ in self._loader(dataset):
             yield images.to(self.device, non_blocking=True), targets.to(self.device)
 
 
@@ -78,11 +90,13 @@ class TensorPipeline:
     """The training set as one uint8 tensor on the device, augmented there in batches."""
 
     def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
-                 device, seed, flip=True, color=True, compile_mode='none'):
+                 device, seed, flip=True, color=True, compile_mode='none', rank=0,
+                 world_size=1):
         from .augment import NUM_UNIFORMS, BatchAugment
         self.device, self.seed = torch.device(device), seed
         self.views, self.batch_size = views, batch_size
-        self.num_train = len(train_set)
+        self.share = rank_slice(batch_size, rank, world_size)
+        self.num_train, self.num_test = len(train_set), len(test_set)
         self.train_images = self._to_device(train_set)          # N x 3 x H x W uint8
         self.test_images = self._to_device(test_set)
         self.train_targets = torch.from_numpy(train_set.targets).to(self.device)
@@ -107,7 +121,8 @@ class TensorPipeline:
         return self.num_train // self.batch_size
 
     def epoch_uniforms(self, round_index, epoch):
-        """All random numbers of an epoch in one draw: steps x views x B x NUM_UNIFORMS."""
+        """All random numbers of an epoch in one draw: steps x views x B x NUM_UNIFORMS (the
+        global batch: every rank draws the same and takes its share)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(epoch_seed(self.seed, round_index, epoch) ^ 0x5A17)
         shape = (self.steps_per_epoch, self.views, self.batch_size, self.num_uniforms)
@@ -118,15 +133,19 @@ class TensorPipeline:
         order = order.to(self.device)
         uniforms = self.epoch_uniforms(round_index, epoch)
         for step in range(start_step, order.shape[0]):
-            indexes = order[step]
+            indexes = order[step, self.share]
             images = self.train_images[indexes]
-            views = torch.cat([self.augment(images, uniforms[step, v]) for v in range(self.views)])
+            views = torch.cat([self.augment(images, uniforms[step, v, self.share])
+                               for v in range(self.views)])
             yield views, indexes
 
-    def eval_batches(self, split='test'):
-        """(images, targets) of a split, normalised (the test transform of 32 px images)."""
+    def eval_batches(self, split='test', shard=None):
+        """(images, targets) of a split, normalised (they are stored test-transformed); only
+        the images [start, stop) with `shard`."""
         images = self.test_images if split == 'test' else self.train_images
         targets = self.test_targets if split == 'test' else self.train_targets
+        if shard is not None:
+            images, targets = images[shard[0]:shard[1]], targets[shard[0]:shard[1]]
         for start in range(0, images.shape[0], self.eval_batch):
             batch = images[start:start + self.eval_batch].float().div_(255)
             yield (batch - self.mean) / self.std, targets[start:start + self.eval_batch]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import CHECK_EVERY
 from .losses import and_loss, augmentation_loss, ue_loss
 
 LOSS_NAMES = ('and', 'aug', 'ue')
@@ -25,24 +26,50 @@ class Objective:
     batch_m: float = 1.0           # weight of its negative terms
 
 
-def step_losses(features, indexes, bank, neighbour_table, objective, ue_weight):
-    """The step's total loss and its parts [AND, augmentation, UE] (a 3-vector, unweighted).
+def step_losses(features, indexes, bank, neighbour_table, objective, ue_weight,
+                batch_features=None, positions=None):
+    """The step's total loss and its parts [AND, augmentation, UE] (a 3-vector, unweighted),
+    each the mean over this process's rows.
 
-    features: V*B x D (view-major); indexes: B; neighbour_table: N x K (-1 = none).
+    features: V*b x D (view-major) of this process's b images `indexes`; neighbour_table:
+    N x K (-1 = none). When the global batch is split over processes, `batch_features`
+    (V*B x D, detached) is the whole batch and `positions` (V*b) the global row of each local
+    row: the augmentation loss compares every local row with the whole batch.
     """
-    targets = indexes.repeat(objective.views)                                      # V*B
+    targets = indexes.repeat(objective.views)                                      # V*b
     zero = features.new_zeros(())
     parts = [zero, zero, zero]
-    logits = bank.logits(features) if bank is not None else None                    # V*B x N
+    logits = bank.logits(features) if bank is not None else None                    # V*b x N
     if objective.bank_loss:
         parts[0] = and_loss(logits, targets, neighbour_table[targets])
     if objective.aug_loss:
-        rows = logits if objective.aug_input == 'logits' else features
-        parts[1] = augmentation_loss(rows, objective.batch_t, objective.batch_m)
+        if objective.aug_input == 'logits':
+            rows = logits
+            keys = None if batch_features is None else bank.logits(batch_features)
+        else:
+            rows, keys = features, batch_features
+        parts[1] = augmentation_loss(rows, objective.batch_t, objective.batch_m, keys, positions)
     if objective.ue_loss:
         parts[2] = ue_loss(logits, targets)
     total = parts[0] + parts[1] + ue_weight * parts[2]
     return total, torch.stack(parts).detach()
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss was NaN or infinite; `step` is the first such step of the epoch."""
+
+    def __init__(self, step):
+        super().__init__(f'non-finite loss at step {step}')
+        self.step = step
+
+
+@dataclass
+class EpochResult:
+    losses: dict        # mean of each loss part over the epoch's steps (all ranks)
+    steps: int          # steps done, counted from the epoch's start
+    samples: list       # (step, {part: value}) every `sample_every` steps
+    sums: list          # the summed parts, what a mid-epoch checkpoint keeps
+    stopped: bool       # a stop was requested: the epoch ends early, at `steps`
 
 
 class Trainer:
@@ -53,21 +80,25 @@ class Trainer:
     the autocast region). With `compile_mode` the forward pass and the losses are one
     `torch.compile`d graph (its backward compiled with it); 'reduce-overhead' also captures
     them as CUDA graphs, which removes the per-kernel launch cost that makes the eager step
-    launch-bound at batch 128 (SPEC 9).
+    launch-bound at batch 128 (SPEC 9). With several processes (`world`), the embeddings and
+    indexes of the step are all-gathered between the network and the losses.
     """
 
     def __init__(self, net, bank, anchors, optimizer, objective, precision='fp32',
-                 channels_last=False, compile_mode='none'):
+                 channels_last=False, compile_mode='none', world=None):
+        from .distributed import World
         self.net, self.bank, self.anchors = net, bank, anchors
         self.optimizer, self.objective = optimizer, objective
+        self.world = world or World()
         device = next(net.parameters()).device
-        self.device_type = device.type
+        self.device = device
         self.autocast = precision == 'bf16'
         self.channels_last = channels_last
         # A device tensor, so that changing the weight each epoch never recompiles the step.
         self.ue_weight = torch.zeros((), device=device)
         self.cuda_graphs = compile_mode == 'reduce-overhead' and device.type == 'cuda'
-        self._forward = self._forward_and_losses
+        self._forward, self._embed, self._losses = (self._forward_and_losses, self._embed_views,
+                                                    self._step_losses)
         if compile_mode != 'none':
             if self.cuda_graphs:
                 # The bank and the neighbour table are read in place by the captured graph.
@@ -75,54 +106,95 @@ class Trainer:
                                anchors.neighbour_table if anchors is not None else None):
                     if static is not None:
                         torch._dynamo.mark_static_address(static)
-            self._forward = torch.compile(self._forward_and_losses, mode=compile_mode,
-                                          dynamic=False)
+            compiled = lambda fn: torch.compile(fn, mode=compile_mode, dynamic=False)  # noqa: E731
+            if self.world.size == 1:
+                self._forward = compiled(self._forward_and_losses)
+            else:   # the all-gather sits between two graphs
+                self._embed, self._losses = compiled(self._embed_views), compiled(self._step_losses)
 
     def set_ue_weight(self, weight):
         self.ue_weight.fill_(weight)
 
-    def _forward_and_losses(self, views, indexes):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
-            features = self.net(views)
+    def _embed_views(self, views):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.net(views).float()
+
+    def _step_losses(self, features, indexes, batch_features=None, positions=None):
         table = self.anchors.neighbour_table if self.anchors is not None else None
-        total, parts = step_losses(features.float(), indexes, self.bank, table, self.objective,
-                                   self.ue_weight)
+        return step_losses(features, indexes, self.bank, table, self.objective, self.ue_weight,
+                           batch_features, positions)
+
+    def _forward_and_losses(self, views, indexes):
+        features = self._embed_views(views)
+        total, parts = self._step_losses(features, indexes)
         return total, parts, features.detach()
 
     def step(self, views, indexes):
-        """One SGD step on V*B views of the B images `indexes`; returns the loss parts."""
+        """One SGD step on the V*b views of this process's b images `indexes`; returns the
+        loss parts. The bank rows of the whole global batch move."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
-        total, parts, features = self._forward(views, indexes)
+        if self.world.size == 1:
+            total, parts, batch_features = self._forward(views, indexes)
+            batch_indexes = indexes
+        else:
+            features = self._embed(views)
+            views_per_image = self.objective.views
+            batch_features = self.world.gather_views(features.detach(), views_per_image)
+            batch_indexes = self.world.gather(indexes)
+            positions = self.world.global_rows(views_per_image, indexes.shape[0], self.device)
+            total, parts = self._losses(features, indexes, batch_features, positions)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         if self.bank is not None:
-            self.bank.update(features, indexes)
+            self.bank.update(batch_features, batch_indexes)
         return parts
 
-    def train_epoch(self, batches, ue_weight, sample_every=0):
-        """Run the steps of `batches`. Returns the mean of each loss part (Python floats), the
-        number of steps, and every `sample_every`-th step's parts as (step, [and, aug, ue]).
+    def train_epoch(self, batches, ue_weight, sample_every=0, first_step=0, sums=None,
+                    stop_requested=lambda: False, check_every=CHECK_EVERY):
+        """Run the steps of `batches` (the epoch from `first_step`, with the loss `sums` of
+        the steps before it when resuming mid-epoch).
 
-        Sums and samples stay on the device: the only host synchronisation is one read at the
-        end of the epoch.
+        Sums and samples stay on the device. Every `check_every` steps (and at the end) one
+        small read checks for a non-finite loss (raising NonFiniteLoss with the first bad
+        step) and, across ranks, for a stop request; a single process also honours a stop
+        request at any step boundary, which costs no device read.
         """
         self.net.train()
         self.set_ue_weight(ue_weight)
-        sums, steps, samples = None, 0, []
+        sums = torch.tensor(sums or [0.0, 0.0, 0.0], device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        step, samples, stopped = first_step, [], False
         for views, indexes in batches:
             parts = self.step(views, indexes)
-            sums = parts if sums is None else sums + parts
-            if sample_every and steps % sample_every == 0:
-                samples.append((steps, parts.clone()))
-            steps += 1
-        if sums is None:
-            return dict.fromkeys(LOSS_NAMES, 0.0), 0, []
-        means = dict(zip(LOSS_NAMES, (sums / steps).tolist()))
+            sums += parts
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts).all(), step,
+                                    first_bad)
+            if sample_every and step % sample_every == 0:
+                samples.append((step, parts.clone()))
+            step += 1
+            local_stop = self.world.size == 1 and stop_requested()
+            if local_stop or (step - first_step) % check_every == 0:
+                if self._check(first_bad, stop_requested()):
+                    stopped = True
+                    break
+        self._check(first_bad, False)
+        sums = (self.world.sum(sums) / self.world.size).tolist()
+        losses = dict(zip(LOSS_NAMES, (v / max(step, 1) for v in sums)))
         if samples:
             values = torch.stack([parts for _, parts in samples]).tolist()
-            samples = [(step, dict(zip(LOSS_NAMES, v))) for (step, _), v in zip(samples, values)]
-        return means, steps, samples
+            samples = [(s, dict(zip(LOSS_NAMES, v))) for (s, _), v in zip(samples, values)]
+        return EpochResult(losses, step, samples, sums, stopped)
+
+    def _check(self, first_bad, stop):
+        """Raise NonFiniteLoss if any rank saw one; whether any rank asked to stop."""
+        flags = torch.stack((first_bad.float(), torch.tensor(float(stop), device=self.device)))
+        if self.world.size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        if bad >= 0:
+            raise NonFiniteLoss(int(bad))
+        return stop > 0

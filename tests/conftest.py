@@ -62,3 +62,33 @@ def run_main(capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+# The flags of the runs that resume, kill and stop tests compare with an unbroken run.
+UNBROKEN_FLAGS = {'cpu': ['--rounds', '2', '--epochs', '2', '--pipeline', 'cpu'],
+                  'gpu': ['--rounds', '2', '--epochs', '2', '--pipeline', 'gpu']}
+
+
+@pytest.fixture(scope='session')
+def unbroken_run(tiny_folder, tmp_path_factory):
+    """last.t7 of a never-stopped 2 rounds x 2 epochs run, per pipeline (made once)."""
+    import main
+    made = {}
+
+    def get(pipeline):
+        if pipeline not in made:
+            model_dir = tmp_path_factory.mktemp(f'unbroken-{pipeline}')
+            assert main.main(fast_args(tiny_folder, model_dir, *UNBROKEN_FLAGS[pipeline])) == 0
+            made[pipeline] = torch.load(model_dir / 'last.t7', weights_only=True)
+        return made[pipeline]
+    return get
+
+
+def assert_same_training_state(a, b, atol=0.0):
+    """Two checkpoints hold the same bank, weights and anchors (exactly, by default)."""
+    close = (lambda x, y: torch.equal(x, y)) if atol == 0 else \
+        (lambda x, y: torch.allclose(x.float(), y.float(), atol=atol))
+    assert close(a['npc']['memory'], b['npc']['memory'])
+    for key, value in a['net'].items():
+        assert close(value, b['net'][key]), key
+    assert torch.equal(a['ANs_discovery']['anchor_indexes'], b['ANs_discovery']['anchor_indexes'])

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import fast_args, run_cli, write_image_folder
+from conftest import (UNBROKEN_FLAGS, assert_same_training_state, fast_args, run_cli,
+                      write_image_folder)
 
 
 def percent(pattern, text):
@@ -43,36 +44,29 @@ def test_checkpoint_contents(tiny_folder, tmp_path, run_main):
     assert (best['round'], best['epoch']) == (0, 0)
     last = torch.load(tmp_path / 'last.t7', weights_only=True)
     assert {'optimizer', 'rng', 'next', 'best', 'config'} <= set(last)
-    assert last['next'] == {'round': 1, 'epoch': 0}
+    assert last['next'] == {'round': 1, 'epoch': 0, 'step': 0}
     assert torch.equal(last['npc']['memory'], best['npc']['memory'])
 
 
 @pytest.mark.parametrize('pipeline, stops', [('cpu', (1, 2)), ('gpu', (1,))])
-def test_resume_equals_unbroken_run(tiny_folder, tmp_path, run_main, pipeline, stops):
+def test_resume_equals_unbroken_run(tiny_folder, tmp_path, run_main, unbroken_run, pipeline,
+                                    stops):
     """Stopped after epoch k and resumed == never stopped (bank and weights, CPU, fixed seed).
 
     k = 1 resumes inside round 0; k = 2 resumes at the start of round 1 (anchors rediscovered).
     """
-    flags = ['--rounds', '2', '--epochs', '2', '--pipeline', pipeline]
-    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'whole', *flags))
-    assert code == 0, err
-    whole = torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True)
     for stop_after in stops:
         split_dir = tmp_path / f'split{stop_after}'
-        code, out, err = run_main(*fast_args(tiny_folder, split_dir, *flags,
+        code, out, err = run_main(*fast_args(tiny_folder, split_dir, *UNBROKEN_FLAGS[pipeline],
                                              '--stop-after', stop_after))
         assert code == 0 and 'stopping after' in out, err
         code, out, err = run_main('--resume', 'last.t7', '--model_dir', split_dir,
                                   '--data-root', tiny_folder, '--workers', '0',
-                                  '--pipeline', pipeline)
+                                  '--pipeline', pipeline, '--no-tensorboard')
         assert code == 0, err
         assert f'resuming at round {stop_after // 2} epoch {stop_after % 2}' in out
         split = torch.load(split_dir / 'last.t7', weights_only=True)
-        assert torch.equal(whole['npc']['memory'], split['npc']['memory'])
-        for key, value in whole['net'].items():
-            assert torch.equal(value, split['net'][key]), key
-        assert torch.equal(whole['ANs_discovery']['anchor_indexes'],
-                           split['ANs_discovery']['anchor_indexes'])
+        assert_same_training_state(unbroken_run(pipeline), split)
 
 
 def test_released_checkpoint_layout_evaluates(tiny_folder, tmp_path, run_main):

@@ -132,3 +132,24 @@ def test_step_losses_total_and_parts():
     # The feature variant feeds the 128-d rows to the augmentation loss instead.
     _, parts_f = step_losses(features, indexes, bank, table, Objective(aug_input='features'), 0.0)
     assert abs(parts_f[1].item() - reference_aug(features.double(), 0.1).item()) < 1e-4
+
+
+def test_augmentation_loss_split_over_two_processes():
+    """Each of 2 'ranks' takes half the images (both views) and the whole batch as keys: the
+    mean of their losses, and its gradient, equal the single-process loss's."""
+    g = torch.Generator().manual_seed(11)
+    rows = torch.randn(2 * B, N, generator=g, dtype=torch.float64)
+    whole = rows.clone().requires_grad_(True)
+    want = augmentation_loss(whole, 0.1)
+    want.backward()
+    split = rows.clone().requires_grad_(True)
+    half = B // 2
+    losses = []
+    for rank in range(2):
+        positions = torch.cat([torch.arange(rank * half, (rank + 1) * half),
+                               B + torch.arange(rank * half, (rank + 1) * half)])
+        losses.append(augmentation_loss(split[positions], 0.1, keys=rows, positions=positions))
+    got = sum(losses) / 2
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-12
+    assert torch.allclose(split.grad, whole.grad, atol=1e-12)

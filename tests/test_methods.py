@@ -93,7 +93,7 @@ def test_isif_knn_uses_recomputed_features(tiny_folder, tmp_path, run_main, monk
     monkeypatch.setattr(main, 'embed', spy)
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'isif', '--epochs', '1'))
     assert code == 0, err
-    assert seen == [20]              # the 20 training images, embedded for the kNN
+    assert seen == [20, 10]          # the 20 training images re-embedded, then the 10 test
 
 
 # ----------------------------------------------------------------------------- datasets

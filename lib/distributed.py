@@ -1,0 +1,178 @@
+"""Several processes through torch.distributed, as `torchrun --nproc_per_node=G main.py` starts
+them (NCCL on GPUs, gloo on the CPU).
+
+The global batch stays `--batch_size` images: each rank takes its contiguous share of every
+global batch. The ranks all-gather the step's embeddings and indexes, so the augmentation loss
+compares each local row with the whole global batch and every rank applies the same bank update
+(`World.gather_views`); anchors are discovered once and broadcast (`broadcast_anchors`); kNN
+counts are summed over ranks. Only rank 0 prints, logs and writes checkpoints.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def shard(self, count):
+        """This rank's contiguous range [start, stop) of `count` items: equal shares, the
+        remainder to the last rank (the layout `gather_rows` undoes)."""
+        share = count // self.size
+        start = self.rank * share
+        return start, (count if self.rank == self.size - 1 else start + share)
+
+    def gather(self, tensor):
+        """Every rank's `tensor`, concatenated along dim 0 in rank order (no gradient)."""
+        if self.size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def gather_views(self, features, views):
+        """Local view-major rows (V*b x D) -> the global batch's view-major rows (V*B x D),
+        the layout a single process would have: view 1 of every rank's images, then view 2."""
+        if self.size == 1:
+            return features
+        local = features.shape[0] // views
+        gathered = self.gather(features).view(self.size, views, local, -1)
+        return gathered.transpose(0, 1).reshape(views * self.size * local, -1)
+
+    def global_rows(self, views, local, device):
+        """The global-batch row of each local row (V*b), for `gather_views`'s layout."""
+        batch = local * self.size
+        images = torch.arange(local, device=device) + self.rank * local
+        return torch.cat([v * batch + images for v in range(views)])
+
+    def sum(self, tensor):
+        """In-place sum over ranks (returns `tensor`)."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather_rows(self, tensor, count):
+        """Rows sharded with `shard(count)` (plus a remainder on the last rank) -> all rows."""
+        if self.size == 1:
+            return tensor
+        share = count // self.size
+        padded = tensor.new_zeros((count - share * (self.size - 1),) + tuple(tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        parts = self.gather(padded).view(self.size, -1, *tensor.shape[1:])
+        return torch.cat([parts[r, :share] for r in range(self.size - 1)]
+                         + [parts[-1, :count - share * (self.size - 1)]])
+
+    def share(self, obj):
+        """Rank 0's picklable `obj`, on every rank."""
+        if self.size == 1:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+
+def init_world(device_choice):
+    """The World of this process: torchrun's environment, or a single process."""
+    size = int(os.environ.get('WORLD_SIZE', '1'))
+    if size == 1:
+        return World()
+    rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
+    cuda = device_choice != 'cpu' and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return World(rank, size, local_rank)
+
+
+def close_world(world):
+    """Leave together: a rank that tears down gloo while another still talks to it aborts."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: d(sum_r L_r)/dx_r."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of every process: a
+    stand-in for torch.nn.SyncBatchNorm on the CPU (gloo), where that one does not run.
+    Gradients flow through the all-reduce of the per-channel sums."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        count = x.numel() // channels * dist.get_world_size()
+        sums = _SumOverRanks.apply(torch.cat((x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)))))
+        mean = sums[:channels] / count
+        var = sums[channels:] / count - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.mul_(1 - self.momentum).add_(mean * self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(var * (count / (count - 1))
+                                                          * self.momentum)
+        shape = (1, channels, 1, 1)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+
+
+def sync_batchnorm(net, cuda):
+    """BatchNorm statistics over the global batch: SyncBatchNorm on GPUs, else ours."""
+    if cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, module in list(net.named_children()):
+        if type(module) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm(module.num_features, module.eps, module.momentum)
+            replacement.load_state_dict(module.state_dict())
+            setattr(net, name, replacement.to(module.weight.device))
+        else:
+            sync_batchnorm(module, cuda)
+    return net
+
+
+def broadcast_anchors(anchors, round_index, world):
+    """Rank 0's anchor discovery, copied to every rank (the others computed nothing)."""
+    if world.size == 1:
+        return
+    device = anchors.position.device
+    count = anchors.anchors_in_round(round_index)
+    if not world.main:
+        anchors.anchor_indexes = torch.empty(count, dtype=torch.long, device=device)
+        anchors.instance_indexes = torch.empty(anchors.num_entries - count, dtype=torch.long,
+                                               device=device)
+        anchors.neighbours = torch.empty(count, anchors.ans_size, dtype=torch.long,
+                                         device=device)
+        anchors.entropy = torch.empty(anchors.num_entries, device=device)
+        anchors.consistency = torch.zeros((), device=device)
+    for name in ('anchor_indexes', 'instance_indexes', 'position', 'neighbours', 'entropy',
+                 'consistency'):
+        dist.broadcast(getattr(anchors, name), src=0)
+    anchors.fill_neighbour_table()

@@ -1,0 +1,143 @@
+"""Several processes (gloo on the CPU) and the faults a long run must survive."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lib.checkpoint
+import lib.train
+from conftest import (ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args)
+
+
+def start_main(*argv):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def wait_for_epochs(model_dir, count, proc, timeout=300):
+    """Block until log.jsonl holds `count` epoch records (written after last.t7 is saved)."""
+    log = model_dir / 'log.jsonl'
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if log.exists() and sum('"epoch"' in line for line in log.read_text().splitlines()
+                                if '"type": "epoch"' in line) >= count:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f'no {count} epochs in {log}')
+
+
+# ----------------------------------------------------------------------------- torchrun
+def epoch_records(model_dir):
+    return [r for r in map(json.loads, open(model_dir / 'log.jsonl')) if r['type'] == 'epoch']
+
+
+def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, run_main):
+    """Same seed and global batch (16 images; 8 per process): the same losses, anchors, kNN
+    and bank. The first step agrees to float32 rounding; after it the two runs drift apart
+    slowly, because BatchNorm over 8 images per process makes float32 gradients
+    ill-conditioned (even one process with channels_last differs from contiguous that much)."""
+    flags = ['--rounds', '2', '--epochs', '1', '--batch_size', '16', '--pipeline', 'gpu',
+             '--sync-bn', '--no-tensorboard']
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'one', *flags))
+    assert code == 0, err
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         os.path.join(ROOT, 'main.py'), *fast_args(tiny_folder, tmp_path / 'two', *flags)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('done: best kNN') == 1          # only rank 0 prints
+    assert '2 processes' in proc.stdout
+    one, two = epoch_records(tmp_path / 'one'), epoch_records(tmp_path / 'two')
+    for name in ('and', 'aug', 'ue'):
+        assert two[0]['loss'][name] == pytest.approx(one[0]['loss'][name], abs=1e-5)  # step 1
+        assert two[1]['loss'][name] == pytest.approx(one[1]['loss'][name], rel=1e-3)  # step 2
+    assert [r['knn_top1'] for r in two] == [r['knn_top1'] for r in one]
+    a = torch.load(tmp_path / 'one' / 'last.t7', weights_only=True)
+    b = torch.load(tmp_path / 'two' / 'last.t7', weights_only=True)
+    assert torch.equal(a['ANs_discovery']['anchor_indexes'], b['ANs_discovery']['anchor_indexes'])
+    assert torch.allclose(a['npc']['memory'], b['npc']['memory'], atol=5e-3)
+    assert not any(k.startswith('module.') for k in b['net'])
+
+
+# ----------------------------------------------------------------------------- faults
+def test_sigkill_mid_run_then_resume_equals_unbroken(tiny_folder, tmp_path, run_main,
+                                                     unbroken_run):
+    proc = start_main(*fast_args(tiny_folder, tmp_path, *UNBROKEN_FLAGS['cpu']))
+    wait_for_epochs(tmp_path, 1, proc)
+    time.sleep(0.5)                                     # somewhere in the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(tmp_path / 'last.t7', weights_only=True)     # intact, not half-written
+    assert state['next']['epoch'] >= 1 or state['next']['round'] >= 1
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--data-root',
+                              tiny_folder, '--workers', '0', '--pipeline', 'cpu',
+                              '--no-tensorboard')
+    assert code == 0, err
+    assert 'resuming at round' in out
+    assert_same_training_state(unbroken_run('cpu'), torch.load(tmp_path / 'last.t7',
+                                                               weights_only=True))
+
+
+def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_main):
+    flags = ['--rounds', '1', '--epochs', '2', '--pipeline', 'gpu', '--batch_size', '2']
+    base = fast_args(tiny_folder, tmp_path / 'whole', *flags)
+    code, _, err = run_main(*base)
+    assert code == 0, err
+    proc = start_main(*fast_args(tiny_folder, tmp_path / 'stopped', *flags))
+    wait_for_epochs(tmp_path / 'stopped', 1, proc)
+    time.sleep(0.7)                                     # a few of the 10 steps of epoch 1
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert 'stopped by SIGTERM at round 0 epoch' in out and 'done:' not in out
+    state = torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True)
+    assert set(state['next']) >= {'round', 'epoch', 'step'}
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'stopped',
+                              '--data-root', tiny_folder, '--workers', '0', '--pipeline', 'gpu',
+                              '--no-tensorboard')
+    assert code == 0 and 'done:' in out, err
+    assert_same_training_state(torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True),
+                               torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
+                                                                   run_main, monkeypatch):
+    real_ue_loss, calls = lib.train.ue_loss, []
+
+    def poisoned(logits, targets):          # NaN from the 4th step on (epoch 1, step 1)
+        calls.append(1)
+        loss = real_ue_loss(logits, targets)
+        return loss * float('nan') if len(calls) >= 4 else loss
+    monkeypatch.setattr(lib.train, 'ue_loss', poisoned)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs',
+                                         '3'))
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(
+        'error: non-finite loss (NaN or infinite) at round 0 epoch 1 step 1')
+    assert 'last good epoch (round 0 epoch 0)' in err
+    state = torch.load(tmp_path / 'last.t7', weights_only=True)
+    assert state['next'] == {'round': 0, 'epoch': 1, 'step': 0}
+    assert torch.isfinite(state['npc']['memory']).all()
+
+
+def test_unwritable_model_dir_fails_at_start(tiny_folder, tmp_path, run_main):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a directory')
+    code, out, err = run_main(*fast_args(tiny_folder, blocker / 'checkpoints', '--epochs', '1'))
+    assert code == 2 and 'cannot be written' in err
+    assert '| lr' not in out                            # before any training
+
+
+def test_full_disk_fails_at_start(tiny_folder, tmp_path, run_main, monkeypatch):
+    monkeypatch.setattr(lib.checkpoint.shutil, 'disk_usage',
+                        lambda path: type('usage', (), {'free': 5 * 2**20})())
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--epochs', '1'))
+    assert code == 2 and 'has 5 MiB free, but the checkpoints need about' in err
+    assert '| lr' not in out
