@@ -39,6 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from .config import (PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,  # noqa: E402
+                     PUBLISHED_TOP1)  # SPEC 8: the released run's kNN curve
 from .errors import UserError  # noqa: E402
 from .knn import knn_scores  # noqa: E402
 
@@ -78,10 +80,6 @@ MAX_CLASS_NAMES = 20            # more classes: bar ticks name only the true and
 TSNE_PERPLEXITY = 30.0          # scikit-learn's default; clipped below the number of points
 TSNE_EXACT_BELOW = 500          # fewer points: exact t-SNE gradients (O(N^2), but faster than
                                 # Barnes-Hut's tree and thread overhead at this size)
-
-# SPEC 8: kNN top-1 (%) of the released run, by round, at these epochs of each 200-epoch round.
-from .config import (PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,  # noqa: E402
-                     PUBLISHED_TOP1)
 
 
 # ----------------------------------------------------------------------------- shared helpers
