@@ -196,7 +196,7 @@ def adopt_checkpoint_config(args, state, say=print):
     for key, value in stored.items():
         if key in NOT_RESUMED or key in args.given or not hasattr(args, key):
             continue
-        if getattr(args, key) != value:
+        if getattr(args, key) != value and key not in COMPONENTS:   # those: the method line
             adopted.append(f'{key}={value}')
         setattr(args, key, value)
     if adopted:

@@ -84,12 +84,17 @@ def options(args):
     return opts
 
 
-def synthetic_sets(n_train, n_test, seed=0):
+def synthetic_sets(n_train, n_test, train_images=True, seed=0):
+    """Random images and labels. Without `train_images` the training images are one black
+    image repeated (a view, no memory): bank-only phases at ImageNet size need no pixels."""
     rng = np.random.default_rng(seed)
-    make = lambda n, what: datasets.ImageSet(  # noqa: E731
-        rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8),
-        rng.integers(0, 10, size=n).astype(np.int64), [str(c) for c in range(10)], what)
-    return make(n_train, 'synthetic train'), make(n_test, 'synthetic test')
+
+    def make(n, what, pixels=True):
+        images = (rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8) if pixels else
+                  np.broadcast_to(np.zeros((1, 32, 32, 3), np.uint8), (n, 32, 32, 3)))
+        return datasets.ImageSet(images, rng.integers(0, 10, size=n).astype(np.int64),
+                                 [str(c) for c in range(10)], what)
+    return make(n_train, 'synthetic train', train_images), make(n_test, 'synthetic test')
 
 
 class Timer:
@@ -151,7 +156,8 @@ def main():
     steps_default, warmup_default = (None, 20) if cuda else (4, 1)
     warmup = args.warmup if args.warmup is not None else warmup_default
     if args.synthetic_n:
-        train, test = synthetic_sets(args.synthetic_n, args.synthetic_test)
+        needs_pixels = bool({'aug', 'step', 'bank', 'train'} & set(args.phases))
+        train, test = synthetic_sets(args.synthetic_n, args.synthetic_test, needs_pixels)
     else:
         train, test = load_data(opts)
     steps_per_epoch = len(train) // opts.batch_size

@@ -76,4 +76,5 @@ def describe(opts, from_recipe):
         value = getattr(opts, name)
         shown = ('on' if value else 'off') if isinstance(value, bool) else str(value)
         parts.append(f'{name}={shown}' + ('' if name in from_recipe else '*'))
-    return f'method {opts.method}: ' + ' '.join(parts) + '  (* set by a flag)'
+    return (f'method {opts.method}: ' + ' '.join(parts)
+            + '  (* not from the recipe: a flag or the resumed checkpoint)')
