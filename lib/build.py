@@ -167,3 +167,14 @@ def load_trained(path, **overrides):
     net.eval()
     pipeline = build_pipeline(opts, train, test, device, mean, std)
     return Trained(opts, state, net, bank, train, test, pipeline, device)
+
+
+def load_for_analysis(path, data_root=None, subset=None, device='auto'):
+    """`load_trained` as the analysis commands (linear probe, export, figures) call it: the
+    data root and subset are the checkpoint's unless given; no loader processes."""
+    overrides = dict(device=device, workers=0)
+    if data_root is not None:
+        overrides['data_root'] = data_root
+    if subset is not None:
+        overrides['subset'] = subset
+    return load_trained(path, **overrides)

@@ -95,13 +95,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from datasets import DataError
-    from lib.build import load_trained
+    from lib.build import load_for_analysis
     from lib.errors import UserError
     args = parse_args(argv)
-    overrides = {k: v for k, v in dict(data_root=args.data_root, subset=args.subset,
-                                       device=args.device, workers=0).items() if v is not None}
     try:
-        trained = load_trained(args.ckpt, **overrides)
+        trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     except (UserError, DataError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -594,17 +594,12 @@ def labels_for(names, labels, what):
 
 def load_checkpoints(args):
     """Trained objects of --ckpt, and their labels."""
-    from .build import load_trained
-    overrides = dict(device=args.device, workers=0)   # analysis needs no loader processes
-    if args.data_root is not None:
-        overrides['data_root'] = args.data_root
-    if args.subset is not None:
-        overrides['subset'] = args.subset
+    from .build import load_for_analysis
     if args.labels is not None:
         labels_for(args.ckpt, args.labels, 'checkpoints')      # fail before the slow loading
     checkpoints = []
     for path in args.ckpt:
-        trained = load_trained(path, **overrides)
+        trained = load_for_analysis(path, args.data_root, args.subset, args.device)
         print(f'{path}: {trained.opts.method}, {len(trained.train)} training / '
               f'{len(trained.test)} test images, {len(trained.train.classes)} classes'
               + ('' if trained.bank is not None else ' (no memory bank: network features)'))
