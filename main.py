@@ -293,7 +293,8 @@ def restore_progress(run, state):
         nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
         best = state.get('best', {'acc': state['acc'], 'round': state['round'],
                                   'epoch': state['epoch']})
-        status.update(nxt, acc=state['acc'], **{f'best_{k}': v for k, v in best.items()})
+        status.update(nxt, acc=state['acc'], saved=(state['round'], state['epoch']),
+                      **{f'best_{k}': v for k, v in best.items()})
         where = f" step {status['step']}" if status['step'] else ''
         run.log.line(f"resuming at round {status['round']} epoch {status['epoch']}{where} "
                      f"(best so far {100 * status['best_acc']:.2f}%)", always=True)
@@ -326,10 +327,12 @@ def train_epoch(run, round_index, epoch, stop):
         result = run.trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY, first_step, sums,
                                          stop)
     except NonFiniteLoss as bad:
+        saved = status.get('saved')
+        kept = (f'{args.model_dir}/last.t7 still holds the last good epoch (round {saved[0]} '
+                f'epoch {saved[1]})' if saved else 'no checkpoint had been written yet')
         raise UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch '
-                        f'{epoch} step {bad.step}: stopped; {args.model_dir}/last.t7 still '
-                        f'holds the last good epoch (round {status["round"]} epoch '
-                        f'{status["epoch"]}); a lower --lr may help') from None
+                        f'{epoch} step {bad.step}: stopped; {kept}; a lower --lr may '
+                        f'help') from None
     if result.stopped:
         status.update(round=round_index, epoch=epoch)
         save_checkpoints(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
@@ -345,6 +348,7 @@ def train_epoch(run, round_index, epoch, stop):
         status.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
     following = (round_index, epoch + 1) if epoch + 1 < args.epochs else (round_index + 1, 0)
     save_checkpoints(run, is_best, dict(round=following[0], epoch=following[1], step=0))
+    status['saved'] = (round_index, epoch)
     global_epoch = round_index * args.epochs + epoch
     run.log.steps(global_epoch * steps, result.samples, lr)
     return dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
