@@ -101,7 +101,7 @@ def init_world(device_choice):
 def close_world(world):
     """Leave together: a rank that tears down gloo while another still talks to it aborts."""
     if world.size > 1 and dist.is_initialized():
-        dist.barrier()
+        world.barrier()
         dist.destroy_process_group()
 
 
