@@ -454,13 +454,7 @@ def main(argv=None):
     world = None
     try:
         world = init_world(args.device)
-        run, state = setup(args, world)
-        if args.test_only:
-            run.log = RunLog(args.model_dir, args.log_dir, '', tensorboard=False,
-                             enabled=world.main)
-            test_only(run, state)
-        else:
-            train(run, state)
+        run_once(args, world)
     except (UserError, datasets.DataError) as err:
         if world is None or world.main:
             print(f'error: {err}', file=sys.stderr)
@@ -469,6 +463,17 @@ def main(argv=None):
         if world is not None:
             close_world(world)
     return 0
+
+
+def run_once(args, world):
+    """Train or evaluate. Returns only once the Run (and its DistributedDataParallel, whose
+    reducer holds communication work) is gone, so the process group closes last."""
+    run, state = setup(args, world)
+    if args.test_only:
+        run.log = RunLog(args.model_dir, args.log_dir, '', tensorboard=False, enabled=world.main)
+        test_only(run, state)
+    else:
+        train(run, state)
 
 
 if __name__ == '__main__':
