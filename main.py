@@ -3,10 +3,14 @@
     python3 main.py --dataset cifar10 --network resnet18           # the released schedule
     python3 main.py --resume ckpt_SAND.t7 --test_only              # kNN of a checkpoint
     python3 main.py --resume last.t7                               # continue a stopped run
+    python3 main.py --init-from ckpt_SAND.t7                       # a new run from its weights
+    python3 main.py --dataset folder --data-root photos/           # your own unlabeled images
 
-The algorithm and every default are the released code's (see lib/config.py and SPEC.md).
+The algorithm is docs/ALGORITHM.md; every default is the released code's (lib/config.py).
+This file holds the flags and the story of a run; the mechanics live in lib/.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,48 +21,40 @@ import torch
 import datasets
 import models
 from lib import checkpoint as ckpt
-from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,
-                       choose_device, distribute, load_data, normalisation)
-from lib.config import DEFAULTS, RUN_DEFAULTS, TRAIN_LOG_EVERY
+from lib import cli
+from lib.build import (DeviceSettings, build_optimizer, build_pipeline, build_trainer,
+                       device_settings, distribute, load_data, load_eval_data, normalisation)
+from lib.config import BANK_STATS_ROWS, DEFAULTS, RUN_DEFAULTS, TRAIN_LOG_EVERY
+from lib.distributed import World, close_world, init_world
 from lib.errors import UserError
+from lib.evaluate import KnnData, knn_evaluate
+from lib.method_state import MethodState
+from lib.neighbourhoods import bank_statistics
 from lib.progress import progress
 from lib.recipes import COMPONENTS, RECIPES, describe, resolve
-from lib.run_log import RunLog
-from lib.distributed import World, broadcast_anchors, close_world, init_world
-from lib.evaluate import embed, knn_correct
-from lib.schedules import learning_rate, set_learning_rate, ue_weight
+from lib.run_log import RunLog, cpu_hours_estimate, environment, plural
+from lib.schedules import SCHEDULES, Schedule, set_learning_rate
 from lib.stopping import StopSignals
 from lib.train import NonFiniteLoss
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
-# given again on the command line. The rest (where, how fast, what to do) never do.
-NOT_RESUMED = {'resume', 'test_only', 'device', 'workers', 'model_dir', 'data_root',
-               'stop_after', 'pipeline', 'precision', 'compile', 'quiet', 'tensorboard',
-               'log_dir'}
+# given again on the command line. The rest (where, how fast, what to do now) never do.
+NOT_RESUMED = {'resume', 'init_from', 'test_only', 'device', 'workers', 'model_dir',
+               'stop_after', 'pipeline', 'precision', 'compile', 'quiet', 'eval_precision'}
+# What a resumed run may not change: its recipe (rounds may grow, to train on).
+RECIPE_OPTIONS = ('method',) + tuple(name for name in COMPONENTS if name != 'rounds')
 
 
 # ----------------------------------------------------------------------------- flags
-def checked(kind, test, requirement):
-    def parse(text):
-        value = kind(text)
-        if not test(value):
-            raise argparse.ArgumentTypeError(f'{text} is not {requirement}')
-        return value
-    return parse
-
-
-POSITIVE_INT = checked(int, lambda v: v >= 1, 'an integer >= 1')
-POSITIVE_FLOAT = checked(float, lambda v: v > 0, 'a number > 0')
-NON_NEGATIVE_FLOAT = checked(float, lambda v: v >= 0, 'a number >= 0')
-
-
 def build_parser():
     d, r = DEFAULTS, RUN_DEFAULTS
-    p = argparse.ArgumentParser(description='Super-AND unsupervised embedding learning '
-                                '(Han et al. 2020): train, evaluate by weighted kNN, resume.')
+    p = cli.Parser(description='Super-AND unsupervised embedding learning (Han et al. 2020): '
+                   'train, evaluate by weighted kNN, resume. Every flag also takes the other '
+                   'spelling (--batch-size for --batch_size, ...).')
     p.add_argument('--dataset', default=d['dataset'], choices=datasets.DATASETS,
-                   help='training and evaluation data; folder = any train/<class>/*, '
-                        'test/<class>/* tree under --data-root (default: %(default)s)')
+                   help='training and evaluation data; folder = a train/<class>/*, '
+                        'test/<class>/* tree, or any folder of unlabeled images, under '
+                        '--data-root (default: %(default)s)')
     p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORKS),
                    help='backbone of both branches (default: %(default)s)')
     p.add_argument('--method', default=r['method'], choices=sorted(RECIPES),
@@ -76,7 +72,8 @@ def build_parser():
                    help=COMPONENTS['ue_loss'])
     p.add_argument('--flip', action=flag, default=None, help=COMPONENTS['flip'])
     p.add_argument('--nesterov', action=flag, default=None, help=COMPONENTS['nesterov'])
-    p.add_argument('--image-size', dest='image_size', default=r['image_size'], type=POSITIVE_INT,
+    p.add_argument('--image-size', dest='image_size', default=r['image_size'],
+                   type=cli.POSITIVE_INT,
                    help='side of the training crops and test images; other than 32 only for '
                         '--dataset folder, whose larger images are resized and centre-cropped '
                         'for test (default: %(default)s)')
@@ -87,74 +84,86 @@ def build_parser():
                    help='normalisation mean (default: the dataset\'s, computed for folder)')
     p.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
                    help='normalisation std (default: the dataset\'s, computed for folder)')
-    p.add_argument('--low_dim', default=d['low_dim'], type=POSITIVE_INT,
+    p.add_argument('--low_dim', default=d['low_dim'], type=cli.POSITIVE_INT,
                    help='embedding size D (default: %(default)s)')
-    p.add_argument('--npc_t', default=d['npc_t'], type=POSITIVE_FLOAT, metavar='T',
+    p.add_argument('--npc_t', default=d['npc_t'], type=cli.POSITIVE_FLOAT, metavar='T',
                    help='temperature of the memory-bank softmax (default: %(default)s)')
-    p.add_argument('--npc_m', default=d['npc_m'], type=checked(float, lambda v: 0 <= v < 1,
-                   'in [0, 1)'), help='momentum of the memory-bank update (default: %(default)s)')
+    p.add_argument('--npc_m', default=d['npc_m'], type=cli.checked(float, lambda v: 0 <= v < 1,
+                   'a number in [0, 1)'),
+                   help='momentum of the memory-bank update (default: %(default)s)')
     p.add_argument('--ANs_select_rate', default=d['ANs_select_rate'],
-                   type=checked(float, lambda v: 0 < v <= 1, 'in (0, 1]'),
+                   type=cli.checked(float, lambda v: 0 < v <= 1, 'a number in (0, 1]'),
                    help='share of the data added as anchors each round (default: %(default)s)')
-    p.add_argument('--ANs_size', default=d['ANs_size'], type=POSITIVE_INT,
+    p.add_argument('--ANs_size', default=d['ANs_size'], type=cli.POSITIVE_INT,
                    help='neighbours per anchor, the anchor excluded (default: %(default)s)')
-    p.add_argument('--lr', default=d['lr'], type=POSITIVE_FLOAT,
+    p.add_argument('--lr', default=d['lr'], type=cli.POSITIVE_FLOAT,
                    help='learning rate at the start of each round (default: %(default)s)')
-    p.add_argument('--momentum', default=d['momentum'], type=NON_NEGATIVE_FLOAT,
+    p.add_argument('--momentum', default=d['momentum'], type=cli.NON_NEGATIVE_FLOAT,
                    help='SGD Nesterov momentum (default: %(default)s)')
-    p.add_argument('--weight_decay', '--wd', default=d['weight_decay'], type=NON_NEGATIVE_FLOAT,
-                   help='SGD weight decay (default: %(default)s)')
-    p.add_argument('--epochs', default=d['epochs'], type=POSITIVE_INT,
+    p.add_argument('--weight_decay', '--wd', default=d['weight_decay'],
+                   type=cli.NON_NEGATIVE_FLOAT, help='SGD weight decay (default: %(default)s)')
+    p.add_argument('--epochs', default=d['epochs'], type=cli.POSITIVE_INT,
                    help='epochs per round (default: %(default)s)')
-    p.add_argument('--rounds', default=None, type=POSITIVE_INT,
+    p.add_argument('--rounds', default=None, type=cli.POSITIVE_INT,
                    help='rounds, the first without anchors (default: the method\'s; '
                         f'{d["rounds"]} for super-and)')
-    p.add_argument('--batch_t', default=d['batch_t'], type=POSITIVE_FLOAT, metavar='T',
+    p.add_argument('--schedule', default=r['schedule'], choices=SCHEDULES,
+                   help='lr steps (x0.1) and UE-weight steps (+0.2) inside each round: scaled '
+                        'puts them at 0.6/0.8 and 0.4/0.8 of --epochs (at 200 epochs exactly '
+                        'the released 120/160 and 80/160); released keeps those absolute '
+                        'epochs whatever the round length (default: %(default)s)')
+    p.add_argument('--batch_t', default=d['batch_t'], type=cli.POSITIVE_FLOAT, metavar='T',
                    help='temperature of the augmentation-invariance loss (default: %(default)s)')
-    p.add_argument('--batch_m', default=d['batch_m'], type=NON_NEGATIVE_FLOAT,
+    p.add_argument('--batch_m', default=d['batch_m'], type=cli.NON_NEGATIVE_FLOAT,
                    help='weight of that loss\'s negative terms (default: %(default)s)')
     p.add_argument('--batch_size', default=d['batch_size'],
-                   type=checked(int, lambda v: v >= 2, 'an integer >= 2'),
+                   type=cli.checked(int, lambda v: v >= 2, 'an integer >= 2'),
                    help='images per step, two views each (default: %(default)s)')
     p.add_argument('--model_dir', default=r['model_dir'],
-                   help='where checkpoints are written and --resume looks (default: %(default)s)')
+                   help='where checkpoints and log.jsonl are written and --resume looks '
+                        '(default: %(default)s)')
     p.add_argument('--resume', '-r', default='', metavar='NAME',
-                   help='checkpoint in model_dir to load: last.t7 continues a run, ckpt.t7 or '
-                        'a released file with --test_only evaluates it')
+                   help='checkpoint in model_dir (or a path): last.t7 continues its run '
+                        'exactly; with --test_only, any checkpoint (ckpt.t7, a released file) '
+                        'is evaluated')
+    p.add_argument('--init-from', dest='init_from', default=None, metavar='NAME',
+                   help='start a new run from a checkpoint\'s weights, bank and anchors (at '
+                        'its round, epoch 0; fresh optimizer and schedule), e.g. a released '
+                        'ckpt_SAND.t7')
     p.add_argument('--test_only', action='store_true',
                    help='only print the kNN accuracy of the --resume checkpoint')
     p.add_argument('--seed', default=d['seed'], type=int,
                    help='random seed of initialisation, data order and augmentation '
                         '(default: %(default)s)')
-    p.add_argument('--data-root', dest='data_root', default=r['data_root'],
-                   help='torchvision\'s files, or an image-folder tree train/<class>/*, '
-                        'test/<class>/* (default: %(default)s)')
-    p.add_argument('--device', default=r['device'], choices=('auto', 'cuda', 'cpu'),
-                   help='auto = CUDA when present (default: %(default)s)')
+    cli.add_data_options(p, data_root_default=r['data_root'])
+    p.add_argument('--eval-root', dest='eval_root', default=None, metavar='DIR',
+                   help='with unlabeled training images: a labelled train/<class>/*, '
+                        'test/<class>/* tree to report kNN accuracy on (network embeddings)')
     p.add_argument('--pipeline', default=r['pipeline'], choices=('auto', 'gpu', 'cpu'),
                    help='gpu: data and augmentation as batched tensors on the device; cpu: '
                         'torchvision transforms in loader workers, as released; auto = gpu on '
                         'CUDA, cpu otherwise (default: %(default)s)')
     p.add_argument('--precision', default=r['precision'], choices=('auto', 'bf16', 'fp32'),
-                   help='network arithmetic: bf16 autocast (the bank, softmaxes and losses stay '
-                        'float32) or fp32; auto = bf16 on CUDA (default: %(default)s)')
+                   help='training arithmetic: bf16 autocast for the network (the bank, '
+                        'softmaxes and losses stay float32) or fp32; auto = bf16 on CUDA '
+                        '(default: %(default)s)')
+    p.add_argument('--eval-precision', dest='eval_precision', default=r['eval_precision'],
+                   choices=('fp32', 'bf16'),
+                   help='arithmetic of the kNN evaluation\'s embeddings: fp32 (no TF32), so a '
+                        'checkpoint scores the same on every device (default: %(default)s)')
     p.add_argument('--compile', default=r['compile'], choices=('auto', 'none', 'default',
                                                           'reduce-overhead'),
                    help='torch.compile the forward pass and losses (and the GPU augmentation); '
                         'reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
                         'CUDA, none on the CPU (default: %(default)s)')
-    p.add_argument('--workers', default=r['workers'],
-                   type=checked(int, lambda v: v >= 0, '>= 0'),
+    p.add_argument('--workers', default=r['workers'], type=cli.NON_NEGATIVE_INT,
                    help='data-loader processes of the cpu pipeline (default: %(default)s)')
-    p.add_argument('--knn-k', dest='knn_k', default=r['knn_k'], type=POSITIVE_INT,
+    p.add_argument('--knn-k', dest='knn_k', default=r['knn_k'], type=cli.POSITIVE_INT,
                    help='kNN neighbours voting (default: %(default)s)')
-    p.add_argument('--knn-sigma', dest='knn_sigma', default=r['knn_sigma'], type=POSITIVE_FLOAT,
+    p.add_argument('--knn-sigma', dest='knn_sigma', default=r['knn_sigma'],
+                   type=cli.POSITIVE_FLOAT,
                    help='kNN vote weight exp(similarity / sigma) (default: %(default)s)')
-    p.add_argument('--knn-features', dest='knn_features', default=r['knn_features'],
-                   choices=('bank', 'recompute'),
-                   help='kNN training side: the memory bank as released, or embeddings '
-                        'recomputed by the network (test transform, eval mode); runs without a '
-                        'bank always recompute (default: %(default)s)')
+    cli.add_features_option(p, default=r['knn_features'])
     p.add_argument('--name', default=r['name'],
                    help='run name, the TensorBoard folder log_dir/name (default: '
                         'method-dataset-network-date-time)')
@@ -168,9 +177,7 @@ def build_parser():
                         'batch: SyncBatchNorm on GPUs, an all-reduce version on the CPU')
     p.add_argument('--quiet', action='store_true',
                    help='no progress bars, epoch or round lines: only the start and the result')
-    p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
-                   help='train and test on seeded random subsets of N images each (quick runs)')
-    p.add_argument('--stop-after', dest='stop_after', default=None, type=POSITIVE_INT,
+    p.add_argument('--stop-after', dest='stop_after', default=None, type=cli.POSITIVE_INT,
                    metavar='EPOCHS', help='stop after this many epochs of this invocation, '
                    'checkpoints written (continue with --resume last.t7)')
     return p
@@ -185,13 +192,55 @@ def parse_args(argv=None):
     args.given = set(vars(parser.parse_args(argv)))
     if args.test_only and not args.resume:
         parser.error('--test_only needs --resume NAME')
+    if args.resume and args.init_from:
+        parser.error('--resume continues a run and --init-from starts a new one: give one')
     return args
 
 
-# ----------------------------------------------------------------------------- building
-def adopt_checkpoint_config(args, state, say=print):
+def options_record(args):
+    """The run's options as stored in checkpoints, config.json and log.jsonl."""
+    return {k: v for k, v in vars(args).items() if k != 'given'}
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+def open_checkpoint(args, say):
+    """The checkpoint of --resume or --init-from, read and checked against the flags (None for
+    a fresh run); on --resume the run's options are taken from it unless typed again."""
+    if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
+        raise UserError(f'--model_dir {args.model_dir} is a file, not a folder')
+    name = args.resume or args.init_from
+    if not name:
+        return None, None
+    path = ckpt.resolve_path(args.model_dir, name)
+    state = ckpt.load(path)
+    if args.resume:
+        if not args.test_only and not ckpt.can_continue(state):
+            raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '
+                            f'checkpoint), so --resume cannot continue a run from it: evaluate it '
+                            f'with --test_only, or start a new run from its weights, bank and '
+                            f'anchors with --init-from {name}')
+        refuse_recipe_change(args, state.get('config') or {}, path)
+        adopt_checkpoint_config(args, state, say)
+    return state, path
+
+
+def refuse_recipe_change(args, stored, path):
+    for key in RECIPE_OPTIONS:
+        if key in args.given and key in stored and stored[key] is not None \
+                and getattr(args, key) != stored[key]:
+            typed, name = getattr(args, key), key.replace('_', '-')
+            flag = (f'--{name}' if typed else f'--no-{name}') if isinstance(typed, bool) \
+                else f'--{name} {typed}'
+            raise UserError(f'{flag} contradicts the run in {path} ({key} = {stored[key]}): a '
+                            f'resumed run keeps its recipe; start a new run in another '
+                            f'--model_dir, or from its weights with --init-from')
+
+
+def adopt_checkpoint_config(args, state, say):
     """On --resume, take the run's own options from the checkpoint unless typed again."""
-    stored = state.get('config') or {}
+    stored = dict(state.get('config') or {})
+    if stored.get('knn_features') == 'recompute':       # the word older checkpoints stored
+        stored['knn_features'] = 'network'
     adopted = []
     for key, value in stored.items():
         if key in NOT_RESUMED or key in args.given or not hasattr(args, key):
@@ -203,121 +252,219 @@ def adopt_checkpoint_config(args, state, say=print):
         say('options from the checkpoint: ' + ' '.join(adopted))
 
 
-# ----------------------------------------------------------------------------- steps of a run
+def already_finished(args, state, path, say):
+    """Whether --resume names a run with nothing left to train (said, and nothing written)."""
+    if state is None or args.test_only or not args.resume:
+        return False
+    progress = ckpt.progress_of(state)
+    if progress.round < args.rounds:
+        return False
+    say(f'{path}: the run already finished ({plural(args.rounds, "round")} x '
+        f'{plural(args.epochs, "epoch")}; best kNN top-1 {progress.best_text()}); nothing to '
+        f'do (more --rounds would train on)')
+    return True
+
+
+# ----------------------------------------------------------------------------- a run
 @dataclass
 class Run:
     """What the steps of a run share."""
     args: argparse.Namespace
+    settings: DeviceSettings
     world: World
-    net: torch.nn.Module               # DistributedDataParallel-wrapped with several processes
-    bank: object                       # MemoryBank, or None (isif)
-    anchors: object                    # ANsDiscovery, or None
+    method: MethodState                 # network, bank, anchors
+    net: torch.nn.Module                # the network as trained (DDP-wrapped with processes)
     pipeline: object
-    train_labels: torch.Tensor
-    num_classes: int
+    knn: KnnData                        # None: no labels to evaluate with
+    labels: torch.Tensor                # training labels (None when unlabeled): diagnostics
+    fingerprint: dict                   # of the training data
+    schedule: Schedule
     optimizer: object = None
     trainer: object = None
     log: RunLog = None
-    status: dict = None                # where the run is, its last and best accuracy
+    progress: ckpt.Progress = None
+    stats_rows: torch.Tensor = None     # bank entries sampled for the label-free statistics
 
-    @property
-    def model(self):
-        return getattr(self.net, 'module', self.net)
+    def say(self, text, always=False):
+        self.log.line(text, always)
+
+
+def describe_data(args, train, test):
+    source = f'from {train.source}; {args.image_size} px'
+    if not train.labelled:
+        return (f'data: {plural(len(train), "unlabeled image")} (no classes, no test split), '
+                f'{source}')
+    return (f'data: {len(train)} training and {len(test)} test images, '
+            f'{plural(len(train.classes), "class", "classes")}, {source}')
+
+
+def knn_warnings(args, knn):
+    """Warnings for kNN settings whose accuracy means nothing."""
+    if knn is None:
+        return []
+    found, count = [], len(knn.train_labels)
+    if knn.num_classes < 2:
+        found.append(f'warning: {plural(knn.num_classes, "class", "classes")}: every kNN vote '
+                     f'goes to it, so the accuracy means nothing')
+    if args.knn_k >= count:
+        found.append(f'warning: --knn-k {args.knn_k} is at least the {count} training images: '
+                     f'every test image is voted on by all of them, so the accuracy means '
+                     f'little; use a smaller --knn-k')
+    return found
+
+
+def setup(args, world):
+    """Everything a run needs, built (and restored from --resume or --init-from) in the same
+    way on every process: the Run and the checkpoint read (or None). None when there is nothing
+    to do."""
+    say = print if world.main else (lambda *a, **k: None)
+    state, path = open_checkpoint(args, say)
+    settings = device_settings(args, world)
+    from_recipe = resolve(args)
+    say(describe(args, from_recipe))
+    if already_finished(args, state, path, say):
+        return None, None
+    train, test = load_data(args)
+    mean, std = normalisation(args, train)
+    say(describe_data(args, train, test) + f', mean {mean} std {std}')
+    if train.skipped:
+        for where, reason in train.skipped:
+            say(f'skipped {where}: {reason}')
+        say(f'skipped {plural(len(train.skipped), "unreadable file")}')
+    if args.eval_root and train.labelled:
+        raise UserError('--eval-root is for runs on unlabeled images; this data has labels')
+    method = MethodState.build(args, len(train), settings.device)
+    if state is not None:
+        note = ckpt.check_data(state, train.fingerprint, path)
+        if note:
+            say(note)
+        method.load(state, path)
+    pipeline = build_pipeline(args, settings, train, test, mean, std, world)
+    knn = None
+    if train.labelled:
+        knn = KnnData(pipeline, torch.from_numpy(train.targets).to(settings.device),
+                      len(train.classes), args.knn_features)
+    elif args.eval_root:
+        eval_train, eval_test = load_eval_data(args)
+        say(f'kNN evaluation on {args.eval_root}: {len(eval_train)} training and '
+            f'{len(eval_test)} test images, {plural(len(eval_train.classes), "class", "classes")}'
+            f' (network embeddings)')
+        eval_pipeline = build_pipeline(args, settings, eval_train, eval_test, mean, std, world)
+        knn = KnnData(eval_pipeline, torch.from_numpy(eval_train.targets).to(settings.device),
+                      len(eval_train.classes), 'network')
+    for warning in knn_warnings(args, knn):
+        say(warning)
+    labels = (torch.from_numpy(train.targets).to(settings.device) if train.labelled else None)
+    run = Run(args, settings, world, method, distribute(args, method.net, world), pipeline, knn,
+              labels, train.fingerprint, Schedule(args.epochs, args.schedule))
+    return run, state
 
 
 def evaluate(run):
-    """kNN top-1 and top-5 of the test set against the bank, or against training embeddings
-    recomputed with the test transform (--knn-features recompute, or runs without a bank).
-    With several processes each embeds a share of the images and the counts are summed."""
-    args, world, model = run.args, run.world, run.model
-    cuda = next(model.parameters()).device.type == 'cuda'
-    bf16, show = args.precision == 'bf16', not args.quiet and world.main
-    if run.bank is not None and args.knn_features == 'bank':
-        train_features = run.bank.memory
+    """kNN top-1 and top-5 (fractions), or None without labels."""
+    if run.knn is None:
+        return None
+    args = run.args
+    return knn_evaluate(run.method.net, run.method.bank, run.knn, args.knn_k, args.knn_sigma,
+                        run.world, args.eval_precision, not args.quiet and run.world.main)
+
+
+def test_only(run, state):
+    if run.knn is None:
+        raise UserError('these training images have no labels, so there is no kNN accuracy: '
+                        'give --eval-root DIR, a labelled train/<class>/*, test/<class>/* tree')
+    top1, top5 = evaluate(run)
+    where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
+    run.say(f'kNN accuracy of {run.args.resume} ({where}): top-1 {100 * top1:.2f}% '
+            f'top-5 {100 * top5:.2f}%', always=True)
+
+
+# ----------------------------------------------------------------------------- training
+def prepare_training(run, state, path):
+    """Check the model dir, build optimizer and trainer, open the logs, and restore where the
+    run continues (last.t7), or start it (fresh, or from --init-from's weights)."""
+    args, world = run.args, run.world
+    problem = None
+    if world.main:      # checked once, but every rank stops if it fails
+        try:
+            ckpt.prepare_model_dir(args.model_dir, 3 * run.method.checkpoint_bytes())
+        except UserError as err:
+            problem = str(err)
+    problem = world.share(problem)
+    if problem:
+        raise UserError(problem)
+    run.optimizer = build_optimizer(args, run.net)
+    run.trainer = build_trainer(args, run.settings, run.net, run.method, run.optimizer, world)
+    args.name = args.name or (f'{args.method}-{args.dataset}-{args.network}-'
+                              f'{time.strftime("%Y%m%d-%H%M%S")}')
+    run.log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet,
+                     enabled=world.main)
+    if run.knn is None:
+        generator = torch.Generator().manual_seed(args.seed)
+        rows = torch.randperm(run.fingerprint['images'], generator=generator)[:BANK_STATS_ROWS]
+        run.stats_rows = rows.sort().values.to(run.settings.device)
+    if state is not None and args.resume:
+        run.progress = ckpt.restore_training(state, run.optimizer)
+        where = f' step {run.progress.step}' if run.progress.step else ''
+        run.say(f'resuming at round {run.progress.round} epoch {run.progress.epoch}{where} '
+                f'(best kNN top-1 so far: {run.progress.best_text()})', always=True)
+    elif state is not None:
+        start_round = int(state.get('round') or 0)
+        if start_round >= args.rounds:
+            raise UserError(f'{path} is at round {start_round}; with --rounds {args.rounds} '
+                            f'there is nothing left to train (give --rounds '
+                            f'{start_round + 1} or more)')
+        run.progress = ckpt.Progress(round=start_round)
+        anchors = run.method.anchors.num_anchors if run.method.anchors is not None else 0
+        run.say(f'initialised from {path} (round {state.get("round")} epoch '
+                f'{state.get("epoch")}): weights, bank and {plural(anchors, "anchor")} taken; '
+                f'optimizer and schedule fresh; training starts at round {start_round} '
+                f'epoch 0', always=True)
     else:
-        count = len(run.train_labels)
-        batches = run.pipeline.eval_batches('train', world.shard(count))
-        features, _ = embed(model, progress(batches, desc='embed train', enabled=show), bf16,
-                            cuda)
-        train_features = world.gather_rows(features, count)
-    count = run.pipeline.num_test
-    batches = run.pipeline.eval_batches('test', world.shard(count))
-    test_features, test_targets = embed(model, progress(batches, desc='embed test',
-                                                        enabled=show), bf16, cuda)
-    correct = knn_correct(test_features, test_targets, train_features, run.train_labels,
-                          run.num_classes, args.knn_k, args.knn_sigma)
-    top1, top5 = (world.sum(correct) / count).tolist()
-    return top1, top5
+        run.progress = ckpt.Progress()
+    config = options_record(args)
+    if world.main:
+        with open(os.path.join(args.model_dir, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+    run.log.start(config, run.fingerprint, environment(run.settings.device),
+                  resumed_from=path if args.resume else None)
 
 
-def discover_anchors(run, round_index):
-    """This round's anchors, found on rank 0 and copied to the others."""
-    start = time.time()
-    if run.world.main:
-        run.anchors.update(round_index, run.bank.memory, run.bank.temperature, run.train_labels)
-    broadcast_anchors(run.anchors, round_index, run.world)
-    consistency, seconds = 100 * float(run.anchors.consistency), time.time() - start
-    n, count = run.anchors.num_entries, run.anchors.num_anchors
-    run.log.line(f'round {round_index}: {count} anchors ({100 * count / n:.1f}% of {n}), label '
-                 f'consistency of (anchor, neighbour) pairs {consistency:.2f}% ({seconds:.1f} s)')
-    run.log.round(dict(round=round_index, anchors=count, consistency=consistency,
-                       seconds=seconds), entropy=run.anchors.entropy)
-
-
-def save_checkpoints(run, is_best, next_position):
-    """last.t7 (to continue from `next_position`), and ckpt.t7 when the kNN is the best yet.
-    Rank 0 only; every write is atomic."""
-    if not run.world.main:
-        return
-    args, status = run.args, run.status
-    state = ckpt.model_state(run.model, run.bank, run.anchors, status['acc'], status['round'],
-                             status['epoch'])
-    state['config'] = {k: v for k, v in vars(args).items() if k != 'given'}
-    if is_best:
-        ckpt.save_atomic(state, os.path.join(args.model_dir, 'ckpt.t7'))
-    state.update(optimizer=run.optimizer.state_dict(), rng=ckpt.rng_state(), next=next_position,
-                 best={k: status[f'best_{k}'] for k in ('acc', 'round', 'epoch')})
-    ckpt.save_atomic(state, os.path.join(args.model_dir, 'last.t7'))
-
-
-def restore_progress(run, state):
-    """Where a resumed run continues (round, epoch, and step within it after a stop signal),
-    and its best so far; fresh runs start at (0, 0, 0)."""
-    # best_acc starts below any accuracy, so the first epoch always writes ckpt.t7
-    status = dict(round=0, epoch=0, step=0, loss_sums=None, acc=0.0, best_acc=-1.0,
-                  best_round=-1, best_epoch=-1)
-    if state is not None:
-        if 'optimizer' in state:
-            run.optimizer.load_state_dict(state['optimizer'])
-            ckpt.set_rng_state(state.get('rng'))
-        nxt = state.get('next', {'round': state['round'], 'epoch': state['epoch'] + 1})
-        best = state.get('best', {'acc': state['acc'], 'round': state['round'],
-                                  'epoch': state['epoch']})
-        status.update(nxt, acc=state['acc'], saved=(state['round'], state['epoch']),
-                      **{f'best_{k}': v for k, v in best.items()})
-        where = f" step {status['step']}" if status['step'] else ''
-        run.log.line(f"resuming at round {status['round']} epoch {status['epoch']}{where} "
-                     f"(best so far {100 * status['best_acc']:.2f}%)", always=True)
-    return status
-
-
-def epoch_line(args, record):
-    active = [name for name, on in (('and', args.bank), ('aug', args.aug_loss),
-                                    ('ue', args.ue_loss)) if on]
-    losses = ' '.join(f'{name} {record["loss"][name]:.4f}' for name in active)
-    return (f"round {record['round']} epoch {record['epoch']:3d}/{args.epochs} | "
-            f"lr {record['lr']:.5f} | ue weight {record['ue_weight']:.1f} | loss {losses} | "
-            f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}% | "
-            f"best {record['best_top1']:.2f}% | {record['seconds']:.1f} s")
+def announce_training(run):
+    args, world, settings = run.args, run.world, run.settings
+    where = f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
+                                             if run.log.writer is not None else '')
+    run.say(run.schedule.describe(args.lr), always=True)
+    if args.ue_loss and not run.schedule.ue_ever_on():
+        run.say(f'warning: the UE loss is on, but its weight stays 0 in every epoch of these '
+                f'{args.epochs}-epoch rounds (--schedule {args.schedule}), so it trains '
+                f'nothing; use --schedule scaled or more --epochs', always=True)
+    steps = run.pipeline.steps_per_epoch
+    run.say(f'training {args.network} on {args.dataset} ({settings.device}, '
+            f'{plural(world.size, "process", "processes")}, {settings.pipeline} pipeline, '
+            f'{settings.precision}, compile {settings.compile}): '
+            f'{plural(args.rounds, "round")} x {plural(args.epochs, "epoch")}, '
+            f'{plural(steps, "step")} of {args.batch_size} images; logs in {where}',
+            always=True)
+    if not settings.cuda:
+        hours = cpu_hours_estimate(args.network, args.sobel, args.views, args.image_size,
+                                   args.rounds * args.epochs * steps * args.batch_size,
+                                   run.knn.pipeline.num_test if run.knn else 0,
+                                   args.rounds * args.epochs)
+        if hours > 1:
+            run.say(f'estimated time on this CPU: about {hours:,.0f} hours; one GPU takes '
+                    f'about an hour for the released 5 x 200 epochs of CIFAR-10 (README, Speed)',
+                    always=True)
 
 
 def train_epoch(run, round_index, epoch, stop):
     """Train one epoch (from the resumed step if any); None when a stop signal ended it early
     (last.t7 then holds the step to continue from), else the epoch's record."""
-    args, status = run.args, run.status
+    args, progress_ = run.args, run.progress
     start = time.time()
-    first_step, sums = status.pop('step', 0), status.pop('loss_sums', None)
-    lr, weight = learning_rate(args.lr, epoch), ue_weight(epoch)
+    first_step, sums = progress_.step, progress_.loss_sums
+    progress_.step, progress_.loss_sums = 0, None
+    lr, weight = run.schedule.learning_rate(args.lr, epoch), run.schedule.ue_weight(epoch)
     set_learning_rate(run.optimizer, lr)
     steps = run.pipeline.steps_per_epoch
     batches = progress(run.pipeline.train_batches(round_index, epoch, first_step),
@@ -327,153 +474,176 @@ def train_epoch(run, round_index, epoch, stop):
         result = run.trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY, first_step, sums,
                                          stop)
     except NonFiniteLoss as bad:
-        saved = status.get('saved')
+        saved = progress_.saved
         kept = (f'{args.model_dir}/last.t7 still holds the last good epoch (round {saved[0]} '
                 f'epoch {saved[1]})' if saved else 'no checkpoint had been written yet')
         raise UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch '
                         f'{epoch} step {bad.step}: stopped; {kept}; a lower --lr may '
                         f'help') from None
     if result.stopped:
-        status.update(round=round_index, epoch=epoch)
-        save_checkpoints(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
-                                          loss_sums=result.sums))
-        run.log.line(f'stopped by {stop.name} at round {round_index} epoch {epoch} step '
-                     f'{result.steps}: last.t7 written; continue with --resume last.t7',
-                     always=True)
+        progress_.round, progress_.epoch = round_index, epoch
+        save(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
+                              loss_sums=result.sums))
+        run.say(f'stopped by {stop.name} at round {round_index} epoch {epoch} step '
+                f'{result.steps}: last.t7 written; continue with --resume last.t7', always=True)
         return None
-    top1, top5 = evaluate(run)
-    is_best = top1 > status['best_acc']
-    status.update(round=round_index, epoch=epoch, acc=top1)
-    if is_best:
-        status.update(best_acc=top1, best_round=round_index, best_epoch=epoch)
-    following = (round_index, epoch + 1) if epoch + 1 < args.epochs else (round_index + 1, 0)
-    save_checkpoints(run, is_best, dict(round=following[0], epoch=following[1], step=0))
-    status['saved'] = (round_index, epoch)
+    accuracy = evaluate(run)
+    is_best = progress_.record(round_index, epoch, accuracy[0] if accuracy else None)
+    nxt = ckpt.following(round_index, epoch, args.epochs)
+    save(run, is_best, dict(round=nxt[0], epoch=nxt[1], step=0))
     global_epoch = round_index * args.epochs + epoch
     run.log.steps(global_epoch * steps, result.samples, lr)
-    return dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
-                ue_weight=weight, loss=result.losses, knn_top1=100 * top1, knn_top5=100 * top5,
-                best_top1=100 * status['best_acc'], seconds=time.time() - start)
+    record = dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
+                  loss={name: result.losses[name] for name in active_losses(args)})
+    if args.ue_loss:
+        record['ue_weight'] = weight
+    if accuracy is not None:
+        record.update(knn_top1=100 * accuracy[0], knn_top5=100 * accuracy[1],
+                      best_top1=100 * progress_.best_acc)
+    elif run.method.bank is not None and run.world.main:
+        record['bank'] = bank_statistics(run.method.bank.memory, run.method.bank.temperature,
+                                         run.stats_rows)
+        if run.method.anchors is not None and run.method.anchors.num_anchors:
+            record['bank']['anchor_similarity'] = run.method.anchors.neighbour_similarity(
+                run.method.bank.memory)
+    record['seconds'] = time.time() - start
+    return record
+
+
+def active_losses(args):
+    return [name for name, on in (('and', args.bank), ('aug', args.aug_loss),
+                                  ('ue', args.ue_loss)) if on]
+
+
+def save(run, is_best, next_position):
+    """last.t7 (to continue from `next_position`), and ckpt.t7 when `is_best`; rank 0 only."""
+    if run.world.main:
+        ckpt.write(run.args.model_dir, run.method, run.optimizer, run.progress, next_position,
+                   options_record(run.args), run.fingerprint, is_best)
+
+
+def epoch_line(args, record):
+    losses = ' '.join(f'{name} {value:.4f}' for name, value in record['loss'].items())
+    parts = [f"round {record['round']} epoch {record['epoch']:3d}/{args.epochs}",
+             f"lr {record['lr']:.5f}"]
+    if 'ue_weight' in record:
+        parts.append(f"ue weight {record['ue_weight']:.1f}")
+    parts.append(f'loss {losses}')
+    if 'knn_top1' in record:
+        parts += [f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}%",
+                  f"best {record['best_top1']:.2f}%"]
+    if 'bank' in record:
+        bank = record['bank']
+        text = (f"bank entropy {bank['entropy_mean']:.3f} ({bank['entropy_min']:.3f}-"
+                f"{bank['entropy_max']:.3f}), nearest cos {bank['nearest_similarity']:.3f}")
+        if 'anchor_similarity' in bank:
+            text += f", anchor-neighbour cos {bank['anchor_similarity']:.3f}"
+        parts.append(text)
+    parts.append(f"{record['seconds']:.1f} s")
+    return ' | '.join(parts)
+
+
+def discover_anchors(run, round_index):
+    start = time.time()
+    method = run.method
+    method.discover_anchors(round_index, run.labels, run.world)
+    seconds = time.time() - start
+    anchors = method.anchors
+    n, count = anchors.num_entries, anchors.num_anchors
+    similarity = anchors.neighbour_similarity(method.bank.memory)
+    if run.labels is not None:
+        consistency = 100 * float(anchors.consistency)
+        detail = f'label consistency of (anchor, neighbour) pairs {consistency:.2f}%'
+    else:
+        consistency = None
+        detail = f'mean (anchor, neighbour) cosine {similarity:.3f}'
+    run.say(f'round {round_index}: {plural(count, "anchor")} ({100 * count / n:.1f}% of {n}), '
+            f'{detail} ({seconds:.1f} s)')
+    run.log.round(dict(round=round_index, anchors=count, consistency=consistency,
+                       neighbour_similarity=similarity, seconds=seconds),
+                  entropy=anchors.entropy)
 
 
 def train_rounds(run, stop):
     """The rounds and epochs: anchors at each round's start, then train, evaluate, save and
     report every epoch. Returns False when a stop signal or --stop-after ended it early."""
-    args, status = run.args, run.status
+    args, progress_ = run.args, run.progress
     epochs_run = 0
-    for round_index in range(status['round'], args.rounds):
-        first_epoch = status['epoch'] if round_index == status['round'] else 0
-        resuming_mid_epoch = round_index == status['round'] and status.get('step', 0) > 0
-        if round_index > 0 and first_epoch == 0 and not resuming_mid_epoch \
-                and run.anchors is not None:
+    start_round, start_epoch, mid_epoch = progress_.round, progress_.epoch, progress_.step > 0
+    initialised = args.init_from is not None
+    for round_index in range(start_round, args.rounds):
+        first_epoch = start_epoch if round_index == start_round else 0
+        continuing = round_index == start_round and (mid_epoch or initialised)
+        if round_index > 0 and first_epoch == 0 and not continuing \
+                and run.method.anchors is not None:
             discover_anchors(run, round_index)
         for epoch in range(first_epoch, args.epochs):
             record = train_epoch(run, round_index, epoch, stop)
             if record is None:
                 return False
             run.log.epoch(record)
-            run.log.line(epoch_line(args, record))
+            run.say(epoch_line(args, record))
             epochs_run += 1
-            if args.stop_after and epochs_run >= args.stop_after:
-                run.log.line(f'stopping after {epochs_run} epochs (--stop-after); continue '
-                             f'with --resume last.t7', always=True)
+            if args.stop_after and epochs_run >= args.stop_after \
+                    and (round_index, epoch) != (args.rounds - 1, args.epochs - 1):
+                run.say(f'stopping after {plural(epochs_run, "epoch")} (--stop-after); '
+                        f'continue with --resume last.t7', always=True)
                 return False
     return True
 
 
-def test_only(run, state):
-    top1, top5 = evaluate(run)
-    where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
-    run.log.line(f'kNN accuracy of {run.args.resume} ({where}): top-1 {100 * top1:.2f}% '
-                 f'top-5 {100 * top5:.2f}%', always=True)
-
-
-# ----------------------------------------------------------------------------- the run
-def setup(args, world):
-    """Everything a run needs, built (and restored from --resume) in the same way on every
-    process: the Run, and the checkpoint it was resumed from (or None)."""
-    say = print if world.main else (lambda *a, **k: None)
-    device = choose_device(args, world)
-    state, path = None, None
-    if args.resume:
-        path = ckpt.resolve_path(args.model_dir, args.resume)
-        state = ckpt.load(path)
-        adopt_checkpoint_config(args, state, say)
-    say(describe(args, resolve(args)))
-    train, test = load_data(args)
-    mean, std = normalisation(args, train)
-    say(f'data: {len(train)} training and {len(test)} test images, {len(train.classes)} '
-        f'classes, from {train.source}; {args.image_size} px, mean {mean} std {std}')
-    net, bank, anchors = build_model(args, len(train), device)
-    if state is not None:
-        ckpt.restore_model(state, path, net, bank, anchors)
-    pipeline = build_pipeline(args, train, test, device, mean, std, world)
-    run = Run(args, world, distribute(args, net, world), bank, anchors, pipeline,
-              torch.from_numpy(train.targets).to(device), len(train.classes))
-    return run, state
-
-
-def train(run, state):
-    args, world = run.args, run.world
-    problem = None
-    if world.main:      # checked once, but every rank stops if it fails
-        try:
-            ckpt.prepare_model_dir(args.model_dir,
-                                   3 * ckpt.estimated_size(run.model, run.bank, run.anchors))
-        except UserError as err:
-            problem = str(err)
-    problem = world.share(problem)
-    if problem:
-        raise UserError(problem)
-    run.optimizer = build_optimizer(args, run.net)
-    run.trainer = build_trainer(args, run.net, run.bank, run.anchors, run.optimizer, world)
-    args.name = args.name or (f'{args.method}-{args.dataset}-{args.network}-'
-                              f'{time.strftime("%Y%m%d-%H%M%S")}')
-    run.log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet,
-                     enabled=world.main)
-    run.status = restore_progress(run, state)
-    where = f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
-                                             if run.log.writer is not None else '')
-    run.log.line(f'training {args.network} on {args.dataset} ({run.pipeline.device}, '
-                 f'{world.size} process{"es" if world.size > 1 else ""}, {args.pipeline} '
-                 f'pipeline, {args.precision}, compile {args.compile}): {args.rounds} rounds x '
-                 f'{args.epochs} epochs, {run.pipeline.steps_per_epoch} steps of '
-                 f'{args.batch_size} images; logs in {where}', always=True)
-    with StopSignals() as stop:
+def train(run, state, path):
+    start = time.time()
+    prepare_training(run, state, path)
+    announce_training(run)
+    with StopSignals(lambda text: run.say(text, always=True)) as stop:
         finished = train_rounds(run, stop)
     run.log.close()
-    status = run.status
-    if finished:
-        run.log.line(f"done: best kNN top-1 {100 * status['best_acc']:.2f}% (round "
-                     f"{status['best_round']} epoch {status['best_epoch']}, best-on-test as "
-                     f"released), final {100 * status['acc']:.2f}%", always=True)
+    if not finished:
+        return
+    progress_ = run.progress
+    if progress_.best_acc is not None:
+        run.say(f'done: best kNN top-1 {100 * progress_.best_acc:.2f}% (round '
+                f'{progress_.best_round} epoch {progress_.best_epoch}, best-on-test as '
+                f'released), final {100 * progress_.acc:.2f}%', always=True)
+    else:
+        run.say(f'done: {plural(run.args.rounds, "round")} x '
+                f'{plural(run.args.epochs, "epoch")} without labels (no kNN accuracy); '
+                f'{run.args.model_dir}/ckpt.t7 holds the last epoch', always=True)
+    run.log.end(dict(best_top1=None if progress_.best_acc is None else 100 * progress_.best_acc,
+                     best_round=progress_.best_round, best_epoch=progress_.best_epoch,
+                     final_top1=None if progress_.acc is None else 100 * progress_.acc,
+                     seconds=time.time() - start))
+
+
+# ----------------------------------------------------------------------------- entry point
+def run_once(args, world):
+    """Train or evaluate. The Run (and its DistributedDataParallel, whose reducer holds the
+    process group) is released when this returns, so the group closes last."""
+    run, state = setup(args, world)
+    if run is None:
+        return
+    path = ckpt.resolve_path(args.model_dir, args.resume or args.init_from) \
+        if (args.resume or args.init_from) else None
+    if args.test_only:
+        run.log = RunLog(args.model_dir, tensorboard=False, enabled=world.main)
+        test_only(run, state)
+    else:
+        train(run, state, path)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    world = None
     try:
-        world = init_world(args.device)
-        run_once(args, world)
-    except (UserError, datasets.DataError) as err:
-        if world is None or world.main:
-            print(f'error: {err}', file=sys.stderr)
-        return 2
-    finally:
-        if world is not None:
-            close_world(world)
-    return 0
-
-
-def run_once(args, world):
-    """Train or evaluate. Returns only once the Run (and its DistributedDataParallel, whose
-    reducer holds communication work) is gone, so the process group closes last."""
-    run, state = setup(args, world)
-    if args.test_only:
-        run.log = RunLog(args.model_dir, args.log_dir, '', tensorboard=False, enabled=world.main)
-        test_only(run, state)
-    else:
-        train(run, state)
+        args = parse_args(argv)
+    except SystemExit as exit_:        # -h, or a flag error already printed
+        return exit_.code
+    world = init_world(args.device)
+    label = 'error' if world.size == 1 else f'error (rank {world.rank})'
+    code = cli.run(lambda _: run_once(args, world), error_label=label,
+                   interrupted='interrupted: stopped at once (a second Ctrl-C); last.t7 holds '
+                               'the last epoch written')
+    close_world(world, clean=code == 0)
+    return code
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ CUDA-graph capture), with the device synchronised around it, and scaled to a who
   bank     the memory-bank update
   train    whole training steps as `main.py` runs them (pipeline + step + bank + meters)
   net      the network alone, forward + backward + SGD on fixed views, compiled as the step
-           is: the floor the whole epoch is compared with (SPEC 9 measured 3.2 s on an H100)
+           is: the floor the whole epoch is compared with (docs/ALGORITHM.md 9 measured 3.2 s on an H100)
   knn      the kNN evaluation pass (test embeddings + weighted vote against the bank)
   ans      anchor discovery for the last round (entropy of every entry + neighbours)
 It prints seconds per epoch, images per second, peak GPU memory and the ratio of the whole
@@ -23,7 +23,6 @@ import itertools
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,11 +30,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
-from lib.build import (build_model, build_optimizer, build_pipeline, build_trainer,  # noqa: E402
-                       choose_device, load_data, normalisation)
+from lib.build import (build_optimizer, build_pipeline, build_trainer,  # noqa: E402
+                       default_options, device_settings, load_data, normalisation)
 from lib.config import DEFAULTS  # noqa: E402
-from lib.evaluate import evaluate_knn  # noqa: E402
-from lib.recipes import COMPONENTS, RECIPES, resolve  # noqa: E402
+from lib.evaluate import KnnData, knn_evaluate  # noqa: E402
+from lib.method_state import MethodState  # noqa: E402
+from lib.recipes import RECIPES, resolve  # noqa: E402
 
 PHASES = ('aug', 'step', 'bank', 'train', 'net', 'knn', 'ans')
 
@@ -48,6 +48,8 @@ def parse_args():
                    help='random images instead of a dataset: this many training images')
     p.add_argument('--synthetic-test', dest='synthetic_test', type=int, default=10000,
                    help='test images with --synthetic-n (default: %(default)s)')
+    p.add_argument('--synthetic-classes', dest='synthetic_classes', type=int, default=10,
+                   help='classes of the synthetic labels (default: %(default)s)')
     p.add_argument('--network', default='resnet18')
     p.add_argument('--method', default='super-and', choices=sorted(RECIPES))
     p.add_argument('--batch_size', type=int, default=DEFAULTS['batch_size'])
@@ -77,14 +79,12 @@ def parse_args():
 def options(args):
     """The run options lib.build expects: the released defaults, the method's recipe and this
     script's choices."""
-    opts = SimpleNamespace(**{**DEFAULTS, 'subset': None, 'test_only': False, 'image_size': 32,
-                              'stem': 'auto', 'mean': None, 'std': None,
-                              **{name: None for name in COMPONENTS}, **vars(args)})
+    opts = default_options(**vars(args))
     resolve(opts)
     return opts
 
 
-def synthetic_sets(n_train, n_test, train_images=True, seed=0):
+def synthetic_sets(n_train, n_test, train_images=True, classes=10, seed=0):
     """Random images and labels. Without `train_images` the training images are one black
     image repeated (a view, no memory): bank-only phases at ImageNet size need no pixels."""
     rng = np.random.default_rng(seed)
@@ -92,8 +92,8 @@ def synthetic_sets(n_train, n_test, train_images=True, seed=0):
     def make(n, what, pixels=True):
         images = (rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8) if pixels else
                   np.broadcast_to(np.zeros((1, 32, 32, 3), np.uint8), (n, 32, 32, 3)))
-        return datasets.ImageSet(images, rng.integers(0, 10, size=n).astype(np.int64),
-                                 [str(c) for c in range(10)], what)
+        return datasets.ImageSet(images, rng.integers(0, classes, size=n).astype(np.int64),
+                                 [str(c) for c in range(classes)], what)
     return make(n_train, 'synthetic train', train_images), make(n_test, 'synthetic test')
 
 
@@ -122,21 +122,23 @@ def endless_batches(pipeline):
         yield from pipeline.train_batches(0, epoch)
 
 
-def network_only_step(opts, net, device):
+def network_only_step(opts, settings, net):
     """The network alone, compiled like the training step: forward, a cheap loss, backward,
     fused SGD. Returns a callable doing one step on fixed views."""
+    device = settings.device
     views = torch.randn(2 * opts.batch_size, 3, 32, 32, device=device)
     if device.type == 'cuda':
         views = views.contiguous(memory_format=torch.channels_last)
     target = torch.randn(2 * opts.batch_size, opts.low_dim, device=device)
     optimizer = build_optimizer(opts, net)
-    bf16 = opts.precision == 'bf16'
+    bf16 = settings.precision == 'bf16'
 
     def forward():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return (net(views) * target).sum()
-    compiled = forward if opts.compile == 'none' else torch.compile(forward, mode=opts.compile)
-    cuda_graphs = opts.compile == 'reduce-overhead' and device.type == 'cuda'
+    compiled = (forward if settings.compile == 'none'
+                else torch.compile(forward, mode=settings.compile))
+    cuda_graphs = settings.compile == 'reduce-overhead' and device.type == 'cuda'
 
     def step():
         if cuda_graphs:
@@ -151,13 +153,14 @@ def network_only_step(opts, net, device):
 def main():
     args = parse_args()
     opts = options(args)
-    device = choose_device(opts)
-    cuda = device.type == 'cuda'
+    settings = device_settings(opts)
+    device, cuda = settings.device, settings.cuda
     steps_default, warmup_default = (None, 20) if cuda else (4, 1)
     warmup = args.warmup if args.warmup is not None else warmup_default
     if args.synthetic_n:
         needs_pixels = bool({'aug', 'step', 'bank', 'train'} & set(args.phases))
-        train, test = synthetic_sets(args.synthetic_n, args.synthetic_test, needs_pixels)
+        train, test = synthetic_sets(args.synthetic_n, args.synthetic_test, needs_pixels,
+                                     args.synthetic_classes)
     else:
         train, test = load_data(opts)
     steps_per_epoch = len(train) // opts.batch_size
@@ -166,10 +169,11 @@ def main():
     name = torch.cuda.get_device_name(device) if cuda else 'CPU'
     print(f'device: {name} | torch {torch.__version__} | N = {len(train)} train, {len(test)} '
           f'test | batch {opts.batch_size} x 2 views, {steps_per_epoch} steps/epoch, '
-          f'{steps} timed per phase after {warmup} warm-up | {opts.pipeline} pipeline, '
-          f'{opts.precision}, compile {opts.compile}', flush=True)
+          f'{steps} timed per phase after {warmup} warm-up | {settings.pipeline} pipeline, '
+          f'{settings.precision}, compile {settings.compile}', flush=True)
 
-    net, bank, anchors = build_model(opts, len(train), device)
+    method = MethodState.build(opts, len(train), device)
+    net, bank, anchors = method.net, method.bank, method.anchors
     if bank is None:
         print('  (no memory bank in this method: the bank, knn and ans phases are skipped)')
         args.phases = [p for p in args.phases if p not in ('bank', 'knn', 'ans')]
@@ -178,8 +182,8 @@ def main():
     pipeline = None
     if training or 'knn' in args.phases:
         # kNN alone needs only the test images on the device (and the train labels).
-        pipeline = build_pipeline(opts, train if training else train.subset([0]), test, device,
-                                  *normalisation(opts, train))
+        pipeline = build_pipeline(opts, settings, train if training else train.subset([0]),
+                                  test, *normalisation(opts, train))
     timer = Timer(device)
     seconds = {}
 
@@ -189,13 +193,13 @@ def main():
 
     if training:
         optimizer = build_optimizer(opts, net)
-        trainer = build_trainer(opts, net, bank, anchors, optimizer)
+        trainer = build_trainer(opts, settings, net, method, optimizer)
         net.train()
         stream = endless_batches(pipeline)
         views, indexes = next(stream)
         pairs = views.shape[0] // indexes.shape[0]   # views per image
     if 'aug' in args.phases:
-        report('aug', f'augmentation ({opts.pipeline} pipeline, 2 views)',
+        report('aug', f'augmentation ({settings.pipeline} pipeline, 2 views)',
                timer(lambda: next(stream), steps, warmup) * scale)
     if 'bank' in args.phases:
         features = torch.nn.functional.normalize(torch.randn(pairs * opts.batch_size, opts.low_dim,
@@ -213,12 +217,14 @@ def main():
         report('train', 'whole training steps (as main.py)', per_call / steps * steps_per_epoch)
         print(f'  {"images per second (training)":<44s} {len(train) / seconds["train"]:8.0f}')
     if 'net' in args.phases:
-        step = network_only_step(opts, net, device)
-        report('net', f'network only (compile {opts.compile})', timer(step, steps, warmup) * scale)
+        step = network_only_step(opts, settings, net)
+        report('net', f'network only (compile {settings.compile})',
+               timer(step, steps, warmup) * scale)
     if 'knn' in args.phases:
+        data = KnnData(pipeline, labels, len(train.classes), 'bank')
+
         def knn():
-            evaluate_knn(net, pipeline.eval_batches("test"), bank.memory, labels, 10,
-                         bf16=opts.precision == 'bf16', channels_last=cuda)
+            knn_evaluate(net, bank, data, opts.knn_k, opts.knn_sigma)
         report('knn', f'kNN pass ({len(test)} test x {len(train)} bank)', timer(knn, 1, 1))
     if 'ans' in args.phases:
         report('ans', f'ANs discovery (round {args.ans_round}, '
@@ -232,7 +238,8 @@ def main():
             print(f'  {"ratio whole epoch / network only":<44s} {whole / seconds["net"]:8.2f}')
     if cuda:
         print(f'  {"peak GPU memory":<44s} {torch.cuda.max_memory_allocated() / 2**30:8.2f} GiB')
-    print(f'  {"memory bank (N x D float32)":<44s} {bank.memory.numel() * 4 / 2**20:8.1f} MiB')
+    if bank is not None:
+        print(f'  {"memory bank (N x D float32)":<44s} {bank.memory.numel() * 4 / 2**20:8.1f} MiB')
 
 
 if __name__ == '__main__':

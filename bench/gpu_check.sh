@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurement of the fast path, in one go (run from the repository root on a CUDA
 # machine): per-phase seconds per epoch on CIFAR-10, then EPOCHS (default 40) epochs of round
-# 0 at the released settings with the kNN curve next to SPEC 8's row 0.
+# 0 at the released settings with the kNN curve next to the published row 0 (docs/ALGORITHM.md 8).
 #   Needs the CIFAR-10 image-folder tarball at .devdata/cifar10-jpeg.tar.gz, or DATA set to
 #   an unpacked copy. Writes its logs to $OUT (default /tmp/gpu_check).
 set -euo pipefail
@@ -19,4 +19,4 @@ python3 bench/epoch_speed.py --data-root "$DATA" --steps "${BENCH_STEPS:-200}" 2
   | tee "$OUT/epoch_speed.txt"
 python3 main.py --data-root "$DATA" --rounds 1 --epochs "$EPOCHS" --model_dir /tmp/gpu_check_ckpt \
   2>&1 | tee "$OUT/round0.log"
-python3 bench/compare_curve.py "$OUT/round0.log" | tee "$OUT/round0_vs_published.md"
+python3 bench/compare_curve.py /tmp/gpu_check_ckpt | tee "$OUT/round0_vs_published.md"

@@ -2,12 +2,15 @@
 import numpy as np
 import torch
 
-from .sources import DataError, ImageSet, load_cifar, load_folder, load_svhn
+from .sources import (UNLABELED, DataError, ImageSet, describe_fingerprint, fit_square,
+                      folder_layout, is_class_tree, list_images, load_cifar, load_folder,
+                      load_svhn, stored_train_size)
 from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, MEAN_STD,
                          AugmentedViews, Plain, test_transform, train_transform)
 
-__all__ = ['DATASETS', 'FIXED_SIZE', 'DataError', 'ImageSet', 'load_dataset', 'mean_std',
-           'random_subset_indices',
+__all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load_dataset',
+           'mean_std', 'random_subset_indices', 'describe_fingerprint', 'fit_square',
+           'folder_layout', 'is_class_tree', 'list_images', 'stored_train_size',
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'test_transform', 'train_transform']
 
@@ -16,7 +19,8 @@ FIXED_SIZE = {'cifar10': 32, 'cifar100': 32, 'svhn': 32}   # image side of the f
 
 
 def load_dataset(name, root, download=True, subset=None, seed=0, image_size=32):
-    """(train, test) ImageSets of dataset `name` found under `root` (see datasets.sources).
+    """(train, test) ImageSets of dataset `name` found under `root` (see datasets.sources);
+    test is None for an unlabeled folder (`--dataset folder` on a folder without train/).
 
     `subset`: keep a seeded random `subset` images of each split (seed for train, seed + 1
     for test), in dataset order; only those are decoded. `image_size` matters for `folder`

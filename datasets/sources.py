@@ -1,11 +1,16 @@
-"""Where images come from: torchvision's CIFAR files, or an image-folder tree.
+"""Where images come from: torchvision's CIFAR and SVHN files, a labelled image-folder tree,
+or a folder of unlabeled images.
 
 Every source gives an `ImageSet`: all images decoded once into memory as uint8 H x W x 3
-(CIFAR is 150 MB for 50,000 images), integer labels and class names. Nothing here knows
-about training; errors a user can cause are raised as `DataError` with one line to print.
+(CIFAR is 150 MB for 50,000 images), integer labels and class names, and a fingerprint of what
+was read (see `ImageSet.fingerprint`). Nothing here knows about training; errors a user can
+cause are raised as `DataError` with one line to print.
 """
+import hashlib
+import io
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -15,19 +20,29 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.t
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+UNLABELED = -1                 # the target of every image of an unlabeled folder
 
 
 class DataError(Exception):
     """Missing or malformed data: the message is one line that says what to do."""
 
 
+def short_hash(data):
+    """16 hex digits of SHA-1: enough to tell data sets apart, short enough to print."""
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
 @dataclass
 class ImageSet:
     images: np.ndarray      # N x H x W x 3 uint8
-    targets: np.ndarray     # N int64, class numbers in sorted-class-name order
-    classes: list           # class names, index = class number
+    targets: np.ndarray     # N int64, class numbers in sorted-class-name order (-1: unlabeled)
+    classes: list           # class names, index = class number ([] when unlabeled)
     source: str             # where it was read from, for the log
     indexes: np.ndarray = None   # N positions in the full split (differ from 0..N-1 in subsets)
+    paths: list = None      # N file paths relative to `root` (image folders only)
+    root: str = None        # the folder `paths` are relative to
+    file_hashes: list = field(default=None, repr=False)   # N digests of the encoded files
+    skipped: list = field(default_factory=list)   # (path, reason) of unreadable files left out
 
     def __post_init__(self):
         if self.indexes is None:
@@ -36,10 +51,35 @@ class ImageSet:
     def __len__(self):
         return len(self.targets)
 
+    @property
+    def labelled(self):
+        return len(self.classes) > 0
+
     def subset(self, indices):
-        indices = np.asarray(indices)
+        indices = np.asarray(indices, dtype=np.int64)
+        pick = (lambda items: None if items is None else [items[i] for i in indices])
         return ImageSet(self.images[indices], self.targets[indices], self.classes, self.source,
-                        self.indexes[indices])
+                        self.indexes[indices], pick(self.paths), self.root,
+                        pick(self.file_hashes))
+
+    @property
+    def fingerprint(self):
+        """What a memory bank's rows belong to: the number of images, a hash of the labels in
+        order, and a hash of the images in order (of the encoded files for image folders, of
+        the pixels for torchvision's arrays). Cheap, and independent of the decoder."""
+        if self.file_hashes is not None:
+            content = 'files:' + short_hash(b''.join(self.file_hashes))
+        else:
+            content = 'pixels:' + short_hash(np.ascontiguousarray(self.images).tobytes())
+        labels = short_hash(self.targets.astype(np.int64).tobytes()) if self.labelled else None
+        return {'images': len(self), 'labels': labels, 'content': content}
+
+
+def describe_fingerprint(fingerprint):
+    """One phrase for messages: '300 images, labels 1a2b..., content files:3c4d...'."""
+    labels = fingerprint.get('labels') or 'none'
+    return (f"{fingerprint.get('images')} images, labels {labels}, content "
+            f"{fingerprint.get('content')}")
 
 
 def find_image_folder(root, dataset):
@@ -48,6 +88,10 @@ def find_image_folder(root, dataset):
         if os.path.isdir(os.path.join(candidate, 'train')):
             return candidate
     return None
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
 def list_image_folder_split(folder, split, classes=None):
@@ -65,13 +109,32 @@ def list_image_folder_split(folder, split, classes=None):
     paths, targets = [], []
     for label, name in enumerate(found):
         class_dir = os.path.join(split_dir, name)
-        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(class_dir) if is_image_file(f))
         if not files:
             raise DataError(f'class directory {class_dir} holds no images '
                             f'({", ".join(IMAGE_EXTENSIONS)})')
         paths += [os.path.join(class_dir, f) for f in files]
         targets += [label] * len(files)
     return paths, np.asarray(targets, dtype=np.int64), found
+
+
+def list_images(folder):
+    """Every image file under `folder`, at any depth, as sorted paths relative to it."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        relative = os.path.relpath(parent, folder)
+        found += [os.path.normpath(os.path.join(relative, f)) for f in files if is_image_file(f)]
+    return sorted(found)
+
+
+def is_class_tree(folder):
+    """Whether `folder` holds class sub-folders of images only (no loose images)."""
+    entries = [e for e in os.listdir(folder) if not e.startswith('.')]
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+    loose = [e for e in entries if is_image_file(e)]
+    return bool(subdirs) and not loose and all(
+        any(is_image_file(f) for f in os.listdir(os.path.join(folder, d))) for d in subdirs)
 
 
 def fit_square(img, size):
@@ -83,27 +146,44 @@ def fit_square(img, size):
     return F.center_crop(F.resize(img, size), size)
 
 
-def decode_images(paths, size=None):
-    """N x H x W x 3 uint8 of the images at `paths`: as they are (then they must share one
-    size), or each fitted to a `size` x `size` square."""
-    images, shape = [], None
-    for path in paths:
+def decode_image(data, size=None):
+    """H x W x 3 uint8 of the encoded image `data` (bytes): as it is, or fitted to a square."""
+    with Image.open(io.BytesIO(data)) as img:
+        if size is not None:
+            img.draft('RGB', (size, size))    # JPEG: decode at a reduced scale >= size
+            img = fit_square(img.convert('RGB'), size)
+        return np.asarray(img.convert('RGB'))
+
+
+def decode_images(paths, size=None, skip_unreadable=False):
+    """(N x H x W x 3 uint8, N file digests, kept) of the images at `paths`: as they are (then
+    they must share one size), or each fitted to a `size` x `size` square.
+
+    An unreadable file raises DataError, or with `skip_unreadable` is left out: `kept` lists
+    the positions of the images decoded, `skipped` the (path, reason) of the others."""
+    images, digests, kept, skipped, shape = [], [], [], [], None
+    for position, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                if size is not None:
-                    img.draft('RGB', (size, size))    # JPEG: decode at a reduced scale >= size
-                    img = fit_square(img.convert('RGB'), size)
-                array = np.asarray(img.convert('RGB'))
-        except (OSError, ValueError) as err:
-            raise DataError(f'cannot read image {path}: {err}') from None
+            with open(path, 'rb') as f:
+                data = f.read()
+            array = decode_image(data, size)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            reason = str(err) or type(err).__name__
+            if not skip_unreadable:
+                raise DataError(f'cannot read image {path}: {reason}') from None
+            skipped.append((path, reason))
+            continue
         if shape is None:
             shape = array.shape
         elif array.shape != shape:
             raise DataError(f'images differ in size ({path} is {array.shape[1]}x'
-                            f'{array.shape[0]}, {paths[0]} is {shape[1]}x{shape[0]}); '
+                            f'{array.shape[0]}, {paths[kept[0]]} is {shape[1]}x{shape[0]}); '
                             f'resize them to one size or use --dataset folder --image-size')
         images.append(array)
-    return np.stack(images)
+        digests.append(hashlib.sha1(data).digest()[:8])
+        kept.append(position)
+    stacked = np.stack(images) if images else np.zeros((0, size or 1, size or 1, 3), np.uint8)
+    return stacked, digests, kept, skipped
 
 
 def stored_train_size(image_size):
@@ -130,30 +210,89 @@ def read_image_folder(folder, select=None, image_size=None):
             size = stored_train_size(image_size) if split == 'train' else image_size
             if split == 'train' and _all_square(paths, keep, image_size):
                 size = image_size
-        images = decode_images([paths[i] for i in keep], size)
-        sets.append(ImageSet(images, targets[keep], classes, os.path.join(folder, split),
-                             np.asarray(keep)))
+        images, digests, _, _ = decode_images([paths[i] for i in keep], size)
+        split_dir = os.path.join(folder, split)
+        sets.append(ImageSet(images, targets[keep], classes, split_dir, np.asarray(keep),
+                             [os.path.relpath(paths[i], split_dir) for i in keep], split_dir,
+                             digests))
     return sets
 
 
-def _all_square(paths, keep, size):
-    """Whether every chosen image is already size x size (read from headers, not decoded)."""
+def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True):
+    """(images, skipped) of every image under `folder` (any depth, sorted by relative path),
+    fitted as training images (squares of `stored_train_size(image_size)`, or kept when all are
+    already image_size x image_size). `skipped` lists the (path, reason) of unreadable files."""
+    relative = list_images(folder)
+    if not relative:
+        raise DataError(f'{folder} holds no images ({", ".join(IMAGE_EXTENSIONS)}), at any '
+                        f'depth')
+    keep = select('train', len(relative)) if select else np.arange(len(relative))
+    paths = [os.path.join(folder, relative[i]) for i in keep]
+    size = image_size if _all_square(paths, range(len(paths)), image_size, quiet=True) \
+        else stored_train_size(image_size)
+    images, digests, kept, skipped = decode_images(paths, size, skip_unreadable)
+    if not kept:
+        raise DataError(f'{folder} holds no readable image ({len(skipped)} files could not be '
+                        f'read, e.g. {skipped[0][0]}: {skipped[0][1]})')
+    chosen = np.asarray(keep)[kept]
+    image_set = ImageSet(images, np.full(len(kept), UNLABELED, dtype=np.int64), [],
+                         f'{folder} (unlabeled)', chosen, [relative[i] for i in chosen],
+                         folder, digests)
+    return image_set, skipped
+
+
+def _all_square(paths, keep, size, quiet=False):
+    """Whether every chosen image is already size x size (read from headers, not decoded).
+    `quiet`: an unreadable file answers False (it is reported when decoded)."""
     for i in keep:
         try:
             with Image.open(paths[i]) as img:
                 if img.size != (size, size):
                     return False
         except (OSError, ValueError) as err:
+            if quiet:
+                return False
             raise DataError(f'cannot read image {paths[i]}: {err}') from None
     return True
 
 
+def folder_layout(root):
+    """'labelled' for a train/<class>/*, test/<class>/* tree, else 'unlabeled' (images directly
+    in `root` or in any sub-folders, no split and no classes)."""
+    if not os.path.isdir(root):
+        raise DataError(f'no image folder at {root!r}: --dataset folder needs a folder of '
+                        f'images, or a {root}/train/<class>/*, {root}/test/<class>/* tree')
+    return 'labelled' if os.path.isdir(os.path.join(root, 'train')) else 'unlabeled'
+
+
 def load_folder(root, image_size, select=None):
-    """Any image-folder tree `root/train/<class>/*`, `root/test/<class>/*`."""
-    if not os.path.isdir(os.path.join(root, 'train')):
-        raise DataError(f'no image folder at {root!r}: --dataset folder needs '
-                        f'{root}/train/<class>/* and {root}/test/<class>/*')
-    return read_image_folder(root, select, image_size)
+    """A labelled tree `root/train/<class>/*`, `root/test/<class>/*`: (train, test). Anything
+    else with images under it is one unlabeled training set: (train, None)."""
+    if folder_layout(root) == 'labelled':
+        return read_image_folder(root, select, image_size)
+    train, skipped = read_unlabeled_folder(root, image_size, select)
+    train.skipped = skipped
+    return train, None
+
+
+def first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def torchvision_fetch(root, fetch):
+    """`fetch()`, a torchvision reader that may download into `root`. When it fails, the
+    folders it created are removed again: a mistyped --data-root leaves no empty folder."""
+    created = first_missing_folder(root)
+    try:
+        return fetch()
+    except Exception:
+        if created is not None and os.path.isdir(created):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def load_svhn(root, download=True, select=None):
@@ -167,7 +306,8 @@ def load_svhn(root, download=True, select=None):
         if not found:
             try:
                 import torchvision
-                torchvision.datasets.SVHN(root, split=split, download=download)
+                torchvision_fetch(root, lambda: torchvision.datasets.SVHN(root, split=split,
+                                                                          download=download))
             except Exception as err:
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise DataError(f'no SVHN data under {root!r}: looked for {root}/{name} '
@@ -214,7 +354,7 @@ def load_cifar(dataset, root, download=True, select=None):
     if os.path.isdir(os.path.join(root, TORCHVISION_FOLDERS[dataset])):
         download = False
     try:
-        sets = read_torchvision_cifar(dataset, root, download)
+        sets = torchvision_fetch(root, lambda: read_torchvision_cifar(dataset, root, download))
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(

@@ -1,10 +1,11 @@
-"""torchvision transforms of the released code (SPEC section 2), and the datasets that
+"""torchvision transforms of the released code (docs/ALGORITHM.md section 2), and the datasets that
 apply them for the `--pipeline cpu` loader path."""
+import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
 
-# The released augmentation's constants; lib/augment.py's batched version uses the same.
+# The released augmentation's constants; datasets/augment.py's batched version uses the same.
 CROP_SCALE = (0.2, 1.0)         # RandomResizedCrop area fraction
 CROP_RATIO = (3 / 4, 4 / 3)     # RandomResizedCrop aspect ratio (log-uniform)
 JITTER = 0.4                    # ColorJitter brightness = contrast = saturation = hue strength
@@ -35,19 +36,38 @@ def test_transform(mean, std, size=32):
     return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
+def sample_seed(epoch_seed, index):
+    """A 63-bit seed of one image's augmentation in one epoch, a pure function of the two."""
+    state = np.random.SeedSequence([epoch_seed, index]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
 class AugmentedViews(torch.utils.data.Dataset):
-    """Training images as `views` independently augmented tensors, the label and the index."""
+    """Training images as `views` independently augmented tensors, the label and the index.
+
+    Each image's views are drawn from a generator seeded by (epoch seed, index) alone
+    (`set_epoch`), so the result does not depend on which loader process makes it or on where
+    in the epoch a resumed run starts."""
 
     def __init__(self, image_set, transform, views=2):
         self.images, self.targets = image_set.images, image_set.targets
         self.transform, self.views = transform, views
+        self.epoch_seed = 0
+
+    def set_epoch(self, epoch_seed):
+        self.epoch_seed = epoch_seed
 
     def __len__(self):
         return len(self.targets)
 
     def __getitem__(self, index):
         img = Image.fromarray(self.images[index])
-        return (*(self.transform(img) for _ in range(self.views)), int(self.targets[index]), index)
+        # torchvision's transforms draw from the global generator: seed it for this image only,
+        # and give the caller's state back afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.epoch_seed, index))
+            views = [self.transform(img) for _ in range(self.views)]
+        return (*views, int(self.targets[index]), index)
 
 
 class Plain(torch.utils.data.Dataset):

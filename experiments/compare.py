@@ -7,13 +7,11 @@
 Each run is `method:dataset:network:epochs`, epochs counting all rounds: methods with rounds
 (super-and, and) split them over `--rounds` rounds, the others train one round of all of them,
 so every method gets the same number of epochs. Each run is `main.py` in its own process
-(its log and checkpoints under --work-dir); the table of final and best kNN top-1 and seconds
-is printed and written to --out. The default, the four methods on CIFAR-10 for 20 epochs,
-is sized for about 10 minutes of one H100.
+(its log.jsonl and checkpoints under --work-dir); the table of final and best kNN top-1 and
+seconds is made from each run's log records and printed and written to --out. The default, the
+four methods on CIFAR-10 for 20 epochs, is sized for about 10 minutes of one H100.
 """
-import argparse
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -22,18 +20,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lib import cli  # noqa: E402
+from lib.errors import UserError  # noqa: E402
 from lib.recipes import RECIPES  # noqa: E402
+from lib.run_log import last_of, read_records  # noqa: E402
 
 DEFAULT_RUNS = [f'{m}:cifar10:resnet18:20' for m in ('lemniscate', 'isif', 'and', 'super-and')]
-DONE = re.compile(r'done: best kNN top-1 ([\d.]+)% \(round (\d+) epoch (\d+).*final ([\d.]+)%')
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse_args(argv=None):
+    p = cli.Parser(description=__doc__.split('\n')[0])
     p.add_argument('--runs', nargs='+', default=DEFAULT_RUNS, metavar='M:D:N:E',
                    help='method:dataset:network:epochs (default: the four methods, '
                         'CIFAR-10, ResNet18, 20 epochs)')
-    p.add_argument('--rounds', type=int, default=2,
+    p.add_argument('--rounds', type=cli.POSITIVE_INT, default=2,
                    help='rounds of the methods that have rounds (default: %(default)s)')
     p.add_argument('--data-root', dest='data_root', default='./data')
     p.add_argument('--work-dir', dest='work_dir', default='checkpoint/compare',
@@ -42,7 +42,7 @@ def parse_args():
                    help='markdown table file (default: WORK_DIR/results.md)')
     p.add_argument('--extra', default='',
                    help='more main.py flags for every run, e.g. "--subset 5000 --device cpu"')
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def schedule(method, epochs, rounds):
@@ -53,11 +53,31 @@ def schedule(method, epochs, rounds):
     return 1, epochs
 
 
+def parse_spec(spec):
+    """(method, dataset, network, epochs) of `method:dataset:network:epochs`."""
+    parts = spec.split(':')
+    if len(parts) != 4 or not parts[3].isdigit() or int(parts[3]) < 1:
+        raise UserError(f'run {spec!r} is not method:dataset:network:epochs (epochs >= 1)')
+    if parts[0] not in RECIPES:
+        raise UserError(f'unknown method {parts[0]!r} in {spec!r}; choose from '
+                        f'{", ".join(sorted(RECIPES))}')
+    return parts[0], parts[1], parts[2], int(parts[3])
+
+
+def summary(folder):
+    """(final, best, where) kNN top-1 % of a finished run, from its log.jsonl records."""
+    try:
+        end = last_of(read_records(folder), 'end')
+    except UserError:            # no log at all: the run failed before its first record
+        return None
+    if end is None or end.get('final_top1') is None:
+        return None
+    return end['final_top1'], end['best_top1'], (end['best_round'], end['best_epoch'])
+
+
 def run_one(spec, args):
-    method, dataset, network, epochs = spec.split(':')
-    if method not in RECIPES:
-        sys.exit(f'error: unknown method {method!r} in {spec!r}; choose from {sorted(RECIPES)}')
-    rounds, per_round = schedule(method, int(epochs), args.rounds)
+    method, dataset, network, epochs = parse_spec(spec)
+    rounds, per_round = schedule(method, epochs, args.rounds)
     folder = os.path.join(args.work_dir, spec.replace(':', '_'))
     os.makedirs(folder, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, 'main.py'), '--method', method,
@@ -66,24 +86,25 @@ def run_one(spec, args):
                '--model_dir', folder, *shlex.split(args.extra)]
     print(f'== {spec}: {" ".join(command[1:])}', flush=True)
     start = time.time()
-    with open(os.path.join(folder, 'log.txt'), 'w') as log:
+    if os.path.exists(os.path.join(folder, 'log.jsonl')):
+        os.remove(os.path.join(folder, 'log.jsonl'))       # this run's records only
+    with open(os.path.join(folder, 'console.txt'), 'w') as console:
+        # The console is shown as it comes and kept for reading; the table uses the records.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=ROOT)
-        done = None
         for line in proc.stdout:
-            log.write(line)
-            if '| lr ' in line or line.startswith(('done:', 'error')):
-                print('   ' + line.rstrip(), flush=True)
-            done = DONE.search(line) or done
+            console.write(line)
+            print('   ' + line.rstrip(), flush=True)
         proc.wait()
     seconds = time.time() - start
     row = dict(method=method, dataset=dataset, network=network,
                schedule=f'{rounds} x {per_round}', seconds=seconds)
-    if proc.returncode != 0 or done is None:
-        row.update(final='failed', best=f'exit {proc.returncode}, see {folder}/log.txt')
+    result = summary(folder) if proc.returncode == 0 else None
+    if result is None:
+        row.update(final='failed', best=f'exit {proc.returncode}, see {folder}/console.txt')
     else:
-        row.update(final=f'{float(done.group(4)):.2f}',
-                   best=f'{float(done.group(1)):.2f} (r{done.group(2)} e{done.group(3)})')
+        final, best, (best_round, best_epoch) = result
+        row.update(final=f'{final:.2f}', best=f'{best:.2f} (r{best_round} e{best_epoch})')
     return row
 
 
@@ -95,8 +116,10 @@ def table(rows):
     return '\n'.join(lines)
 
 
-def main():
-    args = parse_args()
+def compare(argv):
+    args = parse_args(argv)
+    for spec in args.runs:
+        parse_spec(spec)                      # every spec checked before the first run
     rows = [run_one(spec, args) for spec in args.runs]
     text = table(rows)
     out = args.out or os.path.join(args.work_dir, 'results.md')
@@ -107,5 +130,9 @@ def main():
           'evaluation, as the paper reports; "final" is the last epoch\'s)')
 
 
+def main(argv=None):
+    return cli.run(compare, argv)
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

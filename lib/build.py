@@ -1,7 +1,9 @@
 """Building a run's parts from its options (an argparse namespace or any object with the
-same attributes): device, data, network + bank + anchors, pipeline, optimizer, trainer.
+same attributes): device settings, data, the method's state, pipeline, optimizer, trainer;
+and loading a checkpoint with its data for analysis.
 
-`main.py`, `bench/` and `experiments/` all build through here, so they train the same thing.
+`main.py`, `bench/`, `experiments/`, `hubconf.py` and the analysis commands all build through
+here, so they train and evaluate the same thing.
 """
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -9,14 +11,12 @@ from types import SimpleNamespace
 import torch
 
 import datasets
-import models
 
 from . import checkpoint as ckpt
 from .config import DEFAULTS, RUN_DEFAULTS
 from .errors import UserError
-from .evaluate import embed
-from .memory_bank import MemoryBank
-from .neighbourhoods import ANsDiscovery
+from .evaluate import KnnData, embed, training_features
+from .method_state import MethodState
 from .pipelines import LoaderPipeline, TensorPipeline
 from .recipes import COMPONENTS, resolve
 from .train import Objective, Trainer
@@ -29,30 +29,44 @@ def default_options(**overrides):
                               **overrides})
 
 
-def choose_device(opts, world=None):
-    """The device (this rank's GPU), with the choices `auto` leaves to it (pipeline,
-    precision, compile)."""
+@dataclass(frozen=True)
+class DeviceSettings:
+    """The device (this rank's GPU) and the choices `auto` leaves to it."""
+    device: torch.device
+    pipeline: str       # 'gpu' (device tensors, batched augmentation) or 'cpu' (loader)
+    precision: str      # training arithmetic: 'bf16' autocast or 'fp32'
+    compile: str        # 'none', 'default' or 'reduce-overhead'
+
+    @property
+    def cuda(self):
+        return self.device.type == 'cuda'
+
+
+def device_settings(opts, world=None):
+    """Resolve --device, --pipeline, --precision and --compile (`auto`: the fast path on CUDA,
+    the released arithmetic on the CPU). The options themselves are left as typed."""
     if opts.device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda, but no CUDA device is available')
     cuda_index = world.local_rank if world is not None else 0
-    device = torch.device(f'cuda:{cuda_index}' if opts.device != 'cpu'
-                          and torch.cuda.is_available() else 'cpu')
-    cuda = device.type == 'cuda'
-    if opts.pipeline == 'auto':
-        opts.pipeline = 'gpu' if cuda else 'cpu'
-    if opts.precision == 'auto':
-        opts.precision = 'bf16' if cuda else 'fp32'
-    if opts.compile == 'auto':
-        # SPEC 9: the CUDA-graph-captured step is ~3x faster than eager bf16 at batch 128.
-        opts.compile = 'reduce-overhead' if cuda else 'none'
+    cuda = opts.device != 'cpu' and torch.cuda.is_available()
+    device = torch.device(f'cuda:{cuda_index}' if cuda else 'cpu')
+    pick = (lambda value, on_cuda, on_cpu: value if value != 'auto'
+            else on_cuda if cuda else on_cpu)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    return device
+    # The CUDA-graph-captured step is ~3x faster than eager bf16 at batch 128
+    # (docs/ALGORITHM.md section 9).
+    return DeviceSettings(device, pick(opts.pipeline, 'gpu', 'cpu'),
+                          pick(opts.precision, 'bf16', 'fp32'),
+                          pick(opts.compile, 'reduce-overhead', 'none'))
 
 
-def load_data(opts):
-    train, test = datasets.load_dataset(opts.dataset, opts.data_root, subset=opts.subset,
-                                        seed=opts.seed, image_size=opts.image_size)
+def load_data(opts, root=None):
+    """(train, test) of the run's dataset (test None for an unlabeled folder), checked against
+    the options that depend on its size."""
+    train, test = datasets.load_dataset(opts.dataset, root or opts.data_root,
+                                        subset=opts.subset, seed=opts.seed,
+                                        image_size=opts.image_size)
     if opts.ANs_size >= len(train):
         raise UserError(f'--ANs_size {opts.ANs_size} needs more than {len(train)} training images')
     if opts.batch_size > len(train) and not opts.test_only:
@@ -61,37 +75,31 @@ def load_data(opts):
     return train, test
 
 
+def load_eval_data(opts):
+    """(train, test) of --eval-root, a labelled tree that runs on unlabeled data are evaluated
+    on (kNN of the network's embeddings), at the run's image size."""
+    if datasets.folder_layout(opts.eval_root) != 'labelled':
+        raise UserError(f'--eval-root {opts.eval_root} is not a labelled tree: it needs '
+                        f'{opts.eval_root}/train/<class>/* and {opts.eval_root}/test/<class>/*')
+    return datasets.load_dataset('folder', opts.eval_root, subset=opts.subset, seed=opts.seed,
+                                 image_size=opts.image_size)
+
+
 def normalisation(opts, train):
     """(mean, std): given by flags, the dataset's constants, or computed from `train`."""
     mean, std = datasets.mean_std(opts.dataset, train)
     return tuple(opts.mean or mean), tuple(opts.std or std)
 
 
-def build_model(opts, num_train, device):
-    """Network, memory bank and anchor discovery, initialised from the seed on the CPU.
-    Without the bank (isif) the bank and the anchors are None."""
-    torch.manual_seed(opts.seed)
-    stem = models.default_stem(opts.image_size) if opts.stem == 'auto' else opts.stem
-    net = models.build_network(opts.network, opts.low_dim, sobel=opts.sobel, stem=stem)
-    bank = anchors = None
-    if opts.bank:
-        bank = MemoryBank(opts.low_dim, num_train, opts.npc_t, opts.npc_m).to(device)
-        anchors = ANsDiscovery(num_train, opts.ANs_select_rate, opts.ANs_size).to(device)
-    net = net.to(device)
-    if device.type == 'cuda':
-        net = net.to(memory_format=torch.channels_last)
-    return net, bank, anchors
-
-
-def build_pipeline(opts, train, test, device, mean, std, world=None):
+def build_pipeline(opts, settings, train, test, mean, std, world=None):
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
     if opts.batch_size % size:
         raise UserError(f'--batch_size {opts.batch_size} does not split over {size} processes')
     common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=opts.image_size,
-                  views=opts.views, batch_size=opts.batch_size, device=device, seed=opts.seed,
-                  flip=opts.flip, rank=rank, world_size=size)
-    if opts.pipeline == 'gpu':
-        return TensorPipeline(compile_mode=opts.compile, **common)
+                  views=opts.views, batch_size=opts.batch_size, device=settings.device,
+                  seed=opts.seed, flip=opts.flip, rank=rank, world_size=size)
+    if settings.pipeline == 'gpu':
+        return TensorPipeline(compile_mode=settings.compile, **common)
     return LoaderPipeline(workers=opts.workers, **common)
 
 
@@ -117,59 +125,87 @@ def distribute(opts, net, world):
         net, device_ids=[world.local_rank] if cuda else None)
 
 
-def build_trainer(opts, net, bank, anchors, optimizer, world=None):
+def build_trainer(opts, settings, net, method, optimizer, world=None):
+    """The Trainer of `net` (the network, or its DDP wrapper) and the method's bank and
+    anchors."""
     objective = Objective(views=opts.views, bank_loss=opts.bank, aug_loss=opts.aug_loss,
                           aug_input=opts.aug_input, ue_loss=opts.ue_loss, batch_t=opts.batch_t,
                           batch_m=opts.batch_m)
-    cuda = next(net.parameters()).device.type == 'cuda'
-    return Trainer(net, bank, anchors, optimizer, objective, precision=opts.precision,
-                   channels_last=cuda, compile_mode=opts.compile, world=world)
+    return Trainer(net, method.bank, method.anchors, optimizer, objective,
+                   precision=settings.precision, channels_last=settings.cuda,
+                   compile_mode=settings.compile, world=world)
 
 
+# ----------------------------------------------------------------------------- analysis
 @dataclass
 class Trained:
     """A checkpoint loaded with the data and network it was trained on, for analysis."""
     opts: SimpleNamespace
     state: dict
-    net: torch.nn.Module
-    bank: MemoryBank
+    method: MethodState
     train: datasets.ImageSet
-    test: datasets.ImageSet
+    test: datasets.ImageSet            # None for a run on unlabeled images
     pipeline: object
     device: torch.device
+    mean: tuple = None
+    std: tuple = None
+
+    @property
+    def net(self):
+        return self.method.net
+
+    @property
+    def bank(self):
+        return self.method.bank
+
+    @property
+    def knn_data(self):
+        labels = torch.from_numpy(self.train.targets).to(self.device)
+        return KnnData(self.pipeline, labels, len(self.train.classes), self.opts.knn_features)
 
     def embeddings(self, split, source='network'):
         """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the
-        test transform, or for the training split also the memory bank (`source='bank'`)."""
+        test transform (float32), or for the training split also the memory bank
+        (`source='bank'`)."""
         if source == 'bank':
             if split != 'train' or self.bank is None:
                 raise UserError('bank features exist for the training split of a run with a '
                                 'memory bank only')
-            return self.bank.memory.float(), torch.from_numpy(self.train.targets).to(self.device)
-        cuda = self.device.type == 'cuda'
-        return embed(self.net, self.pipeline.eval_batches(split),
-                     bf16=self.opts.precision == 'bf16', channels_last=cuda)
+            labels = torch.from_numpy(self.train.targets).to(self.device)
+            data = KnnData(self.pipeline, labels, len(self.train.classes), 'bank')
+            return training_features(self.net, self.bank, data), labels
+        if split == 'test' and self.test is None:
+            raise UserError('this checkpoint was trained on unlabeled images: there is no test '
+                            'split')
+        return embed(self.net, self.pipeline.eval_batches(split))
 
 
-def load_trained(path, **overrides):
+def load_trained(path, say=print, **overrides):
     """Load the checkpoint at `path` with the options it was trained with (its stored config,
-    else the released defaults), `overrides` (e.g. data_root, device) applied on top."""
+    else the released defaults), `overrides` (e.g. data_root, device) applied on top. Its bank
+    is checked against the data found (the fingerprint); `say` gets the one note when a file
+    has none."""
     state = ckpt.load(path)
     stored = {k: v for k, v in (state.get('config') or {}).items() if k != 'given'}
-    opts = default_options(**{**stored, 'test_only': True, 'compile': 'none',
-                              'pipeline': 'auto', **overrides})
+    opts = default_options(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
+                              **overrides})
+    if opts.knn_features == 'recompute':          # the word older checkpoints stored
+        opts.knn_features = 'network'
     resolve(opts)
-    device = choose_device(opts)
+    settings = device_settings(opts)
     train, test = load_data(opts)
+    note = ckpt.check_data(state, train.fingerprint, path)
+    if note:
+        say(note)
     mean, std = normalisation(opts, train)
-    net, bank, anchors = build_model(opts, len(train), device)
-    ckpt.restore_model(state, path, net, bank, anchors)
-    net.eval()
-    pipeline = build_pipeline(opts, train, test, device, mean, std)
-    return Trained(opts, state, net, bank, train, test, pipeline, device)
+    method = MethodState.build(opts, len(train), settings.device)
+    method.load(state, path)
+    method.net.eval()
+    pipeline = build_pipeline(opts, settings, train, test, mean, std)
+    return Trained(opts, state, method, train, test, pipeline, settings.device, mean, std)
 
 
-def load_for_analysis(path, data_root=None, subset=None, device='auto'):
+def load_for_analysis(path, data_root=None, subset=None, device='auto', say=print):
     """`load_trained` as the analysis commands (linear probe, export, figures) call it: the
     data root and subset are the checkpoint's unless given; no loader processes."""
     overrides = dict(device=device, workers=0)
@@ -177,4 +213,4 @@ def load_for_analysis(path, data_root=None, subset=None, device='auto'):
         overrides['data_root'] = data_root
     if subset is not None:
         overrides['subset'] = subset
-    return load_trained(path, **overrides)
+    return load_trained(path, say=say, **overrides)

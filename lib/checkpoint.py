@@ -1,22 +1,32 @@
-"""Checkpoints: the released layout, plus what resuming needs (SPEC 1 and 7).
+"""The two checkpoint formats, how they are written, read, checked and restored.
 
-`ckpt.t7` (best kNN) keeps the released keys `net npc ANs_discovery acc round epoch`, so the
-released code and ours read each other's files. `last.t7`, written after every epoch, adds
-`optimizer`, `rng`, `next` (where to continue), `best` and `config`. Every write goes to a
-temporary file that is then renamed over the old one: a run killed mid-write leaves the
-previous checkpoint intact.
+`ckpt.t7` (the best kNN so far) is the released layout, `net npc ANs_discovery acc round
+epoch` (`net` with the `module.` prefix the released code's DataParallel expects), so the
+released code and ours read each other's files; ours add `config` (the run's options) and
+`fingerprint` (of the training data), which the released code ignores.
+
+`last.t7`, written after every epoch (and at a stop signal, mid-epoch), adds what continuing
+needs: `optimizer`, `rng`, `next` (round, epoch and step to continue from, with the loss sums
+of a part-done epoch) and `best`.
+
+Every write goes to a temporary file that is fsynced, then renamed over the old one: a run
+killed mid-write leaves the previous checkpoint whole.
 """
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 
 import torch
 
+from datasets import describe_fingerprint
+
 from .errors import UserError
 
-PREFIXES = ('module.', '_orig_mod.')   # added by DataParallel/DDP and by torch.compile
+BEST, LAST = 'ckpt.t7', 'last.t7'
 
 
+# ----------------------------------------------------------------------------- files
 def save_atomic(state, path):
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'wb') as f:
@@ -35,97 +45,44 @@ def resolve_path(model_dir, name):
 
 
 def load(path):
-    """The checkpoint dict at `path`, or a UserError saying what is wrong with it."""
+    """The checkpoint dict at `path`, or a UserError saying in one sentence what is wrong."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder, not a checkpoint file')
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path}')
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UserError(f'checkpoint {path} is empty (0 bytes): it was never written')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f'cannot read checkpoint {path}: damaged or not a PyTorch file '
-                        f'({reason})') from None
+    except Exception as err:   # torch.load raises many types; each means an unusable file
+        raise UserError(unreadable_reason(path, size, err)) from None
     if not isinstance(state, dict) or not {'net', 'npc'} <= set(state):
-        keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise UserError(f'{path} is not a Super-AND checkpoint (needs keys net and npc; '
-                        f'has {keys})')
+        keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise UserError(f'{path} is not a Super-AND checkpoint: it needs the keys net and npc, '
+                        f'and holds {keys}')
     return state
 
 
-def clean_state_dict(state_dict):
-    """Drop `module.` / `_orig_mod.` prefixes, so wrapped and plain networks load alike."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        for prefix in PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
-    return cleaned
-
-
-def restore_model(state, path, net, bank, anchors):
-    """Load network, bank and anchors from a checkpoint, with clear errors on mismatch."""
-    memory = state['npc'].get('memory')
-    if bank is not None:
-        if memory is None:
-            raise UserError(f'checkpoint {path} holds no memory bank (npc.memory)')
-        if tuple(memory.shape) != tuple(bank.memory.shape):
-            raise UserError(
-                f'checkpoint {path} has a bank of {memory.shape[0]} x {memory.shape[1]}, but '
-                f'this run needs {bank.memory.shape[0]} x {bank.memory.shape[1]} (training '
-                f'images x --low_dim): another dataset, --subset or --low_dim?')
-        bank.load_state_dict(state['npc'])
-    try:
-        net.load_state_dict(clean_state_dict(state['net']))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise UserError(f'checkpoint {path} does not fit this network '
-                        f'({" ".join(first[:2])[:300]})') from None
-    if anchors is not None and state.get('ANs_discovery'):
-        positions = state['ANs_discovery'].get('position')
-        if positions is not None and positions.shape[0] != anchors.num_entries:
-            raise UserError(f'checkpoint {path} has anchors for {positions.shape[0]} images, '
-                            f'this run has {anchors.num_entries}')
-        anchors.load_state_dict(state['ANs_discovery'])
-
-
-def model_state(net, bank, anchors, acc, round_index, epoch):
-    """The released checkpoint layout."""
-    return {
-        'net': clean_state_dict(net.state_dict()),
-        'npc': bank.state_dict() if bank is not None else {},
-        'ANs_discovery': anchors.state_dict() if anchors is not None else {},
-        'acc': acc,
-        'round': round_index,
-        'epoch': epoch,
-    }
-
-
-def rng_state():
-    state = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    if state and 'torch' in state:
-        torch.set_rng_state(state['torch'])
-    if state and 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def estimated_size(net, bank, anchors):
-    """Bytes of a last.t7: the network, one SGD momentum buffer per weight, bank, anchors."""
-    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-    extra = sum(t.numel() * t.element_size() for module in (bank, anchors) if module is not None
-                for t in module.state_dict().values())
-    return weights + trainable + extra
+def unreadable_reason(path, size, err):
+    """One sentence on why torch.load failed on `path`."""
+    text = str(err)
+    if isinstance(err, EOFError) or 'central directory' in text or 'truncated' in text \
+            or 'zip archive' in text:
+        return (f'checkpoint {path} ({size} bytes) is truncated or damaged: it was not '
+                f'completely written or copied')
+    if 'Weights only load failed' in text:
+        return (f'{path} holds Python objects other than tensors, numbers and plain '
+                f'containers, so it is neither a checkpoint of this program nor of the released '
+                f'code, and it is not loaded (unpickling it could run code)')
+    return f'{path} is not a PyTorch checkpoint file'
 
 
 def prepare_model_dir(model_dir, needed_bytes):
     """Create `model_dir`, check that it can be written and holds `needed_bytes` more, and
     remove temporaries a killed run left behind: at start-up, not after hours of training."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise UserError(f'--model_dir {model_dir} is a file, not a folder')
     try:
         os.makedirs(model_dir, exist_ok=True)
         probe = os.path.join(model_dir, f'.write-test-{os.getpid()}')
@@ -143,3 +100,122 @@ def prepare_model_dir(model_dir, needed_bytes):
     for name in os.listdir(model_dir):
         if re.fullmatch(r'.+\.t7\.tmp\d+', name):
             os.remove(os.path.join(model_dir, name))
+
+
+# ----------------------------------------------------------------------------- progress
+@dataclass
+class Progress:
+    """Where a run is: the position to continue from, and its last and best accuracy.
+    Accuracies are fractions; None until the first evaluation (and in runs without labels)."""
+    round: int = 0
+    epoch: int = 0
+    step: int = 0                       # > 0: continue inside the epoch (after a stop signal)
+    loss_sums: list = None              # the loss sums of the epoch's first `step` steps
+    acc: float = None
+    best_acc: float = None
+    best_round: int = None
+    best_epoch: int = None
+    saved: tuple = None                 # (round, epoch) last.t7 holds, for messages
+    extra: dict = field(default_factory=dict)
+
+    def record(self, round_index, epoch, acc):
+        """An epoch was evaluated (acc None without labels): whether it is the best so far."""
+        self.round, self.epoch, self.acc = round_index, epoch, acc
+        best = acc is None or self.best_acc is None or acc > self.best_acc
+        if best:
+            self.best_acc, self.best_round, self.best_epoch = acc, round_index, epoch
+        return best
+
+    def best_text(self):
+        if self.best_acc is None:
+            return 'none yet' if self.best_round is None else 'not evaluated'
+        return (f'{100 * self.best_acc:.2f}% (round {self.best_round} epoch '
+                f'{self.best_epoch})')
+
+
+def following(round_index, epoch, epochs):
+    """The (round, epoch) after `epoch` of `round_index` in rounds of `epochs` epochs."""
+    return (round_index, epoch + 1) if epoch + 1 < epochs else (round_index + 1, 0)
+
+
+# ----------------------------------------------------------------------------- the formats
+def best_state(method, progress, config, fingerprint):
+    """ckpt.t7: the released keys, the run's options and its data's fingerprint."""
+    return {**method.state_dict(), 'acc': progress.acc, 'round': progress.round,
+            'epoch': progress.epoch, 'config': config, 'fingerprint': fingerprint}
+
+
+def last_state(method, optimizer, progress, next_position, config, fingerprint):
+    """last.t7: ckpt.t7's keys, plus the optimizer, the random states, where to continue
+    (`next_position`: round, epoch, step and, mid-epoch, loss_sums) and the best so far."""
+    state = best_state(method, progress, config, fingerprint)
+    state.update(optimizer=optimizer.state_dict(), rng=rng_state(), next=next_position,
+                 best={'acc': progress.best_acc, 'round': progress.best_round,
+                       'epoch': progress.best_epoch})
+    return state
+
+
+def write(model_dir, method, optimizer, progress, next_position, config, fingerprint,
+          is_best):
+    """last.t7, and ckpt.t7 when `is_best`; both atomically."""
+    if is_best:
+        save_atomic(best_state(method, progress, config, fingerprint),
+                    os.path.join(model_dir, BEST))
+    save_atomic(last_state(method, optimizer, progress, next_position, config, fingerprint),
+                os.path.join(model_dir, LAST))
+    progress.saved = (progress.round, progress.epoch)
+
+
+def can_continue(state):
+    """Whether `state` holds what continuing a run needs (a last.t7), not just weights."""
+    return 'optimizer' in state and 'next' in state
+
+
+def progress_of(state):
+    """The Progress a last.t7 continues from."""
+    nxt, best = state['next'], state.get('best') or {}
+    return Progress(round=nxt['round'], epoch=nxt['epoch'], step=nxt.get('step', 0),
+                    loss_sums=nxt.get('loss_sums'), acc=state.get('acc'),
+                    best_acc=best.get('acc'), best_round=best.get('round'),
+                    best_epoch=best.get('epoch'), saved=(state['round'], state['epoch']))
+
+
+def restore_training(state, optimizer):
+    """Optimizer and random states of a last.t7; returns its Progress."""
+    optimizer.load_state_dict(state['optimizer'])
+    set_rng_state(state.get('rng'))
+    return progress_of(state)
+
+
+def check_data(state, fingerprint, path, what='--data-root'):
+    """Refuse (UserError) a checkpoint whose bank belongs to other training data than
+    `fingerprint`. Returns a note for a file without a fingerprint (a released checkpoint),
+    else None."""
+    stored = state.get('fingerprint')
+    if stored is None:
+        return (f'note: {path} has no data fingerprint (a released or older checkpoint): '
+                f'that its bank belongs to these training images could not be checked')
+    if stored != fingerprint:
+        raise UserError(f'checkpoint {path} was trained on other data: it holds '
+                        f'{describe_fingerprint(stored)}; {what} gives '
+                        f'{describe_fingerprint(fingerprint)}')
+    return None
+
+
+# ----------------------------------------------------------------------------- random states
+def rng_state():
+    state = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, device_count=None):
+    """Restore the CPU state and the CUDA state of each GPU that exists here (a run resumed on
+    fewer GPUs than it was saved on keeps the first ones; on more, the others stay seeded)."""
+    if state and 'torch' in state:
+        torch.set_rng_state(state['torch'])
+    if state and state.get('cuda') and torch.cuda.is_available():
+        count = torch.cuda.device_count() if device_count is None else device_count
+        for index, cuda_state in enumerate(state['cuda'][:count]):
+            torch.cuda.set_rng_state(cuda_state, index)

@@ -4,9 +4,10 @@ them (NCCL on GPUs, gloo on the CPU).
 The global batch stays `--batch_size` images: each rank takes its contiguous share of every
 global batch. The ranks all-gather the step's embeddings and indexes, so the augmentation loss
 compares each local row with the whole global batch and every rank applies the same bank update
-(`World.gather_views`); anchors are discovered once and broadcast (`broadcast_anchors`); kNN
+(`World.gather_views`); anchors are discovered once and broadcast (`ANsDiscovery.broadcast`); kNN
 counts are summed over ranks. Only rank 0 prints, logs and writes checkpoints.
 """
+import gc
 import os
 from dataclasses import dataclass
 
@@ -98,11 +99,17 @@ def init_world(device_choice):
     return World(rank, size, local_rank)
 
 
-def close_world(world):
-    """Leave together: a rank that tears down gloo while another still talks to it aborts."""
-    if world.size > 1 and dist.is_initialized():
+def close_world(world, clean=True):
+    """Leave the process group. After a clean run the ranks leave together (a rank that tears
+    down gloo while another still talks to it aborts). After an error they do not wait: the
+    other ranks may be inside a collective the failed one never joins, and would wait for it
+    until the timeout, replacing the original error by the transport's."""
+    if world.size == 1 or not dist.is_initialized():
+        return
+    gc.collect()    # DDP's reducer, kept alive by reference cycles, releases the group first
+    if clean:
         world.barrier()
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -156,23 +163,3 @@ def sync_batchnorm(net, cuda):
         else:
             sync_batchnorm(module, cuda)
     return net
-
-
-def broadcast_anchors(anchors, round_index, world):
-    """Rank 0's anchor discovery, copied to every rank (the others computed nothing)."""
-    if world.size == 1:
-        return
-    device = anchors.position.device
-    count = anchors.anchors_in_round(round_index)
-    if not world.main:
-        anchors.anchor_indexes = torch.empty(count, dtype=torch.long, device=device)
-        anchors.instance_indexes = torch.empty(anchors.num_entries - count, dtype=torch.long,
-                                               device=device)
-        anchors.neighbours = torch.empty(count, anchors.ans_size, dtype=torch.long,
-                                         device=device)
-        anchors.entropy = torch.empty(anchors.num_entries, device=device)
-        anchors.consistency = torch.zeros((), device=device)
-    for name in ('anchor_indexes', 'instance_indexes', 'position', 'neighbours', 'entropy',
-                 'consistency'):
-        dist.broadcast(getattr(anchors, name), src=0)
-    anchors.fill_neighbour_table()

@@ -1,4 +1,4 @@
-"""Weighted kNN evaluation (SPEC section 7; Wu et al. 2018's protocol).
+"""Weighted kNN evaluation (docs/ALGORITHM.md section 7; Wu et al. 2018's protocol).
 
 Each test embedding votes with its K most similar training embeddings (the memory bank by
 default), a neighbour weighing exp(similarity / sigma) for its class.

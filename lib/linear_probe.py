@@ -10,11 +10,12 @@ outputs, the input of the network's last linear layer (1024-d for ResNet18 with 
 `--layer embedding` the L2-normalised 128-d embedding kNN uses. Features are standardised with
 the training split's mean and std.
 """
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from . import cli
 
 PROBE_DEFAULTS = dict(epochs=50, lr=0.1, batch_size=256, weight_decay=0.0, seed=0)
 
@@ -68,41 +69,36 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
     return dict(top1=100 * top1, top5=100 * top5, train_top1=100 * train_top1)
 
 
-def parse_args(argv=None):
+def build_parser():
     d = PROBE_DEFAULTS
-    p = argparse.ArgumentParser(prog='python -m lib.linear_probe',
-                                description='Linear probe on frozen features of a checkpoint.')
-    p.add_argument('--ckpt', required=True, help='checkpoint file (ckpt.t7, last.t7, ...)')
-    p.add_argument('--data-root', dest='data_root', default=None,
-                   help='data location (default: the one the checkpoint was trained with)')
-    p.add_argument('--subset', type=int, default=None,
-                   help='override the subset the checkpoint was trained on')
-    p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
+    p = cli.Parser(prog='python -m lib.linear_probe',
+                   description='Linear probe on frozen features of a checkpoint.')
+    cli.add_checkpoint_option(p)
+    cli.add_data_options(p)
     p.add_argument('--layer', default='backbone', choices=('backbone', 'embedding'),
                    help='features probed (default: %(default)s)')
-    p.add_argument('--epochs', type=int, default=d['epochs'],
+    p.add_argument('--epochs', type=cli.POSITIVE_INT, default=d['epochs'],
                    help='passes over the training features (default: %(default)s)')
-    p.add_argument('--lr', type=float, default=d['lr'],
+    p.add_argument('--lr', type=cli.POSITIVE_FLOAT, default=d['lr'],
                    help='SGD learning rate, cosine-annealed to 0 (default: %(default)s)')
-    p.add_argument('--batch-size', dest='batch_size', type=int, default=d['batch_size'],
-                   help='(default: %(default)s)')
-    p.add_argument('--weight-decay', dest='weight_decay', type=float,
+    p.add_argument('--batch-size', dest='batch_size', type=cli.POSITIVE_INT,
+                   default=d['batch_size'], help='(default: %(default)s)')
+    p.add_argument('--weight-decay', dest='weight_decay', type=cli.NON_NEGATIVE_FLOAT,
                    default=d['weight_decay'], help='(default: %(default)s)')
     p.add_argument('--seed', type=int, default=d['seed'],
                    help='initialisation and shuffling (default: %(default)s)')
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None):
-    from datasets import DataError
-    from lib.build import load_for_analysis
-    from lib.errors import UserError
-    args = parse_args(argv)
-    try:
-        trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
-    except (UserError, DataError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+def probe(argv):
+    from .build import load_for_analysis
+    from .errors import UserError
+    args = build_parser().parse_args(argv)
+    trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
+    if trained.test is None:
+        raise UserError('a linear probe needs labels; this checkpoint was trained on unlabeled '
+                        'images (give --data-root a labelled train/<class>/*, test/<class>/* '
+                        'tree of the same images)')
     torch.manual_seed(args.seed)
     train_x, train_y = probe_features(trained, 'train', args.layer)
     test_x, test_y = probe_features(trained, 'test', args.layer)
@@ -112,7 +108,10 @@ def main(argv=None):
     print(f'linear probe on {args.layer} features ({train_x.shape[1]}-d, {len(train_x)} train / '
           f'{len(test_x)} test images, {args.epochs} epochs): test top-1 {result["top1"]:.2f}% '
           f'top-5 {result["top5"]:.2f}% (train top-1 {result["train_top1"]:.2f}%)')
-    return 0
+
+
+def main(argv=None):
+    return cli.run(probe, argv)
 
 
 if __name__ == '__main__':

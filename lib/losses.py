@@ -1,4 +1,4 @@
-"""The three losses of one Super-AND step (SPEC section 5), as small functions.
+"""The three losses of one Super-AND step (docs/ALGORITHM.md section 5), as small functions.
 
 Shapes: R rows = views x B (view-1 rows first, then view-2 rows of the same images in the
 same order), N bank entries, K neighbours per anchor, M the width of the rows given to the
@@ -12,7 +12,7 @@ from .config import UE_SELF_LOGIT
 
 
 def and_loss(logits, targets, neighbours):
-    """Anchor-neighbourhood loss (AND, Huang et al. 2019; Super-AND's L_AND; SPEC 5.1).
+    """Anchor-neighbourhood loss (AND, Huang et al. 2019; Super-AND's L_AND; docs/ALGORITHM.md 5.1).
 
     logits: R x N bank logits; targets: R dataset indexes of each row's image;
     neighbours: R x K the image's neighbour indexes, -1 where it has none (non-anchors).
@@ -27,7 +27,7 @@ def and_loss(logits, targets, neighbours):
 
 
 def augmentation_loss(rows, temperature, negative_weight=1.0, keys=None, positions=None):
-    """Augmentation-invariance loss: instance discrimination inside the batch (SPEC 5.2).
+    """Augmentation-invariance loss: instance discrimination inside the batch (docs/ALGORITHM.md 5.2).
 
     The in-batch criterion of Ye et al. 2019 (ISIF), which Super-AND applies to the
     L2-normalised *bank-logit rows* (rows: R x N, as released) or, as an option, to the
@@ -60,7 +60,7 @@ def augmentation_loss(rows, temperature, negative_weight=1.0, keys=None, positio
 
 
 def ue_loss(logits, targets):
-    """Unification entropy (UE) loss (Super-AND's L_UE; SPEC 5.3).
+    """Unification entropy (UE) loss (Super-AND's L_UE; docs/ALGORITHM.md 5.3).
 
     logits: R x N; targets: R. The row's own bank entry is set to -10 (it is excluded
     from the neighbourhood being made confident), then the entropy of the softmax over the

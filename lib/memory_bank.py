@@ -1,4 +1,4 @@
-"""The memory bank: one embedding per training image (SPEC section 3).
+"""The memory bank: one embedding per training image (docs/ALGORITHM.md section 3).
 
 Wu et al. (2018)'s non-parametric classifier as Super-AND uses it: the "class weights" of
 image i are its bank row, logits are `f @ memory^T / T`, and after every step the rows of
@@ -34,7 +34,7 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, features, indexes):
-        """Move the batch's rows towards their new features (SPEC 3).
+        """Move the batch's rows towards their new features (docs/ALGORITHM.md 3).
 
         features: V*B x D, the views stacked view-major (all of view 1, then view 2, ...);
         indexes: B dataset indexes. Every view reads the same old rows and writes

@@ -1,4 +1,4 @@
-"""Anchor-neighbourhood (ANs) discovery: the curriculum of rounds (SPEC section 4).
+"""Anchor-neighbourhood (ANs) discovery: the curriculum of rounds (docs/ALGORITHM.md section 4).
 
 Before round r >= 1 the `int(N * select_rate * r)` bank entries whose softmax over the bank
 has the lowest entropy become anchors, and each anchor gets its `ANs_size` most similar
@@ -11,6 +11,7 @@ The buffers keep the released names and meaning so released checkpoints load:
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import CHUNK_FLOATS
 
@@ -51,6 +52,27 @@ def nearest_other_entries(memory, rows, k, chunk_rows=None):
     return out
 
 
+@torch.no_grad()
+def bank_statistics(memory, temperature, rows):
+    """What the bank says about the embedding without labels, on a sample of its entries
+    `rows` (a long tensor): the mean, min and max of their softmax entropies over the whole
+    bank (low: confident neighbourhoods) and the mean cosine to their nearest other entry."""
+    entropy = torch.empty(rows.shape[0], device=memory.device)
+    nearest = torch.empty(rows.shape[0], device=memory.device)
+    unit = F.normalize(memory.float(), dim=1)
+    chunk = default_chunk_rows(memory.shape[0])
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start:start + chunk]
+        log_p = torch.log_softmax((memory[part] @ memory.t()).float() / temperature, dim=1)
+        entropy[start:start + chunk] = -(log_p.exp() * log_p).sum(1)
+        sims = unit[part] @ unit.t()
+        sims.scatter_(1, part[:, None], float('-inf'))
+        nearest[start:start + chunk] = sims.max(1).values
+    values = torch.stack((entropy.mean(), entropy.min(), entropy.max(), nearest.mean()))
+    return dict(zip(('entropy_mean', 'entropy_min', 'entropy_max', 'nearest_similarity'),
+                    values.tolist()))
+
+
 class ANsDiscovery(nn.Module):
     def __init__(self, num_entries, select_rate, ans_size):
         super().__init__()
@@ -82,7 +104,7 @@ class ANsDiscovery(nn.Module):
 
     @torch.no_grad()
     def update(self, round_index, memory, temperature, labels=None, chunk_rows=None):
-        """Choose this round's anchors and their neighbours from the bank (SPEC 4).
+        """Choose this round's anchors and their neighbours from the bank (docs/ALGORITHM.md 4).
 
         `labels` (N), if given, are used only for the diagnostic `consistency`: the share of
         (anchor, neighbour) pairs with the same true label.
@@ -104,6 +126,35 @@ class ANsDiscovery(nn.Module):
             self.consistency = same.float().mean()
         self.fill_neighbour_table()
         return self.consistency
+
+    def broadcast(self, round_index, world):
+        """Copy rank 0's discovery of `round_index` into this process's buffers (the other
+        ranks computed nothing): sizes first, as the lists change size every round."""
+        if world.size == 1:
+            return
+        import torch.distributed as dist
+        device = self.position.device
+        if not world.main:
+            count = self.anchors_in_round(round_index)
+            self.anchor_indexes = torch.empty(count, dtype=torch.long, device=device)
+            self.instance_indexes = torch.empty(self.num_entries - count, dtype=torch.long,
+                                                device=device)
+            self.neighbours = torch.empty(count, self.ans_size, dtype=torch.long, device=device)
+            self.entropy = torch.empty(self.num_entries, device=device)
+            self.consistency = torch.zeros((), device=device)
+        for name in ('anchor_indexes', 'instance_indexes', 'position', 'neighbours', 'entropy',
+                     'consistency'):
+            dist.broadcast(getattr(self, name), src=0)
+        self.fill_neighbour_table()
+
+    def neighbour_similarity(self, memory):
+        """Mean cosine of (anchor, neighbour) pairs in the bank (nan without anchors): how
+        close the neighbourhoods the loss pulls together are, a measure that needs no labels."""
+        if not self.num_anchors:
+            return float('nan')
+        unit = F.normalize(memory.float(), dim=1)
+        pairs = unit[self.anchor_indexes][:, None, :] * unit[self.neighbours]
+        return float(pairs.sum(-1).mean())
 
     def fill_neighbour_table(self):
         # In place where the shape allows: a captured CUDA graph keeps reading this tensor.

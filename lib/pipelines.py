@@ -7,17 +7,19 @@ run would have seen, and every rank of a distributed run agrees on the global ba
 - `LoaderPipeline` (`--pipeline cpu`): the released path, torchvision transforms on PIL
   images in DataLoader workers, batches copied to the device.
 - `TensorPipeline` (`--pipeline gpu`, the CUDA default): the training set decoded once into a
-  uint8 tensor on the device, batches indexed there and augmented by `lib.augment` in one
+  uint8 tensor on the device, batches indexed there and augmented by `datasets.augment` in one
   batched call per view. It also runs on CPU tensors (tests, gloo runs).
 Each yields `(views, indexes)`: views V*B x 3 x H x W float32 normalised, view-major
 (all first views, then all second views), indexes B long, both on the training device.
 """
 import numpy as np
 import torch
+from PIL import Image
 
-from datasets import AugmentedViews, Plain, test_transform, train_transform
+from datasets import AugmentedViews, Plain, fit_square, test_transform, train_transform
 
 from .config import EVAL_BATCH_GPU, TEST_BATCH_SIZE
+from .stopping import ignore_interrupts
 
 
 def epoch_seed(seed, round_index, epoch):
@@ -49,30 +51,30 @@ class LoaderPipeline:
         self.device, self.seed = torch.device(device), seed
         self.augmented = AugmentedViews(train_set, train_transform(mean, std, image_size, flip,
                                                                    color), views)
-        self.num_test = len(test_set)
+        self.num_test = len(test_set) if test_set is not None else 0
         self.eval_transform = test_transform(mean, std, image_size)
 
     @property
     def steps_per_epoch(self):
         return len(self.train_set) // self.batch_size
 
-    def _loader(self, dataset, batch_sampler=None, generator=None):
+    def _loader(self, dataset, batch_sampler=None):
         batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None
                     else dict(batch_size=TEST_BATCH_SIZE, shuffle=False))
-        return torch.utils.data.DataLoader(
-            dataset, num_workers=self.workers, generator=generator,
-            pin_memory=self.device.type == 'cuda', **batching)
+        return torch.utils.data.DataLoader(dataset, num_workers=self.workers,
+                                           pin_memory=self.device.type == 'cuda',
+                                           worker_init_fn=ignore_interrupts, **batching)
 
     def train_batches(self, round_index, epoch, start_step=0):
         order = epoch_order(len(self.train_set), self.batch_size, self.seed, round_index, epoch)
-        seed = epoch_seed(self.seed, round_index, epoch)
-        # Transforms draw from the global RNG in the main process (workers=0) or from worker
-        # seeds taken from the loader's generator: seeding both makes each epoch repeatable.
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        loader = self._loader(self.augmented, order[start_step:, self.share].tolist(), generator)
+        # Every image's augmentation is seeded from (epoch seed, index): the same views whichever
+        # loader process makes them and wherever in the epoch a resumed run starts.
+        self.augmented.set_epoch(epoch_seed(self.seed, round_index, epoch))
+        loader = self._loader(self.augmented, order[start_step:, self.share].tolist())
         for batch in loader:
-            views = torch.cat(batch[:self.views]).to(self.device, non_blocking=True)
+            # Each pinned view is copied on its own (asynchronously), then joined on the device.
+            views = torch.cat([view.to(self.device, non_blocking=True)
+                               for view in batch[:self.views]])
             yield views, batch[-1].to(self.device, non_blocking=True)
 
     def eval_batches(self, split='test', shard=None):
@@ -92,15 +94,19 @@ class TensorPipeline:
     def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
                  device, seed, flip=True, color=True, compile_mode='none', rank=0,
                  world_size=1):
-        from .augment import NUM_UNIFORMS, BatchAugment
+        from datasets.augment import NUM_UNIFORMS, BatchAugment
         self.device, self.seed = torch.device(device), seed
         self.views, self.batch_size = views, batch_size
         self.share = rank_slice(batch_size, rank, world_size)
-        self.num_train, self.num_test = len(train_set), len(test_set)
-        self.train_images = self._to_device(train_set)          # N x 3 x H x W uint8
-        self.test_images = self._to_device(test_set)
+        self.train_set, self.image_size = train_set, image_size
+        self.num_train = len(train_set)
+        self.num_test = len(test_set) if test_set is not None else 0
+        self.train_images = self._to_device(train_set.images)    # N x 3 x H x W uint8
         self.train_targets = torch.from_numpy(train_set.targets).to(self.device)
-        self.test_targets = torch.from_numpy(test_set.targets).to(self.device)
+        if test_set is not None:
+            self.test_images = self._to_device(test_set.images)
+            self.test_targets = torch.from_numpy(test_set.targets).to(self.device)
+        self._train_eval_images = None
         self.num_uniforms = NUM_UNIFORMS
         self.augment = BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device)
         if compile_mode != 'none':
@@ -112,9 +118,24 @@ class TensorPipeline:
         # Evaluation batches only bound memory (eval-mode BN): larger is faster on a GPU.
         self.eval_batch = EVAL_BATCH_GPU if self.device.type == 'cuda' else TEST_BATCH_SIZE
 
-    def _to_device(self, image_set):
-        images = torch.from_numpy(image_set.images).permute(0, 3, 1, 2)
-        return images.contiguous().to(self.device)
+    def _to_device(self, images):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+
+    @property
+    def train_eval_images(self):
+        """The training images as the test transform sees them: resized (shorter side) and
+        centre-cropped to image_size by PIL, once, as the cpu pipeline does per image. Folder
+        data keeps training images 8/7 larger to crop from; evaluated at that size they would
+        give other embeddings than on the cpu pipeline."""
+        if self._train_eval_images is None:
+            stored = self.train_set.images
+            if stored.shape[1:3] == (self.image_size, self.image_size):
+                self._train_eval_images = self.train_images
+            else:
+                fitted = np.stack([np.asarray(fit_square(Image.fromarray(image), self.image_size))
+                                   for image in stored])
+                self._train_eval_images = self._to_device(fitted)
+        return self._train_eval_images
 
     @property
     def steps_per_epoch(self):
@@ -140,9 +161,9 @@ class TensorPipeline:
             yield views, indexes
 
     def eval_batches(self, split='test', shard=None):
-        """(images, targets) of a split, normalised (they are stored test-transformed); only
-        the images [start, stop) with `shard`."""
-        images = self.test_images if split == 'test' else self.train_images
+        """(images, targets) of a split through the test transform, normalised; only the
+        images [start, stop) with `shard`."""
+        images = self.test_images if split == 'test' else self.train_eval_images
         targets = self.test_targets if split == 'test' else self.train_targets
         if shard is not None:
             images, targets = images[shard[0]:shard[1]], targets[shard[0]:shard[1]]

@@ -2,7 +2,7 @@
 
 A recipe fills every component the command line left unset; a component given as a flag
 always wins, so an ablation is one flag away (`--method super-and --no-ue-loss`).
-Sources: the papers and their released code (SPEC 8 lists the reported accuracies).
+Sources: the papers and their released code (docs/ALGORITHM.md 8 lists the reported accuracies).
 
 - lemniscate (Wu et al. 2018): memory bank + full-softmax instance loss (T 0.1, bank
   momentum 0.5), one view, no Sobel, no flip, one round, SGD without Nesterov.
@@ -76,5 +76,6 @@ def describe(opts, from_recipe):
         value = getattr(opts, name)
         shown = ('on' if value else 'off') if isinstance(value, bool) else str(value)
         parts.append(f'{name}={shown}' + ('' if name in from_recipe else '*'))
+    starred = len(from_recipe) < len(COMPONENTS)
     return (f'method {opts.method}: ' + ' '.join(parts)
-            + '  (* not from the recipe: a flag or the resumed checkpoint)')
+            + ('  (* not from the recipe: a flag or the resumed checkpoint)' if starred else ''))

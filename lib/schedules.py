@@ -1,18 +1,82 @@
-"""Per-epoch schedules inside a round (SPEC 5.3 and 6). `epoch` counts from 0 in each round."""
-from .config import (LR_DECAY_EVERY, LR_DECAY_FACTOR, LR_DECAY_START, UE_WEIGHT_EVERY,
-                     UE_WEIGHT_STEP)
+"""Per-epoch schedules inside a round (docs/ALGORITHM.md section 6): the learning rate and
+the UE-loss weight. `epoch` counts from 0 in each round; both reset at every round's start.
+
+The released run has 200-epoch rounds and absolute milestones: lr x0.1 at epochs 120 and 160,
+UE weight 0.2 * (epoch // 80). `scaled` (the default) puts the same milestones at the same
+fractions of the round (0.4, 0.6, 0.8 of --epochs), so a short round still has its UE loss
+and its lr steps; at 200 epochs it is exactly the released schedule. `released` keeps the
+absolute epochs, whatever the round length.
+"""
+import math
+from dataclasses import dataclass
+
+from .config import (LR_DECAY_EVERY, LR_DECAY_FACTOR, LR_DECAY_START, LR_STEP_FRACTIONS,
+                     UE_STEP_FRACTIONS, UE_WEIGHT_EVERY, UE_WEIGHT_STEP)
+
+SCHEDULES = ('scaled', 'released')
 
 
-def learning_rate(base_lr, epoch):
-    """base_lr to epoch 119, then x0.1 every 40 epochs: 0.03, 0.003 (120-159), 0.0003 (160-)."""
-    if epoch < LR_DECAY_START:
-        return base_lr
-    return base_lr * LR_DECAY_FACTOR ** ((epoch - LR_DECAY_START) // LR_DECAY_EVERY)
+def milestone(fraction, epochs):
+    """The epoch at `fraction` of a round of `epochs`: floor(fraction * epochs + 0.5), so
+    0.4, 0.6, 0.8 of 200 are exactly 80, 120, 160."""
+    return math.floor(fraction * epochs + 0.5)
 
 
-def ue_weight(epoch):
-    """0.2 * (epoch // 80): 0 for epochs 0-79, 0.2 for 80-159, 0.4 for 160-239."""
-    return UE_WEIGHT_STEP * (epoch // UE_WEIGHT_EVERY)
+@dataclass(frozen=True)
+class Schedule:
+    """The lr and UE weight of every epoch of a round of `epochs` epochs."""
+    epochs: int
+    kind: str = 'scaled'
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f'schedule {self.kind!r} is not one of {SCHEDULES}')
+
+    @property
+    def lr_steps(self):
+        """Epochs (inside the round) from which the lr is multiplied by 0.1 once more."""
+        if self.kind == 'released':
+            return [e for e in range(LR_DECAY_START + LR_DECAY_EVERY, self.epochs,
+                                     LR_DECAY_EVERY)]
+        return [milestone(f, self.epochs) for f in LR_STEP_FRACTIONS]
+
+    @property
+    def ue_steps(self):
+        """Epochs (inside the round) from which the UE weight grows by 0.2."""
+        if self.kind == 'released':
+            return list(range(UE_WEIGHT_EVERY, self.epochs, UE_WEIGHT_EVERY))
+        return [milestone(f, self.epochs) for f in UE_STEP_FRACTIONS]
+
+    def learning_rate(self, base_lr, epoch):
+        """base_lr, times 0.1 for every lr step reached (released: 0.03 to epoch 119, 0.003
+        for 120-159, 0.0003 from 160)."""
+        if self.kind == 'released':
+            if epoch < LR_DECAY_START:
+                return base_lr
+            return base_lr * LR_DECAY_FACTOR ** ((epoch - LR_DECAY_START) // LR_DECAY_EVERY)
+        return base_lr * LR_DECAY_FACTOR ** sum(epoch >= step for step in self.lr_steps)
+
+    def ue_weight(self, epoch):
+        """0.2 per UE step reached (released: 0.2 * (epoch // 80))."""
+        if self.kind == 'released':
+            return UE_WEIGHT_STEP * (epoch // UE_WEIGHT_EVERY)
+        return UE_WEIGHT_STEP * sum(epoch >= step for step in self.ue_steps)
+
+    def ue_ever_on(self):
+        """Whether the UE weight is above 0 in some epoch of the round."""
+        return any(self.ue_weight(epoch) > 0 for epoch in range(self.epochs))
+
+    def describe(self, base_lr):
+        """One line: the lr steps and the UE-weight epochs of a round."""
+        within = [s for s in self.lr_steps if s < self.epochs]
+        lr = ', '.join(f'{self.learning_rate(base_lr, s):g} from epoch {s}' for s in within)
+        ue = [s for s in self.ue_steps if s < self.epochs]
+        ue_text = ', '.join(f'{self.ue_weight(s):.1f} from epoch {s}' for s in ue)
+        origin = ('released, absolute epochs' if self.kind == 'released'
+                  else 'scaled to the round: 0.4, 0.6, 0.8 of it')
+        return (f'schedule per round of {self.epochs} epochs ({origin}): lr {base_lr:g}'
+                + (f', {lr}' if lr else ', no step') + '; UE weight 0'
+                + (f', {ue_text}' if ue_text else ' throughout'))
 
 
 def set_learning_rate(optimizer, lr):

@@ -1,17 +1,23 @@
 """Stopping a run cleanly: SIGTERM (a scheduler's preemption, `kill`) or Ctrl-C asks the
 training loop to write last.t7 at the next step boundary and exit, instead of dying with the
-epoch in progress lost. A second Ctrl-C interrupts at once."""
+epoch in progress lost. The first signal is answered at once with a line saying so; a second
+Ctrl-C interrupts at once (KeyboardInterrupt, which the entry point turns into exit code 130).
+"""
 import signal
 import threading
 
+NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
+
 
 class StopSignals:
-    """Context manager; calling it says whether a stop was asked for."""
+    """Context manager; calling it says whether a stop was asked for. `say` prints the answer
+    to the first signal (a no-op on the processes that do not print)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, say=lambda text: print(text, flush=True)):
         self.received = None
+        self.say = say
         self._previous = {}
 
     def __enter__(self):
@@ -26,13 +32,24 @@ class StopSignals:
         return False
 
     def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.received = signum
+        again = '; Ctrl-C again to quit at once' if signum == signal.SIGINT else ''
+        self.say(f'{NAMES.get(signum, signum)}: stopping at the next step, after writing '
+                 f'last.t7{again}')
 
     def __call__(self):
         return self.received is not None
 
     @property
     def name(self):
-        return signal.Signals(self.received).name if self.received is not None else 'nothing'
+        return NAMES.get(self.received, 'nothing') if self.received is not None else 'nothing'
+
+
+def ignore_interrupts(worker_id=None):
+    """For loader worker processes: Ctrl-C reaches the whole process group, but only the main
+    process decides how to stop (a worker killed by it would break the clean stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

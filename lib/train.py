@@ -1,4 +1,4 @@
-"""One training step and one epoch (SPEC sections 3, 5 and 6).
+"""One training step and one epoch (docs/ALGORITHM.md sections 3, 5 and 6).
 
 A step: the network embeds the V*B views, the losses are taken on the bank logits, SGD
 steps, then the bank rows of the batch move towards the new embeddings. Loss values stay
@@ -80,7 +80,7 @@ class Trainer:
     the autocast region). With `compile_mode` the forward pass and the losses are one
     `torch.compile`d graph (its backward compiled with it); 'reduce-overhead' also captures
     them as CUDA graphs, which removes the per-kernel launch cost that makes the eager step
-    launch-bound at batch 128 (SPEC 9). With several processes (`world`), the embeddings and
+    launch-bound at batch 128 (docs/ALGORITHM.md 9). With several processes (`world`), the embeddings and
     indexes of the step are all-gathered between the network and the losses.
     """
 
@@ -97,8 +97,11 @@ class Trainer:
         # A device tensor, so that changing the weight each epoch never recompiles the step.
         self.ue_weight = torch.zeros((), device=device)
         self.cuda_graphs = compile_mode == 'reduce-overhead' and device.type == 'cuda'
-        self._forward, self._embed, self._losses = (self._forward_and_losses, self._embed_views,
-                                                    self._step_losses)
+        # The compiled step functions, if any. Eager steps call the methods themselves: a bound
+        # method stored on self is a reference cycle, which would keep the network (and DDP's
+        # reducer, which holds the process group) alive after the run, until the cyclic
+        # collector runs, possibly only at exit, after destroy_process_group.
+        self._forward = self._embed = self._losses = None
         if compile_mode != 'none':
             if self.cuda_graphs:
                 # The bank and the neighbour table are read in place by the captured graph.
@@ -137,15 +140,17 @@ class Trainer:
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         if self.world.size == 1:
-            total, parts, batch_features = self._forward(views, indexes)
+            total, parts, batch_features = (self._forward or self._forward_and_losses)(
+                views, indexes)
             batch_indexes = indexes
         else:
-            features = self._embed(views)
+            features = (self._embed or self._embed_views)(views)
             views_per_image = self.objective.views
             batch_features = self.world.gather_views(features.detach(), views_per_image)
             batch_indexes = self.world.gather(indexes)
             positions = self.world.global_rows(views_per_image, indexes.shape[0], self.device)
-            total, parts = self._losses(features, indexes, batch_features, positions)
+            total, parts = (self._losses or self._step_losses)(features, indexes, batch_features,
+                                                               positions)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()

@@ -51,8 +51,12 @@ class AlexNetwithSobel(nn.Module):
             self.sobel = sobel_filter()
         self.linear = nn.Linear(HIDDEN * (2 if sobel else 1), low_dim)
 
-    def forward(self, x):
+    def backbone(self, x):
+        """The hidden fc outputs, both branches concatenated: the head's input."""
         out = self.fc(self.features(x))
         if self.has_sobel:
             out = torch.cat((out, self.fc_sobel(self.features_sobel(self.sobel(x)))), dim=1)
-        return F.normalize(self.linear(out).float(), dim=1)
+        return out
+
+    def forward(self, x):
+        return F.normalize(self.linear(self.backbone(x)).float(), dim=1)

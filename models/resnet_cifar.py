@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets with the Super-AND Sobel branch (SPEC section 1).
+"""CIFAR-style ResNets with the Super-AND Sobel branch (docs/ALGORITHM.md section 1).
 
 The module and parameter names follow the released code exactly (`conv1`, `bn1`,
 `layer1..4`, `conv1_sobel`, ..., `linear`, `sobel.0`, `sobel.1`, blocks with
@@ -121,12 +121,16 @@ class ResNetwithSobel(nn.Module):
         # 4x4 average pool on 32 px CIFAR input, as released; adaptive for other sizes.
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x):
+    def backbone(self, x):
+        """The pooled trunk outputs, both branches concatenated: the head's input."""
         out = self._run_trunk(x, '')
         if self.has_sobel:
             out = torch.cat((out, self._run_trunk(self.sobel(x), '_sobel')), dim=1)
+        return out
+
+    def forward(self, x):
         # float32 before normalising: under bf16 autocast the head output is bf16.
-        return F.normalize(self.linear(out).float(), dim=1)
+        return F.normalize(self.linear(self.backbone(x)).float(), dim=1)
 
 
 def ResNet18withSobel(low_dim=128, sobel=True, stem='cifar'):

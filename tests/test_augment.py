@@ -1,4 +1,4 @@
-"""Tests for lib/augment.py: parameter distributions, agreement with torchvision's
+"""Tests for datasets/augment.py: parameter distributions, agreement with torchvision's
 get_params logic and functional ops, per-image randomness, forward and determinism."""
 
 import itertools
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from lib.augment import NUM_UNIFORMS, UNIFORM_SLOTS, BatchAugment, apply_params, sample_params
+from datasets.augment import NUM_UNIFORMS, UNIFORM_SLOTS, BatchAugment, apply_params, sample_params
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

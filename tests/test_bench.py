@@ -1,4 +1,5 @@
 """The benchmark scripts keep working on the CPU (their output is checked, never their times)."""
+import json
 import subprocess
 import sys
 
@@ -22,13 +23,24 @@ def test_epoch_speed_runs_every_phase_on_cpu():
         assert label in out, out
 
 
-def test_compare_curve_reads_a_main_log(tmp_path):
-    log = tmp_path / 'run.log'
-    log.write_text(''.join(
-        f'round 0 epoch {e:3d}/40 | lr 0.03000 | ue weight 0.0 | loss and 1 aug 1 ue 1 | '
-        f'kNN top-1 {20 + e:.2f}% top-5 50.00% | best {20 + e:.2f}% | {9.0 if e == 0 else 5.0} s\n'
-        for e in range(40)))
-    out = run_script('bench/compare_curve.py', log)
+def test_epoch_speed_without_a_bank_and_with_100_classes():
+    """isif has no bank (no bank, knn or ans phase, no bank size line); the class count comes
+    from the data, not a constant 10."""
+    out = run_script('bench/epoch_speed.py', '--synthetic-n', 16, '--synthetic-test', 4,
+                     '--synthetic-classes', 100, '--device', 'cpu', '--steps', 1, '--warmup', 0,
+                     '--batch_size', 4, '--pipeline', 'gpu', '--method', 'isif',
+                     '--phases', 'aug,step')
+    assert 'no memory bank' in out and 'memory bank (N x D' not in out
+
+
+def test_compare_curve_reads_the_log_records(tmp_path):
+    with open(tmp_path / 'log.jsonl', 'w') as log:
+        log.write(json.dumps({'type': 'start', 'options': {}}) + '\n')
+        for e in range(40):
+            log.write(json.dumps({'type': 'epoch', 'round': 0, 'epoch': e, 'global_epoch': e,
+                                  'loss': {'and': 1.0}, 'knn_top1': 20.0 + e,
+                                  'seconds': 9.0 if e == 0 else 5.0}) + '\n')
+    out = run_script('bench/compare_curve.py', tmp_path)
     assert '| 0 | 25.80 | 20.00 | -5.80 |' in out
     assert '| 39 | 69.64 | 59.00 | -10.64 |' in out
     assert 'first epoch 9.0 s' in out and 'median of the rest 5.00 s' in out

@@ -26,7 +26,8 @@ def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
     assert re.search(r'round 1: 5 anchors \(25\.0% of 20\), label consistency .* \d+\.\d\d%', out)
     best = percent(r'done: best kNN top-1 (\d+\.\d+)%', out)[0]
     assert best == max(percent(r'kNN top-1 (\d+\.\d+)%', out))
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.t7', 'last.t7', 'log.jsonl', 'runs']
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.t7', 'config.json', 'last.t7', 'log.jsonl',
+                                            'runs']
     # (no temporary checkpoint files left behind)
 
     code, out, err = run_cli('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,
@@ -40,6 +41,10 @@ def test_checkpoint_contents(tiny_folder, tmp_path, run_main):
     assert code == 0, err
     best = torch.load(tmp_path / 'ckpt.t7', weights_only=True)
     assert {'net', 'npc', 'ANs_discovery', 'acc', 'round', 'epoch'} <= set(best)
+    # What the released code's loader needs: DataParallel keys, the bank's two buffers only.
+    assert all(key.startswith('module.') for key in best['net'])
+    assert 'module.conv1.weight' in best['net'] and 'module.sobel.1.weight' in best['net']
+    assert set(best['npc']) == {'params', 'memory'}
     assert best['npc']['memory'].shape == (20, 128)
     assert (best['round'], best['epoch']) == (0, 0)
     last = torch.load(tmp_path / 'last.t7', weights_only=True)

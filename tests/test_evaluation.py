@@ -25,7 +25,7 @@ def trained_run(tiny_folder, tmp_path_factory):
 
 
 def reference_knn(test_f, test_y, train_f, train_y, k, sigma, classes):
-    """Weighted kNN written out per query in float64 (SPEC 7)."""
+    """Weighted kNN written out per query in float64 (docs/ALGORITHM.md 7)."""
     top1 = top5 = 0
     for f, y in zip(test_f.double(), test_y.tolist()):
         sims = (train_f.double() @ f).tolist()
@@ -39,13 +39,12 @@ def reference_knn(test_f, test_y, train_f, train_y, k, sigma, classes):
     return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
 
 
-@pytest.mark.parametrize('features', ['bank', 'recompute'])
+@pytest.mark.parametrize('features', ['bank', 'network'])
 @pytest.mark.parametrize('k, sigma', [(1, 0.1), (3, 0.5), (200, 0.1)])
 def test_knn_flags_are_honoured(trained_run, tiny_folder, run_main, features, k, sigma):
     trained = load_trained(str(trained_run / 'ckpt.t7'), data_root=tiny_folder, workers=0)
     test_f, test_y = trained.embeddings('test')
-    source = 'bank' if features == 'bank' else 'network'
-    train_f, train_y = trained.embeddings('train', source)
+    train_f, train_y = trained.embeddings('train', features)
     want1, want5 = reference_knn(test_f, test_y, train_f, train_y, k, sigma, 10)
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', trained_run,
                               '--data-root', tiny_folder, '--workers', '0', '--knn-k', k,
@@ -139,4 +138,37 @@ def test_no_tensorboard_flag(tiny_folder, tmp_path, run_main):
                                        '--no-tensorboard', '--quiet'))
     assert code == 0, err
     assert not (tmp_path / 'runs').exists()
-    assert len(open(tmp_path / 'log.jsonl').readlines()) == 1
+    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['type'] for r in records] == ['start', 'epoch', 'end']
+
+
+def test_evaluation_is_float32_whatever_the_training_precision(trained_run, tiny_folder,
+                                                               run_main, monkeypatch):
+    import lib.evaluate
+    seen, real = [], lib.evaluate.embed
+
+    def spy(net, batches, precision='fp32'):
+        seen.append(precision)
+        return real(net, batches, precision)
+    monkeypatch.setattr(lib.evaluate, 'embed', spy)
+    code, _, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', trained_run,
+                            '--data-root', tiny_folder, '--precision', 'bf16',
+                            '--knn-features', 'network')
+    assert code == 0, err
+    assert seen == ['fp32', 'fp32']                       # training images, then test images
+    code, _, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', trained_run,
+                            '--data-root', tiny_folder, '--eval-precision', 'bf16')
+    assert code == 0 and seen[-1] == 'bf16', err
+
+
+def test_float32_evaluation_turns_tf32_off_on_cuda():
+    from lib.evaluate import exact_float32
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with exact_float32(torch.device('cuda')):
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

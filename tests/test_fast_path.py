@@ -1,5 +1,7 @@
 """The GPU-resident path (tensor pipeline, channels_last, fused SGD) computes what the
 released loader path computes, here on CPU tensors in float32."""
+import os
+
 import numpy as np
 import torch
 
@@ -86,3 +88,40 @@ def test_eval_batches_match_the_test_transform():
     loader_images, loader_targets = zip(*loader.eval_batches('test'))
     assert torch.allclose(torch.cat(fast_images), torch.cat(loader_images), atol=1e-6)
     assert torch.equal(torch.cat(fast_targets), torch.cat(loader_targets))
+
+
+def test_training_images_are_evaluated_at_the_crop_size_on_both_pipelines(tmp_path):
+    """Folder data keeps training images 8/7 larger to crop from; the kNN (recompute), ISIF,
+    the probe, export and the figures must see them at --image-size, on both pipelines."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ('train', 'test'):
+        for c in range(2):
+            os.makedirs(tmp_path / split / f'c{c}')
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / split / f'c{c}' / f'{i}.png')
+    train, test = datasets.load_dataset('folder', str(tmp_path), image_size=24)
+    assert train.images.shape[1:3] == (27, 27)
+    common = dict(train_set=train, test_set=test, mean=MEAN, std=STD, image_size=24, views=2,
+                  batch_size=2, device='cpu', seed=7)
+    fast = torch.cat([x for x, _ in TensorPipeline(**common).eval_batches('train')])
+    loader = torch.cat([x for x, _ in LoaderPipeline(workers=0, **common).eval_batches('train')])
+    assert fast.shape == loader.shape == (6, 3, 24, 24)
+    assert torch.allclose(fast, loader, atol=1e-6)
+
+
+def test_a_trainer_is_freed_without_the_garbage_collector():
+    """Nothing keeps the network alive after a run: DDP's reducer holds the process group,
+    which must close before the interpreter does."""
+    import gc
+    import weakref
+    net, bank, anchors, optimizer = model(fused=False)
+    trainer = Trainer(net, bank, anchors, optimizer, Objective())
+    ref = weakref.ref(net)
+    gc.disable()
+    try:
+        del trainer, net, optimizer
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -63,7 +63,8 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, run_main):
     b = torch.load(tmp_path / 'two' / 'last.t7', weights_only=True)
     assert torch.equal(a['ANs_discovery']['anchor_indexes'], b['ANs_discovery']['anchor_indexes'])
     assert torch.allclose(a['npc']['memory'], b['npc']['memory'], atol=5e-3)
-    assert not any(k.startswith('module.') for k in b['net'])
+    # One DataParallel-style prefix, as the released code saves, whatever wraps the network.
+    assert all(k.startswith('module.') and not k.startswith('module.module.') for k in b['net'])
 
 
 # ----------------------------------------------------------------------------- faults
@@ -141,3 +142,34 @@ def test_full_disk_fails_at_start(tiny_folder, tmp_path, run_main, monkeypatch):
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--epochs', '1'))
     assert code == 2 and 'has 5 MiB free, but the checkpoints need about' in err
     assert '| lr' not in out
+
+
+FAILING_RANK = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import lib.train
+import main
+from lib.errors import UserError
+if os.environ['RANK'] == '1':
+    def fail(*args, **kwargs):
+        raise UserError('injected failure on rank 1')
+    lib.train.Trainer.train_epoch = fail
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_an_error_on_one_rank_ends_the_run_with_its_message(tiny_folder, tmp_path):
+    """Rank 1 fails in its first epoch while rank 0 waits for it in a collective: the run ends
+    at once with rank 1's own message, not after a barrier's timeout."""
+    script = tmp_path / 'failing_rank.py'
+    script.write_text(FAILING_RANK.format(root=ROOT))
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         str(script), *fast_args(tiny_folder, tmp_path / 'ck', '--rounds', '1', '--epochs', '1',
+                                 '--batch_size', '16', '--pipeline', 'gpu', '--no-tensorboard')],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode != 0
+    assert 'error (rank 1): injected failure on rank 1' in proc.stderr
+    assert time.time() - start < 240

@@ -1,4 +1,4 @@
-"""The three losses against float64 references written here from SPEC section 5."""
+"""The three losses against float64 references written here from docs/ALGORITHM.md section 5."""
 import math
 
 import torch
@@ -59,7 +59,7 @@ def reference_ue(logits, targets):
 
 
 def reference_aug(rows, t, m=1.0):
-    """SPEC 5.2 term by term, x_j treated as a constant for every j != i (float64 torch)."""
+    """docs/ALGORITHM.md 5.2 term by term, x_j treated as a constant for every j != i (float64 torch)."""
     x = rows / rows.norm(dim=1, keepdim=True)
     n = x.shape[0]
     total = 0.0

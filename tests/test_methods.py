@@ -73,7 +73,7 @@ def test_each_method_trains_and_its_checkpoint_evaluates(method, tiny_folder, tm
         assert state['npc'] == {} and state['ANs_discovery'] == {}   # no bank, no anchors
     else:
         assert state['npc']['memory'].shape == (20, 128)
-    has_sobel = any(k.startswith('sobel.') for k in state['net'])
+    has_sobel = any(k.startswith('module.sobel.') for k in state['net'])
     assert has_sobel == DOCUMENTED[method]['sobel']
     best = out.split('done: best kNN top-1 ')[1].split('%')[0]
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,
@@ -83,14 +83,15 @@ def test_each_method_trains_and_its_checkpoint_evaluates(method, tiny_folder, tm
 
 
 def test_isif_knn_uses_recomputed_features(tiny_folder, tmp_path, run_main, monkeypatch):
+    import lib.evaluate
     seen = []
-    real_embed = main.embed
+    real_embed = lib.evaluate.embed
 
     def spy(net, batches, *a, **k):
         features, targets = real_embed(net, batches, *a, **k)
         seen.append(features.shape[0])
         return features, targets
-    monkeypatch.setattr(main, 'embed', spy)
+    monkeypatch.setattr(lib.evaluate, 'embed', spy)
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'isif', '--epochs', '1'))
     assert code == 0, err
     assert seen == [20, 10]          # the 20 training images re-embedded, then the 10 test
@@ -158,7 +159,7 @@ def test_folder_dataset_trains_at_96_px(tmp_path, run_main):
                               '--workers', '0', '--model_dir', tmp_path / 'ck',
                               '--no-tensorboard')
     assert code == 0, err
-    assert '2 classes' in out and '96 px' in out and 'round 1: 1 anchors' in out
+    assert '2 classes' in out and '96 px' in out and 'round 1: 1 anchor (' in out
 
 
 # ----------------------------------------------------------------------------- backbones

@@ -1,15 +1,15 @@
-"""The two-branch network of SPEC section 1."""
+"""The two-branch network of docs/ALGORITHM.md section 1."""
 import pytest
 import torch
 
 import models
-from lib.checkpoint import clean_state_dict
+from lib.method_state import clean_state_dict
 
 BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
 
 def released_resnet18_keys():
-    """The released ResNet18withSobel state-dict keys, spelled out from SPEC section 1."""
+    """The released ResNet18withSobel state-dict keys, spelled out from docs/ALGORITHM.md section 1."""
     keys = ['linear.weight', 'linear.bias', 'sobel.0.weight', 'sobel.0.bias',
             'sobel.1.weight', 'sobel.1.bias']
     for s in ('', '_sobel'):
@@ -71,3 +71,24 @@ def test_released_state_dict_loads(prefix):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(source(x), target(x))
+
+
+def test_the_released_loader_reads_our_checkpoint(tmp_path):
+    """The released code wraps its network in DataParallel and loads `net` and `npc` strictly:
+    our ckpt.t7 must fit both as they are."""
+    import main
+    from conftest import fast_args, write_image_folder
+    root = write_image_folder(tmp_path / 'data', classes=2, train_per_class=4)
+    assert main.main(fast_args(root, tmp_path / 'ck', '--dataset', 'folder', '--rounds', '1',
+                               '--epochs', '1', '--batch_size', '4', '--quiet',
+                               '--no-tensorboard')) == 0
+    state = torch.load(tmp_path / 'ck' / 'ckpt.t7', weights_only=True)
+    released_net = torch.nn.DataParallel(models.build_network('resnet18'))
+    released_net.load_state_dict(state['net'])              # strict, as released
+
+    class ReleasedNPC(torch.nn.Module):                     # the released bank's two buffers
+        def __init__(self):
+            super().__init__()
+            self.register_buffer('params', torch.tensor([0.1, 0.5]))
+            self.register_buffer('memory', torch.zeros(8, 128))
+    ReleasedNPC().load_state_dict(state['npc'])

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from conftest import fast_args
-from lib import visualize as vis
+from lib import figures as vis
+from lib import visualize
+from lib.errors import UserError
+from lib.run_log import epoch_records
 from lib.build import load_trained
 
 RED, GRAY, BLUE = (255, 0, 0), (200, 200, 200), (0, 0, 255)
@@ -39,7 +42,7 @@ def loaded(checkpoints, tiny_folder):
 
 def run(capsys, *argv):
     """lib.visualize.main in this process: (exit code, stdout, stderr)."""
-    code = vis.main([str(a) for a in argv])
+    code = visualize.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -104,9 +107,9 @@ def test_select_queries_is_seeded_and_checked():
     assert vis.select_queries(10, 4, seed=1) == vis.select_queries(10, 4, seed=1)
     assert vis.select_queries(10, 4, seed=1) != vis.select_queries(10, 4, seed=2)
     assert vis.select_queries(10, indexes=[9, 0]) == [9, 0]
-    with pytest.raises(vis.UserError, match='out of range'):
+    with pytest.raises(UserError, match='out of range'):
         vis.select_queries(10, indexes=[10])
-    with pytest.raises(vis.UserError, match='only 10'):
+    with pytest.raises(UserError, match='only 10'):
         vis.select_queries(10, 11)
 
 
@@ -195,7 +198,7 @@ def test_curve_from_two_logs(tmp_path, capsys, monkeypatch):
 
 def test_epoch_records_and_round_starts(tmp_path):
     path = write_log(tmp_path / 'run' / 'log.jsonl', 3, 2, extra=[{'type': 'other'}])
-    records = vis.read_epoch_records(tmp_path / 'run')           # a model dir works too
+    records = epoch_records(tmp_path / 'run')           # a model dir works too
     assert [r['global_epoch'] for r in records] == [0, 1, 2, 3, 4, 5]
     assert vis.round_starts(records) == [2, 4]
     assert vis.round_starts(records[:2]) == []
@@ -203,7 +206,7 @@ def test_epoch_records_and_round_starts(tmp_path):
     with open(path, 'a') as f:
         f.write(json.dumps({'type': 'epoch', 'round': 1, 'epoch': 1, 'global_epoch': 3,
                             'knn_top1': 99.0}) + '\n')
-    records = vis.read_epoch_records(path)
+    records = epoch_records(path)
     assert len(records) == 4
     assert [(r['global_epoch'], r['knn_top1']) for r in records][-2:] == [(2, 30.0), (3, 99.0)]
 

@@ -1,0 +1,129 @@
+"""One command-line vocabulary for every entry point (main.py, lib.linear_probe, lib.export,
+lib.visualize, lib.embed, lib.retrieve): the parser, the validated types, the options they
+share, and the one wrapper that turns a user's error into one line and exit code 2.
+
+Every long flag takes both spellings, `--batch_size` and `--batch-size`; help shows the
+first one given (the released names where there are some).
+"""
+import argparse
+import sys
+
+from datasets import DataError
+
+from .errors import UserError
+
+
+# ----------------------------------------------------------------------------- types
+def checked(kind, test, requirement):
+    """An argparse type: `kind(text)` that must pass `test`, else '<text> is not <requirement>'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text} is not {requirement}') from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f'{text} is not {requirement}')
+        return value
+    parse.__name__ = requirement        # what argparse names in its messages
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v >= 1, 'an integer >= 1')
+NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, 'an integer >= 0')
+POSITIVE_FLOAT = checked(float, lambda v: v > 0, 'a number > 0')
+NON_NEGATIVE_FLOAT = checked(float, lambda v: v >= 0, 'a number >= 0')
+DEVICES = ('auto', 'cuda', 'cpu')
+
+
+# ----------------------------------------------------------------------------- the parser
+class AliasHelpFormatter(argparse.HelpFormatter):
+    """Shows each flag under its first spelling only (the other is an alias)."""
+
+    def _format_action_invocation(self, action):
+        shown = getattr(action, 'shown_options', None)
+        if shown is None or not action.option_strings:
+            return super()._format_action_invocation(action)
+        saved = action.option_strings
+        action.option_strings = shown
+        try:
+            return super()._format_action_invocation(action)
+        finally:
+            action.option_strings = saved
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with both spellings of every long flag, and errors as one line (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', AliasHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        shown = [n for n in names if n.startswith('-')]
+        spelled = list(names)
+        for name in shown:
+            if name.startswith('--'):
+                body = name[2:]
+                for other in (body.replace('_', '-'), body.replace('-', '_')):
+                    if f'--{other}' not in spelled:
+                        spelled.append(f'--{other}')
+        action = super().add_argument(*spelled, **kwargs)
+        if shown:
+            action.shown_options = [o for o in action.option_strings
+                                    if o in shown or o.startswith('--no-')
+                                    and o[5:] in [n[2:] for n in shown]]
+        return action
+
+    def error(self, message):
+        raise SystemExit(one_line_error(message))
+
+
+def one_line_error(message, label='error'):
+    """Print `error: message` on stderr; returns the exit code 2."""
+    print(f'{label}: {message}', file=sys.stderr, flush=True)
+    return 2
+
+
+def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
+    """Call `main_body(argv)`; a user's error (UserError, DataError) prints one line and gives
+    exit code 2, Ctrl-C gives 130 and one line (`interrupted`), no traceback."""
+    try:
+        return main_body(argv) or 0
+    except SystemExit as exit_:       # --help (0), or a flag error already printed (2)
+        return exit_.code
+    except (UserError, DataError) as err:
+        return one_line_error(err, error_label)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr, flush=True)
+        return 130
+
+
+# ----------------------------------------------------------------------------- shared options
+def add_data_options(p, data_root_default=None):
+    """--data-root, --subset and --device, as every entry point reads them. The analysis
+    commands default --data-root and --subset to the checkpoint's (None here)."""
+    p.add_argument('--data-root', dest='data_root', default=data_root_default,
+                   help='torchvision\'s files, an image-folder tree train/<class>/*, '
+                        'test/<class>/*, or (--dataset folder) a folder of unlabeled images '
+                        + ('(default: %(default)s)' if data_root_default is not None
+                           else '(default: the checkpoint\'s)'))
+    p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
+                   help='seeded random subsets of N training and N test images (default: '
+                        + ('all' if data_root_default is not None else 'the checkpoint\'s')
+                        + ')')
+    p.add_argument('--device', default='auto', choices=DEVICES,
+                   help='auto = CUDA when present (default: %(default)s)')
+
+
+def add_checkpoint_option(p, many=False):
+    p.add_argument('--ckpt', required=True, nargs='+' if many else None, metavar='PATH',
+                   help='checkpoint file' + ('s' if many else '') + ' (ckpt.t7, last.t7, or a '
+                        'released file)')
+
+
+def add_features_option(p, flag='--knn-features', default='bank'):
+    """The kNN's training side, in one word everywhere: bank or network."""
+    p.add_argument(flag, dest='knn_features', default=default, choices=('bank', 'network'),
+                   help='training side of the kNN: the memory bank (as released) or the '
+                        'network\'s embeddings of the training images (test transform, eval '
+                        'mode); runs without a bank always use network (default: %(default)s)')

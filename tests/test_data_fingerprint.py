@@ -1,0 +1,76 @@
+"""A checkpoint is never scored against other data in silence: the training data's
+fingerprint is stored in every checkpoint and checked on --resume, --init-from and by the
+analysis commands."""
+import re
+
+import numpy as np
+import torch
+
+import datasets
+from conftest import fast_args, write_image_folder
+
+
+def test_fingerprint_tells_data_sets_apart(tmp_path):
+    write_image_folder(tmp_path / 'a', classes=3, train_per_class=2, seed=0)
+    write_image_folder(tmp_path / 'b', classes=3, train_per_class=2, seed=1)  # same names
+    a, _ = datasets.load_dataset('folder', str(tmp_path / 'a'))
+    again, _ = datasets.load_dataset('folder', str(tmp_path / 'a'))
+    b, _ = datasets.load_dataset('folder', str(tmp_path / 'b'))
+    assert a.fingerprint == again.fingerprint
+    assert a.fingerprint['images'] == b.fingerprint['images'] == 6
+    assert a.fingerprint['labels'] == b.fingerprint['labels']        # same label order...
+    assert a.fingerprint['content'] != b.fingerprint['content']      # ...other images
+    # The same pixels as arrays (torchvision's files) or as files, or in another order, differ.
+    as_arrays = datasets.ImageSet(a.images, a.targets, a.classes, 'arrays')
+    assert as_arrays.fingerprint['content'] != a.fingerprint['content']
+    order = np.arange(6)[::-1]
+    reordered = datasets.ImageSet(a.images[order], a.targets[order], a.classes, 'arrays')
+    assert reordered.fingerprint['labels'] != as_arrays.fingerprint['labels']
+    assert reordered.fingerprint['content'] != as_arrays.fingerprint['content']
+    # A subset is fingerprinted as what it is.
+    assert a.subset([0, 1]).fingerprint['images'] == 2
+    assert a.subset([0, 1]).fingerprint != a.subset([0, 2]).fingerprint
+
+
+def test_test_only_on_other_images_is_refused(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', '--rounds', '1',
+                                       '--epochs', '1', '--no-tensorboard', '--quiet'))
+    assert code == 0, err
+    other = write_image_folder(tmp_path / 'other', seed=5)   # 20 images, same names and labels
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
+                              tmp_path / 'run', '--data-root', other, '--workers', '0')
+    assert code == 2 and 'top-1' not in out
+    line = err.strip().splitlines()
+    assert len(line) == 1 and 'Traceback' not in err
+    found = re.findall(r'content (files:[0-9a-f]{16})', line[0])
+    assert 'was trained on other data' in line[0] and len(found) == 2 and found[0] != found[1]
+    # The same data passes, also when --data-root is left to the checkpoint.
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
+                              tmp_path / 'run', '--workers', '0')
+    assert code == 0 and 'top-1' in out, err
+
+
+def test_a_checkpoint_without_fingerprint_is_accepted_with_a_note(tiny_folder, tmp_path,
+                                                                   run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '1',
+                                       '--no-tensorboard', '--quiet'))
+    assert code == 0, err
+    state = torch.load(tmp_path / 'ckpt.t7', weights_only=True)
+    released = {k: state[k] for k in ('net', 'npc', 'ANs_discovery', 'acc', 'round', 'epoch')}
+    torch.save(released, tmp_path / 'released.t7')
+    code, out, err = run_main('--resume', 'released.t7', '--test_only', '--model_dir', tmp_path,
+                              '--data-root', tiny_folder, '--workers', '0')
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if 'fingerprint' in line]
+    assert len(notes) == 1 and 'could not be checked' in notes[0]
+
+
+def test_analysis_commands_check_the_data(tiny_folder, tmp_path, run_main, capsys):
+    from lib import export
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', '--rounds', '1',
+                                       '--epochs', '1', '--no-tensorboard', '--quiet'))
+    assert code == 0, err
+    other = write_image_folder(tmp_path / 'other', seed=5)
+    code = export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--data-root', other,
+                        '--out', str(tmp_path / 'x.npz'), '--device', 'cpu'])
+    assert code == 2 and 'was trained on other data' in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""Messages that tell the truth: one whole sentence per user error (exit 2), warnings where an
+accuracy means nothing, Ctrl-C answered at once, plurals, and lines only for what a run has."""
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+import models
+from conftest import fast_args, write_image_folder
+from lib import cli
+from lib.memory_bank import MemoryBank
+from lib.stopping import StopSignals
+
+
+def one_error_line(result, *needles):
+    code, out, err = result
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def checkpoint_files(tmp_path):
+    """A truncated, an empty, a foreign (pickled object) and a non-PyTorch file."""
+    good = tmp_path / 'good.t7'
+    torch.save({'net': {'w': torch.zeros(5000)}, 'npc': {}}, good)
+    (tmp_path / 'truncated.t7').write_bytes(good.read_bytes()[:3000])
+    (tmp_path / 'empty.t7').write_bytes(b'')
+    torch.save({'net': torch.nn.Linear(2, 2), 'npc': {}}, tmp_path / 'foreign.t7')
+    (tmp_path / 'notes.t7').write_text('some notes, not a checkpoint')
+    return tmp_path
+
+
+@pytest.mark.parametrize('name, needle', [
+    ('truncated.t7', 'is truncated or damaged: it was not completely written or copied'),
+    ('empty.t7', 'is empty (0 bytes)'),
+    ('foreign.t7', 'holds Python objects other than tensors'),
+    ('notes.t7', 'is not a PyTorch checkpoint file'),
+])
+def test_unusable_checkpoints_get_one_sentence(checkpoint_files, tiny_folder, run_main, name,
+                                               needle):
+    line = one_error_line(run_main('--resume', name, '--test_only', '--model_dir',
+                                   checkpoint_files, '--data-root', tiny_folder), needle)
+    assert 'weights_only' not in line and line.endswith(('copied', 'written', 'code)',
+                                                         'file'))
+
+
+def test_network_mismatch_names_the_stored_network(tiny_folder, tmp_path, run_main):
+    torch.save({'net': models.build_network('alexnet', sobel=False).state_dict(),
+                'npc': MemoryBank(128, 20, 0.1, 0.5).state_dict(), 'ANs_discovery': {},
+                'acc': 0.1, 'round': 0, 'epoch': 0}, tmp_path / 'alex.t7')
+    one_error_line(run_main('--resume', 'alex.t7', '--test_only', '--model_dir', tmp_path,
+                            '--data-root', tiny_folder),
+                   'holds alexnet without the Sobel branch, cifar stem, 128-d embedding',
+                   'this run builds resnet18 with the Sobel branch')
+
+
+def test_model_dir_that_is_a_file(tiny_folder, tmp_path, run_main):
+    (tmp_path / 'taken').write_text('a file')
+    one_error_line(run_main(*fast_args(tiny_folder, tmp_path / 'taken', '--epochs', '1')),
+                   '--model_dir', 'is a file, not a folder')
+
+
+def test_missing_data_root_is_not_created(tmp_path, run_main):
+    root = tmp_path / 'typo' / 'data'
+    one_error_line(run_main('--data-root', root, '--model_dir', tmp_path / 'ck', '--epochs',
+                            '1'), 'no cifar10 data under')
+    assert not (tmp_path / 'typo').exists()
+
+
+def test_warnings_when_the_accuracy_means_nothing(tmp_path, run_main):
+    root = write_image_folder(tmp_path / 'one', classes=1, train_per_class=6, test_per_class=2)
+    code, out, err = run_main('--dataset', 'folder', *fast_args(root, tmp_path / 'ck',
+                              '--rounds', '1', '--epochs', '1', '--batch_size', '4',
+                              '--knn-k', '6', '--no-tensorboard'))
+    assert code == 0, err
+    assert 'warning: 1 class: every kNN vote goes to it, so the accuracy means nothing' in out
+    assert 'warning: --knn-k 6 is at least the 6 training images' in out
+    assert 'data: 6 training and 2 test images, 1 class,' in out
+    assert '1 round x 1 epoch, 1 step of 4 images' in out
+
+
+def test_lines_show_only_what_the_run_has(tiny_folder, tmp_path, run_main):
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'and', '--rounds',
+                                         '1', '--epochs', '1', '--knn-k', '5',
+                                         '--no-tensorboard'))
+    assert code == 0, err
+    method_line = out.splitlines()[0]
+    assert method_line.startswith('method and:') and '(*' in method_line   # --rounds typed
+    epoch_line = next(line for line in out.splitlines() if '| lr' in line)
+    assert 'ue' not in epoch_line and 'aug' not in epoch_line and 'loss and ' in epoch_line
+    assert 'warning' not in out
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path)
+    assert code == 0, err
+    assert '(*' in out.splitlines()[1]                  # from the checkpoint: starred
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'plain', '--epochs', '1',
+                                         '--stop-after', '1', '--knn-k', '5', '--quiet',
+                                         '--no-tensorboard'))
+    assert code == 0, err
+    assert '(*' not in out.splitlines()[0]              # nothing typed: no legend
+
+
+def test_first_signal_is_answered_at_once_second_ctrl_c_interrupts():
+    said = []
+    with StopSignals(said.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and said == ['Ctrl-C: stopping at the next step, after writing last.t7; '
+                                   'Ctrl-C again to quit at once']
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_interrupt_is_exit_130_and_one_line(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert cli.run(interrupted, interrupted='interrupted: stopped at once') == 130
+    assert capsys.readouterr().err == 'interrupted: stopped at once\n'
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['lib.linear_probe', '--ckpt', 'x.t7', '--epochs', '0'], '0 is not an integer >= 1'),
+    (['lib.export', '--ckpt', 'x.t7', '--out', 'x.npz', '--subset', '-3'],
+     '-3 is not an integer >= 1'),
+])
+def test_analysis_flags_are_validated(argv, needle, capsys):
+    import importlib
+    module = importlib.import_module(argv[0])
+    assert module.main(argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_both_spellings_of_every_flag(tiny_folder, tmp_path, run_main):
+    from main import parse_args
+    a = parse_args(['--batch-size', '8', '--data_root', 'x', '--knn_k', '3', '--no-ue_loss'])
+    assert (a.batch_size, a.data_root, a.knn_k, a.ue_loss) == (8, 'x', 3, False)
+    b = parse_args(['--batch_size', '8', '--data-root', 'x', '--knn-k', '3', '--no-ue-loss'])
+    assert vars(a) == vars(b)
+    from main import build_parser
+    shown = build_parser().format_help()
+    assert '--batch_size' in shown and '--batch-size' not in shown
+    assert re.search(r'--data-root DATA_ROOT', shown) and '--data_root' not in shown

@@ -1,0 +1,129 @@
+"""Resume means one thing: --resume continues a run exactly (both pipelines, also after a
+signal mid-epoch), --init-from starts a new run from a checkpoint's weights, a resumed run
+keeps its recipe, and a finished run is left alone."""
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+
+import datasets
+import lib.checkpoint
+from conftest import assert_same_training_state, fast_args
+from test_faults import start_main, wait_for_epochs
+
+SMALL = ['--rounds', '2', '--epochs', '1', '--no-tensorboard', '--quiet']
+
+
+def test_resume_of_a_weights_only_checkpoint_is_refused(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, *SMALL))
+    assert code == 0, err
+    before = os.path.getmtime(tmp_path / 'last.t7')
+    code, out, err = run_main('--resume', 'ckpt.t7', '--model_dir', tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert 'holds no optimizer state' in err and '--test_only' in err and '--init-from' in err
+    assert os.path.getmtime(tmp_path / 'last.t7') == before
+
+
+def test_init_from_starts_a_new_run_from_the_weights(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'first', *SMALL))
+    assert code == 0, err
+    source = torch.load(tmp_path / 'first' / 'ckpt.t7', weights_only=True)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from',
+                                         tmp_path / 'first' / 'ckpt.t7', '--rounds', '3',
+                                         '--epochs', '1', '--no-tensorboard'))
+    assert code == 0, err
+    start = [line for line in out.splitlines() if line.startswith('initialised from')]
+    assert len(start) == 1
+    assert (f"(round {source['round']} epoch {source['epoch']}): weights, bank and "
+            f"{len(source['ANs_discovery']['anchor_indexes'])} anchor") in start[0]
+    assert f"training starts at round {source['round']} epoch 0" in start[0]
+    rounds_trained = [int(line.split()[1]) for line in out.splitlines()
+                      if line.startswith('round ') and '| lr' in line]
+    assert rounds_trained == list(range(source['round'], 3))
+    state = torch.load(tmp_path / 'second' / 'last.t7', weights_only=True)
+    assert state['optimizer']['state']                    # a new optimizer that has stepped
+
+
+def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '2',
+                                       '--stop-after', '1', '--no-tensorboard', '--quiet'))
+    assert code == 0, err
+    for flags, needle in ((['--method', 'and'], '--method and contradicts'),
+                          (['--no-ue-loss'], '--no-ue-loss contradicts')):
+        code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, *flags)
+        assert code == 2 and needle in err, err
+    stored = torch.load(tmp_path / 'last.t7', weights_only=True)['config']
+    assert stored['method'] == 'super-and' and stored['ue_loss'] is True
+    # Typing the stored value is fine; --data-root, --batch_size... come from the checkpoint.
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--method',
+                              'super-and', '--workers', '0')
+    assert code == 0, err
+    assert not (tmp_path / 'runs').exists()          # --no-tensorboard kept
+
+
+def test_a_finished_run_is_left_alone(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, *SMALL))
+    assert code == 0, err
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path)
+    assert code == 0, err
+    assert 'already finished' in out and 'top-1' in out
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_best_so_far_before_any_evaluation():
+    progress = lib.checkpoint.Progress()
+    assert progress.best_text() == 'none yet'
+    assert progress.record(0, 0, 0.25) and not progress.record(0, 1, 0.2)
+    assert progress.best_text() == '25.00% (round 0 epoch 0)'
+
+
+def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_path,
+                                                               run_main):
+    """The stopped run uses 2 loader processes, the others none: each image's augmentation
+    depends on (seed, round, epoch, index) only."""
+    flags = ['--rounds', '1', '--epochs', '2', '--pipeline', 'cpu', '--batch_size', '2',
+             '--no-tensorboard']
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'whole', *flags))
+    assert code == 0, err
+    proc = start_main(*fast_args(tiny_folder, tmp_path / 'stopped', *flags), '--workers', '2')
+    wait_for_epochs(tmp_path / 'stopped', 1, proc)
+    time.sleep(1.0)                                     # into epoch 1 (10 steps)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert 'SIGTERM: stopping at the next step' in out
+    assert 'stopped by SIGTERM at round 0 epoch 1 step' in out and 'done:' not in out
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'stopped',
+                              '--workers', '1')
+    assert code == 0 and 'done:' in out, err
+    assert_same_training_state(torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True),
+                               torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True))
+
+
+def test_augmentation_depends_on_epoch_seed_and_index_only():
+    rng = np.random.default_rng(0)
+    images = datasets.ImageSet(rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+                               np.zeros(6, dtype=np.int64), ['a'], 'generated')
+    views = datasets.AugmentedViews(images, datasets.train_transform((0.5,) * 3, (0.2,) * 3), 2)
+    views.set_epoch(123)
+    forwards = [views[i] for i in range(6)]
+    torch.rand(7)                                               # the global stream moves on
+    backwards = [views[i] for i in reversed(range(6))][::-1]
+    for a, b in zip(forwards, backwards):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(forwards[0][0], forwards[0][1])        # two different views
+    views.set_epoch(124)
+    assert not torch.equal(views[0][0], forwards[0][0])           # another epoch, other views
+
+
+def test_cuda_random_states_are_restored_only_for_present_devices(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state',
+                        lambda state, device: restored.append(device))
+    state = {'torch': torch.get_rng_state(), 'cuda': [torch.zeros(8, dtype=torch.uint8)] * 4}
+    lib.checkpoint.set_rng_state(state, device_count=2)          # saved on 4 GPUs, now 2
+    assert restored == [0, 1]
