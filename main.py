@@ -281,6 +281,7 @@ class Run:
     schedule: Schedule
     optimizer: object = None
     trainer: object = None
+    writer: ckpt.CheckpointWriter = None
     log: RunLog = None
     progress: ckpt.Progress = None
     stats_rows: torch.Tensor = None     # bank entries sampled for the label-free statistics
@@ -326,6 +327,7 @@ def setup(args, world):
         return None, None
     train, test = load_data(args)
     mean, std = normalisation(args, train)
+    args.mean, args.std = list(mean), list(std)   # stored: what the network was trained with
     say(describe_data(args, train, test) + f', mean {mean} std {std}')
     if train.skipped:
         for where, reason in train.skipped:
@@ -395,6 +397,7 @@ def prepare_training(run, state, path):
         raise UserError(problem)
     run.optimizer = build_optimizer(args, run.net)
     run.trainer = build_trainer(args, run.settings, run.net, run.method, run.optimizer, world)
+    run.writer = ckpt.CheckpointWriter()
     args.name = args.name or (f'{args.method}-{args.dataset}-{args.network}-'
                               f'{time.strftime("%Y%m%d-%H%M%S")}')
     run.log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet,
@@ -434,7 +437,7 @@ def announce_training(run):
     args, world, settings = run.args, run.world, run.settings
     where = f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
                                              if run.log.writer is not None else '')
-    run.say(run.schedule.describe(args.lr), always=True)
+    run.say(run.schedule.describe(args.lr, args.ue_loss), always=True)
     if args.ue_loss and not run.schedule.ue_ever_on():
         run.say(f'warning: the UE loss is on, but its weight stays 0 in every epoch of these '
                 f'{args.epochs}-epoch rounds (--schedule {args.schedule}), so it trains '
@@ -452,9 +455,10 @@ def announce_training(run):
                                    run.knn.pipeline.num_test if run.knn else 0,
                                    args.rounds * args.epochs)
         if hours > 1:
-            run.say(f'estimated time on this CPU: about {hours:,.0f} hours; one GPU takes '
-                    f'about an hour for the released 5 x 200 epochs of CIFAR-10 (README, Speed)',
-                    always=True)
+            days = f' ({hours / 24:,.0f} days)' if hours > 48 else ''
+            run.say(f'estimated time on this CPU: about {hours:,.0f} hours{days}, from a rate '
+                    f'measured on 2 cores; one GPU is meant to take about an hour for the '
+                    f'released 5 x 200 epochs of CIFAR-10 (README, Speed)', always=True)
 
 
 def train_epoch(run, round_index, epoch, stop):
@@ -474,6 +478,7 @@ def train_epoch(run, round_index, epoch, stop):
         result = run.trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY, first_step, sums,
                                          stop)
     except NonFiniteLoss as bad:
+        run.writer.wait()
         saved = progress_.saved
         kept = (f'{args.model_dir}/last.t7 still holds the last good epoch (round {saved[0]} '
                 f'epoch {saved[1]})' if saved else 'no checkpoint had been written yet')
@@ -484,6 +489,7 @@ def train_epoch(run, round_index, epoch, stop):
         progress_.round, progress_.epoch = round_index, epoch
         save(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
                               loss_sums=result.sums))
+        run.writer.wait()
         run.say(f'stopped by {stop.name} at round {round_index} epoch {epoch} step '
                 f'{result.steps}: last.t7 written; continue with --resume last.t7', always=True)
         return None
@@ -518,8 +524,8 @@ def active_losses(args):
 def save(run, is_best, next_position):
     """last.t7 (to continue from `next_position`), and ckpt.t7 when `is_best`; rank 0 only."""
     if run.world.main:
-        ckpt.write(run.args.model_dir, run.method, run.optimizer, run.progress, next_position,
-                   options_record(run.args), run.fingerprint, is_best)
+        ckpt.write(run.writer, run.args.model_dir, run.method, run.optimizer, run.progress,
+                   next_position, options_record(run.args), run.fingerprint, is_best)
 
 
 def epoch_line(args, record):
@@ -596,9 +602,12 @@ def train(run, state, path):
     start = time.time()
     prepare_training(run, state, path)
     announce_training(run)
-    with StopSignals(lambda text: run.say(text, always=True)) as stop:
-        finished = train_rounds(run, stop)
-    run.log.close()
+    try:
+        with StopSignals(lambda text: run.say(text, always=True)) as stop:
+            finished = train_rounds(run, stop)
+    finally:
+        run.writer.wait()           # every checkpoint whole on disk before anything is said
+        run.log.close()
     if not finished:
         return
     progress_ = run.progress

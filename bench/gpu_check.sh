@@ -17,6 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$OUT/gpu.txt"
 python3 bench/epoch_speed.py --data-root "$DATA" --steps "${BENCH_STEPS:-200}" 2>&1 \
   | tee "$OUT/epoch_speed.txt"
-python3 main.py --data-root "$DATA" --rounds 1 --epochs "$EPOCHS" --model_dir /tmp/gpu_check_ckpt \
-  2>&1 | tee "$OUT/round0.log"
+# --schedule released: the first EPOCHS epochs of a 200-epoch round, as published (lr 0.03, UE
+# weight 0 up to epoch 79), not a whole round of EPOCHS epochs.
+python3 main.py --data-root "$DATA" --rounds 1 --epochs "$EPOCHS" --schedule released \
+  --model_dir /tmp/gpu_check_ckpt --no-tensorboard 2>&1 | tee "$OUT/round0.log"
+cp /tmp/gpu_check_ckpt/log.jsonl "$OUT/round0_log.jsonl"
 python3 bench/compare_curve.py /tmp/gpu_check_ckpt | tee "$OUT/round0_vs_published.md"

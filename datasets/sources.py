@@ -236,7 +236,7 @@ def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True)
                         f'read, e.g. {skipped[0][0]}: {skipped[0][1]})')
     chosen = np.asarray(keep)[kept]
     image_set = ImageSet(images, np.full(len(kept), UNLABELED, dtype=np.int64), [],
-                         f'{folder} (unlabeled)', chosen, [relative[i] for i in chosen],
+                         folder, chosen, [relative[i] for i in chosen],
                          folder, digests)
     return image_set, skipped
 

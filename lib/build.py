@@ -11,12 +11,13 @@ from types import SimpleNamespace
 import torch
 
 import datasets
+import models
 
 from . import checkpoint as ckpt
 from .config import DEFAULTS, RUN_DEFAULTS
 from .errors import UserError
 from .evaluate import KnnData, embed, training_features
-from .method_state import MethodState
+from .method_state import MethodState, clean_state_dict
 from .pipelines import LoaderPipeline, TensorPipeline
 from .recipes import COMPONENTS, resolve
 from .train import Objective, Trainer
@@ -137,6 +138,46 @@ def build_trainer(opts, settings, net, method, optimizer, world=None):
 
 
 # ----------------------------------------------------------------------------- analysis
+@dataclass
+class LoadedNetwork:
+    """A checkpoint's network (eval mode) and the input it was trained on."""
+    net: torch.nn.Module
+    mean: tuple
+    std: tuple
+    image_size: int
+    config: dict            # the checkpoint's stored options ({} for a released file)
+
+
+def load_network(path=None, device='cpu', network=None, low_dim=None, sobel=None, stem=None):
+    """The network of the checkpoint at `path` (built from its stored options, else from what
+    its weights show: released files), without its data; or, with no path, an untrained network
+    of the given (else released) shape."""
+    config, weights = {}, None
+    if path is not None:
+        state = ckpt.load(path)
+        weights = clean_state_dict(state['net'])
+        spec = models.weights_spec(weights)
+        stored = {k: v for k, v in (state.get('config') or {}).items() if v is not None}
+        config = {'network': spec['name'], 'sobel': spec['sobel'], 'stem': spec['stem'],
+                  'low_dim': spec['low_dim'], **stored}
+    image_size = config.get('image_size', RUN_DEFAULTS['image_size'])
+    stem = stem or config.get('stem') or 'auto'
+    net = models.build_network(network or config.get('network') or DEFAULTS['network'],
+                               low_dim or config.get('low_dim') or DEFAULTS['low_dim'],
+                               sobel=config.get('sobel', True) if sobel is None else sobel,
+                               stem=models.default_stem(image_size) if stem == 'auto' else stem)
+    if weights is not None:
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f'checkpoint {path} holds {models.describe_weights(weights)}, which '
+                            f'this program cannot build') from None
+    mean, std = datasets.MEAN_STD.get(config.get('dataset'), datasets.MEAN_STD['cifar10'])
+    return LoadedNetwork(net.to(device).eval(), tuple(config.get('mean') or mean),
+                         tuple(config.get('std') or std), image_size, config)
+
+
+
 @dataclass
 class Trained:
     """A checkpoint loaded with the data and network it was trained on, for analysis."""

@@ -15,6 +15,7 @@ killed mid-write leaves the previous checkpoint whole.
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -155,15 +156,73 @@ def last_state(method, optimizer, progress, next_position, config, fingerprint):
     return state
 
 
-def write(model_dir, method, optimizer, progress, next_position, config, fingerprint,
+def write(writer, model_dir, method, optimizer, progress, next_position, config, fingerprint,
           is_best):
-    """last.t7, and ckpt.t7 when `is_best`; both atomically."""
+    """last.t7, and ckpt.t7 when `is_best`, through `writer` (a CheckpointWriter)."""
+    jobs = [(last_state(method, optimizer, progress, next_position, config, fingerprint),
+             os.path.join(model_dir, LAST))]
     if is_best:
-        save_atomic(best_state(method, progress, config, fingerprint),
-                    os.path.join(model_dir, BEST))
-    save_atomic(last_state(method, optimizer, progress, next_position, config, fingerprint),
-                os.path.join(model_dir, LAST))
+        jobs.insert(0, (best_state(method, progress, config, fingerprint),
+                        os.path.join(model_dir, BEST)))
+    writer.submit(jobs)
     progress.saved = (progress.round, progress.epoch)
+
+
+def snapshot(value):
+    """A copy of a checkpoint dict whose tensors are CPU copies: what training changes in
+    place next cannot reach it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to('cpu', copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints in the background, so that training does not wait for the disk
+    (a last.t7 of ResNet18 is ~180 MB, and its fsync takes seconds on some disks).
+
+    `submit` copies the state first (to CPU memory; the GPU is synchronised once) and writes it
+    in a thread; it first waits for the previous write, so at most one copy is held and files
+    are written in order. A kill loses at most the epochs since the last whole file, as every
+    file is still written to a temporary name, fsynced and renamed. `wait` (at the end of a run,
+    and before any message that names a checkpoint) returns once everything is on disk.
+    `background=False` writes in the caller's thread."""
+
+    def __init__(self, background=True):
+        self.background = background
+        self._thread, self._error = None, None
+
+    def submit(self, jobs):
+        self.wait()
+        copies = [(snapshot(state), path) for state, path in jobs]
+        if not self.background:
+            self._write(copies)
+            self._raise()
+            return
+        self._thread = threading.Thread(target=self._write, args=(copies,),
+                                        name='checkpoint-writer')
+        self._thread.start()
+
+    def _write(self, jobs):
+        try:
+            for state, path in jobs:
+                save_atomic(state, path)
+        except OSError as err:
+            self._error = UserError(f'cannot write checkpoint {path}: {err.strerror or err}')
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def can_continue(state):

@@ -111,6 +111,10 @@ def add_data_options(p, data_root_default=None):
                    help='seeded random subsets of N training and N test images (default: '
                         + ('all' if data_root_default is not None else 'the checkpoint\'s')
                         + ')')
+    add_device_option(p)
+
+
+def add_device_option(p):
     p.add_argument('--device', default='auto', choices=DEVICES,
                    help='auto = CUDA when present (default: %(default)s)')
 
@@ -122,8 +126,10 @@ def add_checkpoint_option(p, many=False):
 
 
 def add_features_option(p, flag='--knn-features', default='bank'):
-    """The kNN's training side, in one word everywhere: bank or network."""
-    p.add_argument(flag, dest='knn_features', default=default, choices=('bank', 'network'),
+    """The kNN's training side, in one word everywhere: bank or network (--knn-features as in
+    main.py is accepted wherever the flag is called --features)."""
+    names = (flag,) if flag == '--knn-features' else (flag, '--knn-features')
+    p.add_argument(*names, dest='knn_features', default=default, choices=('bank', 'network'),
                    help='training side of the kNN: the memory bank (as released) or the '
                         'network\'s embeddings of the training images (test transform, eval '
                         'mode); runs without a bank always use network (default: %(default)s)')

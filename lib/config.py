@@ -83,12 +83,13 @@ EVAL_BATCH_GPU = 1000           # evaluation batch of the GPU pipeline (fewer la
 # this many entries drawn once with the seed: a few hundredths of a second per epoch.
 BANK_STATS_ROWS = 1024
 
-# The CPU time estimate main.py prints for long CPU runs (seconds of one training view,
-# forward + backward + SGD, and of one evaluation image, for ResNet18 with the Sobel branch at
-# 32 px on 2 cores of this project's development machine; other networks and sizes scaled by
-# their relative cost). An estimate, not a promise: other CPUs differ by a factor of several.
-CPU_SECONDS_PER_VIEW = 0.036
-CPU_SECONDS_PER_EVAL_IMAGE = 0.006
+# The CPU time estimate main.py prints for long CPU runs: seconds of one training view (forward
+# + losses + backward + SGD, batch 128 x 2 views) and of one evaluation image, for ResNet18 with
+# the Sobel branch at 32 px, measured with bench/epoch_speed.py on 2 cores of this project's
+# development machine (PyTorch 2.14.1); other networks and sizes scaled by their relative cost.
+# An estimate, not a promise: other CPUs differ by a factor of several.
+CPU_SECONDS_PER_VIEW = 0.10
+CPU_SECONDS_PER_EVAL_IMAGE = 0.026
 CPU_REFERENCE_CORES = 2
 NETWORK_COST = {'resnet18': 1.0, 'resnet50': 2.3, 'resnet101': 4.4, 'alexnet': 0.15}
 

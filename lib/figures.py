@@ -57,6 +57,7 @@ LABEL_WIDTH = 120               # the label strip on the left
 BACKGROUND = (255, 255, 255)
 QUERY_FRAME = (0, 0, 255)       # blue
 SAME_CLASS_FRAME = (200, 200, 200)   # light gray: the retrieval's class is the query's
+NEUTRAL_FRAME = SAME_CLASS_FRAME     # retrievals without labels
 OTHER_CLASS_FRAME = (255, 0, 0)      # red: a wrong retrieval
 TEXT = (0, 0, 0)
 LABEL_FONT_PX, DETAIL_FONT_PX = 14, 11
@@ -177,6 +178,32 @@ class RetrievalRow:
     retrieved_classes: list     # topk ints
     class_names: list
 
+    def frame_colours(self):
+        return [frame_colour(self.query_class, cls) for cls in self.retrieved_classes]
+
+    def caption(self):
+        """(text, 'label' | 'detail') lines beside the query."""
+        same = sum(cls == self.query_class for cls in self.retrieved_classes)
+        return [(self.label, 'label'), (f'test #{self.query_index}', 'detail'),
+                (self.class_names[self.query_class], 'detail'),
+                (f'{same}/{len(self.retrieved)} same class', 'detail')]
+
+
+@dataclass
+class NeighbourRow:
+    """One row of a grid without labels: a query image and its nearest gallery images."""
+    name: str                   # the query's file name
+    query: np.ndarray           # H x W x 3 uint8
+    retrieved: list             # k arrays, most similar first
+    similarities: list          # k cosines
+
+    def frame_colours(self):
+        return [NEUTRAL_FRAME] * len(self.retrieved)
+
+    def caption(self):
+        return [(self.name, 'label'),
+                (f'cos {self.similarities[0]:.3f} .. {self.similarities[-1]:.3f}', 'detail')]
+
 
 def frame_colour(query_class, retrieved_class):
     return SAME_CLASS_FRAME if retrieved_class == query_class else OTHER_CLASS_FRAME
@@ -202,31 +229,31 @@ def _paste_tile(canvas, image, box, colour, cell):
     left, top, right, bottom = box
     ImageDraw.Draw(canvas).rectangle((left, top, right - 1, bottom - 1), fill=colour)
     frame = (right - left - cell) // 2
-    canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST),
+    tile = Image.fromarray(image)
+    # Small images (CIFAR) are enlarged pixel by pixel; large photos are shrunk smoothly.
+    smooth = tile.width > cell or tile.height > cell
+    canvas.paste(tile.resize((cell, cell), Image.BICUBIC if smooth else Image.NEAREST),
                  (left + frame, top + frame))
 
 
 def draw_retrieval(rows, cell=CELL, frame=FRAME, label_width=LABEL_WIDTH):
-    """The grid of `rows` (RetrievalRow, all with the same number of retrievals) as an RGB PIL
-    image of `RetrievalLayout(len(rows), topk, cell, frame).size`: the query framed blue, each
-    retrieval framed light gray when of the query's class, red otherwise."""
+    """The grid of `rows` (RetrievalRow or NeighbourRow, all with the same number of
+    retrievals) as an RGB PIL image of `RetrievalLayout(len(rows), topk, cell, frame).size`:
+    the query framed blue, each retrieval framed light gray when of the query's class (or
+    without labels), red otherwise."""
     layout = RetrievalLayout(len(rows), len(rows[0].retrieved), cell, frame,
                              label_width=label_width)
     canvas = Image.new('RGB', layout.size, BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    label_font, detail_font = _font(LABEL_FONT_PX), _font(DETAIL_FONT_PX)
     text_width = label_width - 2 * layout.gap
+    fonts = {'label': _font(LABEL_FONT_PX), 'detail': _font(DETAIL_FONT_PX)}
     for r, row in enumerate(rows):
         _paste_tile(canvas, row.query, layout.box(r, 0), QUERY_FRAME, cell)
-        for c, (image, cls) in enumerate(zip(row.retrieved, row.retrieved_classes), start=1):
-            _paste_tile(canvas, image, layout.box(r, c), frame_colour(row.query_class, cls), cell)
-        same = sum(cls == row.query_class for cls in row.retrieved_classes)
-        lines = [(row.label, label_font),
-                 (f'test #{row.query_index}', detail_font),
-                 (row.class_names[row.query_class], detail_font),
-                 (f'{same}/{len(row.retrieved)} same class', detail_font)]
+        for c, (image, colour) in enumerate(zip(row.retrieved, row.frame_colours()), start=1):
+            _paste_tile(canvas, image, layout.box(r, c), colour, cell)
         x, (_, y, _, bottom) = layout.gap, layout.box(r, 0)
-        for text, font in lines:
+        for text, kind in row.caption():
+            font = fonts[kind]
             height = getattr(font, 'size', DETAIL_FONT_PX) + 4
             if y + height > bottom:      # small cells: keep the text inside its row
                 break

@@ -66,17 +66,26 @@ class Schedule:
         """Whether the UE weight is above 0 in some epoch of the round."""
         return any(self.ue_weight(epoch) > 0 for epoch in range(self.epochs))
 
-    def describe(self, base_lr):
-        """One line: the lr steps and the UE-weight epochs of a round."""
-        within = [s for s in self.lr_steps if s < self.epochs]
-        lr = ', '.join(f'{self.learning_rate(base_lr, s):g} from epoch {s}' for s in within)
-        ue = [s for s in self.ue_steps if s < self.epochs]
-        ue_text = ', '.join(f'{self.ue_weight(s):.1f} from epoch {s}' for s in ue)
+    def describe(self, base_lr, ue_loss=True):
+        """One line: the lr (and with `ue_loss` the UE weight) from the round's start and at
+        each change."""
+        def changes(value):
+            steps = sorted({s for s in self.lr_steps + self.ue_steps if 0 < s < self.epochs})
+            text, last = f'{value(0):g}', value(0)
+            for step in steps:
+                if value(step) != last:
+                    text += f', {value(step):g} from epoch {step}'
+                    last = value(step)
+            return text
+        lr = changes(lambda epoch: self.learning_rate(base_lr, epoch))
+        ue = changes(lambda epoch: round(self.ue_weight(epoch), 10))
         origin = ('released, absolute epochs' if self.kind == 'released'
                   else 'scaled to the round: 0.4, 0.6, 0.8 of it')
-        return (f'schedule per round of {self.epochs} epochs ({origin}): lr {base_lr:g}'
-                + (f', {lr}' if lr else ', no step') + '; UE weight 0'
-                + (f', {ue_text}' if ue_text else ' throughout'))
+        epochs = f'{self.epochs} epoch' + ('' if self.epochs == 1 else 's')
+        if not ue_loss:
+            return f'schedule per round of {epochs} ({origin}): lr {lr}'
+        return (f'schedule per round of {epochs} ({origin}): lr {lr}; UE weight {ue}'
+                + (' throughout' if ',' not in ue else ''))
 
 
 def set_learning_rate(optimizer, lr):

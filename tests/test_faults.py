@@ -20,13 +20,15 @@ def start_main(*argv):
 
 
 def wait_for_epochs(model_dir, count, proc, timeout=300):
-    """Block until log.jsonl holds `count` epoch records (written after last.t7 is saved)."""
+    """Block until log.jsonl holds `count` epoch records and a whole last.t7 exists (it is
+    written in the background, renamed into place when complete)."""
     log = model_dir / 'log.jsonl'
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if log.exists() and sum('"epoch"' in line for line in log.read_text().splitlines()
-                                if '"type": "epoch"' in line) >= count:
+        if log.exists() and sum('"type": "epoch"' in line
+                                for line in log.read_text().splitlines()) >= count \
+                and (model_dir / 'last.t7').exists():
             return
         time.sleep(0.05)
     raise TimeoutError(f'no {count} epochs in {log}')
@@ -173,3 +175,34 @@ def test_an_error_on_one_rank_ends_the_run_with_its_message(tiny_folder, tmp_pat
     assert proc.returncode != 0
     assert 'error (rank 1): injected failure on rank 1' in proc.stderr
     assert time.time() - start < 240
+
+
+def test_checkpoints_are_written_in_the_background_as_whole_files(tmp_path, monkeypatch):
+    """submit returns before the file is written; the copy it writes is the state at submit
+    time (training changes the tensors in place next); wait returns with the file whole."""
+    import threading
+    writer = lib.checkpoint.CheckpointWriter()
+    started, release = threading.Event(), threading.Event()
+    real_save = lib.checkpoint.save_atomic
+
+    def slow_save(state, path):
+        started.set()
+        release.wait(timeout=30)
+        real_save(state, path)
+    monkeypatch.setattr(lib.checkpoint, 'save_atomic', slow_save)
+    weights = torch.zeros(4)
+    writer.submit([({'net': {'w': weights}, 'npc': {}}, str(tmp_path / 'last.t7'))])
+    assert started.wait(timeout=30) and not (tmp_path / 'last.t7').exists()
+    weights.add_(1)                                   # the next training step
+    release.set()
+    writer.wait()
+    assert torch.equal(torch.load(tmp_path / 'last.t7', weights_only=True)['net']['w'],
+                       torch.zeros(4))
+    assert [p.name for p in tmp_path.iterdir()] == ['last.t7']     # no temporary left
+
+
+def test_a_failed_background_write_is_one_error_line(tmp_path):
+    writer = lib.checkpoint.CheckpointWriter()
+    writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'missing' / 'last.t7'))])
+    with pytest.raises(lib.checkpoint.UserError, match='cannot write checkpoint .*last.t7'):
+        writer.wait()

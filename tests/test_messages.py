@@ -94,6 +94,8 @@ def test_lines_show_only_what_the_run_has(tiny_folder, tmp_path, run_main):
     assert method_line.startswith('method and:') and '(*' in method_line   # --rounds typed
     epoch_line = next(line for line in out.splitlines() if '| lr' in line)
     assert 'ue' not in epoch_line and 'aug' not in epoch_line and 'loss and ' in epoch_line
+    schedule_line = next(line for line in out.splitlines() if line.startswith('schedule'))
+    assert 'UE' not in schedule_line
     assert 'warning' not in out
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path)
     assert code == 0, err

@@ -1,0 +1,226 @@
+"""Embeddings of any folder of images with a trained checkpoint.
+
+    python -m lib.embed --ckpt checkpoint/ckpt.t7 --images photos/ --out photos.npz
+
+Every image under the folder, at any depth, goes through the checkpoint's test transform
+(shorter side resized and centre-cropped to its image size, normalised with its mean and std)
+and the network in eval mode, in float32 and in batches. The .npz holds `features` (N x D,
+unit rows: the dot product of two rows is their cosine similarity), `paths` (relative to the
+folder), and when the folder is a class tree (<class>/<image>) `labels` and `classes`; also
+`root`, `image_size`, `mean`, `std`, `checkpoint` and `fingerprint` (of the folder's files).
+An unreadable file is named and skipped.
+"""
+import hashlib
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+import datasets
+
+from . import cli
+from .errors import UserError
+from .evaluate import embed
+from .progress import progress
+
+EMBED_BATCH = 256               # images per forward pass (memory only; results do not depend)
+NORMALISATION_TOLERANCE = 0.03  # a folder's mean or std this far from the checkpoint's is said
+
+
+@dataclass
+class ImageList:
+    """The images of a folder: paths relative to `root`, and labels when it is a class tree."""
+    root: str
+    paths: list
+    labels: np.ndarray = None
+    classes: list = field(default_factory=list)
+
+
+def list_folder(folder):
+    """The ImageList of `folder`, or a UserError if there is none or it holds no images."""
+    if not os.path.isdir(folder):
+        raise UserError(f'no folder at {folder}')
+    paths = datasets.list_images(folder)
+    if not paths:
+        raise UserError(f'{folder} holds no images ({", ".join(datasets.sources.IMAGE_EXTENSIONS)}'
+                        f'), at any depth')
+    if datasets.is_class_tree(folder):
+        classes = sorted({p.split(os.sep)[0] for p in paths})
+        labels = np.asarray([classes.index(p.split(os.sep)[0]) for p in paths], dtype=np.int64)
+        return ImageList(folder, paths, labels, classes)
+    return ImageList(folder, paths)
+
+
+def file_fingerprint(root, paths):
+    """A digest of the files' names and bytes, in order: what a cached gallery is keyed by."""
+    digest = hashlib.sha1()
+    for path in paths:
+        with open(os.path.join(root, path), 'rb') as f:
+            digest.update(path.encode() + b'\0' + hashlib.sha1(f.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Embedded:
+    features: torch.Tensor      # N x D float32, unit rows
+    kept: list                  # positions (in the list given) of the images embedded
+    skipped: list               # (path, reason) of the files that could not be read
+    notes: list                 # what differed from the checkpoint's training images
+
+
+class ImageReader:
+    """Reads image files as the checkpoint's test transform sees them, and notes how they
+    differ from its training images (size, normalisation), each said once."""
+
+    def __init__(self, image_size, mean, std):
+        self.image_size = image_size
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.resized = 0
+        self.channel_sums = np.zeros(3)
+        self.std_sums = np.zeros(3)
+        self.count = 0
+
+    def read(self, path):
+        """3 x S x S float32 normalised tensor of the image at `path` (raises OSError/ValueError
+        when it cannot be read)."""
+        with open(path, 'rb') as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert('RGB')
+            if img.size != (self.image_size, self.image_size):
+                self.resized += 1
+            pixels = np.asarray(datasets.fit_square(img, self.image_size), dtype=np.float32)
+        pixels /= 255.0
+        self.count += 1
+        self.channel_sums += pixels.mean(axis=(0, 1))
+        self.std_sums += pixels.std(axis=(0, 1))
+        return torch.from_numpy(((pixels - self.mean) / self.std).transpose(2, 0, 1).copy())
+
+    def notes(self):
+        """What differed from the checkpoint's input, said once each (the checkpoint's size and
+        normalisation are used all the same)."""
+        found = []
+        size = self.image_size
+        if self.resized:
+            found.append(f'note: {self.resized} of {self.count} images are not {size} x {size} '
+                         f'px: each is resized (shorter side) and centre-cropped to {size} px, '
+                         f'the checkpoint\'s image size')
+        if self.count:
+            mean, std = self.channel_sums / self.count, self.std_sums / self.count
+            if np.abs(mean - self.mean).max() > NORMALISATION_TOLERANCE or \
+                    np.abs(std - self.std).max() > NORMALISATION_TOLERANCE:
+                found.append(f'note: these images have mean {_three(mean)} std {_three(std)}, '
+                             f'the checkpoint\'s training images {_three(self.mean)} '
+                             f'{_three(self.std)}: the checkpoint\'s normalisation is used')
+        return found
+
+
+def _three(values):
+    return '(' + ', '.join(f'{v:.3f}' for v in values) + ')'
+
+
+def embed_files(net, root, paths, image_size, mean, std, device, show=False,
+                batch_size=EMBED_BATCH):
+    """Embed the images at `paths` (relative to `root`); unreadable files are skipped."""
+    reader = ImageReader(image_size, mean, std)
+    skipped = []
+
+    def batches():
+        images, positions = [], []
+        for position, path in enumerate(paths):
+            try:
+                images.append(reader.read(os.path.join(root, path)))
+                positions.append(position)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                skipped.append((path, str(err) or type(err).__name__))
+            if len(images) == batch_size or (position == len(paths) - 1 and images):
+                yield torch.stack(images).to(device), torch.tensor(positions)
+                images, positions = [], []
+    steps = -(-len(paths) // batch_size)
+    features, kept = embed(net, progress(batches(), total=steps, desc='embed', enabled=show,
+                                         unit='batch'))
+    return Embedded(features, kept.tolist(), skipped, reader.notes())
+
+
+def report_skipped(skipped, say=print):
+    """Each unreadable file named, then the count."""
+    for path, reason in skipped:
+        say(f'skipped {path}: cannot read it ({reason})')
+    if skipped:
+        noun = 'file' if len(skipped) == 1 else 'files'
+        say(f'skipped {len(skipped)} unreadable {noun}')
+
+
+def embed_folder(loaded, images, device, show=False, say=print):
+    """(ImageList of the images embedded, N x D features) of an ImageList, with the skipped
+    files and the notes said."""
+    done = embed_files(loaded.net, images.root, images.paths, loaded.image_size, loaded.mean,
+                       loaded.std, device, show)
+    report_skipped(done.skipped, say)
+    if not done.kept:
+        raise UserError(f'{images.root} holds no readable image ({len(done.skipped)} files '
+                        f'could not be read)')
+    for note in done.notes:
+        say(note)
+    kept = ImageList(images.root, [images.paths[i] for i in done.kept],
+                     images.labels[done.kept] if images.labels is not None else None,
+                     images.classes)
+    return kept, done.features
+
+
+def save_embeddings(out, images, features, loaded, checkpoint, **extra):
+    """The .npz of embedded images (see the module's docstring); `extra` arrays are added."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if images.labels is not None:
+        extra.update(labels=images.labels, classes=np.asarray(images.classes))
+    with open(out, 'wb') as f:     # a file object: np.savez would add .npz to other names
+        np.savez(f, features=features.cpu().numpy().astype(np.float32),
+                 paths=np.asarray(images.paths), root=os.path.abspath(images.root),
+                 image_size=loaded.image_size, mean=np.asarray(loaded.mean),
+                 std=np.asarray(loaded.std), checkpoint=os.path.abspath(checkpoint), **extra)
+
+
+def build_parser():
+    p = cli.Parser(prog='python -m lib.embed',
+                   description='Embed every image of a folder with a trained checkpoint.')
+    cli.add_checkpoint_option(p)
+    p.add_argument('--images', required=True, metavar='DIR',
+                   help='folder of images (any depth); a class tree <class>/<image> also gives '
+                        'labels')
+    p.add_argument('--out', required=True, metavar='FILE.npz', help='the .npz file to write')
+    cli.add_device_option(p)
+    return p
+
+
+def embed_command(argv):
+    from .build import load_network
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    loaded = load_network(args.ckpt, device)
+    listed = list_folder(args.images)
+    fingerprint = file_fingerprint(args.images, listed.paths)
+    images, features = embed_folder(loaded, listed, device, show=sys.stderr.isatty())
+    save_embeddings(args.out, images, features, loaded, args.ckpt, fingerprint=fingerprint)
+    labels = (f', labels of {len(images.classes)} classes' if images.labels is not None
+              else '')
+    print(f'wrote {args.out}: {features.shape[0]} x {features.shape[1]} unit-length features, '
+          f'paths relative to {args.images}{labels}')
+
+
+def pick_device(choice):
+    if choice == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda, but no CUDA device is available')
+    return torch.device('cuda' if choice != 'cpu' and torch.cuda.is_available() else 'cpu')
+
+
+def main(argv=None):
+    return cli.run(embed_command, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The gallery images nearest to query images, by a trained checkpoint's embeddings.
+
+    python -m lib.retrieve --ckpt checkpoint/ckpt.t7 --gallery photos/ --query a.jpg b.jpg --k 10
+    python -m lib.retrieve --ckpt checkpoint/ckpt.t7 --gallery photos.npz --query a.jpg \
+        --figure fig/neighbours.png
+
+For each query it prints the k most similar gallery images as `rank  similarity  path` lines;
+similarity is the cosine of the two unit-length embeddings (1: the same embedding, 0:
+unrelated). A gallery given as a folder is embedded once and cached next to the checkpoint,
+keyed by the folder's files and the checkpoint; a gallery .npz is one `python -m lib.embed`
+wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
+"""
+import hashlib
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import cli
+from .embed import (ImageList, embed_files, embed_folder, file_fingerprint, list_folder,
+                    pick_device, report_skipped, save_embeddings)
+from .errors import UserError
+
+DEFAULT_K = 10
+
+
+def checkpoint_digest(path):
+    """A digest of the checkpoint file: a cached gallery is only valid for the same weights."""
+    digest = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def cache_path(checkpoint, fingerprint):
+    stem = os.path.splitext(os.path.abspath(checkpoint))[0]
+    return f'{stem}.gallery-{fingerprint}.npz'
+
+
+def load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise UserError(f'cannot read gallery {path}: {err}') from None
+
+
+def gallery_from_folder(loaded, images, checkpoint, device, say):
+    """(ImageList, features) of a gallery folder's ImageList: from the cache next to the
+    checkpoint when the folder's files and the checkpoint are unchanged, else embedded and
+    cached."""
+    fingerprint = file_fingerprint(images.root, images.paths)
+    cached, digest = cache_path(checkpoint, fingerprint), checkpoint_digest(checkpoint)
+    if os.path.isfile(cached):
+        data = load_npz(cached)
+        if str(data.get('checkpoint_digest')) == digest:
+            say(f'gallery {images.root}: {len(data["paths"])} embeddings from the cache '
+                f'{cached}')
+            return (ImageList(images.root, [str(p) for p in data['paths']]),
+                    torch.from_numpy(data['features']).to(device))
+    images, features = embed_folder(loaded, images, device, show=sys.stderr.isatty(), say=say)
+    try:
+        save_embeddings(cached, images, features, loaded, checkpoint, fingerprint=fingerprint,
+                        checkpoint_digest=digest)
+        say(f'gallery {images.root}: {features.shape[0]} images embedded, cached in {cached}')
+    except OSError as err:
+        say(f'gallery {images.root}: {features.shape[0]} images embedded (not cached: '
+            f'{err.strerror or err})')
+    return images, features
+
+
+def gallery_from_npz(loaded, path, device, say):
+    """(ImageList, features) of an .npz that lib.embed wrote; what it was made with is
+    compared with the checkpoint (and said once when it differs)."""
+    data = load_npz(path)
+    if 'features' not in data or 'paths' not in data:
+        raise UserError(f'{path} is not a gallery: it needs features and paths '
+                        f'(python -m lib.embed writes them)')
+    features = torch.from_numpy(data['features'].astype(np.float32)).to(device)
+    width = loaded.net.linear.out_features
+    if features.shape[1] != width:
+        raise UserError(f'{path} holds {features.shape[1]}-d embeddings, but the checkpoint '
+                        f'makes {width}-d ones')
+    made_with = (int(data.get('image_size', loaded.image_size)),
+                 tuple(np.round(data.get('mean', loaded.mean), 4)),
+                 tuple(np.round(data.get('std', loaded.std), 4)))
+    wanted = (loaded.image_size, tuple(np.round(loaded.mean, 4)), tuple(np.round(loaded.std, 4)))
+    if made_with != wanted:
+        say(f'note: {path} was embedded at {made_with[0]} px with mean {made_with[1]} std '
+            f'{made_with[2]}; the checkpoint\'s are {wanted[0]} px, mean {wanted[1]} std '
+            f'{wanted[2]}: the queries are embedded with the checkpoint\'s')
+    root = str(data['root']) if 'root' in data else os.path.dirname(os.path.abspath(path))
+    return ImageList(root, [str(p) for p in data['paths']]), features
+
+
+def nearest(query_features, gallery_features, k):
+    """(Q x k cosines, Q x k gallery positions), most similar first."""
+    return (query_features @ gallery_features.t()).topk(k, dim=1)
+
+
+def thumbnail(path, side):
+    """A side x side RGB array of the image at `path` (centre square, for the figure)."""
+    import datasets
+    with Image.open(path) as img:
+        return np.asarray(datasets.fit_square(img.convert('RGB'), side))
+
+
+def neighbours_figure(queries, root, paths, similarities, positions, out, cell):
+    """The grid: each query, then its neighbours; returns the PNG's (width, height)."""
+    from .figures import NeighbourRow, draw_retrieval
+    rows = []
+    for query, sims, found in zip(queries, similarities.tolist(), positions.tolist()):
+        try:
+            neighbours = [thumbnail(os.path.join(root, paths[i]), cell) for i in found]
+        except OSError as err:
+            raise UserError(f'cannot draw the figure: a gallery image is not readable at '
+                            f'{root} ({err}); give the gallery folder, not only its .npz') \
+                from None
+        rows.append(NeighbourRow(os.path.basename(query), thumbnail(query, cell), neighbours,
+                                 sims))
+    image = draw_retrieval(rows, cell=cell)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    image.save(out)
+    return image.size
+
+
+def build_parser():
+    p = cli.Parser(prog='python -m lib.retrieve',
+                   description='The gallery images most similar to query images.')
+    cli.add_checkpoint_option(p)
+    p.add_argument('--gallery', required=True, metavar='DIR_OR_NPZ',
+                   help='a folder of images (embedded once, cached next to the checkpoint) or '
+                        'an .npz from python -m lib.embed')
+    p.add_argument('--query', required=True, nargs='+', metavar='IMG', help='query images')
+    p.add_argument('--k', type=cli.POSITIVE_INT, default=DEFAULT_K,
+                   help='neighbours per query (default: %(default)s)')
+    p.add_argument('--figure', default=None, metavar='PATH',
+                   help='also draw the queries and their neighbours in a PNG')
+    p.add_argument('--cell', type=cli.POSITIVE_INT, default=64,
+                   help='image side in the figure, pixels (default: %(default)s)')
+    cli.add_device_option(p)
+    return p
+
+
+def retrieve(argv):
+    from .build import load_network
+    args = build_parser().parse_args(argv)
+    missing = [q for q in args.query if not os.path.isfile(q)]
+    if missing:
+        raise UserError(f'query image {missing[0]} does not exist')
+    if not os.path.exists(args.gallery):
+        raise UserError(f'no gallery at {args.gallery} (a folder of images or an .npz)')
+    device = pick_device(args.device)
+    loaded = load_network(args.ckpt, device)
+    if os.path.isdir(args.gallery):
+        listed = list_folder(args.gallery)
+        if args.k > len(listed.paths):                           # before any embedding
+            raise UserError(f'--k {args.k} is more than the {len(listed.paths)} images of '
+                            f'{args.gallery}')
+        gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print)
+    else:
+        gallery, features = gallery_from_npz(loaded, args.gallery, device, print)
+    if args.k > features.shape[0]:
+        raise UserError(f'--k {args.k} is more than the {features.shape[0]} images of the '
+                        f'gallery {args.gallery}')
+    done = embed_files(loaded.net, '', [os.path.abspath(q) for q in args.query],
+                       loaded.image_size, loaded.mean, loaded.std, device)
+    if not done.kept:
+        report_skipped(done.skipped)
+        raise UserError('no query image could be read')
+    queries = [args.query[i] for i in done.kept]
+    similarities, positions = nearest(done.features, features, args.k)
+    for query, sims, found in zip(queries, similarities.tolist(), positions.tolist()):
+        print(f'query {query}')
+        for rank, (sim, index) in enumerate(zip(sims, found), start=1):
+            print(f'{rank:4d}  {sim:.4f}  {gallery.paths[index]}')
+    report_skipped(done.skipped)
+    if args.figure:
+        width, height = neighbours_figure(queries, gallery.root, gallery.paths, similarities,
+                                          positions, args.figure, args.cell)
+        print(f'wrote {args.figure} ({width} x {height} px)')
+
+
+def main(argv=None):
+    return cli.run(retrieve, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""hubconf.py: torch.hub.load gives the trained embedding network, its backbone, or an untrained
+network, in eval mode."""
+import pytest
+import torch
+
+from conftest import ROOT, fast_args
+from lib.build import load_trained
+
+
+@pytest.fixture(scope='module')
+def trained_checkpoint(tiny_folder, tmp_path_factory):
+    import main
+    model_dir = tmp_path_factory.mktemp('hub')
+    assert main.main(fast_args(tiny_folder, model_dir, '--rounds', '1', '--epochs', '1',
+                               '--quiet', '--no-tensorboard')) == 0
+    return str(model_dir / 'ckpt.t7')
+
+
+def test_hub_model_embeds_as_the_trained_network(trained_checkpoint, tiny_folder):
+    model = torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    trained = load_trained(trained_checkpoint, data_root=tiny_folder, workers=0)
+    images = next(trained.pipeline.eval_batches('test'))[0][:4]
+    with torch.no_grad():
+        out = model(images)
+        want = trained.net(images)
+    assert out.shape == (4, 128)
+    assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(out, want, atol=1e-6)
+    assert model.mean == pytest.approx(trained.mean) and model.image_size == 32
+
+
+def test_hub_backbone_and_untrained_model(trained_checkpoint):
+    backbone = torch.hub.load(ROOT, 'superand_backbone', source='local',
+                              checkpoint=trained_checkpoint)
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 1024) and not backbone.training
+    untrained = torch.hub.load(ROOT, 'superand', source='local')
+    trained = torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint)
+    assert not torch.equal(untrained.linear.weight, trained.linear.weight)
+    small = torch.hub.load(ROOT, 'superand', source='local', network='alexnet', low_dim=64,
+                           sobel=False)
+    with torch.no_grad():
+        assert small(torch.randn(2, 3, 32, 32)).shape == (2, 64)

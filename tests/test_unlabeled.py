@@ -1,0 +1,169 @@
+"""Your own unlabeled images: training on a flat folder, embedding any folder, nearest images,
+and the bad inputs of each (CPU, tiny; nothing here needs a well-trained model)."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import fast_args
+from lib import embed, retrieve
+
+
+def write_flat_folder(root, count=12, size=32, seed=0):
+    """Images directly in `root` and in a sub-folder, no classes, no split."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = os.path.join(root, 'more') if i % 3 == 0 else root
+        os.makedirs(folder, exist_ok=True)
+        pixels = rng.integers(0, 256, 3) + rng.normal(0, 30, size=(size, size, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            os.path.join(folder, f'img{i:02d}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def flat_run(tmp_path_factory):
+    """A flat folder trained 2 rounds x 1 epoch: (folder, model_dir, stdout)."""
+    import main
+    root = write_flat_folder(tmp_path_factory.mktemp('flat'))
+    model_dir = tmp_path_factory.mktemp('flat_run')
+    code = main.main(fast_args(root, model_dir, '--dataset', 'folder', '--rounds', '2',
+                               '--epochs', '1', '--batch_size', '4', '--no-tensorboard'))
+    assert code == 0
+    return root, model_dir
+
+
+def records(model_dir):
+    return [json.loads(line) for line in open(model_dir / 'log.jsonl')]
+
+
+def test_a_flat_folder_trains_without_labels_and_resumes(tmp_path, run_main):
+    root = write_flat_folder(tmp_path / 'photos')
+    flags = ['--dataset', 'folder', '--rounds', '2', '--epochs', '1', '--batch_size', '4',
+             '--no-tensorboard']
+    code, out, err = run_main(*fast_args(root, tmp_path / 'run', *flags, '--stop-after', '1'))
+    assert code == 0, err
+    assert 'data: 12 unlabeled images (no classes, no test split)' in out
+    assert 'kNN' not in out and 'warning' not in out
+    epoch = next(r for r in records(tmp_path / 'run') if r['type'] == 'epoch')
+    assert 'knn_top1' not in epoch
+    bank = epoch['bank']
+    assert 0 <= bank['entropy_min'] <= bank['entropy_mean'] <= bank['entropy_max'] \
+        <= np.log(12) + 1e-4
+    assert -1 <= bank['nearest_similarity'] <= 1
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'run')
+    assert code == 0, err
+    assert re.search(r'round 1: 3 anchors \(25\.0% of 12\), mean \(anchor, neighbour\) '
+                     r'cosine -?\d\.\d{3}', out)
+    assert 'anchor-neighbour cos' in out and 'done: 2 rounds x 1 epoch without labels' in out
+    kinds = [r['type'] for r in records(tmp_path / 'run')]
+    assert kinds == ['start', 'epoch', 'start', 'round', 'epoch', 'end']
+    assert json.load(open(tmp_path / 'run' / 'config.json'))['dataset'] == 'folder'
+
+
+def test_eval_root_adds_knn_and_test_only_needs_it(flat_run, tiny_folder, run_main):
+    root, model_dir = flat_run
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', model_dir)
+    assert code == 2 and 'give --eval-root DIR' in err
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', model_dir,
+                              '--eval-root', tiny_folder, '--knn-k', '5')
+    assert code == 0, err
+    assert f'kNN evaluation on {tiny_folder}: 20 training and 10 test images' in out
+    assert re.search(r'top-1 \d+\.\d\d% top-5', out)
+
+
+def test_embed_writes_unit_rows_and_relative_paths(flat_run, tiny_folder, tmp_path, capsys):
+    root, model_dir = flat_run
+    out = tmp_path / 'flat.npz'
+    assert embed.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--images', root,
+                       '--out', str(out), '--device', 'cpu']) == 0
+    data = np.load(out)
+    assert data['features'].shape == (12, 128)
+    assert np.allclose(np.linalg.norm(data['features'], axis=1), 1, atol=1e-5)
+    assert sorted(data['paths']) == sorted(
+        [f'img{i:02d}.png' for i in range(12) if i % 3] +
+        [os.path.join('more', f'img{i:02d}.png') for i in range(0, 12, 3)])
+    assert 'labels' not in data
+    # A class tree gives labels too.
+    classes = tmp_path / 'classes.npz'
+    assert embed.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--images',
+                       os.path.join(tiny_folder, 'test'), '--out', str(classes)]) == 0
+    data = np.load(classes)
+    assert data['labels'].tolist() == list(range(10)) and len(data['classes']) == 10
+    assert data['paths'][0] == os.path.join('class_00', '0000.png')
+
+
+def test_retrieve_finds_the_query_itself_first(flat_run, tmp_path, capsys):
+    root, model_dir = flat_run
+    query = os.path.join(root, 'more', 'img03.png')
+    argv = ['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery', root, '--query', query, '--k',
+            '4', '--figure', str(tmp_path / 'grid.png')]
+    assert retrieve.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if re.match(r'\s+\d+\s+-?\d\.\d{4}\s', line)]
+    assert [int(line[0]) for line in lines] == [1, 2, 3, 4]
+    assert lines[0][1:] == ['1.0000', os.path.join('more', 'img03.png')]
+    sims = [float(line[1]) for line in lines]
+    assert sims == sorted(sims, reverse=True)
+    assert 'cached in' in out
+    with Image.open(tmp_path / 'grid.png') as grid:     # 1 row: query + 4 neighbours
+        assert grid.size == (120 + 4 + 5 * (72 + 4) + 12, 4 + 76)
+    assert retrieve.main(argv[:-2]) == 0                 # the second time, from the cache
+    assert 'embeddings from the cache' in capsys.readouterr().out
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith('error: '), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_bad_inputs(flat_run, tmp_path, capsys):
+    root, model_dir = flat_run
+    ckpt = str(model_dir / 'ckpt.t7')
+    (tmp_path / 'empty').mkdir()
+    assert embed.main(['--ckpt', ckpt, '--images', str(tmp_path / 'empty'), '--out',
+                       str(tmp_path / 'x.npz')]) == 2
+    one_line_error(capsys, 'holds no images')
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'a.jpg').write_bytes(b'not a jpeg')
+    assert embed.main(['--ckpt', ckpt, '--images', str(broken), '--out',
+                       str(tmp_path / 'x.npz')]) == 2
+    assert 'holds no readable image' in capsys.readouterr().err
+    query = os.path.join(root, 'img01.png')
+    assert retrieve.main(['--ckpt', ckpt, '--gallery', root, '--query',
+                          str(tmp_path / 'nope.png')]) == 2
+    one_line_error(capsys, 'query image', 'does not exist')
+    assert retrieve.main(['--ckpt', ckpt, '--gallery', root, '--query', query, '--k',
+                          '13']) == 2
+    one_line_error(capsys, '--k 13 is more than the 12 images')
+
+
+def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, tmp_path,
+                                                                      capsys):
+    root, model_dir = flat_run
+    gallery = write_flat_folder(tmp_path / 'gallery', count=6, size=48, seed=3)
+    (tmp_path / 'gallery' / 'bad.png').write_bytes(b'\x89PNG broken')
+    out = tmp_path / 'g.npz'
+    assert embed.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--images', gallery, '--out',
+                       str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 'skipped bad.png: cannot read it' in printed and 'skipped 1 unreadable file' in printed
+    assert printed.count('are not 32 x 32 px') == 1 and '6 of 6 images' in printed
+    assert printed.count("the checkpoint's normalisation is used") <= 1
+    assert np.load(out)['features'].shape == (6, 128)
+    # A gallery .npz made with other settings: said once, the checkpoint's used for queries.
+    data = dict(np.load(out))
+    data['image_size'] = np.asarray(64)
+    np.savez(tmp_path / 'other.npz', **data)
+    assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
+                          str(tmp_path / 'other.npz'), '--query',
+                          os.path.join(gallery, 'img01.png'), '--k', '2']) == 0
+    printed = capsys.readouterr().out
+    assert printed.count('was embedded at 64 px') == 1
+    assert re.search(r'\n\s+1\s+1\.0000\s+img01\.png', printed)
