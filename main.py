@@ -30,9 +30,11 @@ from lib.errors import UserError
 from lib.evaluate import KnnData, knn_evaluate
 from lib.method_state import MethodState
 from lib.neighbourhoods import bank_statistics
-from lib.progress import progress
+from lib.progress import progress_bar
 from lib.recipes import COMPONENTS, RECIPES, describe, resolve
-from lib.run_log import RunLog, cpu_hours_estimate, environment, plural
+from lib.cli import plural
+from lib.cpu_estimate import cpu_hours_estimate
+from lib.run_log import RunLog, environment
 from lib.schedules import SCHEDULES, Schedule, set_learning_rate
 from lib.stopping import StopSignals
 from lib.train import NonFiniteLoss
@@ -213,6 +215,10 @@ def open_checkpoint(args, say):
         return None, None
     path = ckpt.resolve_path(args.model_dir, name)
     state = ckpt.load(path)
+    if args.init_from and os.path.abspath(path) in [os.path.abspath(os.path.join(
+            args.model_dir, written)) for written in (ckpt.BEST, ckpt.LAST)]:
+        raise UserError(f'--init-from {name} is a file this run would overwrite in '
+                        f'{args.model_dir}: give the new run another --model_dir')
     if args.resume:
         if not args.test_only and not ckpt.can_continue(state):
             raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '
@@ -241,12 +247,15 @@ def adopt_checkpoint_config(args, state, say):
     stored = dict(state.get('config') or {})
     if stored.get('knn_features') == 'recompute':       # the word older checkpoints stored
         stored['knn_features'] = 'network'
+    if stored and 'schedule' not in stored and 'schedule' not in args.given:
+        stored['schedule'] = 'released'     # runs from before --schedule trained on it
+        say('this run predates --schedule: it continues on the released (absolute) schedule')
     adopted = []
     for key, value in stored.items():
         if key in NOT_RESUMED or key in args.given or not hasattr(args, key):
             continue
-        if getattr(args, key) != value and key not in COMPONENTS:   # those: the method line
-            adopted.append(f'{key}={value}')
+        if getattr(args, key) != value and key not in (*COMPONENTS, 'mean', 'std'):
+            adopted.append(f'{key}={value}')    # (components: the method line; mean, std: data)
         setattr(args, key, value)
     if adopted:
         say('options from the checkpoint: ' + ' '.join(adopted))
@@ -316,15 +325,19 @@ def knn_warnings(args, knn):
 
 def setup(args, world):
     """Everything a run needs, built (and restored from --resume or --init-from) in the same
-    way on every process: the Run and the checkpoint read (or None). None when there is nothing
-    to do."""
+    way on every process: the Run, and the checkpoint read and its path (or None). The Run is
+    None when there is nothing to do."""
     say = print if world.main else (lambda *a, **k: None)
     state, path = open_checkpoint(args, say)
     settings = device_settings(args, world)
     from_recipe = resolve(args)
     say(describe(args, from_recipe))
     if already_finished(args, state, path, say):
-        return None, None
+        return None, None, None
+    if args.init_from and int(state.get('round') or 0) >= args.rounds:
+        raise UserError(f'{path} is at round {state.get("round")}; with --rounds {args.rounds} '
+                        f'there is nothing left to train (give --rounds '
+                        f'{int(state.get("round")) + 1} or more)')
     train, test = load_data(args)
     mean, std = normalisation(args, train)
     args.mean, args.std = list(mean), list(std)   # stored: what the network was trained with
@@ -359,7 +372,7 @@ def setup(args, world):
     labels = (torch.from_numpy(train.targets).to(settings.device) if train.labelled else None)
     run = Run(args, settings, world, method, distribute(args, method.net, world), pipeline, knn,
               labels, train.fingerprint, Schedule(args.epochs, args.schedule))
-    return run, state
+    return run, state, path
 
 
 def evaluate(run):
@@ -413,10 +426,6 @@ def prepare_training(run, state, path):
                 f'(best kNN top-1 so far: {run.progress.best_text()})', always=True)
     elif state is not None:
         start_round = int(state.get('round') or 0)
-        if start_round >= args.rounds:
-            raise UserError(f'{path} is at round {start_round}; with --rounds {args.rounds} '
-                            f'there is nothing left to train (give --rounds '
-                            f'{start_round + 1} or more)')
         run.progress = ckpt.Progress(round=start_round)
         anchors = run.method.anchors.num_anchors if run.method.anchors is not None else 0
         run.say(f'initialised from {path} (round {state.get("round")} epoch '
@@ -457,62 +466,80 @@ def announce_training(run):
         if hours > 1:
             days = f' ({hours / 24:,.0f} days)' if hours > 48 else ''
             run.say(f'estimated time on this CPU: about {hours:,.0f} hours{days}, from a rate '
-                    f'measured on 2 cores; one GPU is meant to take about an hour for the '
-                    f'released 5 x 200 epochs of CIFAR-10 (README, Speed)', always=True)
+                    f'measured on 2 cores; one GPU is meant to take about 1.5 hours for the '
+                    f'released 5 x 200 epochs of CIFAR-10 (an estimate: README)', always=True)
 
 
 def train_epoch(run, round_index, epoch, stop):
-    """Train one epoch (from the resumed step if any); None when a stop signal ended it early
-    (last.t7 then holds the step to continue from), else the epoch's record."""
-    args, progress_ = run.args, run.progress
+    """Train one epoch (from the resumed step if any), evaluate it and save the checkpoints;
+    returns the epoch's record, or None when a stop signal ended it early (last.t7 then holds
+    the step to continue from)."""
+    args, progress = run.args, run.progress
     start = time.time()
-    first_step, sums = progress_.step, progress_.loss_sums
-    progress_.step, progress_.loss_sums = 0, None
+    first_step, sums = progress.step, progress.loss_sums
+    progress.step, progress.loss_sums = 0, None
     lr, weight = run.schedule.learning_rate(args.lr, epoch), run.schedule.ue_weight(epoch)
     set_learning_rate(run.optimizer, lr)
-    steps = run.pipeline.steps_per_epoch
-    batches = progress(run.pipeline.train_batches(round_index, epoch, first_step),
-                       total=steps - first_step, desc=f'round {round_index} epoch {epoch}',
-                       enabled=not args.quiet and run.world.main)
+    batches = progress_bar(run.pipeline.train_batches(round_index, epoch, first_step),
+                           total=run.pipeline.steps_per_epoch - first_step,
+                           desc=f'round {round_index} epoch {epoch}',
+                           enabled=not args.quiet and run.world.main)
     try:
         result = run.trainer.train_epoch(batches, weight, TRAIN_LOG_EVERY, first_step, sums,
                                          stop)
     except NonFiniteLoss as bad:
-        run.writer.wait()
-        saved = progress_.saved
-        kept = (f'{args.model_dir}/last.t7 still holds the last good epoch (round {saved[0]} '
-                f'epoch {saved[1]})' if saved else 'no checkpoint had been written yet')
-        raise UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch '
-                        f'{epoch} step {bad.step}: stopped; {kept}; a lower --lr may '
-                        f'help') from None
+        raise non_finite_loss(run, round_index, epoch, bad.step) from None
     if result.stopped:
-        progress_.round, progress_.epoch = round_index, epoch
-        save(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
-                              loss_sums=result.sums))
-        run.writer.wait()
-        run.say(f'stopped by {stop.name} at round {round_index} epoch {epoch} step '
-                f'{result.steps}: last.t7 written; continue with --resume last.t7', always=True)
+        save_stopped(run, round_index, epoch, result, stop.name)
         return None
     accuracy = evaluate(run)
-    is_best = progress_.record(round_index, epoch, accuracy[0] if accuracy else None)
+    is_best = progress.record(round_index, epoch, accuracy[0] if accuracy else None)
     nxt = ckpt.following(round_index, epoch, args.epochs)
     save(run, is_best, dict(round=nxt[0], epoch=nxt[1], step=0))
     global_epoch = round_index * args.epochs + epoch
-    run.log.steps(global_epoch * steps, result.samples, lr)
-    record = dict(round=round_index, epoch=epoch, global_epoch=global_epoch, lr=lr,
-                  loss={name: result.losses[name] for name in active_losses(args)})
+    run.log.steps(global_epoch * run.pipeline.steps_per_epoch, result.samples, lr)
+    record = epoch_record(run, round_index, epoch, lr, weight, result.losses, accuracy)
+    record['seconds'] = time.time() - start
+    return record
+
+
+def non_finite_loss(run, round_index, epoch, step):
+    """The UserError of a NaN or infinite loss, once the checkpoint it names is on disk."""
+    run.writer.wait()
+    saved = run.progress.saved
+    kept = (f'{run.args.model_dir}/last.t7 still holds the last good epoch (round {saved[0]} '
+            f'epoch {saved[1]})' if saved else 'no checkpoint had been written yet')
+    return UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch {epoch} '
+                     f'step {step}: stopped; {kept}; a lower --lr may help')
+
+
+def save_stopped(run, round_index, epoch, result, signal_name):
+    """A stop signal ended the epoch at `result.steps`: last.t7 continues from there."""
+    run.progress.round, run.progress.epoch = round_index, epoch
+    save(run, False, dict(round=round_index, epoch=epoch, step=result.steps,
+                          loss_sums=result.sums))
+    run.writer.wait()
+    run.say(f'stopped by {signal_name} at round {round_index} epoch {epoch} step '
+            f'{result.steps}: last.t7 written; continue with --resume last.t7', always=True)
+
+
+def epoch_record(run, round_index, epoch, lr, ue_weight, losses, accuracy):
+    """What log.jsonl keeps of an epoch: only the losses and weights the run has, the kNN
+    accuracy, or without labels the bank's statistics."""
+    args, method = run.args, run.method
+    record = dict(round=round_index, epoch=epoch, global_epoch=round_index * args.epochs + epoch,
+                  lr=lr, loss={name: losses[name] for name in active_losses(args)})
     if args.ue_loss:
-        record['ue_weight'] = weight
+        record['ue_weight'] = ue_weight
     if accuracy is not None:
         record.update(knn_top1=100 * accuracy[0], knn_top5=100 * accuracy[1],
-                      best_top1=100 * progress_.best_acc)
-    elif run.method.bank is not None and run.world.main:
-        record['bank'] = bank_statistics(run.method.bank.memory, run.method.bank.temperature,
+                      best_top1=100 * run.progress.best_acc)
+    elif method.bank is not None and run.world.main:
+        record['bank'] = bank_statistics(method.bank.memory, method.bank.temperature,
                                          run.stats_rows)
-        if run.method.anchors is not None and run.method.anchors.num_anchors:
-            record['bank']['anchor_similarity'] = run.method.anchors.neighbour_similarity(
-                run.method.bank.memory)
-    record['seconds'] = time.time() - start
+        if method.anchors is not None and method.anchors.num_anchors:
+            record['bank']['anchor_similarity'] = method.anchors.neighbour_similarity(
+                method.bank.memory)
     return record
 
 
@@ -573,9 +600,9 @@ def discover_anchors(run, round_index):
 def train_rounds(run, stop):
     """The rounds and epochs: anchors at each round's start, then train, evaluate, save and
     report every epoch. Returns False when a stop signal or --stop-after ended it early."""
-    args, progress_ = run.args, run.progress
+    args, progress = run.args, run.progress
     epochs_run = 0
-    start_round, start_epoch, mid_epoch = progress_.round, progress_.epoch, progress_.step > 0
+    start_round, start_epoch, mid_epoch = progress.round, progress.epoch, progress.step > 0
     initialised = args.init_from is not None
     for round_index in range(start_round, args.rounds):
         first_epoch = start_epoch if round_index == start_round else 0
@@ -610,18 +637,18 @@ def train(run, state, path):
         run.log.close()
     if not finished:
         return
-    progress_ = run.progress
-    if progress_.best_acc is not None:
-        run.say(f'done: best kNN top-1 {100 * progress_.best_acc:.2f}% (round '
-                f'{progress_.best_round} epoch {progress_.best_epoch}, best-on-test as '
-                f'released), final {100 * progress_.acc:.2f}%', always=True)
+    progress = run.progress
+    if progress.best_acc is not None:
+        run.say(f'done: best kNN top-1 {100 * progress.best_acc:.2f}% (round '
+                f'{progress.best_round} epoch {progress.best_epoch}, best-on-test as '
+                f'released), final {100 * progress.acc:.2f}%', always=True)
     else:
         run.say(f'done: {plural(run.args.rounds, "round")} x '
                 f'{plural(run.args.epochs, "epoch")} without labels (no kNN accuracy); '
                 f'{run.args.model_dir}/ckpt.t7 holds the last epoch', always=True)
-    run.log.end(dict(best_top1=None if progress_.best_acc is None else 100 * progress_.best_acc,
-                     best_round=progress_.best_round, best_epoch=progress_.best_epoch,
-                     final_top1=None if progress_.acc is None else 100 * progress_.acc,
+    run.log.end(dict(best_top1=None if progress.best_acc is None else 100 * progress.best_acc,
+                     best_round=progress.best_round, best_epoch=progress.best_epoch,
+                     final_top1=None if progress.acc is None else 100 * progress.acc,
                      seconds=time.time() - start))
 
 
@@ -629,11 +656,9 @@ def train(run, state, path):
 def run_once(args, world):
     """Train or evaluate. The Run (and its DistributedDataParallel, whose reducer holds the
     process group) is released when this returns, so the group closes last."""
-    run, state = setup(args, world)
+    run, state, path = setup(args, world)
     if run is None:
         return
-    path = ckpt.resolve_path(args.model_dir, args.resume or args.init_from) \
-        if (args.resume or args.init_from) else None
     if args.test_only:
         run.log = RunLog(args.model_dir, tensorboard=False, enabled=world.main)
         test_only(run, state)
@@ -648,9 +673,7 @@ def main(argv=None):
         return exit_.code
     world = init_world(args.device)
     label = 'error' if world.size == 1 else f'error (rank {world.rank})'
-    code = cli.run(lambda _: run_once(args, world), error_label=label,
-                   interrupted='interrupted: stopped at once (a second Ctrl-C); last.t7 holds '
-                               'the last epoch written')
+    code = cli.run(lambda _: run_once(args, world), error_label=label)
     close_world(world, clean=code == 0)
     return code
 

@@ -12,7 +12,8 @@ CUDA-graph capture), with the device synchronised around it, and scaled to a who
   bank     the memory-bank update
   train    whole training steps as `main.py` runs them (pipeline + step + bank + meters)
   net      the network alone, forward + backward + SGD on fixed views, compiled as the step
-           is: the floor the whole epoch is compared with (docs/ALGORITHM.md 9 measured 3.2 s on an H100)
+           is: the floor the whole epoch is compared with (docs/ALGORITHM.md section 9: the
+           released network took 3.2 s on an H100)
   knn      the kNN evaluation pass (test embeddings + weighted vote against the bank)
   ans      anchor discovery for the last round (entropy of every entry + neighbours)
 It prints seconds per epoch, images per second, peak GPU memory and the ratio of the whole

@@ -2,14 +2,16 @@
 import numpy as np
 import torch
 
-from .sources import (UNLABELED, DataError, ImageSet, describe_fingerprint, fit_square,
+from .sources import (IMAGE_EXTENSIONS, UNLABELED, DataError, ImageSet, decode_image,
+                      describe_fingerprint, fit_square,
                       folder_layout, is_class_tree, list_images, load_cifar, load_folder,
                       load_svhn, stored_train_size)
 from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, MEAN_STD,
                          AugmentedViews, Plain, test_transform, train_transform)
 
 __all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load_dataset',
-           'mean_std', 'random_subset_indices', 'describe_fingerprint', 'fit_square',
+           'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS', 'decode_image',
+           'describe_fingerprint', 'fit_square',
            'folder_layout', 'is_class_tree', 'list_images', 'stored_train_size',
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'test_transform', 'train_transform']

@@ -257,12 +257,14 @@ def _all_square(paths, keep, size, quiet=False):
 
 
 def folder_layout(root):
-    """'labelled' for a train/<class>/*, test/<class>/* tree, else 'unlabeled' (images directly
-    in `root` or in any sub-folders, no split and no classes)."""
+    """'labelled' for a tree with train/ and test/ (of class folders), else 'unlabeled' (images
+    directly in `root` or in any sub-folders, a lone train/ among them, no classes)."""
     if not os.path.isdir(root):
         raise DataError(f'no image folder at {root!r}: --dataset folder needs a folder of '
                         f'images, or a {root}/train/<class>/*, {root}/test/<class>/* tree')
-    return 'labelled' if os.path.isdir(os.path.join(root, 'train')) else 'unlabeled'
+    split = (os.path.isdir(os.path.join(root, 'train')) and
+             os.path.isdir(os.path.join(root, 'test')))
+    return 'labelled' if split else 'unlabeled'
 
 
 def load_folder(root, image_size, select=None):

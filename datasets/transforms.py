@@ -1,5 +1,5 @@
-"""torchvision transforms of the released code (docs/ALGORITHM.md section 2), and the datasets that
-apply them for the `--pipeline cpu` loader path."""
+"""torchvision transforms of the released code (docs/ALGORITHM.md section 2), and the
+datasets that apply them for the `--pipeline cpu` loader path."""
 import numpy as np
 import torch
 import torchvision.transforms as T

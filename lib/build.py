@@ -43,14 +43,19 @@ class DeviceSettings:
         return self.device.type == 'cuda'
 
 
+def pick_device(choice, cuda_index=0):
+    """The torch.device of --device auto|cuda|cpu (auto: CUDA when present)."""
+    if choice == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda, but no CUDA device is available')
+    cuda = choice != 'cpu' and torch.cuda.is_available()
+    return torch.device(f'cuda:{cuda_index}' if cuda else 'cpu')
+
+
 def device_settings(opts, world=None):
     """Resolve --device, --pipeline, --precision and --compile (`auto`: the fast path on CUDA,
     the released arithmetic on the CPU). The options themselves are left as typed."""
-    if opts.device == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda, but no CUDA device is available')
-    cuda_index = world.local_rank if world is not None else 0
-    cuda = opts.device != 'cpu' and torch.cuda.is_available()
-    device = torch.device(f'cuda:{cuda_index}' if cuda else 'cpu')
+    device = pick_device(opts.device, world.local_rank if world is not None else 0)
+    cuda = device.type == 'cuda'
     pick = (lambda value, on_cuda, on_cpu: value if value != 'auto'
             else on_cuda if cuda else on_cpu)
     if cuda:
@@ -198,11 +203,6 @@ class Trained:
     @property
     def bank(self):
         return self.method.bank
-
-    @property
-    def knn_data(self):
-        labels = torch.from_numpy(self.train.targets).to(self.device)
-        return KnnData(self.pipeline, labels, len(self.train.classes), self.opts.knn_features)
 
     def embeddings(self, split, source='network'):
         """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -117,7 +117,6 @@ class Progress:
     best_round: int = None
     best_epoch: int = None
     saved: tuple = None                 # (round, epoch) last.t7 holds, for messages
-    extra: dict = field(default_factory=dict)
 
     def record(self, round_index, epoch, acc):
         """An epoch was evaluated (acc None without labels): whether it is the best so far."""
@@ -188,20 +187,15 @@ class CheckpointWriter:
     in a thread; it first waits for the previous write, so at most one copy is held and files
     are written in order. A kill loses at most the epochs since the last whole file, as every
     file is still written to a temporary name, fsynced and renamed. `wait` (at the end of a run,
-    and before any message that names a checkpoint) returns once everything is on disk.
-    `background=False` writes in the caller's thread."""
+    and before any message that names a checkpoint) returns once everything is on disk, or
+    raises the write's error."""
 
-    def __init__(self, background=True):
-        self.background = background
+    def __init__(self):
         self._thread, self._error = None, None
 
     def submit(self, jobs):
         self.wait()
         copies = [(snapshot(state), path) for state, path in jobs]
-        if not self.background:
-            self._write(copies)
-            self._raise()
-            return
         self._thread = threading.Thread(target=self._write, args=(copies,),
                                         name='checkpoint-writer')
         self._thread.start()
@@ -212,6 +206,8 @@ class CheckpointWriter:
                 save_atomic(state, path)
         except OSError as err:
             self._error = UserError(f'cannot write checkpoint {path}: {err.strerror or err}')
+        except Exception as err:      # anything else is a bug: raised in the training thread
+            self._error = err
 
     def wait(self):
         if self._thread is not None:
@@ -232,9 +228,12 @@ def can_continue(state):
 
 def progress_of(state):
     """The Progress a last.t7 continues from."""
-    nxt, best = state['next'], state.get('best') or {}
+    nxt, best = state['next'], dict(state.get('best') or {})
+    if best.get('acc') is None or best['acc'] < 0:    # older files: -1 meant "none yet"
+        best = {}
+    acc = state.get('acc')
     return Progress(round=nxt['round'], epoch=nxt['epoch'], step=nxt.get('step', 0),
-                    loss_sums=nxt.get('loss_sums'), acc=state.get('acc'),
+                    loss_sums=nxt.get('loss_sums'), acc=acc if acc is None or acc >= 0 else None,
                     best_acc=best.get('acc'), best_round=best.get('round'),
                     best_epoch=best.get('epoch'), saved=(state['round'], state['epoch']))
 
@@ -246,7 +245,7 @@ def restore_training(state, optimizer):
     return progress_of(state)
 
 
-def check_data(state, fingerprint, path, what='--data-root'):
+def check_data(state, fingerprint, path):
     """Refuse (UserError) a checkpoint whose bank belongs to other training data than
     `fingerprint`. Returns a note for a file without a fingerprint (a released checkpoint),
     else None."""
@@ -256,7 +255,7 @@ def check_data(state, fingerprint, path, what='--data-root'):
                 f'that its bank belongs to these training images could not be checked')
     if stored != fingerprint:
         raise UserError(f'checkpoint {path} was trained on other data: it holds '
-                        f'{describe_fingerprint(stored)}; {what} gives '
+                        f'{describe_fingerprint(stored)}; --data-root gives '
                         f'{describe_fingerprint(fingerprint)}')
     return None
 

@@ -84,6 +84,11 @@ def one_line_error(message, label='error'):
     return 2
 
 
+def plural(count, word, plural_word=None):
+    """'1 round', '2 rounds'; `plural_word` where adding an s is wrong ('classes')."""
+    return f'{count} {word if count == 1 else plural_word or word + "s"}'
+
+
 def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
     """Call `main_body(argv)`; a user's error (UserError, DataError) prints one line and gives
     exit code 2, Ctrl-C gives 130 and one line (`interrupted`), no traceback."""
@@ -93,8 +98,8 @@ def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
         return exit_.code
     except (UserError, DataError) as err:
         return one_line_error(err, error_label)
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:      # its message, where the raiser gave one
+        print(str(err) or interrupted, file=sys.stderr, flush=True)
         return 130
 
 

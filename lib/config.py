@@ -98,7 +98,7 @@ NETWORK_COST = {'resnet18': 1.0, 'resnet50': 2.3, 'resnet101': 4.4, 'alexnet': 0
 CHUNK_FLOATS = 2 ** 27          # elements of one rows x N chunk of similarities or logits (512 MB
                                 # float32): N x N work (kNN, entropy, neighbours) never exceeds it
 
-# The released run's kNN top-1 % (docs/ALGORITHM.md section 8, CIFAR-10, ResNet18), by round (rows) at these epochs
+# The released run's kNN top-1 % (§8, CIFAR-10, ResNet18), by round (rows) at these epochs
 # of each 200-epoch round: the reference curve of bench/compare_curve.py and lib.visualize.
 PUBLISHED_EPOCHS = (0, 4, 9, 19, 39, 79, 119, 159, 199)
 PUBLISHED_EPOCHS_PER_ROUND = 200

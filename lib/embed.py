@@ -23,9 +23,10 @@ from PIL import Image
 import datasets
 
 from . import cli
+from .build import load_network, pick_device
 from .errors import UserError
 from .evaluate import embed
-from .progress import progress
+from .progress import progress_bar
 
 EMBED_BATCH = 256               # images per forward pass (memory only; results do not depend)
 NORMALISATION_TOLERANCE = 0.03  # a folder's mean or std this far from the checkpoint's is said
@@ -46,13 +47,22 @@ def list_folder(folder):
         raise UserError(f'no folder at {folder}')
     paths = datasets.list_images(folder)
     if not paths:
-        raise UserError(f'{folder} holds no images ({", ".join(datasets.sources.IMAGE_EXTENSIONS)}'
-                        f'), at any depth')
+        raise UserError(f'{folder} holds no images ({", ".join(datasets.IMAGE_EXTENSIONS)}), '
+                        f'at any depth')
     if datasets.is_class_tree(folder):
         classes = sorted({p.split(os.sep)[0] for p in paths})
         labels = np.asarray([classes.index(p.split(os.sep)[0]) for p in paths], dtype=np.int64)
         return ImageList(folder, paths, labels, classes)
     return ImageList(folder, paths)
+
+
+def checkpoint_digest(path):
+    """A digest of a checkpoint file: embeddings compare only with those of the same weights."""
+    digest = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def file_fingerprint(root, paths):
@@ -91,11 +101,11 @@ class ImageReader:
         with open(path, 'rb') as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert('RGB')
             if img.size != (self.image_size, self.image_size):
                 self.resized += 1
-            pixels = np.asarray(datasets.fit_square(img, self.image_size), dtype=np.float32)
-        pixels /= 255.0
+        # Decoded as the run decoded its own test images, so a training folder embeds here as
+        # its kNN evaluation saw it.
+        pixels = datasets.decode_image(data, self.image_size).astype(np.float32) / 255.0
         self.count += 1
         self.channel_sums += pixels.mean(axis=(0, 1))
         self.std_sums += pixels.std(axis=(0, 1))
@@ -142,7 +152,7 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
                 yield torch.stack(images).to(device), torch.tensor(positions)
                 images, positions = [], []
     steps = -(-len(paths) // batch_size)
-    features, kept = embed(net, progress(batches(), total=steps, desc='embed', enabled=show,
+    features, kept = embed(net, progress_bar(batches(), total=steps, desc='embed', enabled=show,
                                          unit='batch'))
     return Embedded(features, kept.tolist(), skipped, reader.notes())
 
@@ -198,24 +208,18 @@ def build_parser():
 
 
 def embed_command(argv):
-    from .build import load_network
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     loaded = load_network(args.ckpt, device)
     listed = list_folder(args.images)
     fingerprint = file_fingerprint(args.images, listed.paths)
     images, features = embed_folder(loaded, listed, device, show=sys.stderr.isatty())
-    save_embeddings(args.out, images, features, loaded, args.ckpt, fingerprint=fingerprint)
+    save_embeddings(args.out, images, features, loaded, args.ckpt, fingerprint=fingerprint,
+                    checkpoint_digest=checkpoint_digest(args.ckpt))
     labels = (f', labels of {len(images.classes)} classes' if images.labels is not None
               else '')
     print(f'wrote {args.out}: {features.shape[0]} x {features.shape[1]} unit-length features, '
           f'paths relative to {args.images}{labels}')
-
-
-def pick_device(choice):
-    if choice == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda, but no CUDA device is available')
-    return torch.device('cuda' if choice != 'cpu' and torch.cuda.is_available() else 'cpu')
 
 
 def main(argv=None):

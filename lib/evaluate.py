@@ -14,10 +14,7 @@ import torch
 from .config import CHUNK_FLOATS, KNN_K, KNN_SIGMA
 from .distributed import World
 from .knn import knn_scores, topk_correct
-from .progress import progress
-
-FEATURE_SOURCES = ('bank', 'network')   # the kNN's training side: the memory bank, or the
-                                        # network's embeddings of the training images
+from .progress import progress_bar
 
 
 @contextmanager
@@ -80,7 +77,7 @@ def training_features(net, bank, data, world=None, precision='fp32', show=False)
         return bank.memory.float()
     count = len(data.train_labels)
     batches = data.pipeline.eval_batches('train', world.shard(count))
-    features, _ = embed(net, progress(batches, desc='embed train', enabled=show), precision)
+    features, _ = embed(net, progress_bar(batches, desc='embed train', enabled=show), precision)
     return world.gather_rows(features, count)
 
 
@@ -98,13 +95,8 @@ def class_scores(queries, train_features, train_labels, num_classes, k=KNN_K, si
 def knn_correct(test_features, test_targets, train_features, train_labels, num_classes,
                 k=KNN_K, sigma=KNN_SIGMA):
     """Numbers of test rows right at top-1 and at top-5 (a 2-vector on the device)."""
-    correct = torch.zeros(2, device=test_features.device)
-    chunk = max(1, CHUNK_FLOATS // max(train_features.shape[0], 1))
-    for start in range(0, test_features.shape[0], chunk):
-        scores = knn_scores(test_features[start:start + chunk], train_features,
-                            train_labels, num_classes, k, sigma)
-        correct += torch.stack(topk_correct(scores, test_targets[start:start + chunk]))
-    return correct
+    scores = class_scores(test_features, train_features, train_labels, num_classes, k, sigma)
+    return torch.stack(topk_correct(scores, test_targets)).float()
 
 
 def knn_evaluate(net, bank, data, k=KNN_K, sigma=KNN_SIGMA, world=None, precision='fp32',
@@ -115,8 +107,8 @@ def knn_evaluate(net, bank, data, k=KNN_K, sigma=KNN_SIGMA, world=None, precisio
     train_features = training_features(net, bank, data, world, precision, show)
     count = data.pipeline.num_test
     batches = data.pipeline.eval_batches('test', world.shard(count))
-    test_features, test_targets = embed(net, progress(batches, desc='embed test',
-                                                      enabled=show), precision)
+    test_features, test_targets = embed(net, progress_bar(batches, desc='embed test',
+                                                          enabled=show), precision)
     correct = knn_correct(test_features, test_targets, train_features, data.train_labels,
                           data.num_classes, k, sigma)
     top1, top5 = (value / max(count, 1) for value in world.sum(correct).tolist())

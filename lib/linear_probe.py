@@ -96,9 +96,8 @@ def probe(argv):
     args = build_parser().parse_args(argv)
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     if trained.test is None:
-        raise UserError('a linear probe needs labels; this checkpoint was trained on unlabeled '
-                        'images (give --data-root a labelled train/<class>/*, test/<class>/* '
-                        'tree of the same images)')
+        raise UserError('a linear probe needs labels, and this checkpoint was trained on '
+                        'unlabeled images')
     torch.manual_seed(args.seed)
     train_x, train_y = probe_features(trained, 'train', args.layer)
     test_x, test_y = probe_features(trained, 'test', args.layer)

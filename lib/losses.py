@@ -27,7 +27,7 @@ def and_loss(logits, targets, neighbours):
 
 
 def augmentation_loss(rows, temperature, negative_weight=1.0, keys=None, positions=None):
-    """Augmentation-invariance loss: instance discrimination inside the batch (docs/ALGORITHM.md 5.2).
+    """Augmentation-invariance loss: instance discrimination in the batch (ALGORITHM.md 5.2).
 
     The in-batch criterion of Ye et al. 2019 (ISIF), which Super-AND applies to the
     L2-normalised *bank-logit rows* (rows: R x N, as released) or, as an option, to the

@@ -3,7 +3,7 @@ logs), where the one-line-per-epoch summaries are the record."""
 import sys
 
 
-def progress(iterable, total=None, desc=None, enabled=True, leave=False, unit='step'):
+def progress_bar(iterable, total=None, desc=None, enabled=True, leave=False, unit='step'):
     """`iterable`, with a tqdm bar (rate, time left) when enabled and stderr is a terminal."""
     if not enabled or not sys.stderr.isatty():
         return iterable

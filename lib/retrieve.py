@@ -10,7 +10,6 @@ unrelated). A gallery given as a folder is embedded once and cached next to the 
 keyed by the folder's files and the checkpoint; a gallery .npz is one `python -m lib.embed`
 wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
 """
-import hashlib
 import os
 import sys
 
@@ -19,24 +18,17 @@ import torch
 from PIL import Image
 
 from . import cli
-from .embed import (ImageList, embed_files, embed_folder, file_fingerprint, list_folder,
-                    pick_device, report_skipped, save_embeddings)
+from .build import load_network, pick_device
+from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,
+                    file_fingerprint, list_folder, report_skipped, save_embeddings)
 from .errors import UserError
 
 DEFAULT_K = 10
 
 
-def checkpoint_digest(path):
-    """A digest of the checkpoint file: a cached gallery is only valid for the same weights."""
-    digest = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def cache_path(checkpoint, fingerprint):
-    stem = os.path.splitext(os.path.abspath(checkpoint))[0]
+    """Next to the checkpoint (relative to here when it is below here, as the user typed it)."""
+    stem = os.path.splitext(checkpoint)[0]
     return f'{stem}.gallery-{fingerprint}.npz'
 
 
@@ -72,13 +64,23 @@ def gallery_from_folder(loaded, images, checkpoint, device, say):
     return images, features
 
 
-def gallery_from_npz(loaded, path, device, say):
-    """(ImageList, features) of an .npz that lib.embed wrote; what it was made with is
-    compared with the checkpoint (and said once when it differs)."""
+def gallery_from_npz(loaded, path, checkpoint, device, say):
+    """(ImageList, features) of an .npz that lib.embed wrote: refused when another checkpoint
+    made it (its similarities to these queries would mean nothing); its image size and
+    normalisation are compared with the checkpoint's (and said once when they differ)."""
     data = load_npz(path)
     if 'features' not in data or 'paths' not in data:
         raise UserError(f'{path} is not a gallery: it needs features and paths '
                         f'(python -m lib.embed writes them)')
+    made_by = str(data['checkpoint_digest']) if 'checkpoint_digest' in data else None
+    if made_by is None:
+        say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
+            f'could not be checked')
+    elif made_by != checkpoint_digest(checkpoint):
+        raise UserError(f'{path} was embedded with another checkpoint '
+                        f'({data.get("checkpoint", "unknown")}), so its similarities to these '
+                        f'queries would mean nothing: embed it again with --ckpt {checkpoint}, or '
+                        f'give the image folder')
     features = torch.from_numpy(data['features'].astype(np.float32)).to(device)
     width = loaded.net.linear.out_features
     if features.shape[1] != width:
@@ -146,7 +148,6 @@ def build_parser():
 
 
 def retrieve(argv):
-    from .build import load_network
     args = build_parser().parse_args(argv)
     missing = [q for q in args.query if not os.path.isfile(q)]
     if missing:
@@ -162,7 +163,7 @@ def retrieve(argv):
                             f'{args.gallery}')
         gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print)
     else:
-        gallery, features = gallery_from_npz(loaded, args.gallery, device, print)
+        gallery, features = gallery_from_npz(loaded, args.gallery, args.ckpt, device, print)
     if args.k > features.shape[0]:
         raise UserError(f'--k {args.k} is more than the {features.shape[0]} images of the '
                         f'gallery {args.gallery}')

@@ -22,26 +22,10 @@ import time
 
 import torch
 
-from .config import (CPU_REFERENCE_CORES, CPU_SECONDS_PER_EVAL_IMAGE, CPU_SECONDS_PER_VIEW,
-                     NETWORK_COST)
 from .errors import UserError
 
 LOG_NAME = 'log.jsonl'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def plural(count, word, plural_word=None):
-    """'1 round', '2 rounds'; `plural_word` where adding an s is wrong ('classes')."""
-    return f'{count} {word if count == 1 else plural_word or word + "s"}'
-
-
-def cpu_hours_estimate(network, sobel, views, image_size, images_trained, test_images, epochs):
-    """Rough hours of a run on this CPU (see CPU_SECONDS_PER_VIEW)."""
-    scale = NETWORK_COST.get(network, 1.0) * (1.0 if sobel else 0.5) * (image_size / 32) ** 2
-    scale *= CPU_REFERENCE_CORES / max(1, min(os.cpu_count() or 1, 16))
-    seconds = images_trained * views * CPU_SECONDS_PER_VIEW * scale \
-        + epochs * test_images * CPU_SECONDS_PER_EVAL_IMAGE * scale
-    return seconds / 3600
 
 
 def environment(device):

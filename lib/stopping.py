@@ -3,10 +3,22 @@ training loop to write last.t7 at the next step boundary and exit, instead of dy
 epoch in progress lost. The first signal is answered at once with a line saying so; a second
 Ctrl-C interrupts at once (KeyboardInterrupt, which the entry point turns into exit code 130).
 """
+import os
 import signal
+import sys
 import threading
 
 NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
+
+
+def write_line(text):
+    """One line on stdout, unbuffered: safe inside a signal handler (a print there can collide
+    with a print the handler interrupted), and quiet when nobody reads (a closed pipe)."""
+    try:
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), (text + '\n').encode())
+    except (OSError, ValueError, RuntimeError):
+        pass
 
 
 class StopSignals:
@@ -15,7 +27,7 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, say=lambda text: print(text, flush=True)):
+    def __init__(self, say=write_line):
         self.received = None
         self.say = say
         self._previous = {}
@@ -34,7 +46,8 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self.received is not None:
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt('interrupted: stopped at once (a second Ctrl-C); '
+                                        'last.t7 holds the last epoch written')
             return
         self.received = signum
         again = '; Ctrl-C again to quit at once' if signum == signal.SIGINT else ''

@@ -80,8 +80,8 @@ class Trainer:
     the autocast region). With `compile_mode` the forward pass and the losses are one
     `torch.compile`d graph (its backward compiled with it); 'reduce-overhead' also captures
     them as CUDA graphs, which removes the per-kernel launch cost that makes the eager step
-    launch-bound at batch 128 (docs/ALGORITHM.md 9). With several processes (`world`), the embeddings and
-    indexes of the step are all-gathered between the network and the losses.
+    launch-bound at batch 128 (docs/ALGORITHM.md section 9). With several processes (`world`),
+    the embeddings and indexes of the step are all-gathered between the network and the losses.
     """
 
     def __init__(self, net, bank, anchors, optimizer, objective, precision='fp32',

@@ -1,4 +1,4 @@
-"""Memory bank (docs/ALGORITHM.md 3), anchor discovery (docs/ALGORITHM.md 4), kNN (docs/ALGORITHM.md 7) and schedules (docs/ALGORITHM.md 5.3, 6)."""
+"""Memory bank, anchor discovery and kNN (docs/ALGORITHM.md sections 3, 4 and 7)."""
 import math
 
 import numpy as np

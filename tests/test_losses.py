@@ -59,7 +59,7 @@ def reference_ue(logits, targets):
 
 
 def reference_aug(rows, t, m=1.0):
-    """docs/ALGORITHM.md 5.2 term by term, x_j treated as a constant for every j != i (float64 torch)."""
+    """ALGORITHM.md 5.2 term by term, x_j a constant for every j != i (float64 torch)."""
     x = rows / rows.norm(dim=1, keepdim=True)
     n = x.shape[0]
     total = 0.0

@@ -9,7 +9,7 @@ BN = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
 
 
 def released_resnet18_keys():
-    """The released ResNet18withSobel state-dict keys, spelled out from docs/ALGORITHM.md section 1."""
+    """The released ResNet18withSobel state-dict keys, spelled out (docs/ALGORITHM.md 1)."""
     keys = ['linear.weight', 'linear.bias', 'sobel.0.weight', 'sobel.0.bias',
             'sobel.1.weight', 'sobel.1.bias']
     for s in ('', '_sobel'):

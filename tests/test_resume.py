@@ -127,3 +127,30 @@ def test_cuda_random_states_are_restored_only_for_present_devices(monkeypatch):
     state = {'torch': torch.get_rng_state(), 'cuda': [torch.zeros(8, dtype=torch.uint8)] * 4}
     lib.checkpoint.set_rng_state(state, device_count=2)          # saved on 4 GPUs, now 2
     assert restored == [0, 1]
+
+
+def test_an_older_last_t7_resumes_on_its_own_schedule_without_sentinels(tiny_folder, tmp_path,
+                                                                        run_main):
+    """Files written before --schedule existed trained on the absolute schedule, and stored
+    -1 for "no best yet": resumed, they keep that schedule and print no -100%."""
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '3',
+                                       '--stop-after', '1', '--quiet', '--no-tensorboard'))
+    assert code == 0, err
+    state = torch.load(tmp_path / 'last.t7', weights_only=True)
+    del state['config']['schedule']
+    state['best'] = {'acc': -1.0, 'round': -1, 'epoch': -1}
+    torch.save(state, tmp_path / 'last.t7')
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--stop-after', '1')
+    assert code == 0, err
+    assert 'it continues on the released (absolute) schedule' in out
+    assert 'best kNN top-1 so far: none yet' in out and '-100' not in out
+    assert 'released, absolute epochs' in out and 'UE weight 0 throughout' in out
+
+
+def test_init_from_refuses_to_overwrite_its_source(tiny_folder, tmp_path, run_main):
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, *SMALL))
+    assert code == 0, err
+    before = (tmp_path / 'ckpt.t7').read_bytes()
+    code, _, err = run_main('--init-from', 'ckpt.t7', '--model_dir', tmp_path)
+    assert code == 2 and 'would overwrite' in err and 'another --model_dir' in err
+    assert (tmp_path / 'ckpt.t7').read_bytes() == before

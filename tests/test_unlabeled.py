@@ -64,6 +64,14 @@ def test_a_flat_folder_trains_without_labels_and_resumes(tmp_path, run_main):
     assert json.load(open(tmp_path / 'run' / 'config.json'))['dataset'] == 'folder'
 
 
+def test_a_folder_with_a_lone_train_subfolder_is_unlabeled(tmp_path):
+    import datasets
+    write_flat_folder(tmp_path / 'export' / 'train', count=4)
+    train, test = datasets.load_dataset('folder', str(tmp_path / 'export'))
+    assert test is None and not train.labelled and len(train) == 4
+    assert all(path.startswith('train' + os.sep) for path in train.paths)
+
+
 def test_eval_root_adds_knn_and_test_only_needs_it(flat_run, tiny_folder, run_main):
     root, model_dir = flat_run
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', model_dir)
@@ -167,3 +175,10 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
     printed = capsys.readouterr().out
     assert printed.count('was embedded at 64 px') == 1
     assert re.search(r'\n\s+1\s+1\.0000\s+img01\.png', printed)
+    # ...but one made by another checkpoint would compare two different embeddings: refused.
+    data['checkpoint_digest'] = np.asarray('0123456789abcdef')
+    np.savez(tmp_path / 'foreign.npz', **data)
+    assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
+                          str(tmp_path / 'foreign.npz'), '--query',
+                          os.path.join(gallery, 'img01.png')]) == 2
+    one_line_error(capsys, 'was embedded with another checkpoint')
