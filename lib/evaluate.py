@@ -6,7 +6,7 @@ Evaluation is float32 on every device unless `precision='bf16'` is asked for: no
 and no TF32 in convolutions or matrix products, so a checkpoint scores the same on a GPU as on
 the CPU (training may still run in bf16).
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ def embed(net, batches, precision='fp32'):
     net.eval()
     device = next(net.parameters()).device
     features, targets = [], []
-    with exact_float32(device) if precision == 'fp32' else _nothing():
+    with exact_float32(device) if precision == 'fp32' else nullcontext():
         for images, labels in batches:
             if images.device.type == 'cuda':
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -50,11 +50,6 @@ def embed(net, batches, precision='fp32'):
     if not features:
         return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(features), torch.cat(targets)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 @dataclass

@@ -21,15 +21,19 @@ def default_chunk_rows(num_entries):
 
 
 @torch.no_grad()
-def bank_entropy(memory, temperature, chunk_rows=None):
+def bank_entropy(memory, temperature, chunk_rows=None, rows=None):
     """H_i = -sum_j p_ij log p_ij, p_i = softmax(memory_i @ memory^T / T), itself included.
 
-    memory: N x D -> N entropies (float32), computed `chunk_rows` rows at a time.
+    memory: N x D -> N entropies (float32), computed `chunk_rows` rows at a time; with `rows`
+    (a long tensor of R entries) only theirs, R entropies.
     """
     chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
-    entropy = torch.empty(memory.shape[0], dtype=torch.float32, device=memory.device)
-    for start in range(0, memory.shape[0], chunk_rows):
-        logits = (memory[start:start + chunk_rows] @ memory.t()).float() / temperature
+    count = memory.shape[0] if rows is None else rows.shape[0]
+    entropy = torch.empty(count, dtype=torch.float32, device=memory.device)
+    for start in range(0, count, chunk_rows):
+        part = (memory[start:start + chunk_rows] if rows is None
+                else memory[rows[start:start + chunk_rows]])
+        logits = (part @ memory.t()).float() / temperature
         log_p = torch.log_softmax(logits, dim=1)
         entropy[start:start + chunk_rows] = -(log_p.exp() * log_p).sum(1)
     return entropy
@@ -57,18 +61,11 @@ def bank_statistics(memory, temperature, rows):
     """What the bank says about the embedding without labels, on a sample of its entries
     `rows` (a long tensor): the mean, min and max of their softmax entropies over the whole
     bank (low: confident neighbourhoods) and the mean cosine to their nearest other entry."""
-    entropy = torch.empty(rows.shape[0], device=memory.device)
-    nearest = torch.empty(rows.shape[0], device=memory.device)
+    entropy = bank_entropy(memory, temperature, rows=rows)
     unit = F.normalize(memory.float(), dim=1)
-    chunk = default_chunk_rows(memory.shape[0])
-    for start in range(0, rows.shape[0], chunk):
-        part = rows[start:start + chunk]
-        log_p = torch.log_softmax((memory[part] @ memory.t()).float() / temperature, dim=1)
-        entropy[start:start + chunk] = -(log_p.exp() * log_p).sum(1)
-        sims = unit[part] @ unit.t()
-        sims.scatter_(1, part[:, None], float('-inf'))
-        nearest[start:start + chunk] = sims.max(1).values
-    values = torch.stack((entropy.mean(), entropy.min(), entropy.max(), nearest.mean()))
+    nearest = nearest_other_entries(unit, rows, 1)[:, 0]
+    cosine = (unit[rows] * unit[nearest]).sum(1)
+    values = torch.stack((entropy.mean(), entropy.min(), entropy.max(), cosine.mean()))
     return dict(zip(('entropy_mean', 'entropy_min', 'entropy_max', 'nearest_similarity'),
                     values.tolist()))
 
