@@ -66,11 +66,16 @@ def checkpoint_digest(path):
 
 
 def file_fingerprint(root, paths):
-    """A digest of the files' names and bytes, in order: what a cached gallery is keyed by."""
+    """A digest of the files' names and bytes, in order: what a cached gallery is keyed by.
+    A file that cannot be opened (a broken link) counts by its name; embedding skips it."""
     digest = hashlib.sha1()
     for path in paths:
-        with open(os.path.join(root, path), 'rb') as f:
-            digest.update(path.encode() + b'\0' + hashlib.sha1(f.read()).digest())
+        try:
+            with open(os.path.join(root, path), 'rb') as f:
+                content = hashlib.sha1(f.read()).digest()
+        except OSError:
+            content = b'unreadable'
+        digest.update(path.encode() + b'\0' + content)
     return digest.hexdigest()[:16]
 
 

@@ -157,11 +157,13 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
     root, model_dir = flat_run
     gallery = write_flat_folder(tmp_path / 'gallery', count=6, size=48, seed=3)
     (tmp_path / 'gallery' / 'bad.png').write_bytes(b'\x89PNG broken')
+    os.symlink(tmp_path / 'nowhere.png', tmp_path / 'gallery' / 'gone.png')   # a broken link
     out = tmp_path / 'g.npz'
     assert embed.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--images', gallery, '--out',
                        str(out)]) == 0
     printed = capsys.readouterr().out
-    assert 'skipped bad.png: cannot read it' in printed and 'skipped 1 unreadable file' in printed
+    assert 'skipped bad.png: cannot read it' in printed and 'skipped gone.png: cannot read' \
+        in printed and 'skipped 2 unreadable files' in printed
     assert printed.count('are not 32 x 32 px') == 1 and '6 of 6 images' in printed
     assert printed.count("the checkpoint's normalisation is used") <= 1
     assert np.load(out)['features'].shape == (6, 128)
