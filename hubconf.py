@@ -6,19 +6,21 @@
         embeddings = model(images)      # B x 3 x H x W, normalised -> B x 128, unit length
 
 `model.mean`, `model.std` and `model.image_size` are the normalisation and size the checkpoint
-was trained with, and `model.transform` the matching test transform for PIL images.
+was trained with, and `model.transform` the matching test transform for an image file's path
+or a PIL image of any mode: read upright (EXIF orientation), 16-bit images scaled to 8 bits,
+resized and centre-cropped as runs read their test images.
 `superand_backbone` gives the trunk without the projection head, for fine-tuning.
 """
 dependencies = ['torch', 'torchvision']
 
 import models  # noqa: E402
-from datasets import test_transform  # noqa: E402
+from datasets import image_transform  # noqa: E402
 from lib.build import load_network  # noqa: E402
 
 
 def _with_input_settings(module, loaded):
     module.mean, module.std, module.image_size = loaded.mean, loaded.std, loaded.image_size
-    module.transform = test_transform(loaded.mean, loaded.std, loaded.image_size)
+    module.transform = image_transform(loaded.mean, loaded.std, loaded.image_size)
     return module.eval()
 
 

@@ -82,9 +82,11 @@ def build_parser():
     p.add_argument('--stem', default=r['stem'], choices=('auto', 'cifar', 'imagenet'),
                    help='first layers: cifar (3x3 stride 1) or imagenet (7x7 stride 2 + '
                         'max-pool); auto = imagenet above 64 px (default: %(default)s)')
-    p.add_argument('--mean', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+    p.add_argument('--mean', type=cli.FINITE_FLOAT, nargs=3, default=None,
+                   metavar=('R', 'G', 'B'),
                    help='normalisation mean (default: the dataset\'s, computed for folder)')
-    p.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+    p.add_argument('--std', type=cli.POSITIVE_FLOAT, nargs=3, default=None,
+                   metavar=('R', 'G', 'B'),
                    help='normalisation std (default: the dataset\'s, computed for folder)')
     p.add_argument('--low_dim', default=d['low_dim'], type=cli.POSITIVE_INT,
                    help='embedding size D (default: %(default)s)')
@@ -300,12 +302,22 @@ class Run:
 
 
 def describe_data(args, train, test):
-    source = f'from {train.source}; {args.image_size} px'
+    source = f'from {datasets.shown(train.source)}; {args.image_size} px'
     if not train.labelled:
         return (f'data: {plural(len(train), "unlabeled image")} (no classes, no test split), '
                 f'{source}')
     return (f'data: {len(train)} training and {len(test)} test images, '
             f'{plural(len(train.classes), "class", "classes")}, {source}')
+
+
+def report_reading(image_set, say):
+    """The files that could not be read, named, and the notes on how the others were read."""
+    for where, reason in image_set.skipped:
+        say(f'skipped {datasets.shown(where)}: {reason}')
+    if image_set.skipped:
+        say(f'skipped {plural(len(image_set.skipped), "unreadable file")}')
+    for note in image_set.notes:
+        say(note)
 
 
 def knn_warnings(args, knn):
@@ -342,10 +354,7 @@ def setup(args, world):
     mean, std = normalisation(args, train)
     args.mean, args.std = list(mean), list(std)   # stored: what the network was trained with
     say(describe_data(args, train, test) + f', mean {mean} std {std}')
-    if train.skipped:
-        for where, reason in train.skipped:
-            say(f'skipped {where}: {reason}')
-        say(f'skipped {plural(len(train.skipped), "unreadable file")}')
+    report_reading(train, say)
     if args.eval_root and train.labelled:
         raise UserError('--eval-root is for runs on unlabeled images; this data has labels')
     method = MethodState.build(args, len(train), settings.device)
@@ -361,9 +370,10 @@ def setup(args, world):
                       len(train.classes), args.knn_features)
     elif args.eval_root:
         eval_train, eval_test = load_eval_data(args)
-        say(f'kNN evaluation on {args.eval_root}: {len(eval_train)} training and '
-            f'{len(eval_test)} test images, {plural(len(eval_train.classes), "class", "classes")}'
-            f' (network embeddings)')
+        classes = plural(len(eval_train.classes), 'class', 'classes')
+        say(f'kNN evaluation on {datasets.shown(args.eval_root)}: {len(eval_train)} training '
+            f'and {len(eval_test)} test images, {classes} (network embeddings)')
+        report_reading(eval_train, say)
         eval_pipeline = build_pipeline(args, settings, eval_train, eval_test, mean, std, world)
         knn = KnnData(eval_pipeline, torch.from_numpy(eval_train.targets).to(settings.device),
                       len(eval_train.classes), 'network')

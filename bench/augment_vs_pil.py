@@ -30,10 +30,10 @@ import PIL
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import datasets  # noqa: E402
 from datasets.augment import NUM_UNIFORMS, apply_params, sample_params  # noqa: E402
 
 OUT_SIZE = 32
@@ -75,7 +75,7 @@ def load_images(root, count, seed, first):
     else:
         g = torch.Generator().manual_seed(seed)
         chosen = [paths[i] for i in torch.randperm(len(paths), generator=g)[:count].tolist()]
-    return [Image.open(p).convert('RGB') for p in chosen]
+    return [datasets.to_rgb(datasets.open_image(p)) for p in chosen]   # as runs read them
 
 
 def neutral_params(batch, height, width):

@@ -7,15 +7,17 @@ was read (see `ImageSet.fingerprint`). Nothing here knows about training; errors
 cause are raised as `DataError` with one line to print.
 """
 import hashlib
-import io
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
+from .folders import (FolderError, describe_class_difference, list_class_tree,
+                      list_images)
+from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, decode_image,
+                     failure_reason, image_size, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -43,6 +45,7 @@ class ImageSet:
     root: str = None        # the folder `paths` are relative to
     file_hashes: list = field(default=None, repr=False)   # N digests of the encoded files
     skipped: list = field(default_factory=list)   # (path, reason) of unreadable files left out
+    notes: list = field(default_factory=list)     # note lines on how the files were read
 
     def __post_init__(self):
         if self.indexes is None:
@@ -90,74 +93,29 @@ def find_image_folder(root, dataset):
     return None
 
 
-def is_image_file(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
-
-
 def list_image_folder_split(folder, split, classes=None):
-    """Paths and labels of `folder/split/<class>/*`, classes and files in sorted order."""
+    """The ClassTree of `folder/split` (datasets.folders), checked against the training
+    `classes` when given: a test split must have exactly the training classes, as class
+    numbers follow the sorted names."""
     split_dir = os.path.join(folder, split)
     if not os.path.isdir(split_dir):
-        raise DataError(f'image folder {folder} has no {split}/ directory '
-                        f'(expected {folder}/train/<class>/* and {folder}/test/<class>/*)')
-    found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    if not found:
-        raise DataError(f'{split_dir} holds no class directories (expected {split_dir}/<class>/*)')
-    if classes is not None and found != classes:
-        raise DataError(f'{split_dir} classes {found[:5]}... differ from the training classes '
-                        f'{classes[:5]}...')
-    paths, targets = [], []
-    for label, name in enumerate(found):
-        class_dir = os.path.join(split_dir, name)
-        files = sorted(f for f in os.listdir(class_dir) if is_image_file(f))
-        if not files:
-            raise DataError(f'class directory {class_dir} holds no images '
-                            f'({", ".join(IMAGE_EXTENSIONS)})')
-        paths += [os.path.join(class_dir, f) for f in files]
-        targets += [label] * len(files)
-    return paths, np.asarray(targets, dtype=np.int64), found
+        raise DataError(f'image folder {shown(folder)} has no {split}/ directory (expected '
+                        f'{shown(folder)}/train/<class>/* and {shown(folder)}/test/<class>/*)')
+    try:
+        tree = list_class_tree(split_dir)
+    except FolderError as err:
+        raise DataError(str(err)) from None
+    if classes is not None and tree.classes != classes:
+        raise DataError(f'the classes of {shown(split_dir)} differ from the training classes: '
+                        f'{describe_class_difference(tree.classes, classes)}; test and training '
+                        f'splits need the same class folders')
+    return tree
 
 
-def list_images(folder):
-    """Every image file under `folder`, at any depth, as sorted paths relative to it."""
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        relative = os.path.relpath(parent, folder)
-        found += [os.path.normpath(os.path.join(relative, f)) for f in files if is_image_file(f)]
-    return sorted(found)
-
-
-def is_class_tree(folder):
-    """Whether `folder` holds class sub-folders of images only (no loose images)."""
-    entries = [e for e in os.listdir(folder) if not e.startswith('.')]
-    subdirs = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
-    loose = [e for e in entries if is_image_file(e)]
-    return bool(subdirs) and not loose and all(
-        any(is_image_file(f) for f in os.listdir(os.path.join(folder, d))) for d in subdirs)
-
-
-def fit_square(img, size):
-    """Resize the shorter side to `size` (bilinear, antialiased), then centre-crop size x size:
-    torchvision's Resize(size) + CenterCrop(size), done once at load time."""
-    if img.size == (size, size):
-        return img
-    import torchvision.transforms.functional as F
-    return F.center_crop(F.resize(img, size), size)
-
-
-def decode_image(data, size=None):
-    """H x W x 3 uint8 of the encoded image `data` (bytes): as it is, or fitted to a square."""
-    with Image.open(io.BytesIO(data)) as img:
-        if size is not None:
-            img.draft('RGB', (size, size))    # JPEG: decode at a reduced scale >= size
-            img = fit_square(img.convert('RGB'), size)
-        return np.asarray(img.convert('RGB'))
-
-
-def decode_images(paths, size=None, skip_unreadable=False):
-    """(N x H x W x 3 uint8, N file digests, kept) of the images at `paths`: as they are (then
-    they must share one size), or each fitted to a `size` x `size` square.
+def decode_images(paths, size=None, skip_unreadable=False, notes=None):
+    """(N x H x W x 3 uint8, N file digests, kept, skipped) of the images at `paths`: as they
+    are (then they must share one size), or each fitted to a `size` x `size` square; read by
+    datasets.images (upright, 8 bits), with what was noticed added to `notes`.
 
     An unreadable file raises DataError, or with `skip_unreadable` is left out: `kept` lists
     the positions of the images decoded, `skipped` the (path, reason) of the others."""
@@ -166,19 +124,20 @@ def decode_images(paths, size=None, skip_unreadable=False):
         try:
             with open(path, 'rb') as f:
                 data = f.read()
-            array = decode_image(data, size)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            reason = str(err) or type(err).__name__
+            array = decode_image(data, size, notes, path)
+        except (OSError, UnreadableImage) as err:
+            reason = failure_reason(err)
             if not skip_unreadable:
-                raise DataError(f'cannot read image {path}: {reason}') from None
+                raise DataError(f'cannot read image {shown(path)}: {reason}') from None
             skipped.append((path, reason))
             continue
         if shape is None:
             shape = array.shape
         elif array.shape != shape:
-            raise DataError(f'images differ in size ({path} is {array.shape[1]}x'
-                            f'{array.shape[0]}, {paths[kept[0]]} is {shape[1]}x{shape[0]}); '
-                            f'resize them to one size or use --dataset folder --image-size')
+            raise DataError(f'images differ in size ({shown(path)} is {array.shape[1]}x'
+                            f'{array.shape[0]}, {shown(paths[kept[0]])} is {shape[1]}x'
+                            f'{shape[0]}); resize them to one size or use --dataset folder '
+                            f'--image-size')
         images.append(array)
         digests.append(hashlib.sha1(data).digest()[:8])
         kept.append(position)
@@ -194,51 +153,57 @@ def stored_train_size(image_size):
 
 def read_image_folder(folder, select=None, image_size=None):
     """(train, test) ImageSets of an image-folder tree; only the images that
-    `select(split, count)` picks (index arrays) are decoded.
+    `select(split, count)` picks (index arrays) are decoded. What was noticed while reading
+    both splits (links, bit depths, orientation, ...) is the training set's `notes`.
 
     image_size None: images are kept as they are (they must share one size, as CIFAR's do).
     Otherwise test images become Resize(image_size) + CenterCrop(image_size), the test
     transform, and training images squares of `stored_train_size(image_size)` to crop from;
     images already image_size x image_size are kept as they are.
     """
-    sets, classes = [], None
+    sets, classes, notes, listed = [], None, ImageNotes(), []
     for split in ('train', 'test'):
-        paths, targets, classes = list_image_folder_split(folder, split, classes)
+        tree = list_image_folder_split(folder, split, classes)
+        classes, listed = tree.classes, listed + tree.notes
+        split_dir = os.path.join(folder, split)
+        paths = [os.path.join(split_dir, path) for path in tree.paths]
+        targets = np.asarray(tree.targets, dtype=np.int64)
         keep = select(split, len(paths)) if select else np.arange(len(paths))
         size = None
         if image_size is not None:
             size = stored_train_size(image_size) if split == 'train' else image_size
             if split == 'train' and _all_square(paths, keep, image_size):
                 size = image_size
-        images, digests, _, _ = decode_images([paths[i] for i in keep], size)
-        split_dir = os.path.join(folder, split)
+        images, digests, _, _ = decode_images([paths[i] for i in keep], size, notes=notes)
         sets.append(ImageSet(images, targets[keep], classes, split_dir, np.asarray(keep),
-                             [os.path.relpath(paths[i], split_dir) for i in keep], split_dir,
-                             digests))
+                             [tree.paths[i] for i in keep], split_dir, digests))
+    sets[0].notes = listed + notes.lines()
     return sets
 
 
 def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True):
-    """(images, skipped) of every image under `folder` (any depth, sorted by relative path),
-    fitted as training images (squares of `stored_train_size(image_size)`, or kept when all are
-    already image_size x image_size). `skipped` lists the (path, reason) of unreadable files."""
-    relative = list_images(folder)
+    """The ImageSet of every image under `folder` (any depth, sorted by relative path, each
+    file once), fitted as training images (squares of `stored_train_size(image_size)`, or kept
+    when all are already image_size x image_size). Unreadable files are left out and listed in
+    its `skipped` as (path, reason)."""
+    listing = list_images(folder)
+    relative = listing.paths
     if not relative:
-        raise DataError(f'{folder} holds no images ({", ".join(IMAGE_EXTENSIONS)}), at any '
-                        f'depth')
+        raise DataError(f'{shown(folder)} holds no images ({", ".join(IMAGE_EXTENSIONS)}), at '
+                        f'any depth')
     keep = select('train', len(relative)) if select else np.arange(len(relative))
     paths = [os.path.join(folder, relative[i]) for i in keep]
     size = image_size if _all_square(paths, range(len(paths)), image_size, quiet=True) \
         else stored_train_size(image_size)
-    images, digests, kept, skipped = decode_images(paths, size, skip_unreadable)
+    notes = ImageNotes()
+    images, digests, kept, skipped = decode_images(paths, size, skip_unreadable, notes)
     if not kept:
-        raise DataError(f'{folder} holds no readable image ({len(skipped)} files could not be '
-                        f'read, e.g. {skipped[0][0]}: {skipped[0][1]})')
+        raise DataError(f'{shown(folder)} holds no readable image ({len(skipped)} files could '
+                        f'not be read, e.g. {shown(skipped[0][0])}: {skipped[0][1]})')
     chosen = np.asarray(keep)[kept]
-    image_set = ImageSet(images, np.full(len(kept), UNLABELED, dtype=np.int64), [],
-                         folder, chosen, [relative[i] for i in chosen],
-                         folder, digests)
-    return image_set, skipped
+    return ImageSet(images, np.full(len(kept), UNLABELED, dtype=np.int64), [], folder, chosen,
+                    [relative[i] for i in chosen], folder, digests, skipped,
+                    listing.notes(folder) + notes.lines())
 
 
 def _all_square(paths, keep, size, quiet=False):
@@ -246,13 +211,15 @@ def _all_square(paths, keep, size, quiet=False):
     `quiet`: an unreadable file answers False (it is reported when decoded)."""
     for i in keep:
         try:
-            with Image.open(paths[i]) as img:
-                if img.size != (size, size):
+            with warnings.catch_warnings():     # said once, when the image is decoded
+                warnings.simplefilter('ignore')
+                if image_size(paths[i]) != (size, size):
                     return False
-        except (OSError, ValueError) as err:
+        except (OSError, UnreadableImage) as err:
             if quiet:
                 return False
-            raise DataError(f'cannot read image {paths[i]}: {err}') from None
+            raise DataError(f'cannot read image {shown(paths[i])}: '
+                            f'{failure_reason(err)}') from None
     return True
 
 
@@ -272,9 +239,7 @@ def load_folder(root, image_size, select=None):
     else with images under it is one unlabeled training set: (train, None)."""
     if folder_layout(root) == 'labelled':
         return read_image_folder(root, select, image_size)
-    train, skipped = read_unlabeled_folder(root, image_size, select)
-    train.skipped = skipped
-    return train, None
+    return read_unlabeled_folder(root, image_size, select), None
 
 
 def first_missing_folder(path):

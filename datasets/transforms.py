@@ -36,6 +36,30 @@ def test_transform(mean, std, size=32):
     return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
+class ReadRGB:
+    """A transform step: an image file's path or a PIL image (as `Image.open` gives it, any
+    mode) -> the RGB square that runs evaluate, read by datasets.images (upright, 8 bits,
+    first frame), resized (shorter side) and centre-cropped to `size`. A JPEG not yet loaded
+    is decoded at a reduced scale still at least `size`, as runs decode their images (PIL's
+    draft mode, which changes that image object in place)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        from .images import open_image, to_rgb
+        return to_rgb(open_image(image), self.size)
+
+    def __repr__(self):
+        return f'{type(self).__name__}(size={self.size})'
+
+
+def image_transform(mean, std, size=32):
+    """For image files and images opened by PIL: what a run does to its test images
+    (ReadRGB, ToTensor, Normalize) -> 3 x size x size float32."""
+    return T.Compose([ReadRGB(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
 def sample_seed(epoch_seed, index):
     """A 63-bit seed of one image's augmentation in one epoch, a pure function of the two."""
     state = np.random.SeedSequence([epoch_seed, index]).generate_state(2, np.uint64)

@@ -91,10 +91,24 @@ def load_eval_data(opts):
                                  image_size=opts.image_size)
 
 
+CHANNELS = ('red', 'green', 'blue')
+
+
 def normalisation(opts, train):
-    """(mean, std): given by flags, the dataset's constants, or computed from `train`."""
-    mean, std = datasets.mean_std(opts.dataset, train)
-    return tuple(opts.mean or mean), tuple(opts.std or std)
+    """(mean, std): given by flags, the dataset's constants, or computed from `train`. A std
+    that is not above 0 (a channel with one value in every training image, say) would divide
+    by zero: a UserError naming the channel and --std."""
+    computed_mean, computed_std = datasets.mean_std(opts.dataset, train)
+    mean, std = tuple(opts.mean or computed_mean), tuple(opts.std or computed_std)
+    for channel, value in zip(CHANNELS, std):
+        if not value > 0:           # also NaN
+            origin = ('--std gives' if opts.std else
+                      f'every training image has one {channel} value throughout, so the std '
+                      f'computed from them is')
+            raise UserError(f'the std of the {channel} channel must be above 0, but {origin} '
+                            f'{value:g} and normalising by it would divide by zero: give '
+                            f'--std R G B with three values above 0')
+    return mean, std
 
 
 def build_pipeline(opts, settings, train, test, mean, std, world=None):
@@ -238,6 +252,8 @@ def load_trained(path, say=print, **overrides):
     note = ckpt.check_data(state, train.fingerprint, path)
     if note:
         say(note)
+    for line in train.notes:
+        say(line)
     mean, std = normalisation(opts, train)
     method = MethodState.build(opts, len(train), settings.device)
     method.load(state, path)

@@ -20,11 +20,23 @@ from dataclasses import dataclass
 
 import torch
 
-from datasets import describe_fingerprint
+from datasets import describe_file, describe_fingerprint, shown
 
 from .errors import UserError
 
 BEST, LAST = 'ckpt.t7', 'last.t7'
+# What to do about a file that is something else than a checkpoint (datasets.describe_file).
+FOREIGN_FILE_HINTS = {
+    'an HTML page': 'a download that got a web page (a sign-in or error page) instead of the '
+                    'file saves this; download the checkpoint again',
+    'a gzip archive': 'unpack it (gunzip, or tar xzf for a .tar.gz) and give the checkpoint '
+                      'inside',
+    'a tar archive': 'unpack it (tar xf) and give the checkpoint inside',
+    'a bzip2 archive': 'unpack it (bunzip2, or tar xjf) and give the checkpoint inside',
+    'an xz archive': 'unpack it (unxz, or tar xJf) and give the checkpoint inside',
+    'a 7-Zip archive': 'unpack it (7z x) and give the checkpoint inside',
+    'a RAR archive': 'unpack it (unrar x) and give the checkpoint inside',
+}
 
 
 # ----------------------------------------------------------------------------- files
@@ -54,6 +66,10 @@ def load(path):
     size = os.path.getsize(path)
     if size == 0:
         raise UserError(f'checkpoint {path} is empty (0 bytes): it was never written')
+    kind = describe_file(path)
+    if kind is not None:
+        raise UserError(f'{shown(path)} is {kind}, not a PyTorch checkpoint: '
+                        + (FOREIGN_FILE_HINTS.get(kind) or 'give the checkpoint file itself'))
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:   # torch.load raises many types; each means an unusable file

@@ -6,6 +6,7 @@ Every long flag takes both spellings, `--batch_size` and `--batch-size`; help sh
 first one given (the released names where there are some).
 """
 import argparse
+import math
 import sys
 
 from datasets import DataError
@@ -30,8 +31,10 @@ def checked(kind, test, requirement):
 
 POSITIVE_INT = checked(int, lambda v: v >= 1, 'an integer >= 1')
 NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, 'an integer >= 0')
-POSITIVE_FLOAT = checked(float, lambda v: v > 0, 'a number > 0')
-NON_NEGATIVE_FLOAT = checked(float, lambda v: v >= 0, 'a number >= 0')
+# (inf and nan are no numbers here: no option of this project means anything with them)
+POSITIVE_FLOAT = checked(float, lambda v: math.isfinite(v) and v > 0, 'a number > 0')
+NON_NEGATIVE_FLOAT = checked(float, lambda v: math.isfinite(v) and v >= 0, 'a number >= 0')
+FINITE_FLOAT = checked(float, math.isfinite, 'a finite number')
 DEVICES = ('auto', 'cuda', 'cpu')
 
 
@@ -92,6 +95,10 @@ def plural(count, word, plural_word=None):
 def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
     """Call `main_body(argv)`; a user's error (UserError, DataError) prints one line and gives
     exit code 2, Ctrl-C gives 130 and one line (`interrupted`), no traceback."""
+    # A file name that is not valid UTF-8 (Latin-1 bytes, say) reaches Python with escaped
+    # bytes (PEP 383); printing one must show it, not end the run (stderr already does this).
+    if hasattr(sys.stdout, 'reconfigure'):
+        sys.stdout.reconfigure(errors='backslashreplace')
     try:
         return main_body(argv) or 0
     except SystemExit as exit_:       # --help (0), or a flag error already printed (2)

@@ -11,16 +11,15 @@ folder), and when the folder is a class tree (<class>/<image>) `labels` and `cla
 An unreadable file is named and skipped.
 """
 import hashlib
-import io
 import os
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 import datasets
+from datasets import shown
 
 from . import cli
 from .build import load_network, pick_device
@@ -34,26 +33,31 @@ NORMALISATION_TOLERANCE = 0.03  # a folder's mean or std this far from the check
 
 @dataclass
 class ImageList:
-    """The images of a folder: paths relative to `root`, and labels when it is a class tree."""
+    """The images of a folder: paths relative to `root`, and labels when it is a class tree;
+    `notes` say what the folder walk left out (links to files or folders already listed)."""
     root: str
     paths: list
     labels: np.ndarray = None
     classes: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
 
 def list_folder(folder):
-    """The ImageList of `folder`, or a UserError if there is none or it holds no images."""
+    """The ImageList of `folder` (datasets.folders: any depth, hidden entries ignored, each
+    real file once), or a UserError if there is none or it holds no images."""
     if not os.path.isdir(folder):
-        raise UserError(f'no folder at {folder}')
-    paths = datasets.list_images(folder)
+        raise UserError(f'no folder at {shown(folder)}')
+    listing = datasets.list_images(folder)
+    paths = listing.paths
     if not paths:
-        raise UserError(f'{folder} holds no images ({", ".join(datasets.IMAGE_EXTENSIONS)}), '
-                        f'at any depth')
+        raise UserError(f'{shown(folder)} holds no images '
+                        f'({", ".join(datasets.IMAGE_EXTENSIONS)}), at any depth')
+    notes = listing.notes(folder)
     if datasets.is_class_tree(folder):
         classes = sorted({p.split(os.sep)[0] for p in paths})
         labels = np.asarray([classes.index(p.split(os.sep)[0]) for p in paths], dtype=np.int64)
-        return ImageList(folder, paths, labels, classes)
-    return ImageList(folder, paths)
+        return ImageList(folder, paths, labels, classes, notes)
+    return ImageList(folder, paths, notes=notes)
 
 
 def checkpoint_digest(path):
@@ -75,7 +79,7 @@ def file_fingerprint(root, paths):
                 content = hashlib.sha1(f.read()).digest()
         except OSError:
             content = b'unreadable'
-        digest.update(path.encode() + b'\0' + content)
+        digest.update(os.fsencode(path) + b'\0' + content)   # any name the OS allows
     return digest.hexdigest()[:16]
 
 
@@ -89,7 +93,8 @@ class Embedded:
 
 class ImageReader:
     """Reads image files as the checkpoint's test transform sees them, and notes how they
-    differ from its training images (size, normalisation), each said once."""
+    differ from its training images (size, normalisation) and how they were read (bit depth,
+    orientation, ...: datasets.ImageNotes), each said once."""
 
     def __init__(self, image_size, mean, std):
         self.image_size = image_size
@@ -99,18 +104,20 @@ class ImageReader:
         self.channel_sums = np.zeros(3)
         self.std_sums = np.zeros(3)
         self.count = 0
+        self.read_notes = datasets.ImageNotes()
 
     def read(self, path):
-        """3 x S x S float32 normalised tensor of the image at `path` (raises OSError/ValueError
-        when it cannot be read)."""
+        """3 x S x S float32 normalised tensor of the image at `path` (raises OSError or
+        datasets.UnreadableImage when it cannot be read)."""
         with open(path, 'rb') as f:
             data = f.read()
-        with Image.open(io.BytesIO(data)) as img:
-            if img.size != (self.image_size, self.image_size):
-                self.resized += 1
         # Decoded as the run decoded its own test images, so a training folder embeds here as
         # its kNN evaluation saw it.
-        pixels = datasets.decode_image(data, self.image_size).astype(np.float32) / 255.0
+        with datasets.open_image(data, self.read_notes, path) as img:
+            if img.size != (self.image_size, self.image_size):
+                self.resized += 1
+            rgb = datasets.to_rgb(img, self.image_size, self.read_notes, path)
+        pixels = np.asarray(rgb).astype(np.float32) / 255.0
         self.count += 1
         self.channel_sums += pixels.mean(axis=(0, 1))
         self.std_sums += pixels.std(axis=(0, 1))
@@ -119,7 +126,7 @@ class ImageReader:
     def notes(self):
         """What differed from the checkpoint's input, said once each (the checkpoint's size and
         normalisation are used all the same)."""
-        found = []
+        found = self.read_notes.lines()
         size = self.image_size
         if self.resized:
             found.append(f'note: {self.resized} of {self.count} images are not {size} x {size} '
@@ -151,8 +158,8 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
             try:
                 images.append(reader.read(os.path.join(root, path)))
                 positions.append(position)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                skipped.append((path, str(err) or type(err).__name__))
+            except (OSError, datasets.UnreadableImage) as err:
+                skipped.append((path, datasets.failure_reason(err)))
             if len(images) == batch_size or (position == len(paths) - 1 and images):
                 yield torch.stack(images).to(device), torch.tensor(positions)
                 images, positions = [], []
@@ -165,7 +172,7 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
 def report_skipped(skipped, say=print):
     """Each unreadable file named, then the count."""
     for path, reason in skipped:
-        say(f'skipped {path}: cannot read it ({reason})')
+        say(f'skipped {shown(path)}: cannot read it ({reason})')
     if skipped:
         noun = 'file' if len(skipped) == 1 else 'files'
         say(f'skipped {len(skipped)} unreadable {noun}')
@@ -174,12 +181,14 @@ def report_skipped(skipped, say=print):
 def embed_folder(loaded, images, device, show=False, say=print):
     """(ImageList of the images embedded, N x D features) of an ImageList, with the skipped
     files and the notes said."""
+    for note in images.notes:
+        say(note)
     done = embed_files(loaded.net, images.root, images.paths, loaded.image_size, loaded.mean,
                        loaded.std, device, show)
     report_skipped(done.skipped, say)
     if not done.kept:
-        raise UserError(f'{images.root} holds no readable image ({len(done.skipped)} files '
-                        f'could not be read)')
+        raise UserError(f'{shown(images.root)} holds no readable image ({len(done.skipped)} '
+                        f'files could not be read)')
     for note in done.notes:
         say(note)
     kept = ImageList(images.root, [images.paths[i] for i in done.kept],
@@ -223,8 +232,8 @@ def embed_command(argv):
                     checkpoint_digest=checkpoint_digest(args.ckpt))
     labels = (f', labels of {len(images.classes)} classes' if images.labels is not None
               else '')
-    print(f'wrote {args.out}: {features.shape[0]} x {features.shape[1]} unit-length features, '
-          f'paths relative to {args.images}{labels}')
+    print(f'wrote {shown(args.out)}: {features.shape[0]} x {features.shape[1]} unit-length '
+          f'features, paths relative to {shown(args.images)}{labels}')
 
 
 def main(argv=None):

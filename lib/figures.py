@@ -316,6 +316,17 @@ def bar_colours(probabilities, true_class):
     return colours
 
 
+def classes_to_name(probabilities, true_class):
+    """The classes whose bars get a name: all of them up to MAX_CLASS_NAMES, else (the names
+    would overlap) the true class and the top 5 among the classes that got a vote (the others
+    score 0, in no meaningful order)."""
+    if len(probabilities) <= MAX_CLASS_NAMES:
+        return list(range(len(probabilities)))
+    top = [c for c in np.argsort(-probabilities, kind='stable')[:5].tolist()
+           if probabilities[c] > 0]
+    return sorted({true_class, *top})
+
+
 def probabilities_size(num_queries, num_checkpoints):
     """(width, height) in pixels of the probabilities figure."""
     return (round(DPI * (THUMB_WIDTH_IN + num_checkpoints * PANEL_WIDTH_IN)),
@@ -349,10 +360,8 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
             if c == 0:
                 ax.set_ylabel('kNN probability', fontsize=7)
             ax.tick_params(axis='y', labelsize=7)
-            # With many classes name only those that matter, or the labels overlap.
-            shown = range(len(classes)) if len(classes) <= MAX_CLASS_NAMES else \
-                sorted({true, *np.argsort(-p)[:5].tolist()})
-            ax.set_xticks(list(shown))
+            shown = classes_to_name(p, true)
+            ax.set_xticks(shown)
             ax.set_xticklabels([classes[i] for i in shown], rotation=60, ha='right', fontsize=7)
             verdict = 'right' if top == true else 'wrong'
             ax.set_title(f'{label}: {classes[top]} ({p[top]:.2f}, {verdict})', fontsize=8)

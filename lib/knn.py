@@ -23,7 +23,14 @@ def knn_scores(queries, train_features, train_labels, num_classes, k=KNN_K, sigm
 
 
 def topk_correct(scores, targets, ks=(1, 5)):
-    """Number of rows whose target is among the top-k scored classes, for each k (tensors)."""
-    ranked = scores.argsort(dim=1, descending=True)
-    hits = ranked == targets[:, None]
+    """Number of rows whose target is among the top-k scored classes, for each k (tensors).
+
+    scores: Q x C class scores (>= 0; a class no neighbour voted for scores 0); targets: Q.
+    Only classes that got a vote count: with fewer than k voted classes the rest of the
+    ranking is zero-score classes in arbitrary order, and a target among them is no hit. (The
+    released code counts it, so its top-5 with few neighbours or classes is too high; top-1 is
+    the same in both.)
+    """
+    ranked_scores, ranked = scores.sort(dim=1, descending=True)
+    hits = (ranked == targets[:, None]) & (ranked_scores > 0)
     return [hits[:, :min(k, scores.shape[1])].any(1).sum() for k in ks]

@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
+
+from datasets import describe_file, shown
 
 from . import cli
 from .build import load_network, pick_device
@@ -33,6 +34,10 @@ def cache_path(checkpoint, fingerprint):
 
 
 def load_npz(path):
+    kind = describe_file(path)
+    if kind is not None:
+        raise UserError(f'cannot read gallery {shown(path)}: it is {kind}, not an .npz of '
+                        f'embeddings (python -m lib.embed writes them)')
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
@@ -49,17 +54,18 @@ def gallery_from_folder(loaded, images, checkpoint, device, say):
     if os.path.isfile(cached):
         data = load_npz(cached)
         if str(data.get('checkpoint_digest')) == digest:
-            say(f'gallery {images.root}: {len(data["paths"])} embeddings from the cache '
-                f'{cached}')
+            say(f'gallery {shown(images.root)}: {len(data["paths"])} embeddings from the cache '
+                f'{shown(cached)}')
             return (ImageList(images.root, [str(p) for p in data['paths']]),
                     torch.from_numpy(data['features']).to(device))
     images, features = embed_folder(loaded, images, device, show=sys.stderr.isatty(), say=say)
     try:
         save_embeddings(cached, images, features, loaded, checkpoint, fingerprint=fingerprint,
                         checkpoint_digest=digest)
-        say(f'gallery {images.root}: {features.shape[0]} images embedded, cached in {cached}')
+        say(f'gallery {shown(images.root)}: {features.shape[0]} images embedded, cached in '
+            f'{shown(cached)}')
     except OSError as err:
-        say(f'gallery {images.root}: {features.shape[0]} images embedded (not cached: '
+        say(f'gallery {shown(images.root)}: {features.shape[0]} images embedded (not cached: '
             f'{err.strerror or err})')
     return images, features
 
@@ -104,10 +110,12 @@ def nearest(query_features, gallery_features, k):
 
 
 def thumbnail(path, side):
-    """A side x side RGB array of the image at `path` (centre square, for the figure)."""
+    """A side x side RGB array of the image at `path` (centre square, for the figure), read as
+    it was embedded: upright, 8 bits per channel."""
     import datasets
-    with Image.open(path) as img:
-        return np.asarray(datasets.fit_square(img.convert('RGB'), side))
+    with open(path, 'rb') as f:
+        # Pillow's warnings were said (as notes) when the image was embedded: not again here.
+        return datasets.decode_image(f.read(), side, notes=datasets.ImageNotes())
 
 
 def neighbours_figure(queries, root, paths, similarities, positions, out, cell):
@@ -117,12 +125,12 @@ def neighbours_figure(queries, root, paths, similarities, positions, out, cell):
     for query, sims, found in zip(queries, similarities.tolist(), positions.tolist()):
         try:
             neighbours = [thumbnail(os.path.join(root, paths[i]), cell) for i in found]
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise UserError(f'cannot draw the figure: a gallery image is not readable at '
-                            f'{root} ({err}); give the gallery folder, not only its .npz') \
-                from None
-        rows.append(NeighbourRow(os.path.basename(query), thumbnail(query, cell), neighbours,
-                                 sims))
+                            f'{shown(root)} ({err}); give the gallery folder, not only its '
+                            f'.npz') from None
+        rows.append(NeighbourRow(shown(os.path.basename(query)), thumbnail(query, cell),
+                                 neighbours, sims))
     image = draw_retrieval(rows, cell=cell)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
@@ -136,7 +144,8 @@ def build_parser():
     p.add_argument('--gallery', required=True, metavar='DIR_OR_NPZ',
                    help='a folder of images (embedded once, cached next to the checkpoint) or '
                         'an .npz from python -m lib.embed')
-    p.add_argument('--query', required=True, nargs='+', metavar='IMG', help='query images')
+    p.add_argument('--query', required=True, nargs='+', metavar='IMG',
+                   help='query images; a folder gives all its images (any depth)')
     p.add_argument('--k', type=cli.POSITIVE_INT, default=DEFAULT_K,
                    help='neighbours per query (default: %(default)s)')
     p.add_argument('--figure', default=None, metavar='PATH',
@@ -147,26 +156,38 @@ def build_parser():
     return p
 
 
+def query_paths(given):
+    """The query images: each path given, a folder standing for all its images (any depth,
+    datasets.folders' rules)."""
+    paths = []
+    for query in given:
+        if os.path.isdir(query):
+            paths += [os.path.join(query, path) for path in list_folder(query).paths]
+        elif os.path.isfile(query):
+            paths.append(query)
+        else:
+            raise UserError(f'query image {shown(query)} does not exist')
+    return paths
+
+
 def retrieve(argv):
     args = build_parser().parse_args(argv)
-    missing = [q for q in args.query if not os.path.isfile(q)]
-    if missing:
-        raise UserError(f'query image {missing[0]} does not exist')
+    args.query = query_paths(args.query)
     if not os.path.exists(args.gallery):
-        raise UserError(f'no gallery at {args.gallery} (a folder of images or an .npz)')
+        raise UserError(f'no gallery at {shown(args.gallery)} (a folder of images or an .npz)')
     device = pick_device(args.device)
     loaded = load_network(args.ckpt, device)
     if os.path.isdir(args.gallery):
         listed = list_folder(args.gallery)
         if args.k > len(listed.paths):                           # before any embedding
             raise UserError(f'--k {args.k} is more than the {len(listed.paths)} images of '
-                            f'{args.gallery}')
+                            f'{shown(args.gallery)}')
         gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print)
     else:
         gallery, features = gallery_from_npz(loaded, args.gallery, args.ckpt, device, print)
     if args.k > features.shape[0]:
         raise UserError(f'--k {args.k} is more than the {features.shape[0]} images of the '
-                        f'gallery {args.gallery}')
+                        f'gallery {shown(args.gallery)}')
     done = embed_files(loaded.net, '', [os.path.abspath(q) for q in args.query],
                        loaded.image_size, loaded.mean, loaded.std, device)
     if not done.kept:
@@ -175,14 +196,14 @@ def retrieve(argv):
     queries = [args.query[i] for i in done.kept]
     similarities, positions = nearest(done.features, features, args.k)
     for query, sims, found in zip(queries, similarities.tolist(), positions.tolist()):
-        print(f'query {query}')
+        print(f'query {shown(query)}')
         for rank, (sim, index) in enumerate(zip(sims, found), start=1):
-            print(f'{rank:4d}  {sim:.4f}  {gallery.paths[index]}')
+            print(f'{rank:4d}  {sim:.4f}  {shown(gallery.paths[index])}')
     report_skipped(done.skipped)
     if args.figure:
         width, height = neighbours_figure(queries, gallery.root, gallery.paths, similarities,
                                           positions, args.figure, args.cell)
-        print(f'wrote {args.figure} ({width} x {height} px)')
+        print(f'wrote {shown(args.figure)} ({width} x {height} px)')
 
 
 def main(argv=None):
