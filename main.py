@@ -351,10 +351,10 @@ def setup(args, world):
                         f'there is nothing left to train (give --rounds '
                         f'{int(state.get("round")) + 1} or more)')
     train, test = load_data(args)
+    report_reading(train, say)
     mean, std = normalisation(args, train)
     args.mean, args.std = list(mean), list(std)   # stored: what the network was trained with
     say(describe_data(args, train, test) + f', mean {mean} std {std}')
-    report_reading(train, say)
     if args.eval_root and train.labelled:
         raise UserError('--eval-root is for runs on unlabeled images; this data has labels')
     method = MethodState.build(args, len(train), settings.device)

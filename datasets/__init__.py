@@ -3,9 +3,9 @@ import numpy as np
 import torch
 
 from .file_kind import describe_bytes, describe_file
-from .folders import is_class_tree, list_images
-from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, decode_image,
-                     failure_reason, fit_square, open_image, shown, to_rgb)
+from .folders import FolderError, is_class_tree, list_class_tree, list_images
+from .images import (IMAGE_EXTENSIONS, READER_VERSION, ImageNotes, UnreadableImage,
+                     decode_image, failure_reason, fit_square, open_image, shown, to_rgb)
 from .sources import (UNLABELED, DataError, ImageSet, describe_fingerprint, folder_layout,
                       load_cifar, load_folder, load_svhn, stored_train_size)
 from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, MEAN_STD,
@@ -13,10 +13,11 @@ from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, ME
                          train_transform)
 
 __all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load_dataset',
-           'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS', 'ImageNotes',
+           'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS', 'READER_VERSION', 'ImageNotes',
            'UnreadableImage', 'decode_image', 'describe_bytes', 'describe_file', 'failure_reason',
            'describe_fingerprint', 'fit_square', 'open_image', 'shown', 'to_rgb',
-           'folder_layout', 'is_class_tree', 'list_images', 'stored_train_size',
+           'folder_layout', 'FolderError', 'is_class_tree', 'list_class_tree', 'list_images',
+           'stored_train_size',
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'image_transform', 'test_transform', 'train_transform']
 

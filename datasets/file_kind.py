@@ -11,17 +11,27 @@ SIGNATURES = (
     (b"7z\xbc\xaf'\x1c", 'a 7-Zip archive'),
     (b'Rar!\x1a\x07', 'a RAR archive'),
     (b'%PDF-', 'a PDF document'),
+    (b'version https://git-lfs', 'a Git LFS pointer (a small text file that stands for the '
+                                 'real file, which was never fetched)'),
+    (b'\x89PNG\r\n\x1a\n', 'a PNG image'),
+    (b'\xff\xd8\xff', 'a JPEG image'),
+    (b'GIF8', 'a GIF image'),
+    (b'II*\x00', 'a TIFF image'),
+    (b'MM\x00*', 'a TIFF image'),
 )
-HTML_STARTS = (b'<!doctype html', b'<html', b'<head', b'<body')
+IMAGE_KINDS = ('a PNG image', 'a JPEG image', 'a GIF image', 'a TIFF image', 'a WebP image')
+HTML_STARTS = (b'<!doctype html', b'<html', b'<head', b'<body', b'<!--')
 HEAD_BYTES = 512
 
 
 def describe_bytes(head):
-    """'an HTML page', 'a gzip archive', ... for the first bytes of a file, or None when they
-    are none of the kinds recognised here (an image, a checkpoint, anything else)."""
+    """'an HTML page', 'a gzip archive', 'a text file', ... for the first bytes of a file, or
+    None when they are none of the kinds recognised here (a checkpoint, a binary file)."""
     for signature, kind in SIGNATURES:
         if head.startswith(signature):
             return kind
+    if head.startswith(b'RIFF') and head[8:12] == b'WEBP':
+        return 'a WebP image'
     if len(head) > 262 and head[257:262] == b'ustar':
         return 'a tar archive'
     text = head.lstrip(b'\xef\xbb\xbf \t\r\n').lower()
@@ -29,7 +39,22 @@ def describe_bytes(head):
         return 'an HTML page'
     if text.startswith((b'<?xml', b'<svg')):
         return 'an SVG drawing (vectors, not pixels)' if b'<svg' in text else 'an XML file'
+    if text.startswith((b'{', b'[')) and _is_text(head):
+        return 'a JSON text file'
+    if head and _is_text(head):
+        return 'a text file'
     return None
+
+
+def _is_text(head):
+    """Whether these bytes read as UTF-8 text (a cut-off last character allowed)."""
+    if b'\x00' in head:
+        return False
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError as err:
+        return err.start >= len(head) - 3 and len(head) >= HEAD_BYTES
+    return True
 
 
 def describe_file(path):

@@ -1,16 +1,23 @@
 """Which files of a folder are images: the one walk behind training folders, class trees,
 `--eval-root`, embedding and retrieval.
 
+- A folder of unlabeled images is walked at any depth; a class tree `<split>/<class>/*` takes
+  the images directly inside each class folder (as it always has: a folder of thumbnails
+  inside a class folder is not read).
 - Hidden files and folders (names starting with '.', such as Jupyter's `.ipynb_checkpoints`)
   are ignored at every level, class folders included.
-- Links are followed, but a folder already walked is never walked again, so a link back up
-  the tree (`photos/2023/parent -> ..`) ends no loop.
-- Each real file counts once, however many links reach it: of the paths that lead to one file,
-  the first in sorted order is kept.
+- Links are followed, but a folder already walked is never walked again, so a link back up the
+  tree (`photos/2023/parent -> ..`) ends no loop.
+- Each real file counts once, however many paths reach it. Of the paths to one file the real
+  one is kept (a link to it is left out), else the first in sorted order; in a class tree this
+  holds across the whole split, so a link in one class to an image of another leaves that
+  image in its own class.
+- Only regular files are listed (a named pipe called `x.png` would block reading forever),
+  and broken links with an image's name, so that reading names them as unreadable.
 - The order is the sorted order of the relative paths, the same on every machine.
-- A broken link with an image's name is listed, so that reading it names it as unreadable.
 """
 import os
+from collections import deque
 from dataclasses import dataclass, field
 
 from .images import IMAGE_EXTENSIONS, shown
@@ -20,12 +27,12 @@ class FolderError(ValueError):
     """A folder that cannot be used as asked; the message is one line."""
 
 
-def is_image_file(name):
-    return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def is_hidden(name):
     return name.startswith('.')
+
+
+def is_image_file(name):
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -49,14 +56,46 @@ class Listing:
         return [f'note: under {shown(folder)}, {" and ".join(parts)}: each file is read once']
 
 
-def _walk(folder):
-    """The image files under `folder`, as (relative path, whether it is a link) in no
-    particular order, and how many folder links were not followed. The real tree is walked
-    before the folders that links lead to, so a folder reached both ways keeps its real path."""
+@dataclass(frozen=True)
+class Found:
+    """One image path met by a walk."""
+    path: str           # relative to the folder walked
+    link: bool          # reached through a link to the file itself
+    identity: tuple     # (device, inode) of the file, None for a broken link
+
+
+def _entry_kind(entry):
+    """'folder', 'file', 'broken' (a link to nothing) or None (anything else: a pipe, a
+    socket, a device)."""
+    try:
+        if entry.is_dir():                  # follows links
+            return 'folder'
+        if entry.is_file():
+            return 'file'
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            return 'broken'
+    except OSError:
+        return 'broken' if entry.is_symlink() else None
+    return None
+
+
+def _identity(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _walk(folder, any_depth=True):
+    """The image files under `folder` (Found, in no particular order) and how many folder links
+    were not followed. The real tree is walked before the folders that links lead to, so a
+    folder reached both ways keeps its real path. Without `any_depth`, only `folder`'s own
+    files."""
     found, again, visited = [], 0, set()
-    real_folders, linked_folders = [('', folder)], []
+    real_folders, linked_folders = deque([('', folder)]), deque()
     while real_folders or linked_folders:
-        relative, directory = (real_folders or linked_folders).pop(0)
+        relative, directory = (real_folders or linked_folders).popleft()
         real = os.path.realpath(directory)
         if real in visited:
             again += 1
@@ -69,94 +108,90 @@ def _walk(folder):
         for entry in entries:
             if is_hidden(entry.name):
                 continue
-            path = os.path.join(relative, entry.name)
-            try:
-                link, is_dir = entry.is_symlink(), entry.is_dir()     # is_dir follows links
-            except OSError:
-                link, is_dir = True, False
-            if is_dir:
-                (linked_folders if link else real_folders).append((path, entry.path))
-            elif is_image_file(entry.name):
-                found.append((path, link))
+            kind, path = _entry_kind(entry), os.path.join(relative, entry.name)
+            if kind == 'folder' and any_depth:
+                (linked_folders if entry.is_symlink() else real_folders).append(
+                    (path, entry.path))
+            elif kind in ('file', 'broken') and is_image_file(entry.name):
+                found.append(Found(path, entry.is_symlink(), _identity(entry.path)))
     return found, again
 
 
-def _identity(path):
-    """What makes a file the same file: (device, inode), or None when it cannot be stat'ed
-    (a broken link, listed to be named later)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
-def list_images(folder, seen=None):
-    """The Listing of every image file under `folder`, at any depth (the module's rules).
-    Of several paths to one file the first real one is kept, else the first link, in sorted
-    order. `seen` (file identities), shared between calls, makes a file that an earlier call
-    listed count as repeated."""
-    seen = set() if seen is None else seen
-    found, again = _walk(folder)
-    paths, repeated = [], 0
-    for path, _ in sorted(found, key=lambda item: (item[1], item[0])):   # real files first
-        identity = _identity(os.path.join(folder, path))
-        if identity is not None and identity in seen:
+def _once(found, seen):
+    """The Found of `found` whose file `seen` (identities) does not hold yet, real files
+    before links, in sorted path order; and how many were left out. `seen` grows."""
+    kept, repeated = [], 0
+    for item in sorted(found, key=lambda item: (item.link, item.path)):
+        if item.identity is not None and item.identity in seen:
             repeated += 1
             continue
-        if identity is not None:
-            seen.add(identity)
-        paths.append(path)
-    return Listing(sorted(paths), repeated, again)
+        if item.identity is not None:
+            seen.add(item.identity)
+        kept.append(item)
+    return kept, repeated
+
+
+def list_images(folder):
+    """The Listing of every image file under `folder`, at any depth (the module's rules)."""
+    found, again = _walk(folder)
+    kept, repeated = _once(found, set())
+    return Listing(sorted(item.path for item in kept), repeated, again)
 
 
 def subfolders(folder):
     """The visible sub-folders of `folder` (links followed), sorted by name."""
     return sorted(entry.name for entry in os.scandir(folder)
-                  if not is_hidden(entry.name) and entry.is_dir())
+                  if not is_hidden(entry.name) and _entry_kind(entry) == 'folder')
 
 
 @dataclass
 class ClassTree:
-    """A split of a class tree, `folder/<class>/...`: classes in sorted name order, each
-    image's path (relative to `folder`) and class number."""
+    """A split of a class tree, `folder/<class>/*`: classes in sorted name order, each image's
+    path (relative to `folder`, sorted by class and then file name) and class number."""
     classes: list
     paths: list
     targets: list
+    identities: list = field(repr=False, default_factory=list)   # of each file (or None)
     notes: list = field(default_factory=list)
 
 
 def list_class_tree(folder):
-    """The ClassTree of `folder`: every visible sub-folder is a class, its images at any depth
-    (each real file once in the whole split). Raises FolderError for a folder without class
-    folders or a class folder without images."""
+    """The ClassTree of `folder`: every visible sub-folder is a class, its images those
+    directly inside it, each real file once in the whole split. Raises FolderError for a
+    folder without class folders or a class folder without images."""
     classes = subfolders(folder)
     if not classes:
         raise FolderError(f'{shown(folder)} holds no class folders (expected '
                           f'{shown(folder)}/<class>/*)')
-    paths, targets, seen = [], [], set()
-    repeated = again = 0
+    found = []
     for label, name in enumerate(classes):
-        listing = list_images(os.path.join(folder, name), seen)
-        if not listing.paths:
-            held = ('only images already listed under another class (links to them), and '
-                    'each file counts once' if listing.repeated else
-                    f'no images ({", ".join(IMAGE_EXTENSIONS)})')
+        files, _ = _walk(os.path.join(folder, name), any_depth=False)
+        found += [(label, Found(os.path.join(name, item.path), item.link, item.identity))
+                  for item in files]
+    kept, repeated = _once([item for _, item in found], set())
+    kept = set(kept)
+    chosen = sorted(((label, item) for label, item in found if item in kept),
+                    key=lambda pair: (pair[0], pair[1].path))
+    counts = [sum(label == c for label, _ in chosen) for c in range(len(classes))]
+    for name, count in zip(classes, counts):
+        if not count:
+            held = ('only links to images of other classes, each of which counts in its own '
+                    'class' if any(item.path.startswith(name + os.sep) for _, item in found)
+                    else f'no images ({", ".join(IMAGE_EXTENSIONS)})')
             raise FolderError(f'class folder {shown(os.path.join(folder, name))} holds {held}')
-        paths += [os.path.join(name, path) for path in listing.paths]
-        targets += [label] * len(listing.paths)
-        repeated, again = repeated + listing.repeated, again + listing.folders_again
-    return ClassTree(classes, paths, targets, Listing([], repeated, again).notes(folder))
+    return ClassTree(classes, [item.path for _, item in chosen],
+                     [label for label, _ in chosen], [item.identity for _, item in chosen],
+                     Listing([], repeated).notes(folder))
 
 
 def is_class_tree(folder):
     """Whether `folder` holds class folders of images only: visible sub-folders, each with
-    images at some depth, and no loose images beside them."""
+    images directly inside, and no loose images beside them."""
     entries = [entry for entry in os.scandir(folder) if not is_hidden(entry.name)]
-    if any(is_image_file(entry.name) and not entry.is_dir() for entry in entries):
+    if any(is_image_file(entry.name) and _entry_kind(entry) != 'folder' for entry in entries):
         return False
-    classes = [entry.path for entry in entries if entry.is_dir()]
-    return bool(classes) and all(list_images(path).paths for path in classes)
+    classes = [entry.path for entry in entries if _entry_kind(entry) == 'folder']
+    return bool(classes) and all(_walk(path, any_depth=False)[0] for path in classes)
 
 
 def describe_class_difference(found, expected):

@@ -28,13 +28,19 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .file_kind import describe_bytes
+from .file_kind import IMAGE_KINDS, describe_bytes
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif', '.tiff',
-                    '.webp')
+# File names read as images (.jfif: how some browsers save JPEGs); AVIF where Pillow reads it.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jfif', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif',
+                    '.tiff', '.webp') + (('.avif',) if '.avif' in Image.registered_extensions()
+                                         else ())
 SIXTEEN_BIT = 257               # 65535 / 255: a 16-bit value over this is its 8-bit equivalent
-# Pillow reads these formats' 16-bit greyscale as mode I, already scaled to 0..65535.
-SIXTEEN_BIT_AS_I = ('PPM',)
+# Pillow reads these formats' 16-bit greyscale as mode I, already scaled to 0..65535 (PNG in
+# Pillow releases before the I;16 mode).
+SIXTEEN_BIT_AS_I = ('PPM', 'PNG')
+# What an image was read as: stored with embeddings, so that ones made by an earlier reader
+# (before orientation and bit depth were read right) are not mixed with new ones.
+READER_VERSION = 2
 # Formats whose extra frames are animation or pages (a phone's MPO JPEG also has several
 # frames, a preview and a depth map, which are not worth a note).
 ANIMATED_FORMATS = ('GIF', 'PNG', 'TIFF', 'WEBP')
@@ -46,9 +52,11 @@ class UnreadableImage(ValueError):
 
 
 def shown(path):
-    """`path` as it can be printed: a file name that is not valid UTF-8 (Latin-1 bytes from a
-    Windows zip tool, say) keeps its bytes visible as escapes, e.g. 'caf\\xe9.png'."""
-    return os.fsencode(path).decode('utf-8', 'backslashreplace')
+    """`path` as it can be printed on one line: a file name that is not valid UTF-8 (Latin-1
+    bytes from a Windows zip tool, say) keeps its bytes visible as escapes, e.g.
+    'caf\\xe9.png', and control characters (a newline in a name) are escaped too."""
+    text = os.fsencode(path).decode('utf-8', 'backslashreplace')
+    return ''.join(c if c.isprintable() or c == ' ' else repr(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------- notes
@@ -62,6 +70,8 @@ class ImageNotes:
                                'as viewers show them'),
         'sixteen_bit': ('have', '16 bits per channel: read as value / 257, rounded, their '
                                 '8-bit equivalent'),
+        'sixteen_bit_colour': ('have', '16 bits per colour channel: reduced to 8 bits by '
+                                       'Pillow, within one level of value / 257'),
         'float': ('have', 'floating-point pixels in [0, 1]: read as fractions of full '
                           'intensity (x 255, rounded)'),
         'transparency': ('have', 'transparent pixels: read without transparency, as the '
@@ -76,19 +86,16 @@ class ImageNotes:
         self.found = {}          # kind -> [count, example path, detail]
 
     def add(self, kind, name, detail=None):
-        entry = self.found.setdefault(kind, [0, name, detail])
+        entry = self.found.setdefault((kind, detail), [0, name, detail])
         entry[0] += 1
-
-    def merge(self, other):
-        for kind, (count, name, detail) in other.found.items():
-            entry = self.found.setdefault(kind, [0, name, detail])
-            entry[0] += count
 
     def lines(self):
         """One 'note: ...' line per kind noticed, in a fixed order, e.g. 'note: 3 images have
         16 bits per channel: read as ... (e.g. scans/a.png)'."""
         lines = []
-        for kind, (count, name, detail) in sorted(self.found.items()):
+        for (kind, _), (count, name, detail) in sorted(self.found.items(),
+                                                      key=lambda item: (item[0][0],
+                                                                        item[0][1] or '')):
             verb, what = self.TEXTS.get(kind, ('gave', f'a warning from Pillow ({detail}): '
                                                       f'read all the same'))
             if count == 1:
@@ -105,7 +112,7 @@ def _warning_kind(message):
         return 'large', None
     if 'Transparency' in text or 'transparency' in text:
         return 'transparency', None
-    return 'pillow', text.splitlines()[0] if text else type(message).__name__
+    return 'pillow', ' '.join(text.split()) if text else type(message).__name__
 
 
 @contextmanager
@@ -128,7 +135,11 @@ def unreadable_reason(err, head=b''):
     """One phrase for why Pillow could not read a file: its own message without object reprs,
     or what the file is instead (an HTML page, an archive)."""
     if isinstance(err, UnidentifiedImageError):
+        if not head:
+            return 'an empty file (0 bytes)'
         kind = describe_bytes(head)
+        if kind in IMAGE_KINDS:
+            return f'a damaged {kind[2:]}: Pillow cannot read it'
         return (f'it is {kind}, not an image' if kind
                 else 'not an image file: no format Pillow reads')
     if isinstance(err, Image.DecompressionBombError):
@@ -163,27 +174,48 @@ def open_image(source, notes=None, name=None):
         raise UnreadableImage(unreadable_reason(err, data[:512])) from None
 
 
-def to_rgb(img, size=None, notes=None, name=None):
+def to_rgb(img, size=None, notes=None, name=None, draft=True):
     """An RGB PIL image of `img`, upright and scaled to 8 bits (the module's rules), and with
-    `size` resized (shorter side, antialiased) and centre-cropped to size x size. Large JPEGs
-    are decoded at a reduced scale that is still at least `size` (PIL's draft mode).
-    Raises UnreadableImage."""
+    `size` resized (shorter side, antialiased) and centre-cropped to size x size. With `draft`,
+    a large JPEG not yet loaded is decoded at a reduced scale that is still at least `size`
+    (PIL's draft mode, which changes `img` in place). Raises UnreadableImage."""
     try:
         with _pillow_warnings(notes, name):
             if notes is not None and img.format in ANIMATED_FORMATS \
                     and getattr(img, 'n_frames', 1) > 1:
                 notes.add('frames', name)
-            if size is not None:
+            if notes is not None and img.mode in ('RGB', 'RGBA') and _sixteen_bit_tiles(img):
+                notes.add('sixteen_bit_colour', name)
+            if size is not None and draft:
                 img.draft('RGB', (size, size))
-            if notes is not None and _orientation(img) not in (None, 1):
+            if notes is not None and _orientation(img) in TURNED:
                 notes.add('orientation', name)
             file_format = img.format
             rgb = _eight_bit_rgb(ImageOps.exif_transpose(img), file_format, notes, name)
     except UnreadableImage:
         raise
     except Exception as err:    # Pillow's decoders raise many types; each means "not readable"
-        raise UnreadableImage(unreadable_reason(err)) from None
+        reason = unreadable_reason(err)
+        if img.format and not isinstance(err, Image.DecompressionBombError):
+            reason = f'a damaged {img.format} image: {reason}'
+        raise UnreadableImage(reason) from None
     return fit_square(rgb, size) if size is not None else rgb
+
+
+TURNED = range(2, 9)             # EXIF orientations that flip or rotate (1: as stored)
+
+
+def _sixteen_bit_tiles(img):
+    """Whether a colour image not yet loaded is stored with 16 bits per channel, which Pillow
+    reduces to 8 as it loads it (PNG raw modes such as 'RGB;16B', PPM with maxval > 255)."""
+    for tile in img.tile or ():
+        args = tile[3] if len(tile) > 3 else None
+        if isinstance(args, str) and ';16' in args:
+            return True
+        if isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int) \
+                and args[1] > 255:
+            return True
+    return False
 
 
 def _orientation(img):
@@ -208,7 +240,10 @@ def _eight_bit_rgb(img, file_format, notes, name):
                               f'so it is not read: convert it to 8 or 16 bits')
     if mode == 'F':
         values = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+        if not np.isfinite(values).all():
+            raise UnreadableImage('a floating-point image with NaN or infinite values is not '
+                                  'read')
+        if values.min() < 0 or values.max() > 1:
             raise UnreadableImage(f'a floating-point image with values from {values.min():g} '
                                   f'to {values.max():g} is read only when every value lies in '
                                   f'[0, 1] (fractions of full intensity)')
@@ -244,7 +279,7 @@ def decode_image(data, size=None, notes=None, name=None):
         return np.asarray(to_rgb(img, size, notes, name))
 
 
-def image_size(path, notes=None):
+def stored_size(path, notes=None):
     """(width, height) of the image at `path` as stored, read from its header (no decoding).
     Raises OSError or UnreadableImage."""
     with open_image(path, notes, path) as img:

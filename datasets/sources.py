@@ -17,7 +17,7 @@ import numpy as np
 from .folders import (FolderError, describe_class_difference, list_class_tree,
                       list_images)
 from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, decode_image,
-                     failure_reason, image_size, shown)
+                     failure_reason, stored_size, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -161,10 +161,11 @@ def read_image_folder(folder, select=None, image_size=None):
     transform, and training images squares of `stored_train_size(image_size)` to crop from;
     images already image_size x image_size are kept as they are.
     """
-    sets, classes, notes, listed = [], None, ImageNotes(), []
+    sets, classes, notes, listed, trees = [], None, ImageNotes(), [], []
     for split in ('train', 'test'):
         tree = list_image_folder_split(folder, split, classes)
         classes, listed = tree.classes, listed + tree.notes
+        trees.append(tree)
         split_dir = os.path.join(folder, split)
         paths = [os.path.join(split_dir, path) for path in tree.paths]
         targets = np.asarray(tree.targets, dtype=np.int64)
@@ -177,8 +178,19 @@ def read_image_folder(folder, select=None, image_size=None):
         images, digests, _, _ = decode_images([paths[i] for i in keep], size, notes=notes)
         sets.append(ImageSet(images, targets[keep], classes, split_dir, np.asarray(keep),
                              [tree.paths[i] for i in keep], split_dir, digests))
-    sets[0].notes = listed + notes.lines()
+    sets[0].notes = listed + shared_files_note(folder, *trees) + notes.lines()
     return sets
+
+
+def shared_files_note(folder, train, test):
+    """A note when some test images are training images too (links to the same files)."""
+    training = {identity for identity in train.identities if identity is not None}
+    shared = sum(identity in training for identity in test.identities if identity is not None)
+    if not shared:
+        return []
+    return [f'note: {shared} of the {len(test.paths)} test images under {shown(folder)} are '
+            f'training images too (links to the same files), so the test accuracy is not on '
+            f'unseen images']
 
 
 def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True):
@@ -213,7 +225,7 @@ def _all_square(paths, keep, size, quiet=False):
         try:
             with warnings.catch_warnings():     # said once, when the image is decoded
                 warnings.simplefilter('ignore')
-                if image_size(paths[i]) != (size, size):
+                if stored_size(paths[i]) != (size, size):
                     return False
         except (OSError, UnreadableImage) as err:
             if quiet:

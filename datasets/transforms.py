@@ -39,16 +39,16 @@ def test_transform(mean, std, size=32):
 class ReadRGB:
     """A transform step: an image file's path or a PIL image (as `Image.open` gives it, any
     mode) -> the RGB square that runs evaluate, read by datasets.images (upright, 8 bits,
-    first frame), resized (shorter side) and centre-cropped to `size`. A JPEG not yet loaded
-    is decoded at a reduced scale still at least `size`, as runs decode their images (PIL's
-    draft mode, which changes that image object in place)."""
+    first frame), resized (shorter side) and centre-cropped to `size`. A large JPEG given by
+    its path is decoded at a reduced scale still at least `size`, as runs decode their images
+    (PIL's draft mode); a PIL image given is never changed, so it is decoded at full size."""
 
     def __init__(self, size):
         self.size = size
 
     def __call__(self, image):
         from .images import open_image, to_rgb
-        return to_rgb(open_image(image), self.size)
+        return to_rgb(open_image(image), self.size, draft=not isinstance(image, Image.Image))
 
     def __repr__(self):
         return f'{type(self).__name__}(size={self.size})'

@@ -102,12 +102,12 @@ def normalisation(opts, train):
     mean, std = tuple(opts.mean or computed_mean), tuple(opts.std or computed_std)
     for channel, value in zip(CHANNELS, std):
         if not value > 0:           # also NaN
-            origin = ('--std gives' if opts.std else
-                      f'every training image has one {channel} value throughout, so the std '
-                      f'computed from them is')
-            raise UserError(f'the std of the {channel} channel must be above 0, but {origin} '
-                            f'{value:g} and normalising by it would divide by zero: give '
-                            f'--std R G B with three values above 0')
+            origin = (f'--std gives {value:g}' if opts.std else
+                      f'the training images give {value:g} (to 4 decimals: each of them holds '
+                      f'one {channel} value throughout, or nearly)')
+            raise UserError(f'the std of the {channel} channel must be above 0, but {origin}, '
+                            f'and normalising by it would divide by zero: give --std R G B with '
+                            f'three values above 0')
     return mean, std
 
 

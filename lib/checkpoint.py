@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,8 @@ FOREIGN_FILE_HINTS = {
     'an xz archive': 'unpack it (unxz, or tar xJf) and give the checkpoint inside',
     'a 7-Zip archive': 'unpack it (7z x) and give the checkpoint inside',
     'a RAR archive': 'unpack it (unrar x) and give the checkpoint inside',
+    'a Git LFS pointer (a small text file that stands for the real file, which was never '
+    'fetched)': 'fetch the real file (git lfs pull) and give it',
 }
 
 
@@ -82,17 +85,30 @@ def load(path):
 
 
 def unreadable_reason(path, size, err):
-    """One sentence on why torch.load failed on `path`."""
+    """One sentence on why torch.load failed on `path`, from what the file holds: a PyTorch
+    checkpoint is a zip archive with a data.pkl inside (torch.save since 1.6) or a pickle."""
+    damaged = (f'checkpoint {path} ({size} bytes) is truncated or damaged: it was not '
+               f'completely written or copied')
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if head == b'PK':
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return damaged
+        if not any(name.endswith('data.pkl') for name in names):
+            shown_names = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+            return (f'{path} is a zip archive holding {shown_names}, not a PyTorch checkpoint: '
+                    f'unpack it (unzip) and give the checkpoint inside')
+    elif not head.startswith(b'\x80'):          # neither a zip nor a pickle
+        return f'{path} is not a PyTorch checkpoint file'
     text = str(err)
-    if isinstance(err, EOFError) or 'central directory' in text or 'truncated' in text \
-            or 'zip archive' in text:
-        return (f'checkpoint {path} ({size} bytes) is truncated or damaged: it was not '
-                f'completely written or copied')
     if 'Weights only load failed' in text:
         return (f'{path} holds Python objects other than tensors, numbers and plain '
                 f'containers, so it is neither a checkpoint of this program nor of the released '
                 f'code, and it is not loaded (unpickling it could run code)')
-    return f'{path} is not a PyTorch checkpoint file'
+    return damaged
 
 
 def prepare_model_dir(model_dir, needed_bytes):

@@ -6,6 +6,7 @@ Every long flag takes both spellings, `--batch_size` and `--batch-size`; help sh
 first one given (the released names where there are some).
 """
 import argparse
+import codecs
 import math
 import sys
 
@@ -92,13 +93,29 @@ def plural(count, word, plural_word=None):
     return f'{count} {word if count == 1 else plural_word or word + "s"}'
 
 
+def _escape_bytes(err):
+    """A codec error handler: the undecodable bytes of a file name (lone surrogates
+    U+DC80..U+DCFF, PEP 383) as \\xNN, anything else unencodable as \\uNNNN."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    text = err.object[err.start:err.end]
+    return ''.join(f'\\x{ord(c) - 0xDC00:02x}' if 0xDC80 <= ord(c) <= 0xDCFF
+                   else f'\\u{ord(c):04x}' for c in text), err.end
+
+
+ESCAPE_BYTES = 'superand-escape-bytes'
+codecs.register_error(ESCAPE_BYTES, _escape_bytes)
+
+
 def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
     """Call `main_body(argv)`; a user's error (UserError, DataError) prints one line and gives
     exit code 2, Ctrl-C gives 130 and one line (`interrupted`), no traceback."""
     # A file name that is not valid UTF-8 (Latin-1 bytes, say) reaches Python with escaped
-    # bytes (PEP 383); printing one must show it, not end the run (stderr already does this).
-    if hasattr(sys.stdout, 'reconfigure'):
-        sys.stdout.reconfigure(errors='backslashreplace')
+    # bytes (PEP 383); printing one must show its bytes, as datasets.shown does, not end the
+    # run or print it one way on stdout and another on stderr.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors=ESCAPE_BYTES)
     try:
         return main_body(argv) or 0
     except SystemExit as exit_:       # --help (0), or a flag error already printed (2)

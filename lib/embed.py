@@ -7,7 +7,8 @@ Every image under the folder, at any depth, goes through the checkpoint's test t
 and the network in eval mode, in float32 and in batches. The .npz holds `features` (N x D,
 unit rows: the dot product of two rows is their cosine similarity), `paths` (relative to the
 folder), and when the folder is a class tree (<class>/<image>) `labels` and `classes`; also
-`root`, `image_size`, `mean`, `std`, `checkpoint` and `fingerprint` (of the folder's files).
+`root`, `image_size`, `mean`, `std`, `checkpoint`, `fingerprint` (of the folder's files) and
+`reader_version` (of the image reader, datasets.READER_VERSION).
 An unreadable file is named and skipped.
 """
 import hashlib
@@ -47,17 +48,18 @@ def list_folder(folder):
     real file once), or a UserError if there is none or it holds no images."""
     if not os.path.isdir(folder):
         raise UserError(f'no folder at {shown(folder)}')
+    if datasets.is_class_tree(folder):          # labels, read as runs read a class tree
+        try:
+            tree = datasets.list_class_tree(folder)
+        except datasets.FolderError as err:
+            raise UserError(str(err)) from None
+        return ImageList(folder, tree.paths, np.asarray(tree.targets, dtype=np.int64),
+                         tree.classes, tree.notes)
     listing = datasets.list_images(folder)
-    paths = listing.paths
-    if not paths:
+    if not listing.paths:
         raise UserError(f'{shown(folder)} holds no images '
                         f'({", ".join(datasets.IMAGE_EXTENSIONS)}), at any depth')
-    notes = listing.notes(folder)
-    if datasets.is_class_tree(folder):
-        classes = sorted({p.split(os.sep)[0] for p in paths})
-        labels = np.asarray([classes.index(p.split(os.sep)[0]) for p in paths], dtype=np.int64)
-        return ImageList(folder, paths, labels, classes, notes)
-    return ImageList(folder, paths, notes=notes)
+    return ImageList(folder, listing.paths, notes=listing.notes(folder))
 
 
 def checkpoint_digest(path):
@@ -206,7 +208,8 @@ def save_embeddings(out, images, features, loaded, checkpoint, **extra):
         np.savez(f, features=features.cpu().numpy().astype(np.float32),
                  paths=np.asarray(images.paths), root=os.path.abspath(images.root),
                  image_size=loaded.image_size, mean=np.asarray(loaded.mean),
-                 std=np.asarray(loaded.std), checkpoint=os.path.abspath(checkpoint), **extra)
+                 std=np.asarray(loaded.std), checkpoint=os.path.abspath(checkpoint),
+                 reader_version=datasets.READER_VERSION, **extra)
 
 
 def build_parser():

@@ -38,6 +38,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from datasets import shown  # noqa: E402
+
 from .config import (PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,  # noqa: E402
                      PUBLISHED_TOP1)  # the released run's kNN curve (docs/ALGORITHM.md 8)
 from .errors import UserError  # noqa: E402
@@ -257,7 +259,7 @@ def draw_retrieval(rows, cell=CELL, frame=FRAME, label_width=LABEL_WIDTH):
             height = getattr(font, 'size', DETAIL_FONT_PX) + 4
             if y + height > bottom:      # small cells: keep the text inside its row
                 break
-            draw.text((x, y), _fit(draw, text, font, text_width), fill=TEXT, font=font)
+            draw.text((x, y), _fit(draw, shown(text), font, text_width), fill=TEXT, font=font)
             y += height
     return canvas
 
@@ -339,7 +341,7 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
     check_same_test_set(checkpoints)
     probabilities = [knn_probabilities(t, query_indexes, source) for t in checkpoints]
     test = checkpoints[0].test
-    classes = test.classes
+    classes = [shown(name) for name in test.classes]    # any folder name the OS allows
     num_q, num_c = len(query_indexes), len(checkpoints)
     width, height = probabilities_size(num_q, num_c)
     fig, axes = plt.subplots(
@@ -352,7 +354,7 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
         thumb.imshow(test.images[index], interpolation='nearest')
         thumb.set_title(f'test #{index}\n{classes[true]}', fontsize=8)
         thumb.axis('off')
-        for c, label in enumerate(labels):
+        for c, label in enumerate(map(shown, labels)):
             ax, p = axes[q, c + 1], probabilities[c][q]
             top = int(np.argmax(p))
             ax.bar(range(len(classes)), p, color=bar_colours(p, true), width=0.8)
@@ -360,9 +362,9 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
             if c == 0:
                 ax.set_ylabel('kNN probability', fontsize=7)
             ax.tick_params(axis='y', labelsize=7)
-            shown = classes_to_name(p, true)
-            ax.set_xticks(shown)
-            ax.set_xticklabels([classes[i] for i in shown], rotation=60, ha='right', fontsize=7)
+            named = classes_to_name(p, true)
+            ax.set_xticks(named)
+            ax.set_xticklabels([classes[i] for i in named], rotation=60, ha='right', fontsize=7)
             verdict = 'right' if top == true else 'wrong'
             ax.set_title(f'{label}: {classes[top]} ({p[top]:.2f}, {verdict})', fontsize=8)
     return fig
@@ -426,9 +428,9 @@ def embedding_figure(checkpoints, labels, method='tsne', seed=0, perplexity=TSNE
                         perplexity)
         for cls, name in enumerate(test.classes):
             mask = targets == cls
-            ax.scatter(xy[mask, 0], xy[mask, 1], s=marker, color=colours[cls], label=name,
-                       linewidths=0)
-        ax.set_title(f'{label} ({method}, {len(chosen)} test images)', fontsize=10)
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=marker, color=colours[cls],
+                       label=shown(name), linewidths=0)
+        ax.set_title(f'{shown(label)} ({method}, {len(chosen)} test images)', fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(test.classes) <= MAX_CLASS_NAMES:
@@ -472,7 +474,7 @@ def curve_figure(logs, published=False):
     fig, ax = plt.subplots(figsize=CURVE_SIZE_IN, dpi=DPI, layout='constrained')
     for label, records in logs:
         line, = ax.plot([r['global_epoch'] for r in records], curve_values(records, metric),
-                        marker='.' if len(records) <= 50 else None, label=label)
+                        marker='.' if len(records) <= 50 else None, label=shown(label))
         for x in round_starts(records):
             ax.axvline(x, color=line.get_color(), linestyle='--', linewidth=0.8, alpha=0.6)
     if published and metric == 'knn_top1':

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+import datasets
 from datasets import describe_file, shown
 
 from . import cli
@@ -53,7 +54,8 @@ def gallery_from_folder(loaded, images, checkpoint, device, say):
     cached, digest = cache_path(checkpoint, fingerprint), checkpoint_digest(checkpoint)
     if os.path.isfile(cached):
         data = load_npz(cached)
-        if str(data.get('checkpoint_digest')) == digest:
+        if str(data.get('checkpoint_digest')) == digest and \
+                reader_version(data) == datasets.READER_VERSION:
             say(f'gallery {shown(images.root)}: {len(data["paths"])} embeddings from the cache '
                 f'{shown(cached)}')
             return (ImageList(images.root, [str(p) for p in data['paths']]),
@@ -78,6 +80,10 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
     if 'features' not in data or 'paths' not in data:
         raise UserError(f'{path} is not a gallery: it needs features and paths '
                         f'(python -m lib.embed writes them)')
+    if reader_version(data) != datasets.READER_VERSION:
+        say(f'note: {shown(path)} was embedded by an earlier version of the image reader, '
+            f'which read EXIF-rotated photos sideways and clipped 16-bit images: embed it again '
+            f'with python -m lib.embed if the gallery holds such images')
     made_by = str(data['checkpoint_digest']) if 'checkpoint_digest' in data else None
     if made_by is None:
         say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
@@ -112,7 +118,6 @@ def nearest(query_features, gallery_features, k):
 def thumbnail(path, side):
     """A side x side RGB array of the image at `path` (centre square, for the figure), read as
     it was embedded: upright, 8 bits per channel."""
-    import datasets
     with open(path, 'rb') as f:
         # Pillow's warnings were said (as notes) when the image was embedded: not again here.
         return datasets.decode_image(f.read(), side, notes=datasets.ImageNotes())
@@ -156,13 +161,25 @@ def build_parser():
     return p
 
 
-def query_paths(given):
+def reader_version(npz):
+    """The image reader's version an .npz of embeddings was made with (0: before it was
+    stored)."""
+    return int(npz['reader_version']) if 'reader_version' in npz else 0
+
+
+def query_paths(given, say):
     """The query images: each path given, a folder standing for all its images (any depth,
-    datasets.folders' rules)."""
+    datasets.folders' rules, its notes said)."""
     paths = []
     for query in given:
         if os.path.isdir(query):
-            paths += [os.path.join(query, path) for path in list_folder(query).paths]
+            listing = datasets.list_images(query)
+            if not listing.paths:
+                raise UserError(f'query folder {shown(query)} holds no images '
+                                f'({", ".join(datasets.IMAGE_EXTENSIONS)}), at any depth')
+            for note in listing.notes(query):
+                say(note)
+            paths += [os.path.join(query, path) for path in listing.paths]
         elif os.path.isfile(query):
             paths.append(query)
         else:
@@ -172,7 +189,7 @@ def query_paths(given):
 
 def retrieve(argv):
     args = build_parser().parse_args(argv)
-    args.query = query_paths(args.query)
+    args.query = query_paths(args.query, print)
     if not os.path.exists(args.gallery):
         raise UserError(f'no gallery at {shown(args.gallery)} (a folder of images or an .npz)')
     device = pick_device(args.device)
@@ -193,6 +210,8 @@ def retrieve(argv):
     if not done.kept:
         report_skipped(done.skipped)
         raise UserError('no query image could be read')
+    for note in done.notes:
+        print(note)
     queries = [args.query[i] for i in done.kept]
     similarities, positions = nearest(done.features, features, args.k)
     for query, sims, found in zip(queries, similarities.tolist(), positions.tolist()):

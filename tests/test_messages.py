@@ -40,14 +40,14 @@ def checkpoint_files(tmp_path):
     ('truncated.t7', 'is truncated or damaged: it was not completely written or copied'),
     ('empty.t7', 'is empty (0 bytes)'),
     ('foreign.t7', 'holds Python objects other than tensors'),
-    ('notes.t7', 'is not a PyTorch checkpoint file'),
+    ('notes.t7', 'is a text file, not a PyTorch checkpoint: give the checkpoint file itself'),
 ])
 def test_unusable_checkpoints_get_one_sentence(checkpoint_files, tiny_folder, run_main, name,
                                                needle):
     line = one_error_line(run_main('--resume', name, '--test_only', '--model_dir',
                                    checkpoint_files, '--data-root', tiny_folder), needle)
     assert 'weights_only' not in line and line.endswith(('copied', 'written', 'code)',
-                                                         'file'))
+                                                         'itself'))
 
 
 def test_network_mismatch_names_the_stored_network(tiny_folder, tmp_path, run_main):

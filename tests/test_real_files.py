@@ -3,10 +3,12 @@ class trees as --eval-root uses them, lib.embed, lib.retrieve's queries, gallery
 hub transform) reads an image as it looks, each real file once, and every printed figure
 counts only what it claims. Every input is built here; expected values are computed here."""
 import gzip
+import io
 import os
 import re
 import struct
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -226,6 +228,32 @@ def test_photos_are_read_upright_on_every_path(tmp_path, reader):
     assert red[:, -3:].mean() > 0.9 and red[:, :got.shape[1] // 2].sum() == 0
 
 
+# What each EXIF orientation asks a viewer to do to the stored pixels (a[row, column]).
+VIEWER = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],                              # mirror left-right
+    3: lambda a: a[::-1, ::-1],                           # rotate 180
+    4: lambda a: a[::-1, :],                              # mirror top-bottom
+    5: lambda a: a.transpose(1, 0, 2),                    # mirror along the main diagonal
+    6: lambda a: np.rot90(a, -1),                         # rotate 90 clockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),       # mirror along the other diagonal
+    8: lambda a: np.rot90(a, 1),                          # rotate 90 counter-clockwise
+}
+
+
+@pytest.mark.parametrize('orientation', sorted(VIEWER) + [0, 9])
+def test_every_orientation_is_read_as_viewers_show_it(tmp_path, orientation):
+    stored = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 14     # 6 colours
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / 'o.png', exif=exif.tobytes())   # lossless
+    notes = datasets.ImageNotes()
+    got = datasets.decode_image((tmp_path / 'o.png').read_bytes(), notes=notes, name='o.png')
+    want = VIEWER.get(orientation, VIEWER[1])(stored)    # 0 and 9 are no orientation
+    assert np.array_equal(got, want)
+    assert bool(notes.lines()) == (orientation in range(2, 9))
+
+
 def test_the_upright_size_is_the_viewers(tmp_path):
     sideways_photo(tmp_path / 'photo.jpg', width=64, height=96)
     notes = datasets.ImageNotes()
@@ -284,14 +312,54 @@ def test_hidden_entries_are_ignored_in_class_trees_too(tmp_path):
     assert listed.classes == ['class_00', 'class_01'] and len(listed.paths) == 4
 
 
-def test_class_folders_are_walked_at_any_depth_in_sorted_order(tmp_path):
+def test_class_folders_hold_their_own_images_in_sorted_order(tmp_path):
+    """As before: the images directly inside each class folder (a sub-folder of thumbnails is
+    not read), sorted by class, then name."""
     for name in ('b/2.png', 'a/deep/er/1.png', 'a/0.png', 'b/1.png'):
         path = tmp_path / 'train' / name
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(noisy(len(name))).save(path)
-    tree = datasets.folders.list_class_tree(str(tmp_path / 'train'))
-    assert tree.paths == ['a/0.png', 'a/deep/er/1.png', 'b/1.png', 'b/2.png']
-    assert tree.targets == [0, 0, 1, 1]
+    tree = datasets.list_class_tree(str(tmp_path / 'train'))
+    assert tree.paths == ['a/0.png', 'b/1.png', 'b/2.png']
+    assert tree.targets == [0, 1, 1]
+
+
+def test_links_inside_a_class_tree_keep_every_image_in_its_own_class(tmp_path):
+    root = write_image_folder(tmp_path / 'tree', classes=3, train_per_class=2,
+                              test_per_class=1)
+    train = tmp_path / 'tree' / 'train'
+    os.symlink('..', train / 'class_00' / 'parent')                       # a loop
+    os.symlink('../class_01/0000.png', train / 'class_00' / 'zz_link.png')  # another class's
+    os.symlink('../class_02/0001.png', train / 'class_02' / 'again.png')    # its own, again
+    want_paths = [f'class_{c:02d}/{i:04d}.png' for c in range(3) for i in range(2)]
+    for reader in (lambda: datasets.load_dataset('folder', root)[0],
+                   lambda: embed.list_folder(str(train))):
+        listed = reader()
+        assert listed.paths == want_paths
+        targets = listed.targets if hasattr(listed, 'targets') else listed.labels
+        assert list(targets) == [0, 0, 1, 1, 2, 2]
+    train_set, _ = datasets.load_dataset('folder', root)
+    assert train_set.notes[0] == (f'note: under {train}, 2 paths reach a file already listed: '
+                                  f'each file is read once')
+
+
+def test_test_images_that_are_training_images_are_said(tmp_path):
+    root = write_image_folder(tmp_path / 'tree', classes=2, train_per_class=2, test_per_class=1)
+    os.symlink(tmp_path / 'tree' / 'train' / 'class_00' / '0000.png',
+               tmp_path / 'tree' / 'test' / 'class_00' / 'leak.png')
+    train, test = datasets.load_dataset('folder', root)
+    assert len(test) == 3
+    assert train.notes == [f'note: 1 of the 3 test images under {root} are training images too '
+                           f'(links to the same files), so the test accuracy is not on unseen '
+                           f'images']
+
+
+def test_a_named_pipe_is_not_read(tmp_path):
+    Image.fromarray(noisy(0)).save(tmp_path / 'a.png')
+    os.mkfifo(tmp_path / 'pipe.png')       # reading it would wait forever
+    assert datasets.list_images(str(tmp_path)).paths == ['a.png']
+    train, _ = datasets.load_dataset('folder', str(tmp_path))
+    assert len(train) == 1 and not train.skipped
 
 
 # ----------------------------------------------------------------------------- 4. file names
@@ -320,13 +388,33 @@ def test_any_file_name_is_embedded_stored_and_printed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r'^   1  1\.0000  caf\\xe9\.png$', out, re.M), out
     assert f'query {folder}/caf\\xe9.png' in out
-    # The same bytes give the same fingerprint; another name, another.
-    assert embed.file_fingerprint(str(folder), [name]) == \
+    # The same name and bytes in another folder give the same fingerprint; another name does
+    # not, nor do other bytes under that name.
+    copy = tmp_path / 'copy'
+    copy.mkdir()
+    (copy / name).write_bytes((folder / name).read_bytes())
+    assert embed.file_fingerprint(str(copy), [name]) == \
         embed.file_fingerprint(str(folder), [name])
-    assert embed.file_fingerprint(str(folder), [name]) != \
-        embed.file_fingerprint(str(folder), ['n0.png'])
+    (copy / 'renamed.png').write_bytes((folder / name).read_bytes())
+    assert embed.file_fingerprint(str(copy), ['renamed.png']) != \
+        embed.file_fingerprint(str(folder), [name])
+    (copy / name).write_bytes((folder / 'n0.png').read_bytes())
+    assert embed.file_fingerprint(str(copy), [name]) != \
+        embed.file_fingerprint(str(folder), [name])
     train, _ = datasets.load_dataset('folder', str(folder))
     assert name in train.paths and datasets.shown(name) == 'caf\\xe9.png'
+
+
+def test_names_print_on_one_line_and_draw(tmp_path):
+    assert datasets.shown('two\nlines.png') == 'two\\nlines.png'
+    assert datasets.shown(os.fsdecode(b'cl\xe9')) == 'cl\\xe9'
+    from lib.figures import NeighbourRow, curve_figure, draw_retrieval
+    name = os.fsdecode(b'caf\xe9.png')
+    row = NeighbourRow(name, noisy(0), [noisy(1)], [0.5])
+    assert draw_retrieval([row]).size[0] > 0
+    records = [dict(global_epoch=0, round=0, loss={'and': 1.0}),
+               dict(global_epoch=1, round=0, loss={'and': 0.5})]
+    curve_figure([(os.fsdecode(b'run_caf\xe9'), records)]).savefig(tmp_path / 'c.png')
 
 
 # ----------------------------------------------------------------------------- 5. normalisation
@@ -408,11 +496,25 @@ def test_class_differences_are_named(tmp_path, run_main):
                            f'need the same class folders')
 
 
+def zipped(name, content):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as archive:
+        archive.writestr(name, content)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize('name, content, needle', [
     ('ckpt_SAND.t7', b'<!DOCTYPE html>\n<html><body>Sign in</body></html>',
      'is an HTML page, not a PyTorch checkpoint: a download that got a web page'),
+    ('comment.t7', b'<!-- saved from a browser -->\n<html></html>', 'is an HTML page'),
     ('ckpt.t7.gz', gzip.compress(b'x' * 100), 'is a gzip archive, not a PyTorch checkpoint: '
                                                'unpack it'),
+    ('ckpt.zip', zipped('ckpt_SAND.t7', b'x' * 100),
+     'is a zip archive holding ckpt_SAND.t7, not a PyTorch checkpoint: unpack it'),
+    ('lfs.t7', b'version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n',
+     'is a Git LFS pointer'),
+    ('error.t7', b'{"error": "not found"}', 'is a JSON text file, not a PyTorch checkpoint'),
+    ('image.t7', b'\x89PNG\r\n\x1a\n' + b'\x00' * 40, 'is a PNG image, not a PyTorch checkpoint'),
 ])
 def test_files_that_are_no_checkpoint_are_named_as_what_they_are(tmp_path, tiny_folder,
                                                                  run_main, name, content,
@@ -431,6 +533,9 @@ def test_unreadable_reasons_and_pillow_warnings_become_notes(tmp_path, monkeypat
         Image.fromarray(noisy(i)).save(folder / f'ok{i}.png')
     (folder / 'broken.png').write_bytes(b'not an image at all')
     (folder / 'page.jpg').write_bytes(b'<html><body>404</body></html>')
+    (folder / 'cut.png').write_bytes((folder / 'ok0.png').read_bytes()[:60])
+    (folder / 'header.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\xff' * 30)
+    (folder / 'empty.png').write_bytes(b'')
     transparent_palette(str(folder / 'palette.png'))
     Image.fromarray(noisy(5, size=64)).save(folder / 'large.png')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 64 * 64 - 1)     # large.png is "large"
@@ -438,8 +543,12 @@ def test_unreadable_reasons_and_pillow_warnings_become_notes(tmp_path, monkeypat
         warnings.simplefilter('error')
         train, _ = datasets.load_dataset('folder', str(folder))
     reasons = dict((os.path.basename(path), reason) for path, reason in train.skipped)
-    assert reasons == {'broken.png': 'not an image file: no format Pillow reads',
-                       'page.jpg': 'it is an HTML page, not an image'}
+    assert reasons.pop('cut.png').startswith('a damaged PNG image: ')   # (Pillow's words follow)
+    assert reasons == {'broken.png': 'it is a text file, not an image',
+                       'page.jpg': 'it is an HTML page, not an image',
+                       'header.png': 'a damaged PNG image: Pillow cannot read it',
+                       'empty.png': 'an empty file (0 bytes)'}
+    assert not any('<_io.' in reason or 'object at 0x' in reason for reason in reasons.values())
     assert train.notes == [
         f'note: 1 image has more than 4,095 pixels (Pillow\'s decompression-bomb warning size): '
         f'read all the same (e.g. {folder}/large.png)',
@@ -461,6 +570,33 @@ def test_gifs_are_read_everywhere_first_frame(tmp_path):
     assert train.notes == [f'note: 1 image has several frames (animation or pages): the first '
                            f'frame is read (e.g. {tmp_path}/anim.gif)']
     assert embed.list_folder(str(tmp_path)).paths == ['anim.gif', 'still.png']
+
+
+def test_query_notes_are_said_and_old_caches_are_not_reused(tmp_path, capsys):
+    gallery = tmp_path / 'gallery'
+    gallery.mkdir()
+    for i in range(3):
+        Image.fromarray(noisy(i)).save(gallery / f'{i}.png')
+    sideways_photo(str(gallery / 'photo.jpg'))
+    checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
+    argv = ['--ckpt', checkpoint, '--gallery', str(gallery), '--query', str(gallery / 'photo.jpg'),
+            '--k', '1']
+    assert retrieve.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count('note: 1 image is stored rotated or mirrored') == 2     # gallery, query
+    assert re.search(r'^   1  1\.0000  photo\.jpg$', out, re.M)
+    # A cache written by the reader before orientation was read: embedded again.
+    cached, = [path for path in os.listdir(tmp_path) if '.gallery-' in path]
+    with np.load(tmp_path / cached) as data:
+        old = {key: data[key] for key in data.files if key != 'reader_version'}
+    sideways = datasets.decode_image((gallery / 'photo.jpg').read_bytes())
+    assert sideways.shape[0] < sideways.shape[1]            # (the new reader: upright)
+    old['features'] = old['features'][::-1].copy()          # (what an older reader stored)
+    with open(tmp_path / cached, 'wb') as f:
+        np.savez(f, **old)
+    assert retrieve.main(argv) == 0
+    out = capsys.readouterr().out
+    assert 'from the cache' not in out and re.search(r'^   1  1\.0000  photo\.jpg$', out, re.M)
 
 
 def test_a_query_folder_gives_its_images(tmp_path, capsys):
