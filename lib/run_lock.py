@@ -39,6 +39,10 @@ class RunLock:
     def release(self):
         if self._handle is not None:
             handle, self._handle = self._handle, None
+            try:
+                handle.truncate(0)  # names no run once it ended (a killed one's name stays)
+            except OSError:
+                pass
             handle.close()          # closing the last descriptor releases the flock
 
     def __enter__(self):
