@@ -229,6 +229,9 @@ def open_checkpoint(args, say):
                             f'anchors with --init-from {name}')
         refuse_recipe_change(args, state.get('config') or {}, path)
         adopt_checkpoint_config(args, state, say)
+        if not args.test_only:
+            for note in ckpt.check_resume_position(state, vars(args), path):
+                say(note)
     return state, path
 
 
@@ -296,6 +299,7 @@ class Run:
     log: RunLog = None
     progress: ckpt.Progress = None
     stats_rows: torch.Tensor = None     # bank entries sampled for the label-free statistics
+    lock: object = None                 # rank 0's hold on model_dir (lib/run_lock.py)
 
     def say(self, text, always=False):
         self.log.line(text, always)
@@ -410,9 +414,9 @@ def prepare_training(run, state, path):
     run continues (last.t7), or start it (fresh, or from --init-from's weights)."""
     args, world = run.args, run.world
     problem = None
-    if world.main:      # checked once, but every rank stops if it fails
+    if world.main:      # checked (and locked: one live run per folder) once; all ranks stop
         try:
-            ckpt.prepare_model_dir(args.model_dir, 3 * run.method.checkpoint_bytes())
+            run.lock = ckpt.prepare_model_dir(args.model_dir, run.method.checkpoint_bytes())
         except UserError as err:
             problem = str(err)
     problem = world.share(problem)
@@ -424,7 +428,9 @@ def prepare_training(run, state, path):
     args.name = args.name or (f'{args.method}-{args.dataset}-{args.network}-'
                               f'{time.strftime("%Y%m%d-%H%M%S")}')
     run.log = RunLog(args.model_dir, args.log_dir, args.name, args.tensorboard, args.quiet,
-                     enabled=world.main)
+                     enabled=world.main, after=run.writer.then)
+    if run.lock is not None and run.lock.note:
+        run.say(run.lock.note, always=True)
     if run.knn is None:
         generator = torch.Generator().manual_seed(args.seed)
         rows = torch.randperm(run.fingerprint['images'], generator=generator)[:BANK_STATS_ROWS]
@@ -434,6 +440,9 @@ def prepare_training(run, state, path):
         where = f' step {run.progress.step}' if run.progress.step else ''
         run.say(f'resuming at round {run.progress.round} epoch {run.progress.epoch}{where} '
                 f'(best kNN top-1 so far: {run.progress.best_text()})', always=True)
+        repeated = ckpt.repeated_epoch_note(path, run.progress) if world.main else None
+        if repeated:
+            run.say(repeated, always=True)
     elif state is not None:
         start_round = int(state.get('round') or 0)
         run.progress = ckpt.Progress(round=start_round)
@@ -672,8 +681,12 @@ def run_once(args, world):
     if args.test_only:
         run.log = RunLog(args.model_dir, tensorboard=False, enabled=world.main)
         test_only(run, state)
-    else:
+        return
+    try:
         train(run, state, path)
+    finally:            # in-process callers (tests) run again in the same folder
+        if run.lock is not None:
+            run.lock.release()
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ import torch
 
 from datasets import describe_file, describe_fingerprint, shown
 
+from . import run_lock
 from .errors import UserError
 
 BEST, LAST = 'ckpt.t7', 'last.t7'
@@ -44,12 +45,38 @@ FOREIGN_FILE_HINTS = {
 
 # ----------------------------------------------------------------------------- files
 def save_atomic(state, path):
+    """Write `state` to `path` whole or not at all: to `path.tmp<pid>`, fsynced, renamed over
+    `path`, and the rename made durable (the folder fsynced), so a kill or power loss leaves
+    either the old file or the new one. A failed write (a full disk) removes its temporary."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass                    # never created, or its folder is gone
+        raise
+    fsync_folder(os.path.dirname(path) or '.')
+
+
+def fsync_folder(folder):
+    """Make the renames in `folder` durable: what log.jsonl says after a checkpoint was written
+    must not survive a power loss that the rename does not."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return                      # a system that cannot open folders (Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                        # some filesystems refuse a folder's fsync: nothing to gain
+    finally:
+        os.close(fd)
 
 
 def resolve_path(model_dir, name):
@@ -111,9 +138,12 @@ def unreadable_reason(path, size, err):
     return damaged
 
 
-def prepare_model_dir(model_dir, needed_bytes):
-    """Create `model_dir`, check that it can be written and holds `needed_bytes` more, and
-    remove temporaries a killed run left behind: at start-up, not after hours of training."""
+def prepare_model_dir(model_dir, checkpoint_bytes):
+    """Make `model_dir` ready for a training run, at start-up rather than after hours of
+    training: create it, check that it can be written, lock it for this process (a UserError
+    naming the live run that holds it), remove the temporaries of dead runs, and check that it
+    has room for checkpoints of `checkpoint_bytes` each. Returns the held RunLock, which the
+    caller releases when the run ends."""
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise UserError(f'--model_dir {model_dir} is a file, not a folder')
     try:
@@ -125,14 +155,52 @@ def prepare_model_dir(model_dir, needed_bytes):
     except OSError as err:
         raise UserError(f'--model_dir {model_dir} cannot be written: '
                         f'{err.strerror or err}') from None
-    free = shutil.disk_usage(model_dir).free
-    if free < needed_bytes:
-        raise UserError(f'--model_dir {model_dir} has {free / 2**20:.0f} MiB free, but the '
-                        f'checkpoints need about {needed_bytes / 2**20:.0f} MiB (last.t7, '
-                        f'ckpt.t7 and a temporary copy while writing)')
+    lock = run_lock.acquire(model_dir)
+    try:
+        remove_dead_temporaries(model_dir)
+        check_free_space(model_dir, checkpoint_bytes)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def remove_dead_temporaries(model_dir):
+    """Remove the `*.t7.tmp<pid>` files of processes that no longer exist (a run killed while
+    writing); a live process's file is its checkpoint being written, and is left alone."""
     for name in os.listdir(model_dir):
-        if re.fullmatch(r'.+\.t7\.tmp\d+', name):
-            os.remove(os.path.join(model_dir, name))
+        match = re.fullmatch(r'.+\.t7\.tmp(\d+)', name)
+        if match and not run_lock.process_exists(int(match.group(1))):
+            try:
+                os.remove(os.path.join(model_dir, name))
+            except FileNotFoundError:
+                pass                # gone meanwhile
+
+
+def space_needed(model_dir, checkpoint_bytes):
+    """Bytes of free space a run writing checkpoints of `checkpoint_bytes` into `model_dir`
+    needs: last.t7, ckpt.t7 and the temporary copy of one while it is written, less what the
+    last.t7 and ckpt.t7 already there hold (each counted up to `checkpoint_bytes`): they are
+    replaced, not added to. Returns (needed, counted as replaced)."""
+    replaced = 0
+    for name in (LAST, BEST):
+        try:
+            replaced += min(os.path.getsize(os.path.join(model_dir, name)), checkpoint_bytes)
+        except OSError:
+            pass                    # not there
+    return 3 * checkpoint_bytes - replaced, replaced
+
+
+def check_free_space(model_dir, checkpoint_bytes):
+    """UserError when `model_dir`'s filesystem lacks `space_needed`."""
+    needed, replaced = space_needed(model_dir, checkpoint_bytes)
+    free = shutil.disk_usage(model_dir).free
+    if free < needed:
+        counted = (f'; the {replaced / 2**20:.0f} MiB of the checkpoints there, which they '
+                   f'replace, already counted' if replaced else '')
+        raise UserError(f'--model_dir {model_dir} has {free / 2**20:.0f} MiB free, but the '
+                        f'checkpoints need about {needed / 2**20:.0f} MiB more (last.t7, '
+                        f'ckpt.t7 and a temporary copy while writing{counted})')
 
 
 # ----------------------------------------------------------------------------- progress
@@ -189,7 +257,12 @@ def last_state(method, optimizer, progress, next_position, config, fingerprint):
 
 def write(writer, model_dir, method, optimizer, progress, next_position, config, fingerprint,
           is_best):
-    """last.t7, and ckpt.t7 when `is_best`, through `writer` (a CheckpointWriter)."""
+    """last.t7, and ckpt.t7 when `is_best`, through `writer` (a CheckpointWriter).
+
+    ckpt.t7 goes first. A kill between the two leaves a ckpt.t7 one epoch ahead of last.t7:
+    the resume trains that epoch again (and says so: `repeated_epoch_note`) to the same result,
+    which is again the best, so ckpt.t7 is written again. The other order would leave a last.t7
+    whose `best` names an epoch that ckpt.t7 never got, and nothing would mend that."""
     jobs = [(last_state(method, optimizer, progress, next_position, config, fingerprint),
              os.path.join(model_dir, LAST))]
     if is_best:
@@ -211,6 +284,16 @@ def snapshot(value):
     return value
 
 
+def os_error_of(error):
+    """The OSError `error` is or was raised in handling of (a full disk in torch.save reaches
+    the caller as a RuntimeError of its zip writer), or None."""
+    seen = set()
+    while error is not None and not isinstance(error, OSError) and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error if isinstance(error, OSError) else None
+
+
 class CheckpointWriter:
     """Writes checkpoints in the background, so that training does not wait for the disk
     (a last.t7 of ResNet18 is ~180 MB, and its fsync takes seconds on some disks).
@@ -218,28 +301,62 @@ class CheckpointWriter:
     `submit` copies the state first (to CPU memory; the GPU is synchronised once) and writes it
     in a thread; it first waits for the previous write, so at most one copy is held and files
     are written in order. A kill loses at most the epochs since the last whole file, as every
-    file is still written to a temporary name, fsynced and renamed. `wait` (at the end of a run,
-    and before any message that names a checkpoint) returns once everything is on disk, or
-    raises the write's error."""
+    file is still written to a temporary name, fsynced and renamed. `then` runs a function
+    once everything submitted is on disk (log.jsonl's records: the log never claims an epoch
+    that last.t7 cannot continue after), without making training wait. `wait` (at the end of a
+    run, and before any message that names a checkpoint) returns once everything is on disk
+    and every such function has run, or raises the first error."""
 
     def __init__(self):
         self._thread, self._error = None, None
+        self._lock = threading.Lock()
+        self._busy, self._after = False, []
 
     def submit(self, jobs):
         self.wait()
         copies = [(snapshot(state), path) for state, path in jobs]
+        self._busy = True
         self._thread = threading.Thread(target=self._write, args=(copies,),
                                         name='checkpoint-writer')
         self._thread.start()
+
+    def then(self, function):
+        """Call `function()` once the checkpoints submitted so far are on disk: now when none
+        is being written, else in the writer's thread after the last rename (in the order
+        given). It is never called for a write that failed."""
+        with self._lock:
+            if self._error is not None:
+                return                # that write failed: the next wait raises its error
+            if self._busy:
+                self._after.append(function)
+                return
+        function()
 
     def _write(self, jobs):
         try:
             for state, path in jobs:
                 save_atomic(state, path)
-        except OSError as err:
-            self._error = UserError(f'cannot write checkpoint {path}: {err.strerror or err}')
-        except Exception as err:      # anything else is a bug: raised in the training thread
-            self._error = err
+        except Exception as err:      # raised in the training thread at the next wait
+            cause = os_error_of(err)
+            self._fail(err if cause is None else   # no OSError behind it: a bug
+                       UserError(f'cannot write checkpoint {path}: {cause.strerror or cause}'))
+            return
+        while True:
+            with self._lock:
+                if not self._after:
+                    self._busy = False
+                    return
+                function = self._after.pop(0)
+            try:
+                function()
+            except Exception as err:  # raised in the training thread at the next wait
+                self._fail(err)
+                return
+
+    def _fail(self, error):
+        with self._lock:
+            self._error = self._error or error
+            self._busy, self._after = False, []
 
     def wait(self):
         if self._thread is not None:
@@ -275,6 +392,71 @@ def restore_training(state, optimizer):
     optimizer.load_state_dict(state['optimizer'])
     set_rng_state(state.get('rng'))
     return progress_of(state)
+
+
+# The options that give last.t7's position its images: a step is `batch_size` images of the
+# epoch's shuffle, which `seed` draws, and `epochs` numbers the epochs (global_epoch in
+# log.jsonl) and places them in the schedule. The rest leave a saved step's images alone: the
+# number of processes (a step is the global batch, shared among them), --workers and
+# --pipeline (one order for both); what would change the images themselves (--data-root,
+# --subset, --dataset) is refused by the data fingerprint, --views and the other components
+# by the recipe check.
+POSITION_OPTIONS = ('batch_size', 'seed', 'epochs')
+MID_EPOCH_CHANGE = {
+    'batch_size': 'that step would count other images (some trained twice, some never)',
+    'seed': 'the epoch would be shuffled otherwise (some images trained twice, some never)',
+    'epochs': 'the epoch would change its schedule halfway'}
+
+
+def check_resume_position(state, options, path):
+    """Refuse (UserError) a resume of the last.t7 `state` whose `options` (the run's options
+    now: a dict holding POSITION_OPTIONS and `rounds`) would make its saved position other
+    images or other epochs; returns the note lines saying what a change allowed at an epoch
+    boundary does. Mid-epoch nothing may change; at a boundary --batch_size and --seed may, and
+    --epochs only inside round 0 (later, the epochs already logged would be renumbered)."""
+    stored, nxt = state.get('config') or {}, state['next']
+    changed = [(key, stored[key], options[key]) for key in POSITION_OPTIONS
+               if stored.get(key) is not None and options[key] != stored[key]]
+    rounds = options.get('rounds')      # None: the method's, resolved later
+    if not changed or (rounds is not None and nxt['round'] >= rounds):
+        return []                       # nothing changed, or finished: nothing is trained
+    new = ' '.join(f'--{key} {value}' for key, _, value in changed)
+    old = ' '.join(f'--{key} {value}' for key, value, _ in changed)
+    where = f'round {nxt["round"]} epoch {nxt["epoch"]}'
+    if nxt.get('step'):
+        why = ' and '.join(MID_EPOCH_CHANGE[key] for key, _, _ in changed)
+        raise UserError(f'{path} stopped inside {where}, after step {nxt["step"]} with {old}; '
+                        f'with {new} {why}, so this resume is refused: resume with {old} '
+                        f'--stop-after 1 to finish the epoch, then with {new}')
+    epochs = [value for key, _, value in changed if key == 'epochs']
+    if epochs and (nxt['round'] > 0 or nxt['epoch'] >= epochs[0]):
+        raise UserError(f'--epochs {epochs[0]} contradicts the run in {path}, now at {where} '
+                        f'of {stored["epochs"]}-epoch rounds: a resumed run keeps its round '
+                        f'length after round 0 (log.jsonl numbers its epochs by it) and never '
+                        f'skips the rest of a round; resume without --epochs, or start a new '
+                        f'run from its weights with --init-from')
+    return [f'note: {new} replaces the run\'s {old} from {where} on ({path} ends at an epoch '
+            f'boundary, so no image is skipped or trained twice); the run no longer equals one '
+            f'trained with {old} throughout']
+
+
+def repeated_epoch_note(path, progress):
+    """A note when the ckpt.t7 beside the last.t7 at `path` holds the epoch where `progress`
+    continues, or a later one: a run killed after writing ckpt.t7 and before last.t7 (written
+    in that order), whose epoch is now trained again. None otherwise."""
+    best = os.path.join(os.path.dirname(path), BEST)
+    if os.path.basename(path) != LAST or not os.path.isfile(best):
+        return None
+    try:            # mmap: only the two numbers are read, not the tensors
+        state = torch.load(best, map_location='cpu', weights_only=True, mmap=True)
+        held = (int(state['round']), int(state['epoch']))
+    except Exception:     # unreadable, or no position (a released file): nothing to say
+        return None
+    if held < (progress.round, progress.epoch):
+        return None
+    return (f'note: {best} holds round {held[0]} epoch {held[1]}, which {path} had not reached '
+            f'(the run was stopped between writing the two): training repeats from round '
+            f'{progress.round} epoch {progress.epoch}')
 
 
 def check_data(state, fingerprint, path):

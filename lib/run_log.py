@@ -9,15 +9,18 @@ TensorBoard; and the reader of `log.jsonl`, for the analysis and comparison scri
   loss {name: mean}, knn_top1 / knn_top5 (%, runs with labels), best_top1, bank statistics
   (runs without labels), seconds;
 - `end`, when the run finishes: best_top1 (and where), final_top1, seconds of this invocation.
-Accuracies are percentages. TensorBoard (tensorboardX) gets, under `log_dir/name/`: sampled
-per-step losses and lr (`train/*`), per-epoch kNN, UE weight and seconds, and per round the
-anchor count, their consistency and a histogram of the bank entropies. A missing tensorboardX
-only costs the TensorBoard part.
+Accuracies are percentages. A record is appended once the checkpoints written before it are on
+disk (so no epoch is claimed that last.t7 cannot continue after), always on a line of its own;
+readers skip a line cut off by a kill, with a note naming it. TensorBoard (tensorboardX) gets,
+under `log_dir/name/`: sampled per-step losses and lr (`train/*`), per-epoch kNN, UE weight and
+seconds, and per round the anchor count, their consistency and a histogram of the bank
+entropies. A missing tensorboardX only costs the TensorBoard part.
 """
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import torch
@@ -45,9 +48,14 @@ def environment(device):
 
 
 class RunLog:
+    """`after`: a function that calls its argument once the checkpoints submitted so far are
+    on disk (`CheckpointWriter.then`), so that no record claims an epoch before last.t7 can
+    continue after it; None appends at once."""
+
     def __init__(self, model_dir, log_dir=None, name='', tensorboard=True, quiet=False,
-                 enabled=True):
+                 enabled=True, after=None):
         self.enabled, self.quiet = enabled, quiet
+        self._after = after or (lambda function: function())
         self.jsonl_path = os.path.join(model_dir, LOG_NAME)
         self.writer = None
         if enabled and tensorboard:
@@ -66,8 +74,8 @@ class RunLog:
 
     def _append(self, record):
         if self.enabled:
-            with open(self.jsonl_path, 'a') as f:
-                f.write(json.dumps({**record, 'time': time.time()}) + '\n')
+            line = json.dumps({**record, 'time': time.time()})
+            self._after(lambda: append_line(self.jsonl_path, line))
 
     def start(self, options, fingerprint, environment_info, resumed_from=None):
         self._append({'type': 'start', 'options': options, 'fingerprint': fingerprint,
@@ -118,31 +126,81 @@ class RunLog:
             self.writer.close()
 
 
+def append_line(path, line):
+    """Append `line` and a newline to the file `path`, on a line of its own: when the file does
+    not end with a newline (a run killed while appending left a cut-off record), one comes
+    first, so the new record is not glued onto the fragment. UserError if it cannot."""
+    try:
+        with open(path, 'ab+') as f:
+            end, torn = f.seek(0, os.SEEK_END), False
+            if end:
+                f.seek(end - 1)
+                torn = f.read(1) != b'\n'
+            # Append mode: the write goes to the end, wherever the read left the position.
+            f.write((('\n' if torn else '') + line + '\n').encode())
+    except OSError as err:
+        raise UserError(f'cannot append to {path}: {err.strerror or err}') from None
+
+
 # ----------------------------------------------------------------------------- reading
 def log_path(path):
     """A log file, or a model dir holding `log.jsonl`."""
     return os.path.join(path, LOG_NAME) if os.path.isdir(path) else path
 
 
-def read_records(path):
-    """Every record of a log (a file or a model dir), in order; a UserError if it is missing or
-    a line is not JSON."""
+def read_records(path, note=None):
+    """Every record of a log (a file or a model dir), in order. A line that is not a whole
+    record (one cut off when a run was killed while appending it) is skipped with one note
+    naming the file and line, through `note` (default: printed on stderr); a record that a
+    resume appended onto such a fragment, on the same line, is kept. A UserError if the log is
+    missing or holds no record at all."""
     path = log_path(path)
     if not os.path.isfile(path):
         raise UserError(f'no training log at {path} (main.py writes model_dir/{LOG_NAME})')
-    records = []
-    with open(path) as f:
+    note = note or (lambda text: print(text, file=sys.stderr, flush=True))
+    records, torn = [], []
+    with open(path, errors='replace') as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or 'type' not in record:
-                    raise ValueError('no "type"')
-            except ValueError as err:
-                raise UserError(f'{path} line {number} is not a log record ({err})') from None
-            records.append(record)
+            record, problem = parse_record(line)
+            if record is not None:
+                records.append(record)
+            if problem is not None:
+                torn.append((number, problem))
+    if not records and torn:
+        raise UserError(f'{path} holds no log records: line {torn[0][0]} is not one, nor is '
+                        f'any other line (not a log of main.py?)')
+    for number, problem in torn:
+        note(f'note: {path} line {number} {problem}')
     return records
+
+
+RECORD_START = '{"type": '      # how RunLog writes every record (json.dumps, `type` first)
+
+
+def parse_record(line):
+    """(record, None) for a whole record; else (None, why), or (record, why) when the line
+    begins with a cut-off record and a whole one follows it."""
+    try:
+        return whole_record(line), None
+    except ValueError:
+        pass
+    start = line.find(RECORD_START, 1)
+    while start > 0:
+        try:
+            return whole_record(line[start:]), (f'begins with a cut-off record: skipped up to '
+                                                f'column {start + 1}, the record after it kept')
+        except ValueError:
+            start = line.find(RECORD_START, start + 1)
+    return None, 'is not a whole log record: skipped'
+
+
+def whole_record(text):
+    record = json.loads(text)
+    if not isinstance(record, dict) or 'type' not in record:
+        raise ValueError('no "type"')
+    return record
 
 
 def epoch_records(path):

@@ -27,7 +27,7 @@ def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
     best = percent(r'done: best kNN top-1 (\d+\.\d+)%', out)[0]
     assert best == max(percent(r'kNN top-1 (\d+\.\d+)%', out))
     assert sorted(os.listdir(tmp_path)) == ['ckpt.t7', 'config.json', 'last.t7', 'log.jsonl',
-                                            'runs']
+                                            'run.lock', 'runs']
     # (no temporary checkpoint files left behind)
 
     code, out, err = run_cli('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,

@@ -1,0 +1,414 @@
+"""The model folder is the run's record, and nothing spoils it in silence: one live run per
+folder, a resumed position means the same images, log.jsonl survives a cut-off line and never
+claims an epoch that last.t7 cannot continue after, and the free-space check counts what a run
+replaces."""
+import errno
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+import torch
+
+import lib.checkpoint as ckpt
+import lib.export
+import lib.pipelines
+import lib.run_log
+import lib.visualize
+from conftest import ROOT, fast_args
+from lib.errors import UserError
+from lib.run_lock import acquire
+
+MiB = 2**20
+STARTED = r'started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d'
+
+
+def one_error_line(result, *needles):
+    code, out, err = result
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (out, err)
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def folder_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))
+            if (folder / name).is_file()}
+
+
+# ----------------------------------------------------------------------------- 1. one live run
+HOLD = '''
+import sys, time
+sys.path.insert(0, {root!r})
+from lib.run_lock import acquire
+lock = acquire({folder!r})
+print('ready', flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.fixture
+def lock_holder():
+    """start(folder): a separate process that holds `folder`'s lock, once it said so."""
+    started = []
+
+    def start(folder):
+        proc = subprocess.Popen([sys.executable, '-c', HOLD.format(root=ROOT, folder=str(folder))],
+                                stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline().strip() == 'ready'
+        return proc
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_held_folder_is_refused_naming_the_live_run_until_it_is_killed(tmp_path,
+                                                                          lock_holder):
+    holder = lock_holder(tmp_path)
+    with pytest.raises(UserError) as refused:
+        acquire(tmp_path)
+    assert re.search(rf'is in use by a live run \(process {holder.pid}, {STARTED}\)',
+                     str(refused.value)), refused.value
+    holder.send_signal(signal.SIGKILL)              # a run killed: the OS drops its lock
+    holder.wait()
+    with acquire(tmp_path) as lock:
+        assert lock.held
+        assert json.loads((tmp_path / 'run.lock').read_text())['pid'] == os.getpid()
+        with pytest.raises(UserError, match=f'process {os.getpid()}, '):
+            acquire(tmp_path)                       # one hold at a time, in one process too
+    assert (tmp_path / 'run.lock').read_text() == ''  # released: it names no run
+    with acquire(tmp_path) as lock:
+        assert lock.held
+
+
+def test_one_live_run_per_model_dir(tiny_folder, tmp_path, run_main, lock_holder):
+    """Training, resuming and --init-from are refused while a run holds the folder, without
+    touching it; --test_only and the analysis commands only read, and go on; once the holder is
+    killed, the folder is free."""
+    flags = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet']
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', *flags))
+    assert code == 0, err
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'ckpt.t7').write_bytes((tmp_path / 'run' / 'ckpt.t7').read_bytes())
+    holder = lock_holder(tmp_path / 'run')
+    before = folder_bytes(tmp_path / 'run')
+    live = rf'--model_dir {tmp_path / "run"} is in use by a live run \(process {holder.pid}, '
+    for argv in (fast_args(tiny_folder, tmp_path / 'run', *flags),
+                 ['--resume', 'last.t7', '--model_dir', tmp_path / 'run', '--rounds', '2'],
+                 fast_args(tiny_folder, tmp_path / 'run', '--init-from',
+                           tmp_path / 'other' / 'ckpt.t7', '--rounds', '2')):
+        line = one_error_line(run_main(*argv))
+        assert re.search(live + STARTED + r'\)', line), line
+    assert folder_bytes(tmp_path / 'run') == before
+    code, out, err = run_main('--resume', 'ckpt.t7', '--model_dir', tmp_path / 'run',
+                              '--test_only', '--workers', '0')
+    assert code == 0 and 'kNN accuracy of ckpt.t7' in out, err
+    assert lib.export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--device', 'cpu',
+                            '--out', str(tmp_path / 'test.npz')]) == 0
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'run',
+                              '--rounds', '2', '--workers', '0')
+    assert code == 0 and 'done:' in out, err
+
+
+def test_start_up_removes_only_the_temporaries_of_dead_processes(tmp_path):
+    ended = subprocess.Popen([sys.executable, '-c', ''])
+    ended.wait()                    # its id names no process now
+    dead, live = f'last.t7.tmp{ended.pid}', f'ckpt.t7.tmp{os.getpid()}'
+    for name in (dead, live, 'notes.tmp1'):
+        (tmp_path / name).write_bytes(b'partial')
+    lock = ckpt.prepare_model_dir(str(tmp_path), checkpoint_bytes=1)
+    lock.release()
+    assert sorted(os.listdir(tmp_path)) == sorted([live, 'notes.tmp1', 'run.lock'])
+
+
+# ----------------------------------------------------------------------------- 2. positions
+@pytest.fixture
+def drawn(monkeypatch):
+    """Counts the images each (round, epoch) trains on; `drawn.stop_at = k` sends this process
+    SIGTERM while the k-th batch from then on is drawn (the trainer stops after that step)."""
+    class Drawn(Counter):
+        stop_at = None
+    counts = Drawn()
+    for cls in (lib.pipelines.LoaderPipeline, lib.pipelines.TensorPipeline):
+        def wrapped(self, round_index, epoch, start_step=0, real=cls.train_batches):
+            for views, indexes in real(self, round_index, epoch, start_step):
+                if counts.stop_at is not None:
+                    counts.stop_at -= 1
+                    if counts.stop_at == 0:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                counts[(round_index, epoch)] += len(indexes)
+                yield views, indexes
+        monkeypatch.setattr(cls, 'train_batches', wrapped)
+    return counts
+
+
+def epochs_logged(folder):
+    return [(r['round'], r['epoch']) for r in lib.run_log.read_records(folder)
+            if r['type'] == 'epoch']
+
+
+def test_a_resume_mid_epoch_keeps_the_batch_size_and_seed(tiny_folder, tmp_path, run_main,
+                                                         drawn, capsys):
+    """20 images at --batch_size 8: 2 steps (16 images) an epoch. Stopped after step 1 of
+    epoch 0, a resume at another batch size or seed is refused; one at batch 8 finishes the
+    epoch with the 8 images left; at that epoch boundary, --batch_size 4 is allowed and said.
+    On the way, a cut-off last line of log.jsonl (a run killed while appending) is kept apart
+    from the next record."""
+    drawn.stop_at = 1
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '2',
+                                         '--seed', '5', '--no-tensorboard'))
+    assert code == 0 and 'stopped by SIGTERM at round 0 epoch 0 step 1' in out, err
+    assert drawn == {(0, 0): 8}
+    assert torch.load(tmp_path / 'last.t7', weights_only=True)['next']['step'] == 1
+    before = folder_bytes(tmp_path)
+    one_error_line(run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--batch_size', '4'),
+                   f'{tmp_path / "last.t7"} stopped inside round 0 epoch 0, after step 1 with '
+                   f'--batch_size 8; with --batch_size 4 that step would count other images',
+                   'resume with --batch_size 8 --stop-after 1 to finish the epoch, then with '
+                   '--batch_size 4')
+    one_error_line(run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--seed', '3'),
+                   'after step 1 with --seed 5; with --seed 3 the epoch would be shuffled '
+                   'otherwise')
+    assert folder_bytes(tmp_path) == before and drawn == {(0, 0): 8}
+
+    fragment = '{"type": "epoch", "round": 0, "ep'
+    with open(tmp_path / 'log.jsonl', 'a') as log:
+        log.write(fragment)                         # cut off by a kill: no newline
+    torn_line = len((tmp_path / 'log.jsonl').read_text().splitlines())
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--batch_size', '8',
+                              '--stop-after', '1')
+    assert code == 0 and 'resuming at round 0 epoch 0 step 1' in out, err
+    assert drawn == {(0, 0): 16}                    # the 8 images left of epoch 0, no more
+    lines = (tmp_path / 'log.jsonl').read_text().splitlines()
+    assert lines[torn_line - 1] == fragment
+    assert json.loads(lines[torn_line])['type'] == 'start'
+    assert epochs_logged(tmp_path) == [(0, 0)]
+    assert f'note: {tmp_path / "log.jsonl"} line {torn_line} is not a whole log record' in \
+        capsys.readouterr().err
+    assert torch.load(tmp_path / 'last.t7', weights_only=True)['next'] == \
+        {'round': 0, 'epoch': 1, 'step': 0}
+
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--batch_size', '4')
+    assert code == 0 and 'done:' in out, err
+    assert (f"note: --batch_size 4 replaces the run's --batch_size 8 from round 0 epoch 1 on"
+            in out)
+    assert '5 steps of 4 images' in out
+    assert drawn == {(0, 0): 16, (0, 1): 20}
+    assert epochs_logged(tmp_path) == [(0, 0), (0, 1)]
+
+
+def last_t7(step, round_index=0, epoch=1, **config):
+    return {'next': {'round': round_index, 'epoch': epoch, 'step': step},
+            'config': {'batch_size': 8, 'seed': 0, 'epochs': 4, **config}}
+
+
+OPTIONS = {'batch_size': 8, 'seed': 0, 'epochs': 4, 'rounds': 3}
+
+
+@pytest.mark.parametrize('state, changes, refused', [
+    (last_t7(step=3), {'epochs': 6}, 'stopped inside round 0 epoch 1, after step 3 with '
+                                     '--epochs 4; with --epochs 6 the epoch would change its '
+                                     'schedule halfway, so this resume is refused'),
+    (last_t7(step=0, round_index=1, epoch=0), {'epochs': 6},
+     '--epochs 6 contradicts the run in last.t7, now at round 1 epoch 0 of 4-epoch rounds'),
+    (last_t7(step=0, epoch=3), {'epochs': 3}, '--epochs 3 contradicts the run'),
+])
+def test_a_changed_round_length_is_refused_where_it_renumbers_epochs(state, changes, refused):
+    with pytest.raises(UserError, match=re.escape(refused)):
+        ckpt.check_resume_position(state, {**OPTIONS, **changes}, 'last.t7')
+
+
+def test_what_a_resume_may_change_at_an_epoch_boundary():
+    assert ckpt.check_resume_position(last_t7(step=0), {**OPTIONS, 'epochs': 6, 'seed': 2},
+                                      'last.t7') == [
+        "note: --seed 2 --epochs 6 replaces the run's --seed 0 --epochs 4 from round 0 epoch 1 "
+        "on (last.t7 ends at an epoch boundary, so no image is skipped or trained twice); the "
+        "run no longer equals one trained with --seed 0 --epochs 4 throughout"]
+    assert ckpt.check_resume_position(last_t7(step=5), OPTIONS, 'last.t7') == []
+    # A finished run trains nothing, so nothing is said (main.py says it is finished).
+    assert ckpt.check_resume_position(last_t7(step=0, round_index=3, epoch=0),
+                                      {**OPTIONS, 'batch_size': 4}, 'last.t7') == []
+
+
+# ----------------------------------------------------------------------------- 3. torn lines
+def test_a_record_after_a_cut_off_line_starts_a_line_of_its_own(tmp_path):
+    path = tmp_path / 'log.jsonl'
+    path.write_text('{"type": "start"}\n{"type": "epoch", "rou')
+    log = lib.run_log.RunLog(str(tmp_path), tensorboard=False)
+    log.end({'best_top1': 50.0})
+    log.end({'best_top1': 60.0})
+    lines = path.read_text().split('\n')
+    assert lines[:2] == ['{"type": "start"}', '{"type": "epoch", "rou']
+    assert [json.loads(line)['best_top1'] for line in lines[2:4]] == [50.0, 60.0]
+    assert lines[4:] == ['']
+
+
+def script(path):
+    """A script of this repository (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3],
+                                                  os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readers_skip_a_cut_off_line_with_a_note_naming_it(tmp_path, capsys):
+    path = tmp_path / 'log.jsonl'
+    records = [{'type': 'epoch', 'round': 0, 'epoch': e, 'global_epoch': e, 'knn_top1': 10.0 + e,
+                'loss': {'and': 1.0}, 'seconds': 2.0} for e in range(3)]
+    path.write_text(json.dumps(records[0]) + '\n'
+                    + '{"type": "epoch", "round": 0, "epoch": 1, "glo\n'       # cut off
+                    + '{"type": "epoch", "ro' + json.dumps(records[1]) + '\n'  # the old writer
+                    + '\n' + json.dumps(records[2]) + '\n'
+                    + '{"type": "end", "best')                                 # cut off, last
+    notes = []
+    assert lib.run_log.read_records(path, note=notes.append) == records
+    assert notes[0] == f'note: {path} line 2 is not a whole log record: skipped'
+    assert notes[1] == (f'note: {path} line 3 begins with a cut-off record: skipped up to '
+                        f'column 22, the record after it kept')
+    assert notes[2] == f'note: {path} line 6 is not a whole log record: skipped'
+    assert len(notes) == 3
+    assert [r['knn_top1'] for r in lib.run_log.epoch_records(tmp_path)] == [10.0, 11.0, 12.0]
+    err = capsys.readouterr().err                   # the default: notes on stderr
+    assert f'{path} line 2 ' in err and f'{path} line 6 ' in err
+    code = lib.visualize.main(['curve', '--log', str(path), '--out', str(tmp_path / 'c.png')])
+    out, err = capsys.readouterr()
+    assert code == 0 and 'wrote' in out and f'note: {path} line 6 ' in err
+    assert script('bench/compare_curve.py').main([str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert '| 0 | 25.80 | 10.00 | -15.80 |' in out and f'note: {path} line 2 ' in err
+
+
+def test_the_comparison_table_reads_past_a_cut_off_line(tmp_path, capsys):
+    compare = script('experiments/compare.py')
+    (tmp_path / 'log.jsonl').write_text(
+        '{"type": "start"}\n{"type": "epoch", "round": 1, "ep'          # killed while appending
+        + json.dumps({'type': 'end', 'final_top1': 61.5, 'best_top1': 62.0, 'best_round': 1,
+                      'best_epoch': 3}) + '\n')                        # the next run's record
+    assert compare.summary(str(tmp_path)) == (61.5, 62.0, (1, 3))
+    assert f'note: {tmp_path / "log.jsonl"} line 2 begins with a cut-off record' in \
+        capsys.readouterr().err
+
+
+def test_a_log_of_no_records_at_all_is_refused(tmp_path):
+    path = tmp_path / 'notes.txt'
+    path.write_text('not a log\n')
+    with pytest.raises(UserError, match=re.escape(f'{path} holds no log records: line 1 is not '
+                                                  f'one')):
+        lib.run_log.read_records(path)
+
+
+# ----------------------------------------------------------------------------- 4. save order
+class Blocked:
+    """save_atomic held until `release` is set; `started` is set when a write begins."""
+
+    def __init__(self, monkeypatch, fail=None):
+        self.started, self.release, self.fail = threading.Event(), threading.Event(), fail
+        self.real, self.order = ckpt.save_atomic, []
+        monkeypatch.setattr(ckpt, 'save_atomic', self)
+
+    def __call__(self, state, path):
+        self.started.set()
+        assert self.release.wait(timeout=60)
+        self.order.append(os.path.basename(path))
+        if self.fail:
+            raise self.fail
+        self.real(state, path)
+
+
+def test_the_epoch_record_waits_for_last_t7(tmp_path, monkeypatch):
+    blocked = Blocked(monkeypatch)
+    writer = ckpt.CheckpointWriter()
+    log = lib.run_log.RunLog(str(tmp_path), tensorboard=False, after=writer.then)
+    writer.submit([({'net': {}, 'npc': {}, 'round': 0, 'epoch': 0}, str(tmp_path / 'ckpt.t7')),
+                   ({'net': {}, 'npc': {}, 'next': 1}, str(tmp_path / 'last.t7'))])
+    log.epoch({'round': 0, 'epoch': 0, 'global_epoch': 0, 'loss': {}})
+    assert blocked.started.wait(timeout=60)
+    assert not (tmp_path / 'log.jsonl').exists()      # last.t7 is not written yet
+    blocked.release.set()
+    writer.wait()
+    assert blocked.order == ['ckpt.t7', 'last.t7']
+    assert [r['type'] for r in lib.run_log.read_records(tmp_path)] == ['epoch']
+    log.end({})                                         # nothing being written: at once
+    assert [r['type'] for r in lib.run_log.read_records(tmp_path)] == ['epoch', 'end']
+
+
+def test_a_failed_save_removes_its_temporary_and_logs_no_epoch(tmp_path, monkeypatch):
+    (tmp_path / 'last.t7').write_bytes(b'the previous epoch')
+
+    def disk_full(state, f):          # as torch.save meets a full disk: its zip writer fails
+        f.write(b'part of a checkpoint')
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos')
+    monkeypatch.setattr(ckpt.torch, 'save', disk_full)
+    writer = ckpt.CheckpointWriter()
+    log = lib.run_log.RunLog(str(tmp_path), tensorboard=False, after=writer.then)
+    writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'last.t7'))])
+    log.epoch({'round': 0, 'epoch': 1, 'global_epoch': 1, 'loss': {}})
+    with pytest.raises(UserError, match=re.escape(
+            f'cannot write checkpoint {tmp_path / "last.t7"}: No space left on device')):
+        writer.wait()
+    assert sorted(os.listdir(tmp_path)) == ['last.t7']
+    assert (tmp_path / 'last.t7').read_bytes() == b'the previous epoch'
+
+
+def test_a_resume_says_which_epoch_it_repeats(tmp_path):
+    torch.save({'net': {}, 'npc': {}, 'round': 1, 'epoch': 2}, tmp_path / 'ckpt.t7')
+    last = str(tmp_path / 'last.t7')
+    assert ckpt.repeated_epoch_note(last, ckpt.Progress(round=1, epoch=2)) == (
+        f'note: {tmp_path / "ckpt.t7"} holds round 1 epoch 2, which {last} had not reached (the '
+        f'run was stopped between writing the two): training repeats from round 1 epoch 2')
+    assert ckpt.repeated_epoch_note(last, ckpt.Progress(round=1, epoch=3)) is None
+    assert ckpt.repeated_epoch_note(last, ckpt.Progress(round=2, epoch=0)) is None
+
+
+# ----------------------------------------------------------------------------- 5. free space
+def sparse(path, size):
+    with open(path, 'wb') as f:
+        f.truncate(size)
+
+
+def test_free_space_counts_the_checkpoints_a_run_replaces(tmp_path, monkeypatch):
+    """The issue's numbers: checkpoints of 180,000,000 bytes (171.7 MiB; 3 of them 515 MiB),
+    442 MiB free. A stopped run's last.t7 and ckpt.t7 are replaced, so resuming needs one more
+    file's room (172 MiB), not three."""
+    monkeypatch.setattr(ckpt.shutil, 'disk_usage',
+                        lambda path: type('usage', (), {'free': 442 * MiB})())
+    size = 180_000_000
+    fresh = tmp_path / 'fresh'
+    with pytest.raises(UserError, match=re.escape(
+            f'--model_dir {fresh} has 442 MiB free, but the checkpoints need about 515 MiB more '
+            f'(last.t7, ckpt.t7 and a temporary copy while writing)')):
+        ckpt.prepare_model_dir(str(fresh), size)
+    stopped = tmp_path / 'stopped'
+    stopped.mkdir()
+    sparse(stopped / 'last.t7', size)
+    sparse(stopped / 'ckpt.t7', size)
+    assert ckpt.space_needed(str(stopped), size) == (size, 2 * size)
+    ckpt.prepare_model_dir(str(stopped), size).release()
+    # Only last.t7 there, at most one checkpoint's size counted: 515 - 172 = 343 MiB needed.
+    (stopped / 'ckpt.t7').unlink()
+    sparse(stopped / 'last.t7', 3 * size)
+    monkeypatch.setattr(ckpt.shutil, 'disk_usage',
+                        lambda path: type('usage', (), {'free': 300 * MiB})())
+    with pytest.raises(UserError, match=re.escape(
+            'has 300 MiB free, but the checkpoints need about 343 MiB more (last.t7, ckpt.t7 '
+            'and a temporary copy while writing; the 172 MiB of the checkpoints there, which '
+            'they replace, already counted)')):
+        ckpt.prepare_model_dir(str(stopped), size)
+    with acquire(stopped) as lock:                      # the failed check released its hold
+        assert lock.held
