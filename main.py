@@ -16,28 +16,18 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
 import datasets
 import models
-from lib import checkpoint as ckpt
 from lib import cli
-from lib.build import (DeviceSettings, build_optimizer, build_pipeline, build_trainer,
-                       device_settings, distribute, load_data, load_eval_data, normalisation)
+from lib.cli import plural
 from lib.config import BANK_STATS_ROWS, DEFAULTS, RUN_DEFAULTS, TRAIN_LOG_EVERY
-from lib.distributed import World, close_world, init_world
+from lib.cpu_estimate import cpu_hours_estimate
 from lib.errors import UserError
-from lib.evaluate import KnnData, knn_evaluate
-from lib.method_state import MethodState
-from lib.neighbourhoods import bank_statistics
 from lib.progress import progress_bar
 from lib.recipes import COMPONENTS, RECIPES, describe, resolve
-from lib.cli import plural
-from lib.cpu_estimate import cpu_hours_estimate
 from lib.run_log import RunLog, environment
 from lib.schedules import SCHEDULES, Schedule, set_learning_rate
 from lib.stopping import StopSignals
-from lib.train import NonFiniteLoss
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
 # given again on the command line. The rest (where, how fast, what to do now) never do.
@@ -57,7 +47,7 @@ def build_parser():
                    help='training and evaluation data; folder = a train/<class>/*, '
                         'test/<class>/* tree, or any folder of unlabeled images, under '
                         '--data-root (default: %(default)s)')
-    p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORKS),
+    p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORK_NAMES),
                    help='backbone of both branches (default: %(default)s)')
     p.add_argument('--method', default=r['method'], choices=sorted(RECIPES),
                    help='recipe of components (lib/recipes.py); the component flags below '
@@ -202,6 +192,23 @@ def parse_args(argv=None):
 def options_record(args):
     """The run's options as stored in checkpoints, config.json and log.jsonl."""
     return {k: v for k, v in vars(args).items() if k != 'given'}
+
+
+if __name__ == '__main__':
+    cli.parse_first(parse_args)
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+import torch  # noqa: E402
+
+from lib import checkpoint as ckpt  # noqa: E402
+from lib.build import (DeviceSettings, build_optimizer, build_pipeline,  # noqa: E402
+                       build_trainer, device_settings, distribute, load_data, load_eval_data,
+                       normalisation)
+from lib.distributed import World, close_world, init_world  # noqa: E402
+from lib.evaluate import KnnData, knn_evaluate  # noqa: E402
+from lib.method_state import MethodState  # noqa: E402
+from lib.neighbourhoods import bank_statistics  # noqa: E402
+from lib.train import NonFiniteLoss  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the checkpoint
