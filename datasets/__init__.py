@@ -15,8 +15,8 @@ from .sources import (IMAGE_EXTENSIONS, UNLABELED, DataError, ImageSet, decode_i
                       load_svhn, stored_train_size)
 
 __all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load_dataset',
-           'import_torchvision', 'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS', 'decode_image',
-           'describe_fingerprint', 'fit_square',
+           'import_torchvision', 'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS',
+           'decode_image', 'describe_fingerprint', 'fit_square',
            'folder_layout', 'is_class_tree', 'list_images', 'stored_train_size',
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'test_transform', 'train_transform']
