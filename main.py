@@ -262,7 +262,8 @@ def unused_folder(model_dir):
 # ----------------------------------------------------------------------------- the checkpoint
 def open_checkpoint(args, say):
     """The checkpoint of --resume or --init-from, read and checked against the flags (None for
-    a fresh run); on --resume the run's options are taken from it unless typed again."""
+    a fresh run); on --resume the run's options are taken from it unless typed again, and a
+    continued run stays in its checkpoint's folder unless --model_dir is typed."""
     if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
         raise UserError(f'--model_dir {args.model_dir} is a file, not a folder')
     name = args.resume or args.init_from
