@@ -1,10 +1,13 @@
 """Super-AND: train an embedding without labels, evaluate it by weighted kNN.
 
     python3 main.py --dataset cifar10 --network resnet18           # the released schedule
-    python3 main.py --resume ckpt_SAND.t7 --test_only              # kNN of a checkpoint
-    python3 main.py --resume last.t7                               # continue a stopped run
-    python3 main.py --init-from ckpt_SAND.t7                       # a new run from its weights
+    python3 main.py --model_dir checkpoint/run --resume last.t7    # continue a stopped run
+    python3 main.py --resume checkpoint/run --test_only            # kNN of its best epoch
+    python3 main.py --resume ckpt_SAND.t7 --test_only              # kNN of a released file
+    python3 main.py --init-from ckpt_SAND.t7 --model_dir checkpoint/more   # a new run from it
     python3 main.py --dataset folder --data-root photos/           # your own unlabeled images
+
+(ckpt_SAND.t7: the authors' trained checkpoint, downloaded from the released project's page.)
 
 The algorithm is docs/ALGORITHM.md; every default is the released code's (lib/config.py).
 This file holds the flags and the story of a run; the mechanics live in lib/.
@@ -12,32 +15,23 @@ This file holds the flags and the story of a run; the mechanics live in lib/.
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
 import datasets
 import models
-from lib import checkpoint as ckpt
 from lib import cli
-from lib.build import (DeviceSettings, build_optimizer, build_pipeline, build_trainer,
-                       device_settings, distribute, load_data, load_eval_data, normalisation)
+from lib.cli import plural
 from lib.config import BANK_STATS_ROWS, DEFAULTS, RUN_DEFAULTS, TRAIN_LOG_EVERY
-from lib.distributed import World, close_world, init_world
+from lib.cpu_estimate import cpu_hours_estimate
 from lib.errors import UserError
-from lib.evaluate import KnnData, knn_evaluate
-from lib.method_state import MethodState
-from lib.neighbourhoods import bank_statistics
 from lib.progress import progress_bar
 from lib.recipes import COMPONENTS, RECIPES, describe, resolve
-from lib.cli import plural
-from lib.cpu_estimate import cpu_hours_estimate
 from lib.run_log import RunLog, environment
 from lib.schedules import SCHEDULES, Schedule, set_learning_rate
 from lib.stopping import StopSignals
-from lib.train import NonFiniteLoss
 
 # Options that describe the run itself: on --resume they come from the checkpoint unless
 # given again on the command line. The rest (where, how fast, what to do now) never do.
@@ -57,7 +51,7 @@ def build_parser():
                    help='training and evaluation data; folder = a train/<class>/*, '
                         'test/<class>/* tree, or any folder of unlabeled images, under '
                         '--data-root (default: %(default)s)')
-    p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORKS),
+    p.add_argument('--network', default=d['network'], choices=sorted(models.NETWORK_NAMES),
                    help='backbone of both branches (default: %(default)s)')
     p.add_argument('--method', default=r['method'], choices=sorted(RECIPES),
                    help='recipe of components (lib/recipes.py); the component flags below '
@@ -127,13 +121,16 @@ def build_parser():
                    help='where checkpoints and log.jsonl are written and --resume looks '
                         '(default: %(default)s)')
     p.add_argument('--resume', '-r', default='', metavar='NAME',
-                   help='checkpoint in model_dir (or a path): last.t7 continues its run '
-                        'exactly; with --test_only, any checkpoint (ckpt.t7, a released file) '
+                   help='a checkpoint: a file in --model_dir (last.t7, ckpt.t7), a path, or a '
+                        'model dir (its last.t7; with --test_only its ckpt.t7). last.t7 '
+                        'continues its run exactly, in its own folder unless --model_dir is '
+                        'given; with --test_only, any checkpoint (ckpt.t7, a released file) '
                         'is evaluated')
     p.add_argument('--init-from', dest='init_from', default=None, metavar='NAME',
                    help='start a new run from a checkpoint\'s weights, bank and anchors (at '
-                        'its round, epoch 0; fresh optimizer and schedule), e.g. a released '
-                        'ckpt_SAND.t7')
+                        'its round, epoch 0; fresh optimizer and schedule): a file in '
+                        '--model_dir, a path, or a model dir (its ckpt.t7), e.g. the '
+                        'authors\' released ckpt_SAND.t7')
     p.add_argument('--test_only', action='store_true',
                    help='only print the kNN accuracy of the --resume checkpoint')
     p.add_argument('--seed', default=d['seed'], type=int,
@@ -183,7 +180,7 @@ def build_parser():
                    help='no progress bars, epoch or round lines: only the start and the result')
     p.add_argument('--stop-after', dest='stop_after', default=None, type=cli.POSITIVE_INT,
                    metavar='EPOCHS', help='stop after this many epochs of this invocation, '
-                   'checkpoints written (continue with --resume last.t7)')
+                   'checkpoints written; the run prints the command that continues it')
     return p
 
 
@@ -194,6 +191,8 @@ def parse_args(argv=None):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     args.given = set(vars(parser.parse_args(argv)))
+    # As typed, for the commands that errors suggest (this one, with a flag changed).
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if args.test_only and not args.resume:
         parser.error('--test_only needs --resume NAME')
     if args.resume and args.init_from:
@@ -203,30 +202,96 @@ def parse_args(argv=None):
 
 def options_record(args):
     """The run's options as stored in checkpoints, config.json and log.jsonl."""
-    return {k: v for k, v in vars(args).items() if k != 'given'}
+    return {k: v for k, v in vars(args).items() if k not in ('given', 'argv')}
+
+
+if __name__ == '__main__':
+    cli.parse_first(parse_args)
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+import torch  # noqa: E402
+
+from lib import checkpoint as ckpt  # noqa: E402
+from lib.build import (DeviceSettings, build_optimizer, build_pipeline,  # noqa: E402
+                       build_trainer, device_settings, distribute, load_data, load_eval_data,
+                       normalisation)
+from lib.distributed import World, close_world, init_world  # noqa: E402
+from lib.evaluate import KnnData, knn_evaluate  # noqa: E402
+from lib.method_state import MethodState  # noqa: E402
+from lib.neighbourhoods import bank_statistics  # noqa: E402
+from lib.train import NonFiniteLoss  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- commands to print
+# Every command the program suggests is whole and quoted, names the run's folder or the
+# checkpoint's whole path, and works as printed from the folder it was run in.
+def command(*argv):
+    return 'python3 main.py ' + shlex.join(str(a) for a in argv)
+
+
+def continue_command(model_dir, *more):
+    """The command that continues the run in `model_dir` from its last.t7."""
+    return command('--model_dir', model_dir, '--resume', ckpt.LAST, *more)
+
+
+def retyped(args, changes):
+    """The command as the user typed it, with the flags of `changes` ({'--rounds': '3'}) given
+    these values instead (in either spelling they were typed): what an error suggests."""
+    spellings = {spelling for flag in changes
+                 for spelling in (flag.replace('_', '-'), '--' + flag[2:].replace('-', '_'))}
+    kept, skip = [], False
+    for word in args.argv:
+        if skip:                            # the value of a flag that changes
+            skip = False
+        elif word.split('=', 1)[0] in spellings:
+            skip = '=' not in word
+        else:
+            kept.append(word)
+    for flag, value in changes.items():
+        kept += [flag, value]
+    return command(*kept)
+
+
+def unused_folder(model_dir):
+    """`model_dir` with the first -2, -3, ... that names nothing yet: a new run's folder."""
+    base = os.path.normpath(model_dir)
+    number = 2
+    while os.path.exists(f'{base}-{number}'):
+        number += 1
+    return f'{base}-{number}'
 
 
 # ----------------------------------------------------------------------------- the checkpoint
 def open_checkpoint(args, say):
     """The checkpoint of --resume or --init-from, read and checked against the flags (None for
-    a fresh run); on --resume the run's options are taken from it unless typed again."""
+    a fresh run); on --resume the run's options are taken from it unless typed again, and a
+    continued run stays in its checkpoint's folder unless --model_dir is typed."""
     if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
         raise UserError(f'--model_dir {args.model_dir} is a file, not a folder')
     name = args.resume or args.init_from
     if not name:
         return None, None
-    path = ckpt.resolve_path(args.model_dir, name)
+    continuing = args.resume and not args.test_only
+    path = ckpt.resolve_path(args.model_dir, name, ckpt.LAST if continuing else ckpt.BEST)
     state = ckpt.load(path)
     if args.init_from and os.path.abspath(path) in [os.path.abspath(os.path.join(
             args.model_dir, written)) for written in (ckpt.BEST, ckpt.LAST)]:
-        raise UserError(f'--init-from {name} is a file this run would overwrite in '
-                        f'{args.model_dir}: give the new run another --model_dir')
+        elsewhere = retyped(args, {'--init-from': path,
+                                   '--model_dir': unused_folder(args.model_dir)})
+        raise UserError(f'--init-from {name} is {path}, a file this run would overwrite: '
+                        f'start the new run in another folder: {elsewhere}')
     if args.resume:
-        if not args.test_only and not ckpt.can_continue(state):
+        if continuing and not ckpt.can_continue(state):
             raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '
-                            f'checkpoint), so --resume cannot continue a run from it: evaluate it '
-                            f'with --test_only, or start a new run from its weights, bank and '
-                            f'anchors with --init-from {name}')
+                            f'checkpoint), so --resume cannot continue a run from it; '
+                            f'--init-from {path} starts a new run from its weights, bank and '
+                            f'anchors (in another --model_dir); to evaluate it: '
+                            f'{command(*args.argv, "--test_only")}')
+        if continuing and 'model_dir' not in args.given and \
+                os.path.abspath(os.path.dirname(path)) != os.path.abspath(args.model_dir):
+            # A run continues in its own folder, not in the default one (another run's).
+            args.model_dir = os.path.dirname(path) or '.'
+            say(f'continuing the run in {args.model_dir}, the folder of {path}')
         refuse_recipe_change(args, state.get('config') or {}, path)
         adopt_checkpoint_config(args, state, say)
         if not args.test_only:
@@ -244,7 +309,7 @@ def refuse_recipe_change(args, stored, path):
                 else f'--{name} {typed}'
             raise UserError(f'{flag} contradicts the run in {path} ({key} = {stored[key]}): a '
                             f'resumed run keeps its recipe; start a new run in another '
-                            f'--model_dir, or from its weights with --init-from')
+                            f'--model_dir, or one from its weights with --init-from {path}')
 
 
 def adopt_checkpoint_config(args, state, say):
@@ -275,7 +340,7 @@ def already_finished(args, state, path, say):
         return False
     say(f'{path}: the run already finished ({plural(args.rounds, "round")} x '
         f'{plural(args.epochs, "epoch")}; best kNN top-1 {progress.best_text()}); nothing to '
-        f'do (more --rounds would train on)')
+        f'do; more rounds would train on: {retyped(args, {"--rounds": str(args.rounds + 1)})}')
     return True
 
 
@@ -346,14 +411,14 @@ def setup(args, world):
     say = print if world.main else (lambda *a, **k: None)
     state, path = open_checkpoint(args, say)
     settings = device_settings(args, world)
-    from_recipe = resolve(args)
-    say(describe(args, from_recipe))
+    resolve(args)
+    say(describe(args))
     if already_finished(args, state, path, say):
         return None, None, None
     if args.init_from and int(state.get('round') or 0) >= args.rounds:
         raise UserError(f'{path} is at round {state.get("round")}; with --rounds {args.rounds} '
-                        f'there is nothing left to train (give --rounds '
-                        f'{int(state.get("round")) + 1} or more)')
+                        f'there is nothing left to train; with one more round: '
+                        f'{retyped(args, {"--rounds": str(int(state.get("round")) + 1)})}')
     train, test = load_data(args)
     report_reading(train, say)
     mean, std = normalisation(args, train)
@@ -398,13 +463,13 @@ def evaluate(run):
                         run.world, args.eval_precision, not args.quiet and run.world.main)
 
 
-def test_only(run, state):
+def test_only(run, state, path):
     if run.knn is None:
         raise UserError('these training images have no labels, so there is no kNN accuracy: '
                         'give --eval-root DIR, a labelled train/<class>/*, test/<class>/* tree')
     top1, top5 = evaluate(run)
     where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
-    run.say(f'kNN accuracy of {run.args.resume} ({where}): top-1 {100 * top1:.2f}% '
+    run.say(f'kNN accuracy of {path} ({where}): top-1 {100 * top1:.2f}% '
             f'top-5 {100 * top5:.2f}%', always=True)
 
 
@@ -439,7 +504,7 @@ def prepare_training(run, state, path):
         run.progress = ckpt.restore_training(state, run.optimizer)
         where = f' step {run.progress.step}' if run.progress.step else ''
         run.say(f'resuming at round {run.progress.round} epoch {run.progress.epoch}{where} '
-                f'(best kNN top-1 so far: {run.progress.best_text()})', always=True)
+                f'from {path} (best kNN top-1 so far: {run.progress.best_text()})', always=True)
         repeated = ckpt.repeated_epoch_note(path, run.progress) if world.main else None
         if repeated:
             run.say(repeated, always=True)
@@ -463,8 +528,8 @@ def prepare_training(run, state, path):
 
 def announce_training(run):
     args, world, settings = run.args, run.world, run.settings
-    where = f'{args.model_dir}/log.jsonl' + (f' and {args.log_dir}/{args.name}'
-                                             if run.log.writer is not None else '')
+    where = run.log.jsonl_path + (f' and {os.path.join(args.log_dir, args.name)}'
+                                  if run.log.writer is not None else '')
     run.say(run.schedule.describe(args.lr, args.ue_loss), always=True)
     if args.ue_loss and not run.schedule.ue_ever_on():
         run.say(f'warning: the UE loss is on, but its weight stays 0 in every epoch of these '
@@ -500,7 +565,7 @@ def train_epoch(run, round_index, epoch, stop):
     lr, weight = run.schedule.learning_rate(args.lr, epoch), run.schedule.ue_weight(epoch)
     set_learning_rate(run.optimizer, lr)
     batches = progress_bar(run.pipeline.train_batches(round_index, epoch, first_step),
-                           total=run.pipeline.steps_per_epoch - first_step,
+                           total=run.pipeline.steps_per_epoch, initial=first_step,
                            desc=f'round {round_index} epoch {epoch}',
                            enabled=not args.quiet and run.world.main)
     try:
@@ -525,11 +590,27 @@ def train_epoch(run, round_index, epoch, stop):
 def non_finite_loss(run, round_index, epoch, step):
     """The UserError of a NaN or infinite loss, once the checkpoint it names is on disk."""
     run.writer.wait()
-    saved = run.progress.saved
-    kept = (f'{run.args.model_dir}/last.t7 still holds the last good epoch (round {saved[0]} '
-            f'epoch {saved[1]})' if saved else 'no checkpoint had been written yet')
+    args, saved = run.args, run.progress.saved
+    lower = f'{args.lr / 10:g}'
+    if saved:
+        kept = (f'{os.path.join(args.model_dir, ckpt.LAST)} still holds the last good epoch '
+                f'(round {saved[0]} epoch {saved[1]}); a lower learning rate may help: '
+                f'{continue_command(args.model_dir, "--lr", lower)}')
+    else:
+        kept = (f'no checkpoint had been written yet; a lower learning rate may help: '
+                f'{retyped(args, {"--lr": lower})}')
     return UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch {epoch} '
-                     f'step {step}: stopped; {kept}; a lower --lr may help')
+                     f'step {step}: stopped; {kept}')
+
+
+def last_checkpoint(run):
+    """What last.t7 holds, and the command that continues from it (for an early exit)."""
+    at = run.progress.resumes_at
+    if at is None:
+        return 'no checkpoint was written yet'
+    step = f' step {at[2]}' if at[2] else ''
+    return (f'{os.path.join(run.args.model_dir, ckpt.LAST)} continues from round {at[0]} '
+            f'epoch {at[1]}{step}: {continue_command(run.args.model_dir)}')
 
 
 def save_stopped(run, round_index, epoch, result, signal_name):
@@ -539,7 +620,8 @@ def save_stopped(run, round_index, epoch, result, signal_name):
                           loss_sums=result.sums))
     run.writer.wait()
     run.say(f'stopped by {signal_name} at round {round_index} epoch {epoch} step '
-            f'{result.steps}: last.t7 written; continue with --resume last.t7', always=True)
+            f'{result.steps}: {os.path.join(run.args.model_dir, ckpt.LAST)} written; continue '
+            f'with: {continue_command(run.args.model_dir)}', always=True)
 
 
 def epoch_record(run, round_index, epoch, lr, ue_weight, losses, accuracy):
@@ -574,13 +656,18 @@ def save(run, is_best, next_position):
                    next_position, options_record(run.args), run.fingerprint, is_best)
 
 
+# The losses as the epoch line names them (log.jsonl keeps the short keys): 'loss and 7.94'
+# read as English.
+LOSS_NAMES = {'and': 'AND loss', 'aug': 'aug loss', 'ue': 'UE loss'}
+
+
 def epoch_line(args, record):
-    losses = ' '.join(f'{name} {value:.4f}' for name, value in record['loss'].items())
+    losses = ', '.join(f'{LOSS_NAMES[name]} {value:.4f}' for name, value in record['loss'].items())
     parts = [f"round {record['round']} epoch {record['epoch']:3d}/{args.epochs}",
              f"lr {record['lr']:.5f}"]
     if 'ue_weight' in record:
-        parts.append(f"ue weight {record['ue_weight']:.1f}")
-    parts.append(f'loss {losses}')
+        parts.append(f"UE weight {record['ue_weight']:.1f}")
+    parts.append(losses)
     if 'knn_top1' in record:
         parts += [f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}%",
                   f"best {record['best_top1']:.2f}%"]
@@ -639,7 +726,7 @@ def train_rounds(run, stop):
             if args.stop_after and epochs_run >= args.stop_after \
                     and (round_index, epoch) != (args.rounds - 1, args.epochs - 1):
                 run.say(f'stopping after {plural(epochs_run, "epoch")} (--stop-after); '
-                        f'continue with --resume last.t7', always=True)
+                        f'continue with: {continue_command(args.model_dir)}', always=True)
                 return False
     return True
 
@@ -651,20 +738,30 @@ def train(run, state, path):
     try:
         with StopSignals(lambda text: run.say(text, always=True)) as stop:
             finished = train_rounds(run, stop)
+    except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
+        run.writer.wait()
+        raise KeyboardInterrupt(f'interrupted: stopped at once (a second Ctrl-C); '
+                                f'{last_checkpoint(run)}') from None
     finally:
         run.writer.wait()           # every checkpoint whole on disk before anything is said
         run.log.close()
     if not finished:
         return
-    progress = run.progress
+    progress, args = run.progress, run.args
+    best, last = (os.path.join(args.model_dir, name) for name in (ckpt.BEST, ckpt.LAST))
     if progress.best_acc is not None:
         run.say(f'done: best kNN top-1 {100 * progress.best_acc:.2f}% (round '
                 f'{progress.best_round} epoch {progress.best_epoch}, best-on-test as '
                 f'released), final {100 * progress.acc:.2f}%', always=True)
+        run.say(f'files: {best} holds the best epoch (round {progress.best_round} epoch '
+                f'{progress.best_epoch}), {last} the last (round {progress.round} epoch '
+                f'{progress.epoch}); the log is {run.log.jsonl_path}', always=True)
     else:
-        run.say(f'done: {plural(run.args.rounds, "round")} x '
-                f'{plural(run.args.epochs, "epoch")} without labels (no kNN accuracy); '
-                f'{run.args.model_dir}/ckpt.t7 holds the last epoch', always=True)
+        run.say(f'done: {plural(args.rounds, "round")} x {plural(args.epochs, "epoch")} '
+                f'without labels (no kNN accuracy)', always=True)
+        run.say(f'files: {best} and {last} hold the last epoch (round {progress.round} epoch '
+                f'{progress.epoch}; without labels there is no best); the log is '
+                f'{run.log.jsonl_path}', always=True)
     run.log.end(dict(best_top1=None if progress.best_acc is None else 100 * progress.best_acc,
                      best_round=progress.best_round, best_epoch=progress.best_epoch,
                      final_top1=None if progress.acc is None else 100 * progress.acc,
@@ -680,7 +777,7 @@ def run_once(args, world):
         return
     if args.test_only:
         run.log = RunLog(args.model_dir, tensorboard=False, enabled=world.main)
-        test_only(run, state)
+        test_only(run, state, path)
         return
     try:
         train(run, state, path)

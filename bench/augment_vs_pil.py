@@ -26,10 +26,25 @@ import os
 import platform
 import sys
 
-import PIL
-import torch
-import torchvision
-import torchvision.transforms.functional as TF
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data-root', dest='data_root', default='data')
+    p.add_argument('--images', type=int, default=512)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--first', action='store_true',
+                   help='the first N images in sorted path order (default: a seeded random '
+                        'choice over all training images, so every class is represented)')
+    return p.parse_args()
+
+
+if __name__ == '__main__':
+    parse_args()        # --help and flag errors before torch is imported (seconds)
+
+import PIL  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+import torchvision.transforms.functional as TF  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,17 +67,6 @@ ROWS = (
     ('grayscale (every image)', {'grayscale'}, {'grayscale': True}),
     ('whole pipeline (sampled order)', {'crop', 'flip', *JITTER_OPS, 'grayscale'}, {}),
 )
-
-
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data-root', dest='data_root', default='data')
-    p.add_argument('--images', type=int, default=512)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--first', action='store_true',
-                   help='the first N images in sorted path order (default: a seeded random '
-                        'choice over all training images, so every class is represented)')
-    return p.parse_args()
 
 
 def load_images(root, count, seed, first):

@@ -25,17 +25,10 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
-from lib.build import (build_optimizer, build_pipeline, build_trainer,  # noqa: E402
-                       default_options, device_settings, load_data, normalisation)
 from lib.config import DEFAULTS  # noqa: E402
-from lib.evaluate import KnnData, knn_evaluate  # noqa: E402
-from lib.method_state import MethodState  # noqa: E402
 from lib.recipes import RECIPES, resolve  # noqa: E402
 
 PHASES = ('aug', 'step', 'bank', 'train', 'net', 'knn', 'ans')
@@ -75,6 +68,18 @@ def parse_args():
     if unknown:
         p.error(f'unknown phases {sorted(unknown)}')
     return args
+
+
+if __name__ == '__main__':
+    parse_args()        # --help and flag errors before torch is imported (seconds)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lib.build import (build_optimizer, build_pipeline, build_trainer,  # noqa: E402
+                       default_options, device_settings, load_data, normalisation)
+from lib.evaluate import KnnData, knn_evaluate  # noqa: E402
+from lib.method_state import MethodState  # noqa: E402
 
 
 def options(args):

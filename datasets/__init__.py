@@ -1,6 +1,13 @@
-"""Data sources and transforms. Nothing here knows about training."""
+"""Data sources and transforms. Nothing here knows about training.
+
+The transforms (torch, torchvision) are imported on first use, so that the dataset names and
+DataError can be read without torch: the command lines parse their flags before importing it
+(seconds).
+"""
+import importlib
+import importlib.metadata
+
 import numpy as np
-import torch
 
 from .file_kind import describe_bytes, describe_file
 from .folders import FolderError, is_class_tree, list_class_tree, list_images
@@ -8,21 +15,55 @@ from .images import (IMAGE_EXTENSIONS, READER_VERSION, ImageNotes, UnreadableIma
                      decode_image, failure_reason, fit_square, open_image, shown, to_rgb)
 from .sources import (UNLABELED, DataError, ImageSet, describe_fingerprint, folder_layout,
                       load_cifar, load_folder, load_svhn, stored_train_size)
-from .transforms import (CROP_RATIO, CROP_SCALE, FLIP_P, GRAYSCALE_P, JITTER, MEAN_STD,
-                         AugmentedViews, Plain, image_transform, test_transform,
-                         train_transform)
 
 __all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load_dataset',
-           'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS', 'READER_VERSION', 'ImageNotes',
-           'UnreadableImage', 'decode_image', 'describe_bytes', 'describe_file', 'failure_reason',
-           'describe_fingerprint', 'fit_square', 'open_image', 'shown', 'to_rgb',
-           'folder_layout', 'FolderError', 'is_class_tree', 'list_class_tree', 'list_images',
-           'stored_train_size',
+           'import_torchvision', 'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS',
+           'READER_VERSION', 'ImageNotes', 'UnreadableImage', 'decode_image', 'describe_bytes',
+           'describe_file', 'failure_reason', 'describe_fingerprint', 'fit_square', 'open_image',
+           'shown', 'to_rgb', 'folder_layout', 'FolderError', 'is_class_tree',
+           'list_class_tree', 'list_images', 'stored_train_size',
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'image_transform', 'test_transform', 'train_transform']
 
 DATASETS = ('cifar10', 'cifar100', 'svhn', 'folder')
 FIXED_SIZE = {'cifar10': 32, 'cifar100': 32, 'svhn': 32}   # image side of the fixed datasets
+TRANSFORMS = ('CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
+              'AugmentedViews', 'Plain', 'image_transform', 'test_transform', 'train_transform')
+
+
+def __getattr__(name):
+    """The names of datasets/transforms.py (torch, torchvision), imported when first asked for."""
+    if name in TRANSFORMS:
+        return getattr(importlib.import_module('.transforms', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def import_torchvision():
+    """torchvision (and torch), or a DataError saying in one line that the two cannot work
+    together. A torchvision built for another torch release fails at import with a 30-line
+    traceback ending in `operator torchvision::nms does not exist`. The command lines call this
+    right after parsing their flags, before anything else imports torchvision (transforms.py
+    imports it through here too)."""
+    try:
+        import torchvision
+    except ModuleNotFoundError as err:
+        raise DataError(f'{err.name} is not installed: pip install -r requirements.txt') \
+            from None
+    except Exception as err:    # RuntimeError, ImportError, OSError: whatever the pair raises
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataError(f'torch {installed("torch")} and torchvision {installed("torchvision")} '
+                        f'do not match ({reason}): install a matching pair, e.g. pip install '
+                        f'--upgrade torch torchvision (on a machine without a GPU add '
+                        f'--index-url https://download.pytorch.org/whl/cpu)') from None
+    return torchvision
+
+
+def installed(package):
+    """The installed version of `package`, read without importing it."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return 'unknown'
 
 
 def load_dataset(name, root, download=True, subset=None, seed=0, image_size=32):
@@ -53,6 +94,7 @@ def mean_std(name, train_set):
     """The normalisation of dataset `name`: the released constants, or for `folder` computed
     from the training images with the convention of those constants (per-channel mean over all
     pixels; std = the mean over images of each image's per-channel standard deviation)."""
+    from .transforms import MEAN_STD
     if name in MEAN_STD:
         return MEAN_STD[name]
     pixels = train_set.images.reshape(len(train_set), -1, 3).astype(np.float64) / 255.0
@@ -65,5 +107,6 @@ def random_subset_indices(count, size, seed):
     """A seeded random choice of `size` of `count` indexes, sorted (all if size >= count)."""
     if size >= count:
         return np.arange(count)
+    import torch
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(count, generator=generator)[:size].sort().values.numpy()

@@ -2,8 +2,11 @@
 datasets that apply them for the `--pipeline cpu` loader path."""
 import numpy as np
 import torch
-import torchvision.transforms as T
 from PIL import Image
+
+from . import import_torchvision
+
+T = import_torchvision().transforms
 
 # The released augmentation's constants; datasets/augment.py's batched version uses the same.
 CROP_SCALE = (0.2, 1.0)         # RandomResizedCrop area fraction

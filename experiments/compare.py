@@ -28,21 +28,23 @@ from lib.run_log import last_of, read_records  # noqa: E402
 DEFAULT_RUNS = [f'{m}:cifar10:resnet18:20' for m in ('lemniscate', 'isif', 'and', 'super-and')]
 
 
-def parse_args(argv=None):
+def build_parser():
     p = cli.Parser(description=__doc__.split('\n')[0])
     p.add_argument('--runs', nargs='+', default=DEFAULT_RUNS, metavar='M:D:N:E',
                    help='method:dataset:network:epochs (default: the four methods, '
                         'CIFAR-10, ResNet18, 20 epochs)')
     p.add_argument('--rounds', type=cli.POSITIVE_INT, default=2,
                    help='rounds of the methods that have rounds (default: %(default)s)')
-    p.add_argument('--data-root', dest='data_root', default='./data')
+    p.add_argument('--data-root', dest='data_root', default='./data',
+                   help='the data of every run, as main.py\'s --data-root (default: '
+                        '%(default)s)')
     p.add_argument('--work-dir', dest='work_dir', default='checkpoint/compare',
                    help='logs and checkpoints, one folder per run (default: %(default)s)')
     p.add_argument('--out', default=None,
                    help='markdown table file (default: WORK_DIR/results.md)')
     p.add_argument('--extra', default='',
                    help='more main.py flags for every run, e.g. "--subset 5000 --device cpu"')
-    return p.parse_args(argv)
+    return p
 
 
 def schedule(method, epochs, rounds):
@@ -117,7 +119,7 @@ def table(rows):
 
 
 def compare(argv):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     for spec in args.runs:
         parse_spec(spec)                      # every spec checked before the first run
     rows = [run_one(spec, args) for spec in args.runs]

@@ -19,6 +19,7 @@ from .errors import UserError
 from .evaluate import KnnData, embed, training_features
 from .method_state import MethodState, clean_state_dict
 from .pipelines import LoaderPipeline, TensorPipeline
+from .progress import progress_bar
 from .recipes import COMPONENTS, resolve
 from .train import Objective, Trainer
 
@@ -218,10 +219,10 @@ class Trained:
     def bank(self):
         return self.method.bank
 
-    def embeddings(self, split, source='network'):
+    def embeddings(self, split, source='network', show=False):
         """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the
         test transform (float32), or for the training split also the memory bank
-        (`source='bank'`)."""
+        (`source='bank'`). `show`: a progress bar on a terminal."""
         if source == 'bank':
             if split != 'train' or self.bank is None:
                 raise UserError('bank features exist for the training split of a run with a '
@@ -232,7 +233,10 @@ class Trained:
         if split == 'test' and self.test is None:
             raise UserError('this checkpoint was trained on unlabeled images: there is no test '
                             'split')
-        return embed(self.net, self.pipeline.eval_batches(split))
+        count = len(self.test if split == 'test' else self.train)
+        return embed(self.net, progress_bar(self.pipeline.eval_batches(split),
+                                            total=-(-count // self.pipeline.eval_batch),
+                                            desc=f'embed {split}', enabled=show, unit='batch'))
 
 
 def load_trained(path, say=print, **overrides):

@@ -79,18 +79,28 @@ def fsync_folder(folder):
         os.close(fd)
 
 
-def resolve_path(model_dir, name):
-    """`model_dir/name` as released; a path that exists as given is taken as it is."""
+def resolve_path(model_dir, name, in_folder=LAST):
+    """The checkpoint file that --resume or --init-from `name` means. A bare file name
+    (last.t7) is looked for in `model_dir` first, as released, then here; a path with a folder
+    in it (checkpoint/quick/ckpt.t7, which already includes the model dir) is taken as typed
+    when it exists, else looked for in `model_dir`. A folder (a model dir) means its
+    `in_folder` file: last.t7 to continue a run, ckpt.t7 to evaluate it or start from it."""
     joined = os.path.join(model_dir, name)
-    if not os.path.exists(joined) and os.path.isfile(name):
-        return name
-    return joined
+    typed_first = os.path.dirname(os.path.normpath(name)) != ''
+    for candidate in dict.fromkeys([name, joined] if typed_first else [joined, name]):
+        if os.path.isdir(candidate):
+            return os.path.join(candidate, in_folder)
+        if os.path.exists(candidate):
+            return candidate
+    raise UserError(f'no checkpoint at {joined}' + (f' (nor at {name})' if joined != name
+                                                      else ''))
 
 
 def load(path):
     """The checkpoint dict at `path`, or a UserError saying in one sentence what is wrong."""
     if os.path.isdir(path):
-        raise UserError(f'{path} is a folder, not a checkpoint file')
+        raise UserError(f'{path} is a folder, not a checkpoint file: give a checkpoint in it, '
+                        f'e.g. {os.path.join(path, BEST)}')
     if not os.path.isfile(path):
         raise UserError(f'no checkpoint at {path}')
     size = os.path.getsize(path)
@@ -217,6 +227,7 @@ class Progress:
     best_round: int = None
     best_epoch: int = None
     saved: tuple = None                 # (round, epoch) last.t7 holds, for messages
+    resumes_at: tuple = None            # (round, epoch, step) last.t7 continues from
 
     def record(self, round_index, epoch, acc):
         """An epoch was evaluated (acc None without labels): whether it is the best so far."""
@@ -270,6 +281,8 @@ def write(writer, model_dir, method, optimizer, progress, next_position, config,
                         os.path.join(model_dir, BEST)))
     writer.submit(jobs)
     progress.saved = (progress.round, progress.epoch)
+    progress.resumes_at = (next_position['round'], next_position['epoch'],
+                           next_position.get('step', 0))
 
 
 def snapshot(value):
@@ -384,7 +397,8 @@ def progress_of(state):
     return Progress(round=nxt['round'], epoch=nxt['epoch'], step=nxt.get('step', 0),
                     loss_sums=nxt.get('loss_sums'), acc=acc if acc is None or acc >= 0 else None,
                     best_acc=best.get('acc'), best_round=best.get('round'),
-                    best_epoch=best.get('epoch'), saved=(state['round'], state['epoch']))
+                    best_epoch=best.get('epoch'), saved=(state['round'], state['epoch']),
+                    resumes_at=(nxt['round'], nxt['epoch'], nxt.get('step', 0)))
 
 
 def restore_training(state, optimizer):

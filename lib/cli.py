@@ -10,6 +10,7 @@ import codecs
 import math
 import sys
 
+import datasets
 from datasets import DataError
 
 from .errors import UserError
@@ -107,6 +108,18 @@ ESCAPE_BYTES = 'superand-escape-bytes'
 codecs.register_error(ESCAPE_BYTES, _escape_bytes)
 
 
+def parse_first(parse):
+    """For an entry point run as a program, before its heavy imports: `parse()` its flags, so
+    that --help and a mistyped flag are answered at once (importing torch takes seconds), then
+    import torchvision (and torch) here, where a pair that does not match is said in one line
+    with exit code 2 rather than in a traceback. The program parses its flags again after."""
+    parse()                     # exits on --help (0) or a flag error (2, one line)
+    try:
+        datasets.import_torchvision()
+    except DataError as err:
+        sys.exit(one_line_error(err))
+
+
 def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
     """Call `main_body(argv)`; a user's error (UserError, DataError) prints one line and gives
     exit code 2, Ctrl-C gives 130 and one line (`interrupted`), no traceback."""
@@ -131,11 +144,16 @@ def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
 def add_data_options(p, data_root_default=None):
     """--data-root, --subset and --device, as every entry point reads them. The analysis
     commands default --data-root and --subset to the checkpoint's (None here)."""
-    p.add_argument('--data-root', dest='data_root', default=data_root_default,
-                   help='torchvision\'s files, an image-folder tree train/<class>/*, '
-                        'test/<class>/*, or (--dataset folder) a folder of unlabeled images '
-                        + ('(default: %(default)s)' if data_root_default is not None
-                           else '(default: the checkpoint\'s)'))
+    if data_root_default is not None:       # main.py
+        data_help = ('torchvision\'s files, an image-folder tree train/<class>/*, '
+                     'test/<class>/*, or (--dataset folder) a folder of unlabeled images '
+                     '(default: %(default)s)')
+    else:       # the analysis commands read the data the checkpoint was trained on
+        data_help = ('where the checkpoint\'s training data is, when it is no longer where '
+                     'the run read it: torchvision\'s files, an image-folder tree '
+                     'train/<class>/*, test/<class>/*, or the folder of unlabeled images '
+                     '(default: the checkpoint\'s)')
+    p.add_argument('--data-root', dest='data_root', default=data_root_default, help=data_help)
     p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
                    help='seeded random subsets of N training and N test images (default: '
                         + ('all' if data_root_default is not None else 'the checkpoint\'s')
@@ -148,17 +166,25 @@ def add_device_option(p):
                    help='auto = CUDA when present (default: %(default)s)')
 
 
+def add_quiet_option(p):
+    p.add_argument('--quiet', action='store_true',
+                   help='no progress bars (shown on a terminal only) and no start line: only '
+                        'the result and what went wrong')
+
+
 def add_checkpoint_option(p, many=False):
     p.add_argument('--ckpt', required=True, nargs='+' if many else None, metavar='PATH',
                    help='checkpoint file' + ('s' if many else '') + ' (ckpt.t7, last.t7, or a '
                         'released file)')
 
 
-def add_features_option(p, flag='--knn-features', default='bank'):
+def add_features_option(p, flag='--knn-features', default='bank', help=None):
     """The kNN's training side, in one word everywhere: bank or network (--knn-features as in
-    main.py is accepted wherever the flag is called --features)."""
+    main.py is accepted wherever the flag is called --features). `help` replaces the kNN's
+    text where the flag means something else."""
     names = (flag,) if flag == '--knn-features' else (flag, '--knn-features')
     p.add_argument(*names, dest='knn_features', default=default, choices=('bank', 'network'),
-                   help='training side of the kNN: the memory bank (as released) or the '
-                        'network\'s embeddings of the training images (test transform, eval '
-                        'mode); runs without a bank always use network (default: %(default)s)')
+                   help=help or 'training side of the kNN: the memory bank (as released) or '
+                        'the network\'s embeddings of the training images (test transform, '
+                        'eval mode); runs without a bank always use network (default: '
+                        '%(default)s)')

@@ -94,6 +94,15 @@ CPU_REFERENCE_CORES = 2
 NETWORK_COST = {'resnet18': 1.0, 'resnet50': 2.3, 'resnet101': 4.4, 'alexnet': 0.15}
 
 
+# Figures (lib.figures, and the defaults of lib.visualize's flags).
+DEFAULT_OUT_DIR = 'fig'         # where the PNGs go
+DEFAULT_QUERIES = 5             # test images drawn as queries
+DEFAULT_TOPK = 10               # retrievals per query
+CELL = 64                       # retrieval grid: image side after nearest-neighbour upscaling
+FRAME = 4                       # retrieval grid: frame width around every image
+LABEL_WIDTH = 120               # retrieval grid: the label strip on the left
+TSNE_PERPLEXITY = 30.0          # scikit-learn's default; clipped below the number of points
+
 # Work sizes that bound memory, not results.
 CHUNK_FLOATS = 2 ** 27          # elements of one rows x N chunk of similarities or logits (512 MB
                                 # float32): N x N work (kNN, entropy, neighbours) never exceeds it

@@ -16,17 +16,36 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
-import datasets
-from datasets import shown
-
 from . import cli
-from .build import load_network, pick_device
-from .errors import UserError
-from .evaluate import embed
-from .progress import progress_bar
+
+
+def build_parser():
+    p = cli.Parser(prog='python -m lib.embed',
+                   description='Embed every image of a folder with a trained checkpoint.')
+    cli.add_checkpoint_option(p)
+    p.add_argument('--images', required=True, metavar='DIR',
+                   help='folder of images (any depth); a class tree <class>/<image> also gives '
+                        'labels')
+    p.add_argument('--out', required=True, metavar='FILE.npz', help='the .npz file to write')
+    cli.add_device_option(p)
+    cli.add_quiet_option(p)
+    return p
+
+
+if __name__ == '__main__':
+    cli.parse_first(lambda: build_parser().parse_args())
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+from datasets import shown  # noqa: E402
+
+from .build import load_network, pick_device  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .evaluate import embed  # noqa: E402
+from .progress import progress_bar  # noqa: E402
 
 EMBED_BATCH = 256               # images per forward pass (memory only; results do not depend)
 NORMALISATION_TOLERANCE = 0.03  # a folder's mean or std this far from the checkpoint's is said
@@ -212,25 +231,16 @@ def save_embeddings(out, images, features, loaded, checkpoint, **extra):
                  reader_version=datasets.READER_VERSION, **extra)
 
 
-def build_parser():
-    p = cli.Parser(prog='python -m lib.embed',
-                   description='Embed every image of a folder with a trained checkpoint.')
-    cli.add_checkpoint_option(p)
-    p.add_argument('--images', required=True, metavar='DIR',
-                   help='folder of images (any depth); a class tree <class>/<image> also gives '
-                        'labels')
-    p.add_argument('--out', required=True, metavar='FILE.npz', help='the .npz file to write')
-    cli.add_device_option(p)
-    return p
-
-
 def embed_command(argv):
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     loaded = load_network(args.ckpt, device)
     listed = list_folder(args.images)
+    if not args.quiet:
+        print(f'embedding {len(listed.paths)} images of {args.images} with {args.ckpt} '
+              f'({device.type})', flush=True)
     fingerprint = file_fingerprint(args.images, listed.paths)
-    images, features = embed_folder(loaded, listed, device, show=sys.stderr.isatty())
+    images, features = embed_folder(loaded, listed, device, show=not args.quiet)
     save_embeddings(args.out, images, features, loaded, args.ckpt, fingerprint=fingerprint,
                     checkpoint_digest=checkpoint_digest(args.ckpt))
     labels = (f', labels of {len(images.classes)} classes' if images.labels is not None

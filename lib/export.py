@@ -10,8 +10,6 @@ folder of images, `python -m lib.embed` does the same.
 import os
 import sys
 
-import numpy as np
-
 from . import cli
 
 
@@ -20,15 +18,27 @@ def build_parser():
                    description='Write a split\'s embeddings to an .npz file.')
     cli.add_checkpoint_option(p)
     p.add_argument('--split', default='test', choices=('train', 'test'),
-                   help='(default: %(default)s)')
-    p.add_argument('--out', required=True, help='.npz file to write')
-    cli.add_features_option(p, '--features', default='network')
+                   help='which split of the checkpoint\'s data (default: %(default)s)')
+    p.add_argument('--out', required=True, metavar='FILE.npz', help='the .npz file to write')
+    cli.add_features_option(p, '--features', default='network',
+                            help='what is written: the network\'s eval-mode embeddings of the '
+                                 'split\'s images (test transform), or the memory bank\'s rows '
+                                 '(training split of a run with a bank only) (default: '
+                                 '%(default)s)')
     cli.add_data_options(p)
     return p
 
 
+if __name__ == '__main__':
+    cli.parse_first(lambda: build_parser().parse_args())
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+import numpy as np  # noqa: E402
+
+from .build import load_for_analysis  # noqa: E402
+
+
 def export(argv):
-    from .build import load_for_analysis
     args = build_parser().parse_args(argv)
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     features, labels = trained.embeddings(args.split, args.knn_features)

@@ -40,22 +40,18 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from datasets import shown  # noqa: E402
 
-from .config import (PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,  # noqa: E402
-                     PUBLISHED_TOP1)  # the released run's kNN curve (docs/ALGORITHM.md 8)
+# The released run's kNN curve (docs/ALGORITHM.md 8), and the defaults of lib.visualize's flags
+# (kept in lib/config.py, so that its command line reads them without torch and matplotlib).
+from .config import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK,  # noqa: E402
+                     FRAME, LABEL_WIDTH, PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,
+                     PUBLISHED_TOP1, TSNE_PERPLEXITY)
 from .errors import UserError  # noqa: E402
 from .evaluate import class_scores  # noqa: E402
 
 # ----------------------------------------------------------------------------- constants
-DEFAULT_QUERIES = 5
-DEFAULT_TOPK = 10
-DEFAULT_OUT_DIR = 'fig'
-
-# Retrieval grid (pixels).
-CELL = 64                       # image side after nearest-neighbour upscaling
-FRAME = 4                       # frame width around every image
+# Retrieval grid (pixels; its CELL, FRAME and LABEL_WIDTH are in lib/config.py).
 GAP = 4                         # space between tiles and around the grid
 QUERY_GAP = 12                  # extra space between the query and its retrievals
-LABEL_WIDTH = 120               # the label strip on the left
 BACKGROUND = (255, 255, 255)
 QUERY_FRAME = (0, 0, 255)       # blue
 SAME_CLASS_FRAME = (200, 200, 200)   # light gray: the retrieval's class is the query's
@@ -79,7 +75,6 @@ BAR_OTHER = 'lightgray'
 MAX_CLASS_NAMES = 20            # more classes: bar ticks name only the true and top-5 classes,
                                 # and the embedding map has no legend (it would not fit)
 
-TSNE_PERPLEXITY = 30.0          # scikit-learn's default; clipped below the number of points
 TSNE_EXACT_BELOW = 500          # fewer points: exact t-SNE gradients (O(N^2), but faster than
                                 # Barnes-Hut's tree and thread overhead at this size)
 

@@ -12,34 +12,68 @@ the training split's mean and std.
 """
 import sys
 
-import torch
-import torch.nn.functional as F
-
 from . import cli
 
 PROBE_DEFAULTS = dict(epochs=50, lr=0.1, batch_size=256, weight_decay=0.0, seed=0)
 
 
+def build_parser():
+    d = PROBE_DEFAULTS
+    p = cli.Parser(prog='python -m lib.linear_probe',
+                   description='Linear probe on frozen features of a checkpoint.')
+    cli.add_checkpoint_option(p)
+    cli.add_data_options(p)
+    p.add_argument('--layer', default='backbone', choices=('backbone', 'embedding'),
+                   help='features probed: the trunk\'s pooled outputs (the input of the last '
+                        'linear layer) or the 128-d embedding (default: %(default)s)')
+    p.add_argument('--epochs', type=cli.POSITIVE_INT, default=d['epochs'],
+                   help='passes over the training features (default: %(default)s)')
+    p.add_argument('--lr', type=cli.POSITIVE_FLOAT, default=d['lr'],
+                   help='SGD learning rate, cosine-annealed to 0 (default: %(default)s)')
+    p.add_argument('--batch-size', dest='batch_size', type=cli.POSITIVE_INT,
+                   default=d['batch_size'],
+                   help='training features per SGD step (default: %(default)s)')
+    p.add_argument('--weight-decay', dest='weight_decay', type=cli.NON_NEGATIVE_FLOAT,
+                   default=d['weight_decay'],
+                   help='SGD weight decay of the linear layer (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=d['seed'],
+                   help='initialisation and shuffling (default: %(default)s)')
+    cli.add_quiet_option(p)
+    return p
+
+
+if __name__ == '__main__':
+    cli.parse_first(lambda: build_parser().parse_args())
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from .progress import progress_bar  # noqa: E402
+
+
 @torch.no_grad()
-def probe_features(trained, split, layer):
-    """(N x F features, N targets) of a split: the embedding, or the input of `net.linear`."""
+def probe_features(trained, split, layer, show=False):
+    """(N x F features, N targets) of a split: the embedding, or the input of `net.linear`
+    (`show`: a progress bar on a terminal)."""
     if layer == 'embedding':
-        return trained.embeddings(split)
+        return trained.embeddings(split, show=show)
     captured = []
     hook = trained.net.linear.register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].float()))
     try:
-        _, targets = trained.embeddings(split)
+        _, targets = trained.embeddings(split, show=show)
     finally:
         hook.remove()
     return torch.cat(captured), targets
 
 
 def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50, lr=0.1,
-                       batch_size=256, weight_decay=0.0, seed=0):
+                       batch_size=256, weight_decay=0.0, seed=0, show=False):
     """Softmax regression on fixed features; returns test top-1/top-5 and train top-1 (%).
 
-    train_x: N x F, train_y: N, test_x: M x F, test_y: M (on one device).
+    train_x: N x F, train_y: N, test_x: M x F, test_y: M (on one device). `show`: a progress
+    bar over the epochs on a terminal.
     """
     generator = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
@@ -52,7 +86,7 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
                                 weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-len(train_x) // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    for _ in range(epochs):
+    for _ in progress_bar(range(epochs), desc='linear probe', enabled=show, unit='epoch'):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
         for start in range(0, len(train_x), batch_size):
             batch = order[start:start + batch_size]
@@ -69,27 +103,6 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
     return dict(top1=100 * top1, top5=100 * top5, train_top1=100 * train_top1)
 
 
-def build_parser():
-    d = PROBE_DEFAULTS
-    p = cli.Parser(prog='python -m lib.linear_probe',
-                   description='Linear probe on frozen features of a checkpoint.')
-    cli.add_checkpoint_option(p)
-    cli.add_data_options(p)
-    p.add_argument('--layer', default='backbone', choices=('backbone', 'embedding'),
-                   help='features probed (default: %(default)s)')
-    p.add_argument('--epochs', type=cli.POSITIVE_INT, default=d['epochs'],
-                   help='passes over the training features (default: %(default)s)')
-    p.add_argument('--lr', type=cli.POSITIVE_FLOAT, default=d['lr'],
-                   help='SGD learning rate, cosine-annealed to 0 (default: %(default)s)')
-    p.add_argument('--batch-size', dest='batch_size', type=cli.POSITIVE_INT,
-                   default=d['batch_size'], help='(default: %(default)s)')
-    p.add_argument('--weight-decay', dest='weight_decay', type=cli.NON_NEGATIVE_FLOAT,
-                   default=d['weight_decay'], help='(default: %(default)s)')
-    p.add_argument('--seed', type=int, default=d['seed'],
-                   help='initialisation and shuffling (default: %(default)s)')
-    return p
-
-
 def probe(argv):
     from .build import load_for_analysis
     from .errors import UserError
@@ -98,12 +111,17 @@ def probe(argv):
     if trained.test is None:
         raise UserError('a linear probe needs labels, and this checkpoint was trained on '
                         'unlabeled images')
+    if not args.quiet:
+        print(f'linear probe of {args.ckpt}: embedding {len(trained.train)} training and '
+              f'{len(trained.test)} test images ({trained.device.type}), then {args.epochs} '
+              f'epochs of SGD on the {args.layer} features', flush=True)
+    show = not args.quiet
     torch.manual_seed(args.seed)
-    train_x, train_y = probe_features(trained, 'train', args.layer)
-    test_x, test_y = probe_features(trained, 'test', args.layer)
+    train_x, train_y = probe_features(trained, 'train', args.layer, show)
+    test_x, test_y = probe_features(trained, 'test', args.layer, show)
     result = train_linear_probe(train_x, train_y, test_x, test_y, len(trained.train.classes),
                                 args.epochs, args.lr, args.batch_size, args.weight_decay,
-                                args.seed)
+                                args.seed, show)
     print(f'linear probe on {args.layer} features ({train_x.shape[1]}-d, {len(train_x)} train / '
           f'{len(test_x)} test images, {args.epochs} epochs): test top-1 {result["top1"]:.2f}% '
           f'top-5 {result["top5"]:.2f}% (train top-1 {result["train_top1"]:.2f}%)')

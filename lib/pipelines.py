@@ -53,6 +53,7 @@ class LoaderPipeline:
                                                                    color), views)
         self.num_test = len(test_set) if test_set is not None else 0
         self.eval_transform = test_transform(mean, std, image_size)
+        self.eval_batch = TEST_BATCH_SIZE
 
     @property
     def steps_per_epoch(self):
@@ -60,7 +61,7 @@ class LoaderPipeline:
 
     def _loader(self, dataset, batch_sampler=None):
         batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None
-                    else dict(batch_size=TEST_BATCH_SIZE, shuffle=False))
+                    else dict(batch_size=self.eval_batch, shuffle=False))
         return torch.utils.data.DataLoader(dataset, num_workers=self.workers,
                                            pin_memory=self.device.type == 'cuda',
                                            worker_init_fn=ignore_interrupts, **batching)

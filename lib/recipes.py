@@ -69,13 +69,14 @@ def resolve(opts):
     return from_recipe
 
 
-def describe(opts, from_recipe):
-    """One line naming the method and every component, marking those set by flags."""
-    parts = []
+def describe(opts):
+    """One line naming the method and every component, starring those that differ from the
+    method's recipe (by a flag, now or in the run a checkpoint continues)."""
+    recipe, parts = RECIPES[opts.method], []
     for name in COMPONENTS:
         value = getattr(opts, name)
         shown = ('on' if value else 'off') if isinstance(value, bool) else str(value)
-        parts.append(f'{name}={shown}' + ('' if name in from_recipe else '*'))
-    starred = len(from_recipe) < len(COMPONENTS)
+        parts.append(f'{name}={shown}' + ('*' if value != recipe[name] else ''))
+    starred = any(part.endswith('*') for part in parts)
     return (f'method {opts.method}: ' + ' '.join(parts)
-            + ('  (* not from the recipe: a flag or the resumed checkpoint)' if starred else ''))
+            + (f'  (* differs from the {opts.method} recipe)' if starred else ''))

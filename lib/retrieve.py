@@ -11,21 +11,47 @@ keyed by the folder's files and the checkpoint; a gallery .npz is one `python -m
 wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
 """
 import os
+import shlex
 import sys
 
-import numpy as np
-import torch
-
-import datasets
-from datasets import describe_file, shown
-
 from . import cli
-from .build import load_network, pick_device
-from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,
-                    file_fingerprint, list_folder, report_skipped, save_embeddings)
-from .errors import UserError
 
 DEFAULT_K = 10
+
+
+def build_parser():
+    p = cli.Parser(prog='python -m lib.retrieve',
+                   description='The gallery images most similar to query images.')
+    cli.add_checkpoint_option(p)
+    p.add_argument('--gallery', required=True, metavar='DIR_OR_NPZ',
+                   help='a folder of images (embedded once, cached next to the checkpoint) or '
+                        'an .npz from python -m lib.embed')
+    p.add_argument('--query', required=True, nargs='+', metavar='IMG',
+                   help='query images; a folder gives all its images (any depth)')
+    p.add_argument('--k', type=cli.POSITIVE_INT, default=DEFAULT_K,
+                   help='neighbours per query (default: %(default)s)')
+    p.add_argument('--figure', default=None, metavar='PATH',
+                   help='also draw the queries and their neighbours in a PNG')
+    p.add_argument('--cell', type=cli.POSITIVE_INT, default=64,
+                   help='image side in the figure, pixels (default: %(default)s)')
+    cli.add_device_option(p)
+    return p
+
+
+if __name__ == '__main__':
+    cli.parse_first(lambda: build_parser().parse_args())
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+from datasets import describe_file, shown  # noqa: E402
+
+from .build import load_network, pick_device  # noqa: E402
+from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,  # noqa: E402
+                    file_fingerprint, list_folder, report_skipped, save_embeddings)
+from .errors import UserError  # noqa: E402
 
 
 def cache_path(checkpoint, fingerprint):
@@ -89,10 +115,13 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
         say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
             f'could not be checked')
     elif made_by != checkpoint_digest(checkpoint):
+        fix = 'give the image folder as --gallery'
+        if 'root' in data:
+            fix += (', or embed it again: python -m lib.embed ' + shlex.join(
+                ['--ckpt', checkpoint, '--images', str(data['root']), '--out', path]))
         raise UserError(f'{path} was embedded with another checkpoint '
                         f'({data.get("checkpoint", "unknown")}), so its similarities to these '
-                        f'queries would mean nothing: embed it again with --ckpt {checkpoint}, or '
-                        f'give the image folder')
+                        f'queries would mean nothing: {fix}')
     features = torch.from_numpy(data['features'].astype(np.float32)).to(device)
     width = loaded.net.linear.out_features
     if features.shape[1] != width:
@@ -140,25 +169,6 @@ def neighbours_figure(queries, root, paths, similarities, positions, out, cell):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
     return image.size
-
-
-def build_parser():
-    p = cli.Parser(prog='python -m lib.retrieve',
-                   description='The gallery images most similar to query images.')
-    cli.add_checkpoint_option(p)
-    p.add_argument('--gallery', required=True, metavar='DIR_OR_NPZ',
-                   help='a folder of images (embedded once, cached next to the checkpoint) or '
-                        'an .npz from python -m lib.embed')
-    p.add_argument('--query', required=True, nargs='+', metavar='IMG',
-                   help='query images; a folder gives all its images (any depth)')
-    p.add_argument('--k', type=cli.POSITIVE_INT, default=DEFAULT_K,
-                   help='neighbours per query (default: %(default)s)')
-    p.add_argument('--figure', default=None, metavar='PATH',
-                   help='also draw the queries and their neighbours in a PNG')
-    p.add_argument('--cell', type=cli.POSITIVE_INT, default=64,
-                   help='image side in the figure, pixels (default: %(default)s)')
-    cli.add_device_option(p)
-    return p
 
 
 def reader_version(npz):

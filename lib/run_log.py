@@ -23,8 +23,6 @@ import subprocess
 import sys
 import time
 
-import torch
-
 from .errors import UserError
 
 LOG_NAME = 'log.jsonl'
@@ -33,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def environment(device):
     """Where the numbers come from: git commit, Python, PyTorch, CUDA and the device's name."""
+    import torch        # here: the log's readers (compare.py, the curve) do without it
     try:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None

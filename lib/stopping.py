@@ -46,8 +46,8 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self.received is not None:
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt('interrupted: stopped at once (a second Ctrl-C); '
-                                        'last.t7 holds the last epoch written')
+                # (what last.t7 then holds, the training loop says: it knows)
+                raise KeyboardInterrupt('interrupted: stopped at once (a second Ctrl-C)')
             return
         self.received = signum
         again = '; Ctrl-C again to quit at once' if signum == signal.SIGINT else ''

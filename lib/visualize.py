@@ -10,15 +10,17 @@ The figures themselves, importable from a notebook, are in `lib.figures`.
 import os
 import sys
 
-from PIL import Image
-
 from . import cli
-from .errors import UserError
-from .figures import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK, DPI, FRAME,
-                      LABEL_WIDTH, TSNE_PERPLEXITY, curve_figure, embedding_figure, plt,
-                      check_same_test_set, probabilities_figure, retrieval_figure,
-                      select_queries)
-from .run_log import epoch_records, log_path
+from .config import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK, FRAME, LABEL_WIDTH,
+                     TSNE_PERPLEXITY)
+
+# The commands, each with its line in the help and in the list that no command prints.
+COMMANDS = {
+    'retrieval': 'top-k training images of test queries, wrong classes framed red',
+    'probabilities': 'kNN class probabilities of test images',
+    'embedding': '2-D map (t-SNE or UMAP) of the test embeddings, by class',
+    'curve': 'kNN top-1 (the loss, for runs without labels) per epoch, from training logs',
+}
 
 
 def add_checkpoint_options(p):
@@ -38,9 +40,10 @@ def add_query_options(p):
     cli.add_features_option(p, '--features')
 
 
-def add_common_options(p):
-    p.add_argument('--seed', type=int, default=0,
-                   help='seed of the random choices of the figure (default: %(default)s)')
+def add_common_options(p, seed=True):
+    if seed:        # (the curve draws nothing at random)
+        p.add_argument('--seed', type=int, default=0,
+                       help='seed of the random choices of the figure (default: %(default)s)')
     p.add_argument('--out', default=None, metavar='PATH',
                    help=f'PNG to write (default: {DEFAULT_OUT_DIR}/<command>.png)')
 
@@ -48,9 +51,9 @@ def add_common_options(p):
 def build_parser():
     p = cli.Parser(prog='python -m lib.visualize',
                       description='Figures of trained Super-AND runs, written as PNG files.')
-    commands = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    commands = p.add_subparsers(dest='command', metavar='COMMAND')
 
-    r = commands.add_parser('retrieval', help='top-k training images of test queries',
+    r = commands.add_parser('retrieval', help=COMMANDS['retrieval'],
                             description='For each query test image, its top-k most similar '
                             'training images under each checkpoint; wrong classes framed red '
                             '(the paper\'s Figure 1).')
@@ -66,7 +69,7 @@ def build_parser():
                    help='width of the label strip in pixels (default: %(default)s)')
     add_common_options(r)
 
-    q = commands.add_parser('probabilities', help='kNN class probabilities of test images',
+    q = commands.add_parser('probabilities', help=COMMANDS['probabilities'],
                             description='Bar charts of the weighted-kNN class probabilities '
                             '(scores / sum) of test images: true class green, a wrong top '
                             'class yellow.')
@@ -74,7 +77,7 @@ def build_parser():
     add_query_options(q)
     add_common_options(q)
 
-    e = commands.add_parser('embedding', help='2-D map of the test embeddings',
+    e = commands.add_parser('embedding', help=COMMANDS['embedding'],
                             description='t-SNE (or UMAP) map of the network\'s test embeddings, '
                             'coloured by class, one panel per checkpoint.')
     add_checkpoint_options(e)
@@ -87,17 +90,42 @@ def build_parser():
                    help='a random subset of N test images, drawn with --seed (default: all)')
     add_common_options(e)
 
-    c = commands.add_parser('curve', help='kNN top-1 per epoch from training logs',
-                            description='kNN top-1 per epoch from JSON-lines training logs, '
-                            'dashed lines at round starts.')
+    c = commands.add_parser('curve', help=COMMANDS['curve'],
+                            description='kNN top-1 per epoch from JSON-lines training logs '
+                            '(the mean loss for runs without labels), dashed lines at round '
+                            'starts.')
     c.add_argument('--log', nargs='+', required=True, metavar='PATH',
                    help='log.jsonl files, or model dirs holding one')
     c.add_argument('--labels', nargs='+', default=None,
                    help='one label per log (default: the folder holding each log)')
     c.add_argument('--published', action='store_true',
                    help='add the released run\'s kNN curve (rounds 0-4) for reference')
-    add_common_options(c)
+    add_common_options(c, seed=False)
     return p
+
+
+def parse_args(argv=None):
+    """The flags; with no command, the list of commands (exit code 2)."""
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        listed = '\n'.join(f'  {name:<14} {text}' for name, text in COMMANDS.items())
+        print(f'usage: python -m lib.visualize COMMAND [options]  (COMMAND -h lists its '
+              f'options)\n{listed}', file=sys.stderr)
+        raise SystemExit(cli.one_line_error('no command given: choose one of '
+                                            + ', '.join(COMMANDS)))
+    return args
+
+
+if __name__ == '__main__':
+    cli.parse_first(parse_args)
+
+# The engine, imported once the flags are known to be right (importing torch takes seconds).
+from PIL import Image  # noqa: E402
+
+from .errors import UserError  # noqa: E402
+from .figures import (DPI, check_same_test_set, curve_figure, embedding_figure,  # noqa: E402
+                      plt, probabilities_figure, retrieval_figure, select_queries)
+from .run_log import epoch_records, log_path  # noqa: E402
 
 
 def labels_for(names, labels, what):
@@ -168,7 +196,7 @@ def save(figure, kind, out):
 
 
 def draw(argv):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     out = args.out or os.path.join(DEFAULT_OUT_DIR, f'{args.command}.png')
     figure, kind = run_command(args)
     width, height = save(figure, kind, out)

@@ -1,22 +1,15 @@
-"""Networks. They know nothing of training: `build_network` is all `lib/` needs."""
-import torch
+"""Networks. They know nothing of training: `build_network` is all `lib/` needs.
 
-from .alexnet_cifar import AlexNetwithSobel
-from .resnet_cifar import (ResNetwithSobel, ResNet18withSobel, ResNet50withSobel,
-                           ResNet101withSobel)
+The network classes (torch) are imported on first use, so that their names can be read without
+torch: the command lines parse their flags before importing it (seconds).
+"""
+import importlib
 
-__all__ = ['NETWORKS', 'Backbone', 'build_network', 'default_stem', 'describe_weights',
-           'weights_spec', 'AlexNetwithSobel',
-           'ResNetwithSobel', 'ResNet18withSobel',
-           'ResNet50withSobel', 'ResNet101withSobel']
+__all__ = ['NETWORK_NAMES', 'NETWORKS', 'Backbone', 'build_network', 'default_stem',
+           'describe_weights', 'weights_spec', 'AlexNetwithSobel', 'ResNetwithSobel',
+           'ResNet18withSobel', 'ResNet50withSobel', 'ResNet101withSobel']
 
-NETWORKS = {
-    'resnet18': ResNet18withSobel,
-    'resnet50': ResNet50withSobel,
-    'resnet101': ResNet101withSobel,
-    'alexnet': AlexNetwithSobel,
-}
-
+NETWORK_NAMES = ('resnet18', 'resnet50', 'resnet101', 'alexnet')
 LARGEST_CIFAR_STEM_SIZE = 64   # above this image size the ImageNet stem (strided conv + pool)
 
 
@@ -27,19 +20,20 @@ def default_stem(image_size):
 def build_network(name, low_dim=128, sobel=True, stem='cifar'):
     """The embedding network `name` (see NETWORKS) with a `low_dim` L2-normalised output,
     with or without the Sobel branch, with the CIFAR or the ImageNet stem."""
+    from .networks import NETWORKS
     return NETWORKS[name](low_dim=low_dim, sobel=sobel, stem=stem)
 
 
-class Backbone(torch.nn.Module):
-    """A network without its head: images -> the concatenated trunk features (the input of its
-    last linear layer; 1024-d for ResNet18 with the Sobel branch), for fine-tuning."""
+# The torch parts, imported when first asked for (`models.NETWORKS`, `models.Backbone`, ...).
+LAZY = {'NETWORKS': 'networks', 'Backbone': 'networks', 'AlexNetwithSobel': 'alexnet_cifar',
+        **{name: 'resnet_cifar' for name in ('ResNetwithSobel', 'ResNet18withSobel',
+                                             'ResNet50withSobel', 'ResNet101withSobel')}}
 
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
 
-    def forward(self, x):
-        return self.net.backbone(x)
+def __getattr__(name):
+    if name in LAZY:
+        return getattr(importlib.import_module(f'.{LAZY[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def weights_spec(state_dict):

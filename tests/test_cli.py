@@ -21,7 +21,8 @@ def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
     epoch_lines = [l for l in out.splitlines() if l.startswith('round ') and '| lr' in l]
     assert len(epoch_lines) == 2
     for line in epoch_lines:
-        for field in ('lr', 'ue weight', 'loss and', 'aug', 'kNN top-1', 'top-5', 'best', ' s'):
+        for field in ('lr', 'UE weight', 'AND loss', 'aug loss', 'UE loss', 'kNN top-1', 'top-5',
+                      'best', ' s'):
             assert field in line
     assert re.search(r'round 1: 5 anchors \(25\.0% of 20\), label consistency .* \d+\.\d\d%', out)
     best = percent(r'done: best kNN top-1 (\d+\.\d+)%', out)[0]
@@ -89,7 +90,8 @@ def test_released_checkpoint_layout_evaluates(tiny_folder, tmp_path, run_main):
     code, out, err = run_main('--resume', 'ckpt_SAND.t7', '--test_only', '--model_dir',
                               tmp_path, '--data-root', tiny_folder, '--workers', '0')
     assert code == 0, err
-    assert re.search(r'kNN accuracy of ckpt_SAND\.t7 \(round 1 epoch 7\): top-1 \d+\.\d\d%', out)
+    assert re.search(r'kNN accuracy of \S+/ckpt_SAND\.t7 \(round 1 epoch 7\): top-1 \d+\.\d\d%',
+                     out)
 
 
 # ----------------------------------------------------------------------------- errors

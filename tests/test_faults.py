@@ -1,6 +1,7 @@
 """Several processes (gloo on the CPU) and the faults a long run must survive."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -128,6 +129,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, t
     state = torch.load(tmp_path / 'last.t7', weights_only=True)
     assert state['next'] == {'round': 0, 'epoch': 1, 'step': 0}
     assert torch.isfinite(state['npc']['memory']).all()
+    # The command it suggests continues this run from there with a tenth of the lr.
+    monkeypatch.setattr(lib.train, 'ue_loss', real_ue_loss)
+    command = shlex.split(err[err.index('python3 main.py'):].splitlines()[0])
+    assert command[:2] == ['python3', 'main.py']
+    code, out, err = run_main(*command[2:])
+    assert code == 0, err
+    assert f'resuming at round 0 epoch 1 from {tmp_path / "last.t7"}' in out
+    assert [line.split(' | ')[1] for line in out.splitlines() if '| lr' in line] == \
+        ['lr 0.00300', 'lr 0.00003']    # then x0.01: 0.6 and 0.8 of 3 epochs both round to 2
 
 
 def test_unwritable_model_dir_fails_at_start(tiny_folder, tmp_path, run_main):

@@ -85,21 +85,29 @@ def test_warnings_when_the_accuracy_means_nothing(tmp_path, run_main):
     assert '1 round x 1 epoch, 1 step of 4 images' in out
 
 
+def starred(method_line):
+    return [part for part in method_line.split() if '=' in part and part.endswith('*')]
+
+
 def test_lines_show_only_what_the_run_has(tiny_folder, tmp_path, run_main):
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'and', '--rounds',
                                          '1', '--epochs', '1', '--knn-k', '5',
                                          '--no-tensorboard'))
     assert code == 0, err
     method_line = out.splitlines()[0]
-    assert method_line.startswith('method and:') and '(*' in method_line   # --rounds typed
+    assert method_line.startswith('method and:')
+    assert starred(method_line) == ['rounds=1*']
     epoch_line = next(line for line in out.splitlines() if '| lr' in line)
-    assert 'ue' not in epoch_line and 'aug' not in epoch_line and 'loss and ' in epoch_line
+    assert 'UE' not in epoch_line and 'aug' not in epoch_line and '| AND loss ' in epoch_line
     schedule_line = next(line for line in out.splitlines() if line.startswith('schedule'))
     assert 'UE' not in schedule_line
     assert 'warning' not in out
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path)
     assert code == 0, err
-    assert '(*' in out.splitlines()[1]                  # from the checkpoint: starred
+    # Only what differs from the recipe is starred, typed now or in the run resumed.
+    method_line = next(line for line in out.splitlines() if line.startswith('method'))
+    assert starred(method_line) == ['rounds=1*']
+    assert method_line.endswith('(* differs from the and recipe)')
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'plain', '--epochs', '1',
                                          '--stop-after', '1', '--knn-k', '5', '--quiet',
                                          '--no-tensorboard'))
@@ -142,7 +150,8 @@ def test_both_spellings_of_every_flag(tiny_folder, tmp_path, run_main):
     a = parse_args(['--batch-size', '8', '--data_root', 'x', '--knn_k', '3', '--no-ue_loss'])
     assert (a.batch_size, a.data_root, a.knn_k, a.ue_loss) == (8, 'x', 3, False)
     b = parse_args(['--batch_size', '8', '--data-root', 'x', '--knn-k', '3', '--no-ue-loss'])
-    assert vars(a) == vars(b)
+    from main import options_record
+    assert options_record(a) == options_record(b)           # (as typed, argv differs)
     from main import build_parser
     shown = build_parser().format_help()
     assert '--batch_size' in shown and '--batch-size' not in shown

@@ -2,6 +2,8 @@
 signal mid-epoch), --init-from starts a new run from a checkpoint's weights, a resumed run
 keeps its recipe, and a finished run is left alone."""
 import os
+import re
+import shlex
 import signal
 import time
 
@@ -10,6 +12,7 @@ import torch
 
 import datasets
 import lib.checkpoint
+import main
 from conftest import assert_same_training_state, fast_args
 from test_faults import start_main, wait_for_epochs
 
@@ -81,9 +84,9 @@ def test_best_so_far_before_any_evaluation():
 
 
 def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_path,
-                                                               run_main):
-    """The stopped run uses 2 loader processes, the others none: each image's augmentation
-    depends on (seed, round, epoch, index) only."""
+                                                               run_main, monkeypatch):
+    """The stopped run and its continuation use 2 loader processes, the unbroken run none:
+    each image's augmentation depends on (seed, round, epoch, index) only."""
     flags = ['--rounds', '1', '--epochs', '2', '--pipeline', 'cpu', '--batch_size', '2',
              '--no-tensorboard']
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'whole', *flags))
@@ -96,9 +99,20 @@ def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_
     assert proc.returncode == 0, err
     assert 'SIGTERM: stopping at the next step' in out
     assert 'stopped by SIGTERM at round 0 epoch 1 step' in out and 'done:' not in out
-    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'stopped',
-                              '--workers', '1')
+    step = int(re.search(r'stopped by SIGTERM at round 0 epoch 1 step (\d+)', out).group(1))
+    # The command it prints, run as printed; its progress bar counts on from the step.
+    command = shlex.split(out.split('continue with: ')[1].splitlines()[0])
+    assert command[:2] == ['python3', 'main.py']
+    bars = []
+
+    def progress_bar(iterable, **kwargs):
+        bars.append(kwargs)
+        return iterable
+    monkeypatch.setattr(main, 'progress_bar', progress_bar)
+    code, out, err = run_main(*command[2:])
     assert code == 0 and 'done:' in out, err
+    assert (bars[0]['desc'], bars[0]['total'], bars[0]['initial']) == ('round 0 epoch 1', 10,
+                                                                       step)
     assert_same_training_state(torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True),
                                torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True))
 
@@ -152,5 +166,5 @@ def test_init_from_refuses_to_overwrite_its_source(tiny_folder, tmp_path, run_ma
     assert code == 0, err
     before = (tmp_path / 'ckpt.t7').read_bytes()
     code, _, err = run_main('--init-from', 'ckpt.t7', '--model_dir', tmp_path)
-    assert code == 2 and 'would overwrite' in err and 'another --model_dir' in err
+    assert code == 2 and 'would overwrite' in err and 'another folder' in err
     assert (tmp_path / 'ckpt.t7').read_bytes() == before

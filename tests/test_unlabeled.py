@@ -3,6 +3,7 @@ and the bad inputs of each (CPU, tiny; nothing here needs a well-trained model).
 import json
 import os
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -128,6 +129,7 @@ def one_line_error(capsys, *needles):
     assert len(err.strip().splitlines()) == 1 and err.startswith('error: '), err
     for needle in needles:
         assert needle in err, err
+    return err.strip()
 
 
 def test_bad_inputs(flat_run, tmp_path, capsys):
@@ -180,7 +182,15 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
     # ...but one made by another checkpoint would compare two different embeddings: refused.
     data['checkpoint_digest'] = np.asarray('0123456789abcdef')
     np.savez(tmp_path / 'foreign.npz', **data)
+    query = ['--query', os.path.join(gallery, 'img01.png'), '--k', '2']
     assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
-                          str(tmp_path / 'foreign.npz'), '--query',
-                          os.path.join(gallery, 'img01.png')]) == 2
-    one_line_error(capsys, 'was embedded with another checkpoint')
+                          str(tmp_path / 'foreign.npz'), *query]) == 2
+    line = one_line_error(capsys, 'was embedded with another checkpoint')
+    # The command it gives embeds the gallery again, with this checkpoint, as printed.
+    command = shlex.split(line[line.index('python -m lib.embed'):])
+    assert command[:3] == ['python', '-m', 'lib.embed']
+    assert embed.main(command[3:]) == 0
+    capsys.readouterr()
+    assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
+                          str(tmp_path / 'foreign.npz'), *query]) == 0
+    assert re.search(r'\n\s+1\s+1\.0000\s+img01\.png', capsys.readouterr().out)

@@ -1,0 +1,242 @@
+"""What a user is told works as typed: every command the program prints runs as printed, from
+the folder it was run in, on the same run; --resume and --init-from take folders and whole
+paths; flags are answered before torch is imported; help texts say what each command does."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lib.train
+from conftest import ROOT, fast_args
+from lib import checkpoint as ckpt
+from lib.errors import UserError
+
+
+def printed_command(text, program='python3 main.py'):
+    """The one command `text` (a program's output) ends a line with, as argv after the
+    program's name."""
+    found = [line[line.index(program):] for line in text.splitlines() if program in line]
+    assert len(found) == 1, text
+    words = shlex.split(found[0])
+    assert words[:len(program.split())] == program.split()
+    return words[len(program.split()):]
+
+
+def epochs_logged(model_dir):
+    return [(r['round'], r['epoch']) for r in map(json.loads, open(f'{model_dir}/log.jsonl'))
+            if r['type'] == 'epoch']
+
+
+# ----------------------------------------------------------------------------- printed commands
+def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run_main,
+                                                      monkeypatch):
+    """A run with its own --model_dir, stopped, interrupted, finished and extended, each time
+    by the command the previous step printed, run as printed from the same folder; the
+    default model dir, which holds another run, is never touched."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('checkpoint')
+    decoy = {name: f'another run\'s {name}'.encode() for name in ('last.t7', 'log.jsonl')}
+    for name, data in decoy.items():
+        (tmp_path / 'checkpoint' / name).write_bytes(data)
+    run = 'checkpoint/stoptest/'            # (a trailing slash: no // in what is printed)
+
+    code, out, err = run_main(*fast_args(tiny_folder, run, '--rounds', '2', '--epochs', '1',
+                                         '--stop-after', '1', '--no-tensorboard'))
+    assert code == 0, err
+    assert 'logs in checkpoint/stoptest/log.jsonl' in out and '//' not in out
+    assert 'continue with: python3 main.py --model_dir checkpoint/stoptest/ --resume last.t7' \
+        in out
+    assert epochs_logged(run) == [(0, 0)]
+
+    # A second Ctrl-C while the continued run works: out at once, saying what last.t7 holds.
+    real_train_epoch = lib.train.Trainer.train_epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lib.train.Trainer, 'train_epoch', interrupted)
+    code, out, err = run_main(*printed_command(out))
+    assert code == 130
+    assert 'checkpoint/stoptest/last.t7 continues from round 1 epoch 0' in err
+    monkeypatch.setattr(lib.train.Trainer, 'train_epoch', real_train_epoch)
+
+    code, out, err = run_main(*printed_command(err))
+    assert code == 0, err
+    assert 'resuming at round 1 epoch 0 from checkpoint/stoptest/last.t7' in out
+    assert epochs_logged(run) == [(0, 0), (1, 0)]
+    # The end names the run's files: the best epoch's, the last one's, the log.
+    files = re.search(r'files: (\S+) holds the best epoch \(round (\d) epoch (\d)\), (\S+) the '
+                      r'last \(round (\d) epoch (\d)\); the log is (\S+)$', out, re.M)
+    best, last, log = files.group(1, 4, 7)
+    assert (best, last, log) == ('checkpoint/stoptest/ckpt.t7', 'checkpoint/stoptest/last.t7',
+                                 'checkpoint/stoptest/log.jsonl')
+    best_state = torch.load(best, weights_only=True)
+    assert (best_state['round'], best_state['epoch']) == tuple(map(int, files.group(2, 3)))
+    last_state = torch.load(last, weights_only=True)
+    assert (last_state['round'], last_state['epoch']) == tuple(map(int, files.group(5, 6))) \
+        == (1, 0)
+
+    # The folder alone continues it too (in that folder); finished, it says how to go on.
+    code, out, err = run_main('--resume', 'checkpoint/stoptest')
+    assert code == 0, err
+    assert 'continuing the run in checkpoint/stoptest' in out and 'already finished' in out
+    code, out, err = run_main(*printed_command(out))
+    assert code == 0, err
+    assert epochs_logged(run) == [(0, 0), (1, 0), (2, 0)]
+
+    # Its best checkpoint cannot be continued: the error says how to evaluate it...
+    code, out, err = run_main('--model_dir', run, '--resume', 'ckpt.t7')
+    assert code == 2 and '--init-from checkpoint/stoptest/ckpt.t7 starts a new run' in err
+    code, out, err = run_main(*printed_command(err))
+    assert code == 0, err
+    accuracy = re.search(r'kNN accuracy of checkpoint/stoptest/ckpt\.t7 .*', out).group()
+    code, out, err = run_main('--resume', 'checkpoint/stoptest', '--test_only')   # the folder
+    assert code == 0 and accuracy in out, err
+
+    # A new run from its last epoch (round 2), in the same folder, would overwrite it: the
+    # error gives another folder; there, --rounds 2 leaves nothing to train: one more round.
+    code, out, err = run_main(*fast_args(tiny_folder, run, '--init-from', 'last.t7', '--rounds',
+                                         '2', '--epochs', '1', '--no-tensorboard'))
+    assert code == 2 and 'a file this run would overwrite' in err
+    command = printed_command(err)
+    assert command[command.index('--init-from') + 1] == 'checkpoint/stoptest/last.t7'
+    code, out, err = run_main(*command)
+    assert code == 2 and 'is at round 2; with --rounds 2 there is nothing left to train' in err
+    code, out, err = run_main(*printed_command(err))
+    assert code == 0, err
+    assert 'initialised from checkpoint/stoptest/last.t7 (round 2 epoch 0)' in out
+    assert epochs_logged('checkpoint/stoptest-2') == [(2, 0)]
+
+    for name, data in decoy.items():
+        assert (tmp_path / 'checkpoint' / name).read_bytes() == data
+    assert sorted(os.listdir('checkpoint')) == ['last.t7', 'log.jsonl', 'stoptest', 'stoptest-2']
+
+
+# ----------------------------------------------------------------------------- --resume NAME
+@pytest.mark.parametrize('model_dir, name, in_folder, meant', [
+    ('checkpoint/quick', 'checkpoint/quick/ckpt.t7', ckpt.LAST, 'checkpoint/quick/ckpt.t7'),
+    ('checkpoint/', 'checkpoint/quick', ckpt.LAST, 'checkpoint/quick/last.t7'),
+    ('checkpoint/', 'checkpoint/quick', ckpt.BEST, 'checkpoint/quick/ckpt.t7'),
+    ('checkpoint/', 'quick', ckpt.BEST, 'checkpoint/quick/ckpt.t7'),
+    ('checkpoint/quick', 'ckpt.t7', ckpt.LAST, 'checkpoint/quick/ckpt.t7'),     # as released
+    ('checkpoint/quick', 'ckpt_SAND.t7', ckpt.BEST, 'ckpt_SAND.t7'),            # here
+    ('elsewhere', 'last.t7', ckpt.LAST, 'elsewhere/last.t7'),     # model dir first, as released
+])
+def test_resume_and_init_from_names_mean_what_was_meant(tmp_path, monkeypatch, model_dir,
+                                                        name, in_folder, meant):
+    monkeypatch.chdir(tmp_path)
+    for path in ('checkpoint/quick/ckpt.t7', 'checkpoint/quick/last.t7', 'ckpt_SAND.t7',
+                 'last.t7', 'elsewhere/last.t7'):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        open(path, 'w').close()
+    assert ckpt.resolve_path(model_dir, name, in_folder) == meant
+
+
+def test_a_missing_checkpoint_names_both_places(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/checkpoint/quick \(nor '
+                                        r'at checkpoint/quick\)$'):
+        ckpt.resolve_path('checkpoint/', 'checkpoint/quick')
+
+
+# ----------------------------------------------------------------------------- answered at once
+PROBE = '''
+import runpy, sys
+target, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path.insert(0, {root!r})
+code = 'no exit'
+try:
+    if target.endswith('.py'):
+        runpy.run_path(target, run_name='__main__')
+    else:
+        runpy.run_module(target, run_name='__main__', alter_sys=True)
+except SystemExit as exit_:
+    code = exit_.code
+print('torch imported' if 'torch' in sys.modules else 'torch not imported', code)
+'''
+
+
+@pytest.mark.parametrize('argv, code', [
+    (['main.py', '--epcohs', '2'], 2),
+    (['main.py', '--help'], 0),
+    (['lib.embed', '--help'], 0),
+    (['lib.embed', '--ckpt', 'x.t7'], 2),
+    (['lib.retrieve', '--help'], 0),
+    (['lib.linear_probe', '--help'], 0),
+    (['lib.export', '--help'], 0),
+    (['lib.visualize', '--help'], 0),
+    (['lib.visualize'], 2),
+    (['lib.visualize', 'curve', '--help'], 0),
+    (['experiments/compare.py', '--help'], 0),
+    (['bench/compare_curve.py', '--help'], 0),
+    (['bench/epoch_speed.py', '--help'], 0),
+    (['bench/augment_vs_pil.py', '--help'], 0),
+])
+def test_help_and_flag_errors_come_before_torch(argv, code):
+    proc = subprocess.run([sys.executable, '-c', PROBE.format(root=ROOT), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.splitlines()[-1] == f'torch not imported {code}', proc.stderr
+
+
+def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
+    """A torchvision built for another torch fails at import (simulated here by a package
+    that raises what the real mismatch raises): one line, exit code 2."""
+    fake = tmp_path / 'torchvision'
+    fake.mkdir()
+    (fake / '__init__.py').write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
+    for argv in (['main.py', '--epochs', '1'], ['-m', 'lib.embed', '--ckpt', 'x.t7',
+                                                 '--images', '.', '--out', 'x.npz']):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ''
+        assert re.fullmatch(r'error: torch \S+ and torchvision \S+ do not match \(operator '
+                            r'torchvision::nms does not exist\): install a matching pair, e\.g\. '
+                            r'pip install --upgrade torch torchvision .*\n', proc.stderr), \
+            proc.stderr
+
+
+# ----------------------------------------------------------------------------- help texts
+def option_help(parser, flag):
+    """The help text of `flag`, with argparse's %(default)s filled in."""
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    return (action.help or '') % {'default': action.default}
+
+
+def subcommand(parser, name):
+    return next(a for a in parser._actions if a.dest == 'command').choices[name]
+
+
+def test_help_texts_say_what_each_command_does():
+    from experiments import compare
+    from lib import export, linear_probe, visualize
+    analysis = [linear_probe.build_parser(), export.build_parser(),
+                subcommand(visualize.build_parser(), 'retrieval')]
+    for parser in analysis:         # no --dataset flag there to refer to
+        text = option_help(parser, '--data-root')
+        assert '--dataset' not in text and "the checkpoint's" in text, text
+    features = option_help(export.build_parser(), '--features')
+    assert 'kNN' not in features and 'written' in features
+    probe = linear_probe.build_parser()
+    for flag in ('--batch-size', '--weight-decay'):
+        assert len(option_help(probe, flag).split('(default')[0]) > 20, flag
+    compare_parser = compare.build_parser()
+    assert 'main.py' in option_help(compare_parser, '--data-root')
+    curve = subcommand(visualize.build_parser(), 'curve')
+    assert not any('--seed' in a.option_strings for a in curve._actions)
+
+
+def test_visualize_without_a_command_lists_them(capsys):
+    from lib import visualize
+    assert visualize.main([]) == 2
+    err = capsys.readouterr().err.splitlines()
+    listed = [line.split()[0] for line in err if line.startswith('  ')]
+    assert listed == ['retrieval', 'probabilities', 'embedding', 'curve']
+    assert all(len(line.split()) > 3 for line in err if line.startswith('  '))   # a line each
+    assert err[-1] == ('error: no command given: choose one of retrieval, probabilities, '
+                       'embedding, curve')
