@@ -112,7 +112,7 @@ def test_one_live_run_per_model_dir(tiny_folder, tmp_path, run_main, lock_holder
     assert folder_bytes(tmp_path / 'run') == before
     code, out, err = run_main('--resume', 'ckpt.t7', '--model_dir', tmp_path / 'run',
                               '--test_only', '--workers', '0')
-    assert code == 0 and 'kNN accuracy of ckpt.t7' in out, err
+    assert code == 0 and f'kNN accuracy of {tmp_path / "run" / "ckpt.t7"}' in out, err
     assert lib.export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--device', 'cpu',
                             '--out', str(tmp_path / 'test.npz')]) == 0
     holder.send_signal(signal.SIGKILL)
@@ -202,7 +202,7 @@ def test_a_resume_mid_epoch_keeps_the_batch_size_and_seed(tiny_folder, tmp_path,
 
     code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--batch_size', '4')
     assert code == 0 and 'done:' in out, err
-    assert (f"note: --batch_size 4 replaces the run's --batch_size 8 from round 0 epoch 1 on"
+    assert ("note: --batch_size 4 replaces the run's --batch_size 8 from round 0 epoch 1 on"
             in out)
     assert '5 steps of 4 images' in out
     assert drawn == {(0, 0): 16, (0, 1): 20}
