@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .core.step import Batch, local_batch
+
 
 @dataclass
 class World:
@@ -55,6 +57,16 @@ class World:
         batch = local * self.size
         images = torch.arange(local, device=device) + self.rank * local
         return torch.cat([v * batch + images for v in range(views)])
+
+    def gather_batch(self, features, indexes):
+        """The step's global Batch (lib/core/step.py): every process's embeddings (detached)
+        and indexes in the layout one process would have, and where this process's rows sit
+        in it. A single process's batch is its own rows."""
+        if self.size == 1:
+            return local_batch(features, indexes)
+        views = features.shape[0] // indexes.shape[0]
+        return Batch(self.gather_views(features.detach(), views), self.gather(indexes),
+                     self.global_rows(views, indexes.shape[0], features.device))
 
     def sum(self, tensor):
         """In-place sum over ranks (returns `tensor`)."""

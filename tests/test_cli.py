@@ -78,8 +78,8 @@ def test_resume_equals_unbroken_run(tiny_folder, tmp_path, run_main, unbroken_ru
 def test_released_checkpoint_layout_evaluates(tiny_folder, tmp_path, run_main):
     """A file in the released layout (DataParallel `module.` keys, ANs buffers) loads."""
     import models
-    from lib.memory_bank import MemoryBank
-    from lib.neighbourhoods import ANsDiscovery
+    from lib.core.memory_bank import MemoryBank
+    from lib.core.neighbourhoods import ANsDiscovery
     net = models.build_network('resnet18')
     bank = MemoryBank(128, 20, 0.1, 0.5)
     ans = ANsDiscovery(20, 0.25, 1)
@@ -155,7 +155,7 @@ def test_checkpoint_errors(tiny_folder, tmp_path, run_main):
     torch.save({'something': 1}, tmp_path / 'other.t7')
     assert_user_error(run_main('--resume', 'other.t7', *base), 'not a Super-AND checkpoint')
     import models
-    from lib.memory_bank import MemoryBank
+    from lib.core.memory_bank import MemoryBank
     torch.save({'net': models.build_network('resnet18').state_dict(),
                 'npc': MemoryBank(128, 999, 0.1, 0.5).state_dict(), 'ANs_discovery': {},
                 'acc': 0.1, 'round': 0, 'epoch': 0}, tmp_path / 'big.t7')

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import fast_args
-from lib.build import load_trained
-from lib.linear_probe import train_linear_probe
+from lib.analysis import load_trained
+from tools.linear_probe import train_linear_probe
 
 
 @pytest.fixture(scope='module')
@@ -78,7 +78,7 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_linear_probe_and_export_commands(trained_run, tiny_folder, tmp_path, capsys):
-    from lib import export, linear_probe
+    from tools import export, linear_probe
     assert linear_probe.main(['--ckpt', str(trained_run / 'ckpt.t7'), '--data-root',
                               tiny_folder, '--epochs', '5', '--device', 'cpu']) == 0
     assert re.search(r'linear probe on backbone features \(1024-d, 20 train / 10 test images',
@@ -145,13 +145,13 @@ def test_no_tensorboard_flag(tiny_folder, tmp_path, run_main):
 
 def test_evaluation_is_float32_whatever_the_training_precision(trained_run, tiny_folder,
                                                                run_main, monkeypatch):
-    import lib.evaluate
-    seen, real = [], lib.evaluate.embed
+    import lib.core.knn
+    seen, real = [], lib.core.knn.embed
 
     def spy(net, batches, precision='fp32'):
         seen.append(precision)
         return real(net, batches, precision)
-    monkeypatch.setattr(lib.evaluate, 'embed', spy)
+    monkeypatch.setattr(lib.core.knn, 'embed', spy)
     code, _, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', trained_run,
                             '--data-root', tiny_folder, '--precision', 'bf16',
                             '--knn-features', 'network')
@@ -163,7 +163,7 @@ def test_evaluation_is_float32_whatever_the_training_precision(trained_run, tiny
 
 
 def test_float32_evaluation_turns_tf32_off_on_cuda():
-    from lib.evaluate import exact_float32
+    from lib.core.knn import exact_float32
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:

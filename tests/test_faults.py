@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lib.checkpoint
-import lib.train
+import lib.core.losses
 from conftest import (ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args)
 
 
@@ -113,13 +113,13 @@ def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
                                                                    run_main, monkeypatch):
-    real_ue_loss, calls = lib.train.ue_loss, []
+    real_ue_loss, calls = lib.core.losses.ue_loss, []
 
     def poisoned(logits, targets):          # NaN from the 4th step on (epoch 1, step 1)
         calls.append(1)
         loss = real_ue_loss(logits, targets)
         return loss * float('nan') if len(calls) >= 4 else loss
-    monkeypatch.setattr(lib.train, 'ue_loss', poisoned)
+    monkeypatch.setattr(lib.core.losses, 'ue_loss', poisoned)
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs',
                                          '3'))
     assert code == 2
@@ -130,7 +130,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, t
     assert state['next'] == {'round': 0, 'epoch': 1, 'step': 0}
     assert torch.isfinite(state['npc']['memory']).all()
     # The command it suggests continues this run from there with a tenth of the lr.
-    monkeypatch.setattr(lib.train, 'ue_loss', real_ue_loss)
+    monkeypatch.setattr(lib.core.losses, 'ue_loss', real_ue_loss)
     command = shlex.split(err[err.index('python3 main.py'):].splitlines()[0])
     assert command[:2] == ['python3', 'main.py']
     code, out, err = run_main(*command[2:])
@@ -159,13 +159,12 @@ def test_full_disk_fails_at_start(tiny_folder, tmp_path, run_main, monkeypatch):
 FAILING_RANK = '''
 import os, sys
 sys.path.insert(0, {root!r})
-import lib.train
 import main
 from lib.errors import UserError
 if os.environ['RANK'] == '1':
     def fail(*args, **kwargs):
         raise UserError('injected failure on rank 1')
-    lib.train.Trainer.train_epoch = fail
+    main.run_epoch = fail
 sys.exit(main.main(sys.argv[1:]))
 '''
 

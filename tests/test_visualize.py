@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import fast_args
-from lib import figures as vis
-from lib import visualize
+from tools import figures as vis
+from tools import visualize
 from lib.errors import UserError
 from lib.run_log import epoch_records
-from lib.build import load_trained
+from lib.analysis import load_trained
 
 RED, GRAY, BLUE = (255, 0, 0), (200, 200, 200), (0, 0, 255)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import CHUNK_FLOATS
+from .constants import CHUNK_FLOATS
 
 
 def default_chunk_rows(num_entries):

@@ -10,8 +10,8 @@ absolute epochs, whatever the round length.
 import math
 from dataclasses import dataclass
 
-from .config import (LR_DECAY_EVERY, LR_DECAY_FACTOR, LR_DECAY_START, LR_STEP_FRACTIONS,
-                     UE_STEP_FRACTIONS, UE_WEIGHT_EVERY, UE_WEIGHT_STEP)
+from .constants import (LR_DECAY_EVERY, LR_DECAY_FACTOR, LR_DECAY_START, LR_STEP_FRACTIONS,
+                        UE_STEP_FRACTIONS, UE_WEIGHT_EVERY, UE_WEIGHT_STEP)
 
 SCHEDULES = ('scaled', 'released')
 
@@ -66,28 +66,8 @@ class Schedule:
         """Whether the UE weight is above 0 in some epoch of the round."""
         return any(self.ue_weight(epoch) > 0 for epoch in range(self.epochs))
 
-    def describe(self, base_lr, ue_loss=True):
-        """One line: the lr (and with `ue_loss` the UE weight) from the round's start and at
-        each change."""
-        def changes(value):
-            steps = sorted({s for s in self.lr_steps + self.ue_steps if 0 < s < self.epochs})
-            text, last = f'{value(0):g}', value(0)
-            for step in steps:
-                if value(step) != last:
-                    text += f', {value(step):g} from epoch {step}'
-                    last = value(step)
-            return text
-        lr = changes(lambda epoch: self.learning_rate(base_lr, epoch))
-        ue = changes(lambda epoch: round(self.ue_weight(epoch), 10))
-        origin = ('released, absolute epochs' if self.kind == 'released'
-                  else 'scaled to the round: 0.4, 0.6, 0.8 of it')
-        epochs = f'{self.epochs} epoch' + ('' if self.epochs == 1 else 's')
-        if not ue_loss:
-            return f'schedule per round of {epochs} ({origin}): lr {lr}'
-        return (f'schedule per round of {epochs} ({origin}): lr {lr}; UE weight {ue}'
-                + (' throughout' if ',' not in ue else ''))
 
-
-def set_learning_rate(optimizer, lr):
+def set_learning_rate(optimizer, lr: float) -> None:
+    """Every parameter group of `optimizer` at learning rate `lr`."""
     for group in optimizer.param_groups:
         group['lr'] = lr
