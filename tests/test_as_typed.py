@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, fast_args
+from conftest import MECHANICS, ROOT, fast_args
 from lib import checkpoint as ckpt
 from lib.errors import UserError
 
@@ -44,8 +44,9 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
         (tmp_path / 'checkpoint' / name).write_bytes(data)
     run = 'checkpoint/stoptest/'            # (a trailing slash: no // in what is printed)
 
-    code, out, err = run_main(*fast_args(tiny_folder, run, '--rounds', '2', '--epochs', '1',
-                                         '--stop-after', '1', '--no-tensorboard'))
+    code, out, err = run_main(*fast_args(tiny_folder, run, *MECHANICS, '--rounds', '2',
+                                         '--epochs', '1', '--stop-after', '1',
+                                         '--no-tensorboard'))
     assert code == 0, err
     assert 'logs in checkpoint/stoptest/log.jsonl' in out and '//' not in out
     assert 'continue with: python3 main.py --model_dir checkpoint/stoptest/ --resume last.t7' \

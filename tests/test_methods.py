@@ -186,15 +186,15 @@ def test_compare_script_writes_a_table(tiny_folder, tmp_path):
     from conftest import ROOT
     out_file = tmp_path / 'table.md'
     proc = subprocess.run(
-        [sys.executable, 'experiments/compare.py', '--runs', 'lemniscate:cifar10:resnet18:2',
-         'and:cifar10:resnet18:2', '--data-root', tiny_folder, '--work-dir', tmp_path,
+        [sys.executable, 'experiments/compare.py', '--runs', 'lemniscate:cifar10:alexnet:2',
+         'and:cifar10:alexnet:2', '--data-root', tiny_folder, '--work-dir', tmp_path,
          '--out', out_file, '--extra',
          '--batch_size 8 --workers 0 --device cpu --no-tensorboard'],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = out_file.read_text().splitlines()
     assert rows[0].startswith('| method | dataset | network | rounds x epochs | final')
-    assert rows[2].startswith('| lemniscate | cifar10 | resnet18 | 1 x 2 | ')
-    assert rows[3].startswith('| and | cifar10 | resnet18 | 2 x 1 | ')
+    assert rows[2].startswith('| lemniscate | cifar10 | alexnet | 1 x 2 | ')
+    assert rows[3].startswith('| and | cifar10 | alexnet | 2 x 1 | ')
     assert 'failed' not in out_file.read_text()
-    assert (tmp_path / 'and_cifar10_resnet18_2' / 'ckpt.t7').exists()
+    assert (tmp_path / 'and_cifar10_alexnet_2' / 'ckpt.t7').exists()

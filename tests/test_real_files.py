@@ -507,8 +507,8 @@ def zipped(name, content):
     ('ckpt_SAND.t7', b'<!DOCTYPE html>\n<html><body>Sign in</body></html>',
      'is an HTML page, not a PyTorch checkpoint: a download that got a web page'),
     ('comment.t7', b'<!-- saved from a browser -->\n<html></html>', 'is an HTML page'),
-    ('ckpt.t7.gz', gzip.compress(b'x' * 100), 'is a gzip archive, not a PyTorch checkpoint: '
-                                               'unpack it'),
+    ('ckpt.t7.gz', gzip.compress(b'x' * 100, mtime=0),
+     'is a gzip archive, not a PyTorch checkpoint: unpack it'),
     ('ckpt.zip', zipped('ckpt_SAND.t7', b'x' * 100),
      'is a zip archive holding ckpt_SAND.t7, not a PyTorch checkpoint: unpack it'),
     ('lfs.t7', b'version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n',

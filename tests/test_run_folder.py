@@ -21,7 +21,7 @@ import tools.export
 import lib.pipelines
 import lib.run_log
 import tools.visualize
-from conftest import ROOT, fast_args
+from conftest import MECHANICS, ROOT, fast_args
 from lib.errors import UserError
 from lib.run_lock import acquire
 
@@ -95,7 +95,7 @@ def test_one_live_run_per_model_dir(tiny_folder, tmp_path, run_main, lock_holder
     """Training, resuming and --init-from are refused while a run holds the folder, without
     touching it; --test_only and the analysis commands only read, and go on; once the holder is
     killed, the folder is free."""
-    flags = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet']
+    flags = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', *flags))
     assert code == 0, err
     (tmp_path / 'other').mkdir()
@@ -167,8 +167,8 @@ def test_a_resume_mid_epoch_keeps_the_batch_size_and_seed(tiny_folder, tmp_path,
     On the way, a cut-off last line of log.jsonl (a run killed while appending) is kept apart
     from the next record."""
     drawn.stop_at = 1
-    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '2',
-                                         '--seed', '5', '--no-tensorboard'))
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '2', '--seed', '5', '--no-tensorboard'))
     assert code == 0 and 'stopped by SIGTERM at round 0 epoch 0 step 1' in out, err
     assert drawn == {(0, 0): 8}
     assert torch.load(tmp_path / 'last.t7', weights_only=True)['next']['step'] == 1

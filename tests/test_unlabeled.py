@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fast_args
+from conftest import MECHANICS, fast_args
 from tools import embed, retrieve
 
 
@@ -31,8 +31,8 @@ def flat_run(tmp_path_factory):
     import main
     root = write_flat_folder(tmp_path_factory.mktemp('flat'))
     model_dir = tmp_path_factory.mktemp('flat_run')
-    code = main.main(fast_args(root, model_dir, '--dataset', 'folder', '--rounds', '2',
-                               '--epochs', '1', '--batch_size', '4', '--no-tensorboard'))
+    code = main.main(fast_args(root, model_dir, *MECHANICS, '--dataset', 'folder', '--rounds',
+                               '2', '--epochs', '1', '--batch_size', '4', '--no-tensorboard'))
     assert code == 0
     return root, model_dir
 
