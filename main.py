@@ -57,7 +57,7 @@ def run(flags, world):
     if checkpoint is not None:
         checkpoint.restore_method(method, data.train.fingerprint, say)
     if config.test_only:
-        top1, top5 = build.evaluate(config, method, data, world, say)
+        top1, top5 = build.evaluate(config, method, data, world)
         say(console.test_only_line(checkpoint, top1, top5))
         return
     train(config, settings, world, method, data, checkpoint, say)
@@ -163,7 +163,7 @@ def train_one_epoch(run, round_index, epoch, stop):
         run.writer.wait()
         run.say(console.stopped_line(config, stop.name, round_index, epoch, result.steps))
         return False
-    accuracy = build.evaluate(config, run.method, run.data, run.world, run.say)
+    accuracy = build.evaluate(config, run.method, run.data, run.world)
     is_best = progress.record(round_index, epoch, accuracy[0] if accuracy else None)
     run.save(is_best, ckpt.following(round_index, epoch, config.epochs))
     record = epoch_record(config, run.method, run.data, progress, round_index, epoch, lr,

@@ -192,7 +192,7 @@ def run_data(opts, settings, world, say):
     return RunData(train, test, mean, std, pipeline, knn, labels, stats_rows)
 
 
-def evaluate(opts, method, data, world, say):
+def evaluate(opts, method, data, world):
     """kNN top-1 and top-5 (fractions) of the run's evaluation data, or None without labels."""
     if data.knn is None:
         return None

@@ -163,3 +163,15 @@ def test_init_from_refuses_to_overwrite_its_source(tiny_folder, tmp_path, run_ma
     code, _, err = run_main('--init-from', 'ckpt.t7', '--model_dir', tmp_path)
     assert code == 2 and 'would overwrite' in err and 'another folder' in err
     assert (tmp_path / 'ckpt.t7').read_bytes() == before
+
+
+def test_a_last_t7_of_the_earlier_layout_keeps_its_loss_sums_by_name():
+    """last.t7 files written before losses were kept by name held a part-done epoch's sums as
+    a list [AND, aug, UE] (zeros for the losses a run did not take)."""
+    older = {'next': {'round': 0, 'epoch': 1, 'step': 4, 'loss_sums': [17.5, 7.5, 9.25]},
+             'round': 0, 'epoch': 0, 'acc': 0.1}
+    progress = lib.checkpoint.progress_of(older)
+    assert progress.loss_sums == {'and': 17.5, 'aug': 7.5, 'ue': 9.25}
+    assert (progress.round, progress.epoch, progress.step) == (0, 1, 4)
+    newer = {**older, 'format': 2, 'next': {**older['next'], 'loss_sums': {'and': 1.0}}}
+    assert lib.checkpoint.progress_of(newer).loss_sums == {'and': 1.0}

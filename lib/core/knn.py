@@ -50,7 +50,8 @@ def knn_scores(queries: torch.Tensor, train_features: torch.Tensor, train_labels
 
 
 @torch.no_grad()
-def class_scores(queries, train_features, train_labels, num_classes, k=KNN_K, sigma=KNN_SIGMA):
+def class_scores(queries: torch.Tensor, train_features: torch.Tensor, train_labels: torch.Tensor,
+                 num_classes: int, k: int = KNN_K, sigma: float = KNN_SIGMA) -> torch.Tensor:
     """Q x C weighted-kNN class scores (`knn_scores`), the queries taken in chunks, so a
     whole Q x N similarity matrix is never held (ImageNet size: 1.3M columns)."""
     chunk = _chunk_rows(train_features.shape[0])
@@ -74,15 +75,16 @@ def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list
 
 
 @torch.no_grad()
-def knn_correct(test_features, test_targets, train_features, train_labels, num_classes,
-                k=KNN_K, sigma=KNN_SIGMA):
+def knn_correct(test_features: torch.Tensor, test_targets: torch.Tensor,
+                train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+                k: int = KNN_K, sigma: float = KNN_SIGMA) -> torch.Tensor:
     """Numbers of test rows right at top-1 and at top-5 (a 2-vector on the device)."""
     scores = class_scores(test_features, train_features, train_labels, num_classes, k, sigma)
     return torch.stack(topk_correct(scores, test_targets)).float()
 
 
 @torch.no_grad()
-def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int):
+def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple:
     """(Q x k similarities, Q x k positions in `keys`), most similar first: the retrieval's and
     the figures' top-k. queries: Q x D, keys: N x D; unit rows make the dot product a cosine.
     Taken in chunks of queries."""
@@ -108,7 +110,7 @@ def exact_float32(device):
 
 
 @torch.no_grad()
-def embed(net, batches, precision='fp32'):
+def embed(net: torch.nn.Module, batches, precision: str = 'fp32') -> tuple:
     """Eval-mode embeddings of every batch of `(images, targets)`: (M x D float32, M targets)."""
     was_training = net.training
     net.eval()
@@ -143,7 +145,8 @@ def _shard(world, count):
     return (0, count) if world is None else world.shard(count)
 
 
-def training_features(net, bank, data, world=None, precision='fp32', progress=None):
+def training_features(net: torch.nn.Module, bank, data: KnnData, world=None,
+                      precision: str = 'fp32', progress=None) -> torch.Tensor:
     """N x D: the kNN's training side, the bank or the network's embeddings of the training
     images (test transform, eval mode; always for runs without a bank). With several processes
     each embeds a share and all get every row. `progress` wraps the batches (a progress bar)."""
@@ -156,8 +159,9 @@ def training_features(net, bank, data, world=None, precision='fp32', progress=No
     return features if world is None else world.gather_rows(features, count)
 
 
-def knn_evaluate(net, bank, data, k=KNN_K, sigma=KNN_SIGMA, world=None, precision='fp32',
-                 progress=None):
+def knn_evaluate(net: torch.nn.Module, bank, data: KnnData, k: int = KNN_K,
+                 sigma: float = KNN_SIGMA, world=None, precision: str = 'fp32',
+                 progress=None) -> tuple:
     """Weighted-kNN top-1 and top-5 (fractions) of the test split against the training side.
     With several processes each embeds a share of the test images and the counts are summed."""
     train_features = training_features(net, bank, data, world, precision, progress)
