@@ -15,7 +15,7 @@ dependencies = ['torch', 'torchvision']
 
 import models  # noqa: E402
 from datasets import image_transform  # noqa: E402
-from lib.build import load_network  # noqa: E402
+from lib.analysis import load_network  # noqa: E402
 
 
 def _with_input_settings(module, loaded):

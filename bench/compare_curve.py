@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib import cli  # noqa: E402
-from lib.config import PUBLISHED_EPOCHS, PUBLISHED_TOP1  # noqa: E402
+from lib.published import PUBLISHED_EPOCHS, PUBLISHED_TOP1  # noqa: E402
 from lib.run_log import epoch_records  # noqa: E402
 
 

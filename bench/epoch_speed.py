@@ -28,8 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
-from lib.config import DEFAULTS  # noqa: E402
-from lib.recipes import RECIPES, resolve  # noqa: E402
+from lib.core.constants import ALGORITHM  # noqa: E402
+from lib.core.recipes import RECIPES  # noqa: E402
 
 PHASES = ('aug', 'step', 'bank', 'train', 'net', 'knn', 'ans')
 
@@ -46,7 +46,7 @@ def parse_args():
                    help='classes of the synthetic labels (default: %(default)s)')
     p.add_argument('--network', default='resnet18')
     p.add_argument('--method', default='super-and', choices=sorted(RECIPES))
-    p.add_argument('--batch_size', type=int, default=DEFAULTS['batch_size'])
+    p.add_argument('--batch_size', type=int, default=ALGORITHM['batch_size'])
     p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
     p.add_argument('--pipeline', default='auto', choices=('auto', 'gpu', 'cpu'))
     p.add_argument('--precision', default='auto', choices=('auto', 'bf16', 'fp32'))
@@ -60,7 +60,7 @@ def parse_args():
                    help='untimed steps first (default: 20 on CUDA, 1 on the CPU)')
     p.add_argument('--phases', default=','.join(PHASES),
                    help='comma-separated subset of ' + ','.join(PHASES))
-    p.add_argument('--ans-round', dest='ans_round', type=int, default=DEFAULTS['rounds'] - 1,
+    p.add_argument('--ans-round', dest='ans_round', type=int, default=ALGORITHM['rounds'] - 1,
                    help='round whose anchors are discovered (default: %(default)s, the largest)')
     args = p.parse_args()
     args.phases = [x for x in args.phases.split(',') if x]
@@ -76,18 +76,21 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.build import (build_optimizer, build_pipeline, build_trainer,  # noqa: E402
-                       default_options, device_settings, load_data, normalisation)
-from lib.evaluate import KnnData, knn_evaluate  # noqa: E402
+from lib.build import (build_optimizer, build_pipeline, device_settings,  # noqa: E402
+                       load_data, loss_weights, normalisation)
+from lib.config import defaults  # noqa: E402
+from lib.core.knn import KnnData, knn_evaluate  # noqa: E402
+from lib.core.step import train_step  # noqa: E402
+from lib.engine import run_epoch  # noqa: E402
+from lib.fast_path import step_parts  # noqa: E402
+from lib.distributed import World  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
 
 
 def options(args):
-    """The run options lib.build expects: the released defaults, the method's recipe and this
-    script's choices."""
-    opts = default_options(**vars(args))
-    resolve(opts)
-    return opts
+    """The run's configuration as lib.build expects it: the released defaults, the method's
+    recipe and this script's choices."""
+    return defaults(**vars(args))      # (defaults() keeps only the run's options)
 
 
 def synthetic_sets(n_train, n_test, train_images=True, classes=10, seed=0):
@@ -199,7 +202,8 @@ def main():
 
     if training:
         optimizer = build_optimizer(opts, net)
-        trainer = build_trainer(opts, settings, net, method, optimizer)
+        parts = step_parts(opts, settings, method, optimizer, World())
+        weights = loss_weights(opts, 0.0)
         net.train()
         stream = endless_batches(pipeline)
         views, indexes = next(stream)
@@ -213,12 +217,17 @@ def main():
         report('bank', 'memory-bank update', timer(lambda: bank.update(features, indexes), steps,
                                                    warmup) * scale)
     if 'step' in args.phases:
-        per_step = timer(lambda: trainer.step(views, indexes), steps, warmup)
+        def one_step():
+            if parts.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            train_step(parts.net, parts.step_losses, optimizer, views, indexes, weights,
+                       parts.gather)
+        per_step = timer(one_step, steps, warmup)
         report('step', 'forward + losses + backward + SGD', per_step * scale
                - seconds.get('bank', 0.0))
     if 'train' in args.phases:
         def train_steps():
-            trainer.train_epoch(itertools.islice(stream, steps), 0.0)
+            run_epoch(parts, itertools.islice(stream, steps), weights)
         per_call = timer(train_steps, 1, 1)
         report('train', 'whole training steps (as main.py)', per_call / steps * steps_per_epoch)
         print(f'  {"images per second (training)":<44s} {len(train) / seconds["train"]:8.0f}')

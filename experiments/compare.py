@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from lib import cli  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.recipes import RECIPES  # noqa: E402
+from lib.core.recipes import RECIPES  # noqa: E402
 from lib.run_log import last_of, read_records  # noqa: E402
 
 DEFAULT_RUNS = [f'{m}:cifar10:resnet18:20' for m in ('lemniscate', 'isif', 'and', 'super-and')]
@@ -35,10 +35,10 @@ def build_parser():
                         'CIFAR-10, ResNet18, 20 epochs)')
     p.add_argument('--rounds', type=cli.POSITIVE_INT, default=2,
                    help='rounds of the methods that have rounds (default: %(default)s)')
-    p.add_argument('--data-root', dest='data_root', default='./data',
+    p.add_argument(*cli.spellings('--data-root'), dest='data_root', default='./data',
                    help='the data of every run, as main.py\'s --data-root (default: '
                         '%(default)s)')
-    p.add_argument('--work-dir', dest='work_dir', default='checkpoint/compare',
+    p.add_argument(*cli.spellings('--work-dir'), dest='work_dir', default='checkpoint/compare',
                    help='logs and checkpoints, one folder per run (default: %(default)s)')
     p.add_argument('--out', default=None,
                    help='markdown table file (default: WORK_DIR/results.md)')

@@ -1,34 +1,26 @@
-"""Building a run's parts from its options (an argparse namespace or any object with the
-same attributes): device settings, data, the method's state, pipeline, optimizer, trainer;
-and loading a checkpoint with its data for analysis.
+"""Building a run's parts from its configuration (a lib.config.RunConfig, or any object with
+the same attributes): device settings, data and its pipelines, the optimizer, the losses'
+weights, and the kNN evaluation of the run's data.
 
-`main.py`, `bench/`, `experiments/`, `hubconf.py` and the analysis commands all build through
+`main.py`, `bench/`, `experiments/` and the analysis loading (lib/analysis.py) all build through
 here, so they train and evaluate the same thing.
 """
+import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 import datasets
-import models
 
-from . import checkpoint as ckpt
-from .config import DEFAULTS, RUN_DEFAULTS
+from . import console
+from .core.knn import KnnData, knn_evaluate
+from .core.losses import active_losses
 from .errors import UserError
-from .evaluate import KnnData, embed, training_features
-from .method_state import MethodState, clean_state_dict
 from .pipelines import LoaderPipeline, TensorPipeline
 from .progress import progress_bar
-from .recipes import COMPONENTS, resolve
-from .train import Objective, Trainer
 
-
-def default_options(**overrides):
-    """A run's options as `main.py` would default them, with `overrides` applied."""
-    # Components (rounds among them) stay None for the method's recipe to fill.
-    return SimpleNamespace(**{**DEFAULTS, **RUN_DEFAULTS, **{name: None for name in COMPONENTS},
-                              **overrides})
+BANK_STATS_ROWS = 1024      # bank entries whose statistics runs without labels report: drawn
+                            # once with the seed, a few hundredths of a second per epoch
 
 
 @dataclass(frozen=True)
@@ -146,132 +138,80 @@ def distribute(opts, net, world):
         net, device_ids=[world.local_rank] if cuda else None)
 
 
-def build_trainer(opts, settings, net, method, optimizer, world=None):
-    """The Trainer of `net` (the network, or its DDP wrapper) and the method's bank and
-    anchors."""
-    objective = Objective(views=opts.views, bank_loss=opts.bank, aug_loss=opts.aug_loss,
-                          aug_input=opts.aug_input, ue_loss=opts.ue_loss, batch_t=opts.batch_t,
-                          batch_m=opts.batch_m)
-    return Trainer(net, method.bank, method.anchors, optimizer, objective,
-                   precision=settings.precision, channels_last=settings.cuda,
-                   compile_mode=settings.compile, world=world)
+def loss_weights(opts, ue_weight):
+    """{name: weight} of the losses the run takes: 1 each, the UE loss the schedule's weight
+    of this epoch (docs/ALGORITHM.md 5: total = AND + augmentation + weight * UE)."""
+    return {name: ue_weight if name == 'ue' else 1.0 for name in active_losses(opts)}
 
 
-# ----------------------------------------------------------------------------- analysis
+# ----------------------------------------------------------------------------- the run's data
 @dataclass
-class LoadedNetwork:
-    """A checkpoint's network (eval mode) and the input it was trained on."""
-    net: torch.nn.Module
-    mean: tuple
-    std: tuple
-    image_size: int
-    config: dict            # the checkpoint's stored options ({} for a released file)
-
-
-def load_network(path=None, device='cpu', network=None, low_dim=None, sobel=None, stem=None):
-    """The network of the checkpoint at `path` (built from its stored options, else from what
-    its weights show: released files), without its data; or, with no path, an untrained network
-    of the given (else released) shape."""
-    config, weights = {}, None
-    if path is not None:
-        state = ckpt.load(path)
-        weights = clean_state_dict(state['net'])
-        spec = models.weights_spec(weights)
-        stored = {k: v for k, v in (state.get('config') or {}).items() if v is not None}
-        config = {'network': spec['name'], 'sobel': spec['sobel'], 'stem': spec['stem'],
-                  'low_dim': spec['low_dim'], **stored}
-    image_size = config.get('image_size', RUN_DEFAULTS['image_size'])
-    stem = stem or config.get('stem') or 'auto'
-    net = models.build_network(network or config.get('network') or DEFAULTS['network'],
-                               low_dim or config.get('low_dim') or DEFAULTS['low_dim'],
-                               sobel=config.get('sobel', True) if sobel is None else sobel,
-                               stem=models.default_stem(image_size) if stem == 'auto' else stem)
-    if weights is not None:
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError:
-            raise UserError(f'checkpoint {path} holds {models.describe_weights(weights)}, which '
-                            f'this program cannot build') from None
-    mean, std = datasets.MEAN_STD.get(config.get('dataset'), datasets.MEAN_STD['cifar10'])
-    return LoadedNetwork(net.to(device).eval(), tuple(config.get('mean') or mean),
-                         tuple(config.get('std') or std), image_size, config)
-
-
-
-@dataclass
-class Trained:
-    """A checkpoint loaded with the data and network it was trained on, for analysis."""
-    opts: SimpleNamespace
-    state: dict
-    method: MethodState
+class RunData:
+    """The data of a run and what reads it."""
     train: datasets.ImageSet
-    test: datasets.ImageSet            # None for a run on unlabeled images
-    pipeline: object
-    device: torch.device
-    mean: tuple = None
-    std: tuple = None
-
-    @property
-    def net(self):
-        return self.method.net
-
-    @property
-    def bank(self):
-        return self.method.bank
-
-    def embeddings(self, split, source='network', show=False):
-        """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the
-        test transform (float32), or for the training split also the memory bank
-        (`source='bank'`). `show`: a progress bar on a terminal."""
-        if source == 'bank':
-            if split != 'train' or self.bank is None:
-                raise UserError('bank features exist for the training split of a run with a '
-                                'memory bank only')
-            labels = torch.from_numpy(self.train.targets).to(self.device)
-            data = KnnData(self.pipeline, labels, len(self.train.classes), 'bank')
-            return training_features(self.net, self.bank, data), labels
-        if split == 'test' and self.test is None:
-            raise UserError('this checkpoint was trained on unlabeled images: there is no test '
-                            'split')
-        count = len(self.test if split == 'test' else self.train)
-        return embed(self.net, progress_bar(self.pipeline.eval_batches(split),
-                                            total=-(-count // self.pipeline.eval_batch),
-                                            desc=f'embed {split}', enabled=show, unit='batch'))
+    test: datasets.ImageSet         # None for unlabeled images
+    mean: tuple                     # the normalisation the run uses
+    std: tuple
+    pipeline: object                # LoaderPipeline or TensorPipeline of train and test
+    knn: KnnData                    # None: no labels to evaluate with
+    labels: torch.Tensor            # training labels (None when unlabeled): diagnostics only
+    stats_rows: torch.Tensor        # without labels: the bank entries whose statistics are said
 
 
-def load_trained(path, say=print, **overrides):
-    """Load the checkpoint at `path` with the options it was trained with (its stored config,
-    else the released defaults), `overrides` (e.g. data_root, device) applied on top. Its bank
-    is checked against the data found (the fingerprint); `say` gets the one note when a file
-    has none."""
-    state = ckpt.load(path)
-    stored = {k: v for k, v in (state.get('config') or {}).items() if k != 'given'}
-    opts = default_options(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
-                              **overrides})
-    if opts.knn_features == 'recompute':          # the word older checkpoints stored
-        opts.knn_features = 'network'
-    resolve(opts)
-    settings = device_settings(opts)
+def run_data(opts, settings, world, say):
+    """The RunData of a run, with the lines that describe it said: files skipped and how the
+    others were read, the data line, --eval-root's data, warnings about the kNN."""
     train, test = load_data(opts)
-    note = ckpt.check_data(state, train.fingerprint, path)
-    if note:
-        say(note)
-    for line in train.notes:
-        say(line)
+    console.report_reading(train, say)
     mean, std = normalisation(opts, train)
-    method = MethodState.build(opts, len(train), settings.device)
-    method.load(state, path)
-    method.net.eval()
-    pipeline = build_pipeline(opts, settings, train, test, mean, std)
-    return Trained(opts, state, method, train, test, pipeline, settings.device, mean, std)
+    say(console.data_line(opts, train, test, mean, std))
+    if opts.eval_root and train.labelled:
+        raise UserError('--eval-root is for runs on unlabeled images; this data has labels')
+    pipeline = build_pipeline(opts, settings, train, test, mean, std, world)
+    device = settings.device
+    knn = labels = stats_rows = None
+    if train.labelled:
+        labels = torch.from_numpy(train.targets).to(device)
+        knn = KnnData(pipeline, labels, len(train.classes), opts.knn_features)
+    elif opts.eval_root:
+        eval_train, eval_test = load_eval_data(opts)
+        say(console.eval_root_line(opts, eval_train, eval_test))
+        console.report_reading(eval_train, say)
+        eval_pipeline = build_pipeline(opts, settings, eval_train, eval_test, mean, std, world)
+        knn = KnnData(eval_pipeline, torch.from_numpy(eval_train.targets).to(device),
+                      len(eval_train.classes), 'network')
+    if knn is None and opts.test_only:
+        raise UserError('these training images have no labels, so there is no kNN accuracy: '
+                        'give --eval-root DIR, a labelled train/<class>/*, test/<class>/* tree')
+    if knn is None:
+        generator = torch.Generator().manual_seed(opts.seed)
+        rows = torch.randperm(len(train), generator=generator)[:BANK_STATS_ROWS]
+        stats_rows = rows.sort().values.to(device)
+    for warning in console.knn_warnings(opts, knn):
+        say(warning)
+    return RunData(train, test, mean, std, pipeline, knn, labels, stats_rows)
 
 
-def load_for_analysis(path, data_root=None, subset=None, device='auto', say=print):
-    """`load_trained` as the analysis commands (linear probe, export, figures) call it: the
-    data root and subset are the checkpoint's unless given; no loader processes."""
-    overrides = dict(device=device, workers=0)
-    if data_root is not None:
-        overrides['data_root'] = data_root
-    if subset is not None:
-        overrides['subset'] = subset
-    return load_trained(path, say=say, **overrides)
+def evaluate(opts, method, data, world):
+    """kNN top-1 and top-5 (fractions) of the run's evaluation data, or None without labels."""
+    if data.knn is None:
+        return None
+    show = not opts.quiet and world.main
+    return knn_evaluate(method.net, method.bank, data.knn, opts.knn_k, opts.knn_sigma, world,
+                        opts.eval_precision,
+                        lambda batches, desc: progress_bar(batches, desc=desc, enabled=show))
+
+
+def discover_anchors(method, round_index, labels, world):
+    """This round's anchors (MethodState.discover_anchors), and the record of the round: how
+    many, the (anchor, neighbour) label consistency (% or None without labels), their mean
+    cosine in the bank, seconds."""
+    started = time.time()
+    method.discover_anchors(round_index, labels, world)
+    anchors = method.anchors
+    return dict(round=round_index, anchors=anchors.num_anchors, entries=anchors.num_entries,
+                consistency=None if labels is None else 100 * float(anchors.consistency),
+                neighbour_similarity=anchors.neighbour_similarity(method.bank.memory),
+                seconds=time.time() - started)
+
+

@@ -175,6 +175,32 @@ def prepare_model_dir(model_dir, checkpoint_bytes):
     return lock
 
 
+class NoLock:
+    """What the processes other than rank 0 hold of the run's folder: nothing."""
+    note = None
+
+    def release(self):
+        pass
+
+
+def take_model_dir(model_dir, checkpoint_bytes, world, say):
+    """`prepare_model_dir` on rank 0 (the process that writes), checked once; every process
+    stops with its UserError if it fails. Returns rank 0's RunLock (its note, on a system
+    without file locks, said), or a NoLock."""
+    problem, lock = None, NoLock()
+    if world.main:
+        try:
+            lock = prepare_model_dir(model_dir, checkpoint_bytes)
+        except UserError as err:
+            problem = str(err)
+    problem = world.share(problem)
+    if problem:
+        raise UserError(problem)
+    if lock.note:
+        say(lock.note)
+    return lock
+
+
 def remove_dead_temporaries(model_dir):
     """Remove the `*.t7.tmp<pid>` files of processes that no longer exist (a run killed while
     writing); a live process's file is its checkpoint being written, and is left alone."""
@@ -221,7 +247,7 @@ class Progress:
     round: int = 0
     epoch: int = 0
     step: int = 0                       # > 0: continue inside the epoch (after a stop signal)
-    loss_sums: list = None              # the loss sums of the epoch's first `step` steps
+    loss_sums: dict = None              # {loss name: sum} of the epoch's first `step` steps
     acc: float = None
     best_acc: float = None
     best_round: int = None
@@ -245,8 +271,11 @@ class Progress:
 
 
 def following(round_index, epoch, epochs):
-    """The (round, epoch) after `epoch` of `round_index` in rounds of `epochs` epochs."""
-    return (round_index, epoch + 1) if epoch + 1 < epochs else (round_index + 1, 0)
+    """The position (round, epoch, step 0) after `epoch` of `round_index` in rounds of
+    `epochs` epochs: where a last.t7 written at its end continues."""
+    if epoch + 1 < epochs:
+        return dict(round=round_index, epoch=epoch + 1, step=0)
+    return dict(round=round_index + 1, epoch=0, step=0)
 
 
 # ----------------------------------------------------------------------------- the formats
@@ -260,7 +289,8 @@ def last_state(method, optimizer, progress, next_position, config, fingerprint):
     """last.t7: ckpt.t7's keys, plus the optimizer, the random states, where to continue
     (`next_position`: round, epoch, step and, mid-epoch, loss_sums) and the best so far."""
     state = best_state(method, progress, config, fingerprint)
-    state.update(optimizer=optimizer.state_dict(), rng=rng_state(), next=next_position,
+    state.update(format=LAST_FORMAT, optimizer=optimizer.state_dict(), rng=rng_state(),
+                 next=next_position,
                  best={'acc': progress.best_acc, 'round': progress.best_round,
                        'epoch': progress.best_epoch})
     return state
@@ -388,14 +418,22 @@ def can_continue(state):
     return 'optimizer' in state and 'next' in state
 
 
+# last.t7's layout: 2 keeps the loss sums of a part-done epoch by name. The files of version 1
+# (no `format` key) kept them as a list [AND, aug, UE], zeros for the losses a run did not take.
+LAST_FORMAT = 2
+LEGACY_LOSS_ORDER = ('and', 'aug', 'ue')
+
+
 def progress_of(state):
-    """The Progress a last.t7 continues from."""
+    """The Progress a last.t7 continues from (of either format)."""
     nxt, best = state['next'], dict(state.get('best') or {})
     if best.get('acc') is None or best['acc'] < 0:    # older files: -1 meant "none yet"
         best = {}
-    acc = state.get('acc')
+    acc, sums = state.get('acc'), nxt.get('loss_sums')
+    if isinstance(sums, (list, tuple)):
+        sums = dict(zip(LEGACY_LOSS_ORDER, sums))
     return Progress(round=nxt['round'], epoch=nxt['epoch'], step=nxt.get('step', 0),
-                    loss_sums=nxt.get('loss_sums'), acc=acc if acc is None or acc >= 0 else None,
+                    loss_sums=sums, acc=acc if acc is None or acc >= 0 else None,
                     best_acc=best.get('acc'), best_round=best.get('round'),
                     best_epoch=best.get('epoch'), saved=(state['round'], state['epoch']),
                     resumes_at=(nxt['round'], nxt['epoch'], nxt.get('step', 0)))

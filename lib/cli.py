@@ -1,9 +1,8 @@
-"""One command-line vocabulary for every entry point (main.py, lib.linear_probe, lib.export,
-lib.visualize, lib.embed, lib.retrieve): the parser, the validated types, the options they
-share, and the one wrapper that turns a user's error into one line and exit code 2.
+"""One command-line vocabulary for every entry point (main.py and the commands in tools/):
+the parser, the validated types, the options they share, and the one wrapper that turns a
+user's error into one line and exit code 2.
 
-Every long flag takes both spellings, `--batch_size` and `--batch-size`; help shows the
-first one given (the released names where there are some).
+Every long flag takes both spellings, `--batch_size` and `--batch-size` (`spellings`).
 """
 import argparse
 import codecs
@@ -41,46 +40,20 @@ DEVICES = ('auto', 'cuda', 'cpu')
 
 
 # ----------------------------------------------------------------------------- the parser
-class AliasHelpFormatter(argparse.HelpFormatter):
-    """Shows each flag under its first spelling only (the other is an alias)."""
-
-    def _format_action_invocation(self, action):
-        shown = getattr(action, 'shown_options', None)
-        if shown is None or not action.option_strings:
-            return super()._format_action_invocation(action)
-        saved = action.option_strings
-        action.option_strings = shown
-        try:
-            return super()._format_action_invocation(action)
-        finally:
-            action.option_strings = saved
-
-
 class Parser(argparse.ArgumentParser):
-    """argparse with both spellings of every long flag, and errors as one line (exit 2)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault('formatter_class', AliasHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def add_argument(self, *names, **kwargs):
-        shown = [n for n in names if n.startswith('-')]
-        spelled = list(names)
-        for name in shown:
-            if name.startswith('--'):
-                body = name[2:]
-                for other in (body.replace('_', '-'), body.replace('-', '_')):
-                    if f'--{other}' not in spelled:
-                        spelled.append(f'--{other}')
-        action = super().add_argument(*spelled, **kwargs)
-        if shown:
-            action.shown_options = [o for o in action.option_strings
-                                    if o in shown or o.startswith('--no-')
-                                    and o[5:] in [n[2:] for n in shown]]
-        return action
+    """argparse whose errors are one line on stderr and exit code 2 (argparse's own usage
+    block is noise to someone who mistyped one flag)."""
 
     def error(self, message):
         raise SystemExit(one_line_error(message))
+
+
+def spellings(flag, *more):
+    """A long flag in both spellings, `--batch_size` and `--batch-size` (the released names
+    use underscores, the rest of the world dashes), as argparse's own option strings."""
+    body = flag[2:]
+    return tuple(dict.fromkeys((flag, '--' + body.replace('_', '-'), '--' + body.replace('-', '_'))
+                               + more))
 
 
 def one_line_error(message, label='error'):
@@ -153,7 +126,8 @@ def add_data_options(p, data_root_default=None):
                      'the run read it: torchvision\'s files, an image-folder tree '
                      'train/<class>/*, test/<class>/*, or the folder of unlabeled images '
                      '(default: the checkpoint\'s)')
-    p.add_argument('--data-root', dest='data_root', default=data_root_default, help=data_help)
+    p.add_argument(*spellings('--data-root'), dest='data_root', default=data_root_default,
+                   metavar='DIR', help=data_help)
     p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
                    help='seeded random subsets of N training and N test images (default: '
                         + ('all' if data_root_default is not None else 'the checkpoint\'s')
@@ -178,13 +152,16 @@ def add_checkpoint_option(p, many=False):
                         'released file)')
 
 
+FEATURES_HELP = ('training side of the kNN: the memory bank (as released) or the network\'s '
+                 'embeddings of the training images (test transform, eval mode); runs without '
+                 'a bank always use network')
+
+
 def add_features_option(p, flag='--knn-features', default='bank', help=None):
     """The kNN's training side, in one word everywhere: bank or network (--knn-features as in
     main.py is accepted wherever the flag is called --features). `help` replaces the kNN's
     text where the flag means something else."""
-    names = (flag,) if flag == '--knn-features' else (flag, '--knn-features')
+    names = spellings('--knn-features') if flag == '--knn-features' else \
+        (flag,) + spellings('--knn-features')
     p.add_argument(*names, dest='knn_features', default=default, choices=('bank', 'network'),
-                   help=help or 'training side of the kNN: the memory bank (as released) or '
-                        'the network\'s embeddings of the training images (test transform, '
-                        'eval mode); runs without a bank always use network (default: '
-                        '%(default)s)')
+                   help=(help or FEATURES_HELP) + ' (default: %(default)s)')

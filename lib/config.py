@@ -1,120 +1,343 @@
-"""Every constant of the released Super-AND run, in one place (docs/ALGORITHM.md sections 1-7).
+"""The run's configuration: every option of main.py declared once, parsed, resolved once and
+then frozen.
 
-`main.py` takes its flag defaults from here; nothing else in the code hard-codes these numbers.
-A "§N" in a comment is section N of docs/ALGORITHM.md.
+Each option is declared in OPTIONS with both spellings of its flag (argparse's own option
+strings: `--batch_size` and `--batch-size`), its default, its help, and whether a resumed run
+takes it from its checkpoint (`resumed`: what the run is) or not (where it runs, how fast,
+what to do now). Resolution (`resolve`) is done once per run:
+
+1. the flags as typed (argparse knows which: every default is SUPPRESS, so the parsed
+   namespace holds exactly the typed ones);
+2. on --resume, the checkpoint's options for every resumed option not typed (so a resumed run
+   keeps its own components, schedule and data);
+3. the method's recipe for the components still unset (lib/core/recipes.py);
+4. the defaults for the rest.
+
+The result is a frozen RunConfig; nothing changes it afterwards. Importing this module does
+not import torch, so flags are answered at once.
 """
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
 
-DEFAULTS = dict(
-    dataset='cifar10',          # training/evaluation data (§2)
-    network='resnet18',         # two-branch ResNet18 with Sobel branch (§1)
-    low_dim=128,                # D: embedding size, also the memory bank's row size
-    npc_t=0.1,                  # T: temperature of the bank logits f @ memory^T / T (§3)
-    npc_m=0.5,                  # m: bank momentum, memory[y] <- norm(m*memory[y] + (1-m)*f)
-    ANs_select_rate=0.25,       # share of the data added as anchors per round (§4)
-    ANs_size=1,                 # neighbours per anchor, the anchor itself excluded (§4)
-    lr=0.03,                    # SGD learning rate at the start of every round (§6)
-    momentum=0.9,               # SGD (Nesterov) momentum (§6)
-    weight_decay=5e-4,          # SGD weight decay (§6)
-    epochs=200,                 # epochs per round (§4)
-    rounds=5,                   # rounds, round 0 without anchors (§4)
-    batch_t=0.1,                # temperature of the augmentation-invariance loss (§5.2)
-    batch_m=1.0,                # weight of its negative terms; 1 as released (§5.2)
-    batch_size=128,             # B images per step, two views each; last one dropped (§2)
-    seed=1567010775,            # the released seed (§6)
+import datasets
+import models
+
+from . import cli
+from .core.constants import ALGORITHM
+from .core.recipes import COMPONENTS, RECIPES, RecipeError, components_of
+from .core.schedules import SCHEDULES
+from .errors import UserError
+
+A = ALGORITHM
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of main.py: `name` (its attribute), its flags, default and help, what argparse
+    needs besides (`kind`: type, choices, action, nargs, metavar), and whether a resumed run
+    takes it from its checkpoint."""
+    name: str
+    flags: tuple
+    default: object
+    help: str
+    resumed: bool = True
+    kind: dict = field(default_factory=dict)
+
+
+def option(flag, default, help, resumed=True, extra=(), **kind):
+    """An Option of the flag `flag` in both spellings (`--batch_size`, `--batch-size`), plus any
+    `extra` flags."""
+    return Option(flag[2:].replace('-', '_'), cli.spellings(flag, *extra), default, help,
+                  resumed, kind)
+
+
+ON_OFF = dict(action=argparse.BooleanOptionalAction)
+T_FLOAT = dict(type=cli.POSITIVE_FLOAT, metavar='T')
+
+OPTIONS = (
+    # ------------------------------------------------------------------ what is trained
+    option('--dataset', A['dataset'], 'training and evaluation data; folder = a '
+           'train/<class>/*, test/<class>/* tree, or any folder of unlabeled images, under '
+           '--data-root', choices=datasets.DATASETS),
+    option('--network', A['network'], 'backbone of both branches',
+           choices=sorted(models.NETWORK_NAMES)),
+    option('--method', 'super-and', 'recipe of components (lib/core/recipes.py); the component '
+           'flags below override it', choices=sorted(RECIPES)),
+    option('--sobel', None, COMPONENTS['sobel'], **ON_OFF),
+    option('--views', None, COMPONENTS['views'], type=int, choices=(1, 2)),
+    option('--bank', None, COMPONENTS['bank'], **ON_OFF),
+    option('--aug-loss', None, COMPONENTS['aug_loss'], **ON_OFF),
+    option('--aug-input', None, COMPONENTS['aug_input'], choices=('logits', 'features')),
+    option('--ue-loss', None, COMPONENTS['ue_loss'], **ON_OFF),
+    option('--flip', None, COMPONENTS['flip'], **ON_OFF),
+    option('--nesterov', None, COMPONENTS['nesterov'], **ON_OFF),
+    option('--rounds', None, f'rounds, the first without anchors (default: the method\'s; '
+           f'{A["rounds"]} for super-and)', type=cli.POSITIVE_INT),
+    option('--image-size', 32, 'side of the training crops and test images; other than 32 only '
+           'for --dataset folder, whose larger images are resized and centre-cropped for test',
+           type=cli.POSITIVE_INT, metavar='PX'),
+    option('--stem', 'auto', 'first layers: cifar (3x3 stride 1) or imagenet (7x7 stride 2 + '
+           'max-pool); auto = imagenet above 64 px', choices=('auto', 'cifar', 'imagenet')),
+    option('--mean', None, 'normalisation mean (default: the dataset\'s, computed for folder)',
+           type=cli.FINITE_FLOAT, nargs=3, metavar=('R', 'G', 'B')),
+    option('--std', None, 'normalisation std (default: the dataset\'s, computed for folder)',
+           type=cli.POSITIVE_FLOAT, nargs=3, metavar=('R', 'G', 'B')),
+    # ------------------------------------------------------------------ the algorithm's numbers
+    option('--low_dim', A['low_dim'], 'embedding size D', type=cli.POSITIVE_INT, metavar='D'),
+    option('--npc_t', A['npc_t'], 'temperature of the memory-bank softmax', **T_FLOAT),
+    option('--npc_m', A['npc_m'], 'momentum of the memory-bank update', metavar='M',
+           type=cli.checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')),
+    option('--ANs_select_rate', A['ANs_select_rate'], 'share of the data added as anchors each '
+           'round', metavar='RATE',
+           type=cli.checked(float, lambda v: 0 < v <= 1, 'a number in (0, 1]')),
+    option('--ANs_size', A['ANs_size'], 'neighbours per anchor, the anchor excluded',
+           type=cli.POSITIVE_INT, metavar='K'),
+    option('--lr', A['lr'], 'learning rate at the start of each round', type=cli.POSITIVE_FLOAT),
+    option('--momentum', A['momentum'], 'SGD Nesterov momentum', type=cli.NON_NEGATIVE_FLOAT,
+           metavar='M'),
+    option('--weight_decay', A['weight_decay'], 'SGD weight decay', extra=('--wd',),
+           type=cli.NON_NEGATIVE_FLOAT, metavar='WD'),
+    option('--epochs', A['epochs'], 'epochs per round', type=cli.POSITIVE_INT, metavar='E'),
+    option('--schedule', 'scaled', 'lr steps (x0.1) and UE-weight steps (+0.2) inside each '
+           'round: scaled puts them at 0.6/0.8 and 0.4/0.8 of --epochs (at 200 epochs exactly '
+           'the released 120/160 and 80/160); released keeps those absolute epochs whatever the '
+           'round length', choices=SCHEDULES),
+    option('--batch_t', A['batch_t'], 'temperature of the augmentation-invariance loss',
+           **T_FLOAT),
+    option('--batch_m', A['batch_m'], 'weight of that loss\'s negative terms',
+           type=cli.NON_NEGATIVE_FLOAT, metavar='M'),
+    option('--batch_size', A['batch_size'], 'images per step, two views each', metavar='B',
+           type=cli.checked(int, lambda v: v >= 2, 'an integer >= 2')),
+    option('--seed', A['seed'], 'random seed of initialisation, data order and augmentation',
+           type=int),
+    # ------------------------------------------------------------------ data and evaluation
+    option('--data-root', './data', 'torchvision\'s files, an image-folder tree '
+           'train/<class>/*, test/<class>/*, or (--dataset folder) a folder of unlabeled '
+           'images', metavar='DIR'),
+    option('--subset', None, 'seeded random subsets of N training and N test images (default: '
+           'all)', type=cli.POSITIVE_INT, metavar='N'),
+    option('--eval-root', None, 'with unlabeled training images: a labelled train/<class>/*, '
+           'test/<class>/* tree to report kNN accuracy on (network embeddings)', metavar='DIR'),
+    option('--knn-k', A['knn_k'], 'kNN neighbours voting', type=cli.POSITIVE_INT, metavar='K'),
+    option('--knn-sigma', A['knn_sigma'], 'kNN vote weight exp(similarity / sigma)',
+           type=cli.POSITIVE_FLOAT, metavar='SIGMA'),
+    option('--knn-features', 'bank', cli.FEATURES_HELP, choices=('bank', 'network')),
+    # ------------------------------------------------------------------ the run's folder
+    option('--model_dir', 'checkpoint/', 'where checkpoints and log.jsonl are written and '
+           '--resume looks', resumed=False, metavar='DIR'),
+    option('--resume', '', 'a checkpoint: a file in --model_dir (last.t7, ckpt.t7), a path, or '
+           'a model dir (its last.t7; with --test_only its ckpt.t7). last.t7 continues its run '
+           'exactly, in its own folder unless --model_dir is given; with --test_only, any '
+           'checkpoint (ckpt.t7, a released file) is evaluated', resumed=False,
+           extra=('-r',), metavar='NAME'),
+    option('--init-from', None, 'start a new run from a checkpoint\'s weights, bank and '
+           'anchors (at its round, epoch 0; fresh optimizer and schedule): a file in '
+           '--model_dir, a path, or a model dir (its ckpt.t7), e.g. the authors\' released '
+           'ckpt_SAND.t7', resumed=False, metavar='NAME'),
+    option('--test_only', False, 'only print the kNN accuracy of the --resume checkpoint',
+           resumed=False, action='store_true'),
+    option('--stop-after', None, 'stop after this many epochs of this invocation, '
+           'checkpoints written; the run prints the command that continues it',
+           resumed=False, type=cli.POSITIVE_INT, metavar='EPOCHS'),
+    option('--name', None, 'run name, the TensorBoard folder log_dir/name (default: '
+           'method-dataset-network-date-time)'),
+    option('--log-dir', 'runs', 'TensorBoard root', metavar='DIR'),
+    option('--tensorboard', True, 'write TensorBoard events (log.jsonl is always written)',
+           **ON_OFF),
+    option('--quiet', False, 'no progress bars, epoch or round lines: only the start and the '
+           'result', resumed=False, action='store_true'),
+    # ------------------------------------------------------------------ how it runs
+    option('--device', 'auto', 'auto = CUDA when present', resumed=False, choices=cli.DEVICES),
+    option('--pipeline', 'auto', 'gpu: data and augmentation as batched tensors on the device; '
+           'cpu: torchvision transforms in loader workers, as released; auto = gpu on CUDA, cpu '
+           'otherwise', resumed=False, choices=('auto', 'gpu', 'cpu')),
+    option('--precision', 'auto', 'training arithmetic: bf16 autocast for the network (the '
+           'bank, softmaxes and losses stay float32) or fp32; auto = bf16 on CUDA',
+           resumed=False, choices=('auto', 'bf16', 'fp32')),
+    option('--eval-precision', 'fp32', 'arithmetic of the kNN evaluation\'s embeddings: fp32 '
+           '(no TF32), so a checkpoint scores the same on every device', resumed=False,
+           choices=('fp32', 'bf16')),
+    option('--compile', 'auto', 'torch.compile the network and the step\'s losses (and the GPU '
+           'augmentation); reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
+           'CUDA, none on the CPU', resumed=False,
+           choices=('auto', 'none', 'default', 'reduce-overhead')),
+    option('--workers', 2, 'data-loader processes of the cpu pipeline', resumed=False,
+           type=cli.NON_NEGATIVE_INT, metavar='N'),
+    option('--sync-bn', False, 'with several processes (torchrun), BatchNorm statistics over the '
+           'global batch: SyncBatchNorm on GPUs, an all-reduce version on the CPU',
+           action='store_true'),
 )
-
-# How a run is done rather than what it computes: `main.py`'s other flag defaults, and what
-# the scripts (bench/, experiments/, lib.visualize, ...) start from.
-RUN_DEFAULTS = dict(
-    method='super-and',         # recipe of components (lib/recipes.py)
-    image_size=32,              # crop / test side (other than 32 only for folder data)
-    stem='auto',                # network stem: cifar up to 64 px, imagenet above
-    mean=None, std=None,        # normalisation: the dataset's (computed for folder data)
-    data_root='./data',         # torchvision files or an image-folder tree
-    model_dir='checkpoint/',    # checkpoints and the JSON-lines log
-    log_dir='runs',             # TensorBoard event files, runs/<name>/
-    name=None,                  # run name for TensorBoard (default: method-dataset-network-time)
-    tensorboard=True,           # write TensorBoard events (when tensorboardX is installed)
-    quiet=False,                # no progress bars and no per-epoch lines
-    device='auto',              # CUDA when present
-    pipeline='auto',            # gpu (device tensors) on CUDA, cpu (torchvision loader) otherwise
-    precision='auto',           # bf16 autocast on CUDA, fp32 on the CPU
-    compile='auto',             # reduce-overhead (CUDA graphs) on CUDA, none on the CPU
-    workers=2,                  # loader processes of the cpu pipeline (released: 2)
-    subset=None,                # train/test on seeded random subsets of this many images
-    knn_k=200,                  # kNN neighbours voting (§7)
-    knn_sigma=0.1,              # kNN vote weight exp(similarity / sigma) (§7)
-    knn_features='bank',        # kNN training side: the bank (as released) or 'network'
-                                # (the training images embedded by the network)
-    eval_precision='fp32',      # kNN embeddings in float32 on every device (bf16: faster)
-    eval_root=None,             # a labelled tree to evaluate runs on unlabeled images with
-    schedule='scaled',          # lr and UE milestones at 0.4/0.6/0.8 of --epochs, or 'released'
-    init_from=None,             # start a run from the weights, bank and anchors of a checkpoint
-    sync_bn=False,              # BatchNorm statistics over the global batch of all processes
-    resume='', test_only=False, stop_after=None,
-)
-
-# Schedules inside a round (docs/ALGORITHM.md sections 5.3 and 6), epoch counted from 0
-# within the round. The released, absolute form (--schedule released):
-LR_DECAY_START = 80             # lr * 0.1 ** ((epoch - 80) // 40) from epoch 80 on
-LR_DECAY_EVERY = 40             # ... so 0.03 to epoch 119, 0.003 to 159, 0.0003 after
-LR_DECAY_FACTOR = 0.1
-UE_WEIGHT_STEP = 0.2            # UE weight = 0.2 * (epoch // 80): 0, 0.2, 0.4
-UE_WEIGHT_EVERY = 80
-# The same milestones as fractions of --epochs (--schedule scaled, the default): 80, 120 and
-# 160 of the released 200-epoch round.
-LR_STEP_FRACTIONS = (0.6, 0.8)  # lr x0.1 from each
-UE_STEP_FRACTIONS = (0.4, 0.8)  # UE weight +0.2 from each
-UE_SELF_LOGIT = -10.0           # own-index logit before the UE entropy (§5.3)
-
-# Weighted kNN evaluation (§7).
-KNN_K = RUN_DEFAULTS['knn_k']
-KNN_SIGMA = RUN_DEFAULTS['knn_sigma']
-TRAIN_LOG_EVERY = 50            # training steps between sampled loss records (TensorBoard)
-CHECK_EVERY = 20                # steps between the reads that catch a NaN loss or (across
-                                # ranks) a stop request: one small device sync, not one per step
-
-# Data constants (crop, jitter, mean/std: §2) live with the transforms, in
-# datasets/transforms.py.
-TEST_BATCH_SIZE = 100           # evaluation batch, as released (no effect on the result)
-EVAL_BATCH_GPU = 1000           # evaluation batch of the GPU pipeline (fewer launches)
-
-# Statistics of the bank reported by runs without labels (entropy, nearest-entry cosine), on
-# this many entries drawn once with the seed: a few hundredths of a second per epoch.
-BANK_STATS_ROWS = 1024
-
-# The CPU time estimate main.py prints for long CPU runs: seconds of one training view (forward
-# + losses + backward + SGD, batch 128 x 2 views) and of one evaluation image, for ResNet18 with
-# the Sobel branch at 32 px, measured with bench/epoch_speed.py on 2 cores of this project's
-# development machine (PyTorch 2.14.1); other networks and sizes scaled by their relative cost.
-# An estimate, not a promise: other CPUs differ by a factor of several.
-CPU_SECONDS_PER_VIEW = 0.10
-CPU_SECONDS_PER_EVAL_IMAGE = 0.026
-CPU_REFERENCE_CORES = 2
-NETWORK_COST = {'resnet18': 1.0, 'resnet50': 2.3, 'resnet101': 4.4, 'alexnet': 0.15}
+DECLARED = {o.name: o for o in OPTIONS}
+RESUMED = frozenset(o.name for o in OPTIONS if o.resumed)
 
 
-# Figures (lib.figures, and the defaults of lib.visualize's flags).
-DEFAULT_OUT_DIR = 'fig'         # where the PNGs go
-DEFAULT_QUERIES = 5             # test images drawn as queries
-DEFAULT_TOPK = 10               # retrievals per query
-CELL = 64                       # retrieval grid: image side after nearest-neighbour upscaling
-FRAME = 4                       # retrieval grid: frame width around every image
-LABEL_WIDTH = 120               # retrieval grid: the label strip on the left
-TSNE_PERPLEXITY = 30.0          # scikit-learn's default; clipped below the number of points
+@dataclass(frozen=True)
+class Flags:
+    """What was typed: {name: value} of the options given, and the words as typed (for the
+    commands that messages suggest)."""
+    typed: dict
+    argv: tuple
 
-# Work sizes that bound memory, not results.
-CHUNK_FLOATS = 2 ** 27          # elements of one rows x N chunk of similarities or logits (512 MB
-                                # float32): N x N work (kNN, entropy, neighbours) never exceeds it
 
-# The released run's kNN top-1 % (§8, CIFAR-10, ResNet18), by round (rows) at these epochs
-# of each 200-epoch round: the reference curve of bench/compare_curve.py and lib.visualize.
-PUBLISHED_EPOCHS = (0, 4, 9, 19, 39, 79, 119, 159, 199)
-PUBLISHED_EPOCHS_PER_ROUND = 200
-PUBLISHED_TOP1 = (
-    (25.80, 42.07, 48.73, 62.79, 69.64, 77.12, 79.68, 83.55, 84.54),
-    (81.44, 81.40, 81.78, 80.39, 80.38, 82.85, 82.82, 86.78, 87.15),
-    (84.10, 83.40, 84.29, 84.50, 84.08, 82.92, 84.72, 87.55, 88.26),
-    (83.62, 85.59, 85.36, 85.64, 84.70, 85.54, 84.20, 87.97, 88.83),
-    (84.94, 85.98, 85.29, 85.19, 86.14, 86.57, 86.27, 88.64, 89.03),
-)
+def build_parser():
+    """main.py's parser. Every default is SUPPRESS, so that a parsed namespace holds exactly
+    the options typed; the defaults are written into the help instead."""
+    parser = cli.Parser(description='Super-AND unsupervised embedding learning (Han et al. '
+                        '2020): train, evaluate by weighted kNN, resume.')
+    for o in OPTIONS:
+        default = {True: 'on', False: 'off'}.get(o.default, o.default) \
+            if isinstance(o.default, bool) else o.default
+        shown = '' if o.default in (None, '') or o.kind.get('action') == 'store_true' \
+            else f' (default: {default})'
+        parser.add_argument(*o.flags, dest=o.name, default=argparse.SUPPRESS,
+                            help=o.help + shown, **o.kind)
+    return parser
+
+
+def parse(argv=None) -> Flags:
+    """The typed flags of `argv` (default: sys.argv); SystemExit on --help (0) or a flag error
+    (2, one line)."""
+    parser = build_parser()
+    typed = vars(parser.parse_args(argv))
+    if typed.get('test_only') and not typed.get('resume'):
+        parser.error('--test_only needs --resume NAME')
+    if typed.get('resume') and typed.get('init_from'):
+        parser.error('--resume continues a run and --init-from starts a new one: give one')
+    return Flags(typed, tuple(str(a) for a in (sys.argv[1:] if argv is None else argv)))
+
+
+# ----------------------------------------------------------------------------- the run's config
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of a run, resolved (see the module's docstring). `typed` names the options
+    given as flags, `argv` the words typed; neither is stored with the run."""
+    dataset: str
+    network: str
+    method: str
+    sobel: bool
+    views: int
+    bank: bool
+    aug_loss: bool
+    aug_input: str
+    ue_loss: bool
+    flip: bool
+    nesterov: bool
+    rounds: int
+    image_size: int
+    stem: str
+    mean: tuple
+    std: tuple
+    low_dim: int
+    npc_t: float
+    npc_m: float
+    ANs_select_rate: float
+    ANs_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    epochs: int
+    schedule: str
+    batch_t: float
+    batch_m: float
+    batch_size: int
+    seed: int
+    data_root: str
+    subset: int
+    eval_root: str
+    knn_k: int
+    knn_sigma: float
+    knn_features: str
+    model_dir: str
+    resume: str
+    init_from: str
+    test_only: bool
+    stop_after: int
+    name: str
+    log_dir: str
+    tensorboard: bool
+    quiet: bool
+    device: str
+    pipeline: str
+    precision: str
+    eval_precision: str
+    compile: str
+    workers: int
+    sync_bn: bool
+    typed: frozenset = frozenset()
+    argv: tuple = ()
+
+    def record(self, mean=None, std=None) -> dict:
+        """The options as checkpoints, config.json and log.jsonl keep them, with the
+        normalisation the run used (`mean`, `std`) where given."""
+        stored = {k: v for k, v in asdict(self).items() if k not in ('typed', 'argv')}
+        if mean is not None:
+            stored.update(mean=list(mean), std=list(std))
+        return stored
+
+    def components(self) -> dict:
+        return {name: getattr(self, name) for name in COMPONENTS}
+
+
+def defaults(**overrides) -> RunConfig:
+    """A RunConfig of the defaults (the method's recipe filling the components), `overrides`
+    applied first: what the scripts (bench/, experiments/) and the analysis loading build on.
+    Raises UserError for components that do not fit together."""
+    values = {o.name: o.default for o in OPTIONS}
+    values.update(overrides)
+    return _freeze(values, frozenset(), ())
+
+
+def _freeze(values, typed, argv):
+    try:
+        values.update(components_of(values['method'],
+                                    {name: values.get(name) for name in COMPONENTS}))
+    except RecipeError as err:
+        raise UserError(str(err)) from None
+    for name in ('mean', 'std'):
+        if values.get(name) is not None:
+            values[name] = tuple(values[name])
+    known = {f.name for f in fields(RunConfig)} - {'typed', 'argv'}
+    return RunConfig(**{k: v for k, v in values.items() if k in known}, typed=typed, argv=argv)
+
+
+def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:
+    """The frozen RunConfig of a run: the typed flags, on --resume the checkpoint's options
+    `stored` (its config) for the resumed options not typed, the method's recipe for the
+    components still unset, the defaults for the rest; `model_dir` where the resume policy
+    moved the run (lib/resume.py). Says which options came from the checkpoint.
+
+    Raises:
+        UserError: components that do not fit together.
+    """
+    values = {o.name: o.default for o in OPTIONS}
+    if stored:
+        stored = dict(stored)
+        if stored.get('knn_features') == 'recompute':       # the word older checkpoints stored
+            stored['knn_features'] = 'network'
+        if 'schedule' not in stored and 'schedule' not in flags.typed:
+            stored['schedule'] = 'released'     # runs from before --schedule trained on it
+            say('this run predates --schedule: it continues on the released (absolute) schedule')
+        adopted = []
+        for key, value in stored.items():
+            if key not in RESUMED or key in flags.typed:
+                continue
+            if value != values[key] and key not in (*COMPONENTS, 'mean', 'std'):
+                adopted.append(f'{key}={value}')    # (components: the method line; data: its)
+            values[key] = value
+        if adopted:
+            say('options from the checkpoint: ' + ' '.join(adopted))
+    values.update(flags.typed)
+    if model_dir is not None:
+        values['model_dir'] = model_dir
+    if values['name'] is None:
+        values['name'] = (f'{values["method"]}-{values["dataset"]}-{values["network"]}-'
+                          f'{time.strftime("%Y%m%d-%H%M%S")}')
+    return _freeze(values, frozenset(flags.typed), flags.argv)
+
+
+def log_folder(config: RunConfig) -> str:
+    """The TensorBoard folder of a run."""
+    return os.path.join(config.log_dir, config.name)

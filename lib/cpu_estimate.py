@@ -1,9 +1,16 @@
 """How long a run would take on this CPU: the estimate main.py prints before a CPU run of
-more than an hour (the rates are measured ones, lib/config.py)."""
+more than an hour (the rates are measured ones, below)."""
 import os
 
-from .config import (CPU_REFERENCE_CORES, CPU_SECONDS_PER_EVAL_IMAGE, CPU_SECONDS_PER_VIEW,
-                     NETWORK_COST)
+# Seconds of one training view (forward + losses + backward + SGD, batch 128 x 2 views) and of
+# one evaluation image, for ResNet18 with the Sobel branch at 32 px, measured with
+# bench/epoch_speed.py on 2 cores of this project's development machine (PyTorch 2.14.1); other
+# networks and sizes scaled by their relative cost. An estimate, not a promise: other CPUs differ
+# by a factor of several.
+CPU_SECONDS_PER_VIEW = 0.10
+CPU_SECONDS_PER_EVAL_IMAGE = 0.026
+CPU_REFERENCE_CORES = 2
+NETWORK_COST = {'resnet18': 1.0, 'resnet50': 2.3, 'resnet101': 4.4, 'alexnet': 0.15}
 
 
 def cpu_hours_estimate(network, sobel, views, image_size, images_trained, test_images, epochs):

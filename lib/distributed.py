@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .core.step import Batch, local_batch
+
 
 @dataclass
 class World:
@@ -55,6 +57,16 @@ class World:
         batch = local * self.size
         images = torch.arange(local, device=device) + self.rank * local
         return torch.cat([v * batch + images for v in range(views)])
+
+    def gather_batch(self, features, indexes):
+        """The step's global Batch (lib/core/step.py): every process's embeddings (detached)
+        and indexes in the layout one process would have, and where this process's rows sit
+        in it. A single process's batch is its own rows."""
+        if self.size == 1:
+            return local_batch(features, indexes)
+        views = features.shape[0] // indexes.shape[0]
+        return Batch(self.gather_views(features.detach(), views), self.gather(indexes),
+                     self.global_rows(views, indexes.shape[0], features.device))
 
     def sum(self, tensor):
         """In-place sum over ranks (returns `tensor`)."""
@@ -128,17 +140,22 @@ class _SumOverRanks(torch.autograd.Function):
         return grad
 
 
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the global batch of every process: a
-    stand-in for torch.nn.SyncBatchNorm on the CPU (gloo), where that one does not run.
-    Gradients flow through the all-reduce of the per-channel sums."""
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d: N x C, N x C x L, N x C x H x W) whose training statistics cover
+    the global batch of every process: a stand-in for torch.nn.SyncBatchNorm on the CPU
+    (gloo), where that one does not run. Gradients flow through the all-reduce of the
+    per-channel sums."""
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f'GlobalBatchNorm expects 2-d to 4-d input, got {x.dim()}-d')
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        channels = x.shape[1]
+        channels, dims = x.shape[1], [0] + list(range(2, x.dim()))
         count = x.numel() // channels * dist.get_world_size()
-        sums = _SumOverRanks.apply(torch.cat((x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)))))
+        sums = _SumOverRanks.apply(torch.cat((x.sum(dims), (x * x).sum(dims))))
         mean = sums[:channels] / count
         var = sums[channels:] / count - mean * mean
         with torch.no_grad():
@@ -146,17 +163,18 @@ class GlobalBatchNorm(nn.BatchNorm2d):
             self.running_mean.mul_(1 - self.momentum).add_(mean * self.momentum)
             self.running_var.mul_(1 - self.momentum).add_(var * (count / (count - 1))
                                                           * self.momentum)
-        shape = (1, channels, 1, 1)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
         scale = torch.rsqrt(var + self.eps) * self.weight
         return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
 
 
 def sync_batchnorm(net, cuda):
-    """BatchNorm statistics over the global batch: SyncBatchNorm on GPUs, else ours."""
+    """BatchNorm statistics over the global batch: SyncBatchNorm on GPUs, else ours (for
+    every BatchNorm1d and BatchNorm2d: AlexNet's head has a BatchNorm1d)."""
     if cuda:
         return nn.SyncBatchNorm.convert_sync_batchnorm(net)
     for name, module in list(net.named_children()):
-        if type(module) is nn.BatchNorm2d:
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
             replacement = GlobalBatchNorm(module.num_features, module.eps, module.momentum)
             replacement.load_state_dict(module.state_dict())
             setattr(net, name, replacement.to(module.weight.device))

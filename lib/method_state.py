@@ -12,9 +12,9 @@ import torch
 
 import models
 
+from .core.memory_bank import MemoryBank
+from .core.neighbourhoods import ANsDiscovery
 from .errors import UserError
-from .memory_bank import MemoryBank
-from .neighbourhoods import ANsDiscovery
 
 PREFIXES = ('module.', '_orig_mod.')   # added by DataParallel/DDP and by torch.compile
 RELEASED_PREFIX = 'module.'            # the released code wraps its network in DataParallel

@@ -1,10 +1,11 @@
-"""A run's records: console lines, `model_dir/log.jsonl` (the one record of a run) and
+"""A run's records: `model_dir/log.jsonl` (the one record of a run), config.json and
 TensorBoard; and the reader of `log.jsonl`, for the analysis and comparison scripts.
 
 `log.jsonl` holds one JSON object per line, `type` saying which:
 - `start`, at every start or resume: the resolved options, the training data's fingerprint,
   the git commit, the versions of Python and PyTorch, and the device;
-- `round`, at each anchor discovery: anchors, consistency (%, null without labels), seconds;
+- `round`, at each anchor discovery: anchors (of entries), consistency (%, null without
+  labels), the mean (anchor, neighbour) cosine, seconds;
 - `epoch`, after each epoch: round, epoch, global_epoch, lr, ue_weight (runs with a UE loss),
   loss {name: mean}, knn_top1 / knn_top5 (%, runs with labels), best_top1, bank statistics
   (runs without labels), seconds;
@@ -47,38 +48,40 @@ def environment(device):
 
 
 class RunLog:
-    """`after`: a function that calls its argument once the checkpoints submitted so far are
-    on disk (`CheckpointWriter.then`), so that no record claims an epoch before last.t7 can
+    """The records of a run: log.jsonl (rank 0, `enabled`), config.json and TensorBoard events
+    under `tensorboard_folder` (None: none).
+
+    `after`: a function that calls its argument once the checkpoints submitted so far are on
+    disk (`CheckpointWriter.then`), so that no record claims an epoch before last.t7 can
     continue after it; None appends at once."""
 
-    def __init__(self, model_dir, log_dir=None, name='', tensorboard=True, quiet=False,
-                 enabled=True, after=None):
-        self.enabled, self.quiet = enabled, quiet
+    def __init__(self, model_dir, tensorboard_folder=None, enabled=True, after=None):
+        self.enabled, self.model_dir = enabled, model_dir
         self._after = after or (lambda function: function())
         self.jsonl_path = os.path.join(model_dir, LOG_NAME)
-        self.writer = None
-        if enabled and tensorboard:
+        self.tensorboard_folder, self.writer = tensorboard_folder, None
+        if enabled and tensorboard_folder:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 print('tensorboardX is not installed: no TensorBoard events (log.jsonl is '
                       'written all the same)')
             else:
-                self.writer = SummaryWriter(os.path.join(log_dir, name))
-
-    def line(self, text, always=False):
-        """A console line (rank 0 only; under --quiet only the `always` ones)."""
-        if self.enabled and (always or not self.quiet):
-            print(text, flush=True)
+                self.writer = SummaryWriter(tensorboard_folder)
 
     def _append(self, record):
         if self.enabled:
             line = json.dumps({**record, 'time': time.time()})
             self._after(lambda: append_line(self.jsonl_path, line))
 
-    def start(self, options, fingerprint, environment_info, resumed_from=None):
+    def start(self, options, fingerprint, device, resumed_from=None):
+        """A run starts or resumes: its resolved `options` (also written to config.json), the
+        training data's fingerprint, and where the numbers come from (`environment`)."""
+        if self.enabled:
+            with open(os.path.join(self.model_dir, 'config.json'), 'w') as f:
+                json.dump(options, f, indent=1, sort_keys=True)
         self._append({'type': 'start', 'options': options, 'fingerprint': fingerprint,
-                      **environment_info, 'resumed_from': resumed_from})
+                      **environment(device), 'resumed_from': resumed_from})
 
     def steps(self, first_step, samples, lr):
         """Sampled training losses: `samples` = [(step in epoch, {name: value})]."""
@@ -105,7 +108,8 @@ class RunLog:
             self.writer.flush()
 
     def round(self, record, entropy=None):
-        """An anchor discovery: round, anchors, consistency (%), seconds; entropy: N tensor."""
+        """An anchor discovery: round, anchors, entries, consistency (%), neighbour_similarity,
+        seconds; entropy: the bank's N entropies (a histogram)."""
         self._append({'type': 'round', **record})
         if self.writer is not None:
             self.writer.add_scalar('anchors/count', record['anchors'], record['round'])
@@ -117,12 +121,39 @@ class RunLog:
                                           record['round'])
             self.writer.flush()
 
-    def end(self, record):
-        self._append({'type': 'end', **record})
+    def end(self, progress, seconds):
+        """The run finished: its best (and where) and final kNN top-1 (%), and the seconds of
+        this invocation."""
+        percent = (lambda acc: None if acc is None else 100 * acc)    # noqa: E731
+        self._append({'type': 'end', 'best_top1': percent(progress.best_acc),
+                      'best_round': progress.best_round, 'best_epoch': progress.best_epoch,
+                      'final_top1': percent(progress.acc), 'seconds': seconds})
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def epoch_record(config, method, data, progress, round_index, epoch, lr, ue_weight, losses,
+                 accuracy, world):
+    """What log.jsonl keeps of an epoch: the losses and weights the run has (`losses`: {name:
+    mean}), the kNN accuracy (`accuracy`: top-1, top-5 fractions), or without labels the
+    bank's statistics."""
+    from .core.neighbourhoods import bank_statistics   # (torch: the log's readers do without)
+    record = dict(round=round_index, epoch=epoch,
+                  global_epoch=round_index * config.epochs + epoch, lr=lr, loss=dict(losses))
+    if config.ue_loss:
+        record['ue_weight'] = ue_weight
+    if accuracy is not None:
+        record.update(knn_top1=100 * accuracy[0], knn_top5=100 * accuracy[1],
+                      best_top1=100 * progress.best_acc)
+    elif method.bank is not None and world.main:
+        record['bank'] = bank_statistics(method.bank.memory, method.bank.temperature,
+                                         data.stats_rows)
+        if method.anchors is not None and method.anchors.num_anchors:
+            record['bank']['anchor_similarity'] = method.anchors.neighbour_similarity(
+                method.bank.memory)
+    return record
 
 
 def append_line(path, line):

@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-import lib.train
-from conftest import ROOT, fast_args
+from conftest import MECHANICS, ROOT, fast_args
 from lib import checkpoint as ckpt
 from lib.errors import UserError
 
@@ -45,8 +44,9 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
         (tmp_path / 'checkpoint' / name).write_bytes(data)
     run = 'checkpoint/stoptest/'            # (a trailing slash: no // in what is printed)
 
-    code, out, err = run_main(*fast_args(tiny_folder, run, '--rounds', '2', '--epochs', '1',
-                                         '--stop-after', '1', '--no-tensorboard'))
+    code, out, err = run_main(*fast_args(tiny_folder, run, *MECHANICS, '--rounds', '2',
+                                         '--epochs', '1', '--stop-after', '1',
+                                         '--no-tensorboard'))
     assert code == 0, err
     assert 'logs in checkpoint/stoptest/log.jsonl' in out and '//' not in out
     assert 'continue with: python3 main.py --model_dir checkpoint/stoptest/ --resume last.t7' \
@@ -54,15 +54,16 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     assert epochs_logged(run) == [(0, 0)]
 
     # A second Ctrl-C while the continued run works: out at once, saying what last.t7 holds.
-    real_train_epoch = lib.train.Trainer.train_epoch
+    import main
+    real_run_epoch = main.run_epoch
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(lib.train.Trainer, 'train_epoch', interrupted)
+    monkeypatch.setattr(main, 'run_epoch', interrupted)
     code, out, err = run_main(*printed_command(out))
     assert code == 130
     assert 'checkpoint/stoptest/last.t7 continues from round 1 epoch 0' in err
-    monkeypatch.setattr(lib.train.Trainer, 'train_epoch', real_train_epoch)
+    monkeypatch.setattr(main, 'run_epoch', real_run_epoch)
 
     code, out, err = run_main(*printed_command(err))
     assert code == 0, err
@@ -163,14 +164,14 @@ print('torch imported' if 'torch' in sys.modules else 'torch not imported', code
 @pytest.mark.parametrize('argv, code', [
     (['main.py', '--epcohs', '2'], 2),
     (['main.py', '--help'], 0),
-    (['lib.embed', '--help'], 0),
-    (['lib.embed', '--ckpt', 'x.t7'], 2),
-    (['lib.retrieve', '--help'], 0),
-    (['lib.linear_probe', '--help'], 0),
-    (['lib.export', '--help'], 0),
-    (['lib.visualize', '--help'], 0),
-    (['lib.visualize'], 2),
-    (['lib.visualize', 'curve', '--help'], 0),
+    (['tools.embed', '--help'], 0),
+    (['tools.embed', '--ckpt', 'x.t7'], 2),
+    (['tools.retrieve', '--help'], 0),
+    (['tools.linear_probe', '--help'], 0),
+    (['tools.export', '--help'], 0),
+    (['tools.visualize', '--help'], 0),
+    (['tools.visualize'], 2),
+    (['tools.visualize', 'curve', '--help'], 0),
     (['experiments/compare.py', '--help'], 0),
     (['bench/compare_curve.py', '--help'], 0),
     (['bench/epoch_speed.py', '--help'], 0),
@@ -190,7 +191,7 @@ def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
     (fake / '__init__.py').write_text(
         'raise RuntimeError("operator torchvision::nms does not exist")\n')
     env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
-    for argv in (['main.py', '--epochs', '1'], ['-m', 'lib.embed', '--ckpt', 'x.t7',
+    for argv in (['main.py', '--epochs', '1'], ['-m', 'tools.embed', '--ckpt', 'x.t7',
                                                  '--images', '.', '--out', 'x.npz']):
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                               cwd=ROOT, env=env, timeout=120)
@@ -214,7 +215,7 @@ def subcommand(parser, name):
 
 def test_help_texts_say_what_each_command_does():
     from experiments import compare
-    from lib import export, linear_probe, visualize
+    from tools import export, linear_probe, visualize
     analysis = [linear_probe.build_parser(), export.build_parser(),
                 subcommand(visualize.build_parser(), 'retrieval')]
     for parser in analysis:         # no --dataset flag there to refer to
@@ -232,7 +233,7 @@ def test_help_texts_say_what_each_command_does():
 
 
 def test_visualize_without_a_command_lists_them(capsys):
-    from lib import visualize
+    from tools import visualize
     assert visualize.main([]) == 2
     err = capsys.readouterr().err.splitlines()
     listed = [line.split()[0] for line in err if line.startswith('  ')]

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.evaluate import knn_correct
-from lib.knn import knn_scores
-from lib.memory_bank import MemoryBank
-from lib.neighbourhoods import ANsDiscovery, bank_entropy
+from lib.core.knn import knn_correct
+from lib.core.knn import knn_scores
+from lib.core.memory_bank import MemoryBank
+from lib.core.neighbourhoods import ANsDiscovery, bank_entropy
 
 
 # ----------------------------------------------------------------------------- memory bank

@@ -16,7 +16,7 @@ def run_script(*argv):
 def test_epoch_speed_runs_every_phase_on_cpu():
     out = run_script('bench/epoch_speed.py', '--synthetic-n', 32, '--synthetic-test', 8,
                      '--device', 'cpu', '--steps', 1, '--warmup', 0, '--batch_size', 4,
-                     '--pipeline', 'gpu')
+                     '--pipeline', 'gpu', '--network', 'alexnet')
     for label in ('augmentation', 'memory-bank update', 'forward + losses + backward',
                   'whole training steps', 'images per second', 'network only', 'kNN pass',
                   'ANs discovery', 'whole epoch', 'ratio whole epoch / network only'):

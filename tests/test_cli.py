@@ -15,7 +15,8 @@ def percent(pattern, text):
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
+def test_train_two_rounds_then_test_only(tiny_folder, tmp_path, run_main):
+    """main.py as a program, in a fresh interpreter (and then --test_only in this one)."""
     code, out, err = run_cli(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '1'))
     assert code == 0, err
     epoch_lines = [l for l in out.splitlines() if l.startswith('round ') and '| lr' in l]
@@ -31,8 +32,8 @@ def test_train_two_rounds_then_test_only(tiny_folder, tmp_path):
                                             'run.lock', 'runs']
     # (no temporary checkpoint files left behind)
 
-    code, out, err = run_cli('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,
-                             '--data-root', tiny_folder, '--workers', '0')
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', tmp_path,
+                              '--data-root', tiny_folder, '--workers', '0')
     assert code == 0, err
     assert percent(r'top-1 (\d+\.\d+)%', out) == [best]
 
@@ -54,32 +55,32 @@ def test_checkpoint_contents(tiny_folder, tmp_path, run_main):
     assert torch.equal(last['npc']['memory'], best['npc']['memory'])
 
 
-@pytest.mark.parametrize('pipeline, stops', [('cpu', (1, 2)), ('gpu', (1,))])
+# Each pipeline resumes once: inside a round on one, at a round's start (anchors found again)
+# on the other; the signal and kill tests resume both mid-epoch and at an epoch boundary.
+@pytest.mark.parametrize('pipeline, stop_after', [('cpu', 2), ('gpu', 1)])
 def test_resume_equals_unbroken_run(tiny_folder, tmp_path, run_main, unbroken_run, pipeline,
-                                    stops):
+                                    stop_after):
     """Stopped after epoch k and resumed == never stopped (bank and weights, CPU, fixed seed).
 
     k = 1 resumes inside round 0; k = 2 resumes at the start of round 1 (anchors rediscovered).
     """
-    for stop_after in stops:
-        split_dir = tmp_path / f'split{stop_after}'
-        code, out, err = run_main(*fast_args(tiny_folder, split_dir, *UNBROKEN_FLAGS[pipeline],
-                                             '--stop-after', stop_after))
-        assert code == 0 and 'stopping after' in out, err
-        code, out, err = run_main('--resume', 'last.t7', '--model_dir', split_dir,
-                                  '--data-root', tiny_folder, '--workers', '0',
-                                  '--pipeline', pipeline, '--no-tensorboard')
-        assert code == 0, err
-        assert f'resuming at round {stop_after // 2} epoch {stop_after % 2}' in out
-        split = torch.load(split_dir / 'last.t7', weights_only=True)
-        assert_same_training_state(unbroken_run(pipeline), split)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *UNBROKEN_FLAGS[pipeline],
+                                         '--stop-after', stop_after))
+    assert code == 0 and 'stopping after' in out, err
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--data-root',
+                              tiny_folder, '--workers', '0', '--pipeline', pipeline,
+                              '--no-tensorboard')
+    assert code == 0, err
+    assert f'resuming at round {stop_after // 2} epoch {stop_after % 2}' in out
+    assert_same_training_state(unbroken_run(pipeline),
+                               torch.load(tmp_path / 'last.t7', weights_only=True))
 
 
 def test_released_checkpoint_layout_evaluates(tiny_folder, tmp_path, run_main):
     """A file in the released layout (DataParallel `module.` keys, ANs buffers) loads."""
     import models
-    from lib.memory_bank import MemoryBank
-    from lib.neighbourhoods import ANsDiscovery
+    from lib.core.memory_bank import MemoryBank
+    from lib.core.neighbourhoods import ANsDiscovery
     net = models.build_network('resnet18')
     bank = MemoryBank(128, 20, 0.1, 0.5)
     ans = ANsDiscovery(20, 0.25, 1)
@@ -121,8 +122,8 @@ def test_bad_flags(run_main, flags, needle):
     assert_user_error(run_main(*flags), needle)
 
 
-def test_missing_data_is_one_line_exit_2(tmp_path):
-    code, out, err = run_cli('--data-root', tmp_path / 'nowhere', '--model_dir', tmp_path)
+def test_missing_data_is_one_line_exit_2(tmp_path, run_main):
+    code, out, err = run_main('--data-root', tmp_path / 'nowhere', '--model_dir', tmp_path)
     assert code == 2 and 'Traceback' not in err
     assert len(err.strip().splitlines()) == 1
     assert 'no cifar10 data under' in err and 'image folder' in err
@@ -155,7 +156,7 @@ def test_checkpoint_errors(tiny_folder, tmp_path, run_main):
     torch.save({'something': 1}, tmp_path / 'other.t7')
     assert_user_error(run_main('--resume', 'other.t7', *base), 'not a Super-AND checkpoint')
     import models
-    from lib.memory_bank import MemoryBank
+    from lib.core.memory_bank import MemoryBank
     torch.save({'net': models.build_network('resnet18').state_dict(),
                 'npc': MemoryBank(128, 999, 0.1, 0.5).state_dict(), 'ANs_discovery': {},
                 'acc': 0.1, 'round': 0, 'epoch': 0}, tmp_path / 'big.t7')

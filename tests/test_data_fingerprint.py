@@ -66,7 +66,7 @@ def test_a_checkpoint_without_fingerprint_is_accepted_with_a_note(tiny_folder, t
 
 
 def test_analysis_commands_check_the_data(tiny_folder, tmp_path, run_main, capsys):
-    from lib import export
+    from tools import export
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', '--rounds', '1',
                                        '--epochs', '1', '--no-tensorboard', '--quiet'))
     assert code == 0, err

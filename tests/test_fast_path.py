@@ -7,10 +7,13 @@ import torch
 
 import datasets
 import models
-from lib.memory_bank import MemoryBank
-from lib.neighbourhoods import ANsDiscovery
+from lib.core.memory_bank import MemoryBank
+from lib.core.neighbourhoods import ANsDiscovery
+from lib.core.step import StepLosses, train_step
+from lib.fast_path import Autocast
 from lib.pipelines import LoaderPipeline, TensorPipeline, epoch_order
-from lib.train import Objective, Trainer
+
+WEIGHTS = {'and': 1.0, 'aug': 1.0, 'ue': 0.4}
 
 MEAN, STD = datasets.MEAN_STD['cifar10']
 
@@ -60,10 +63,10 @@ def test_one_step_same_loss_and_bank_update():
     results = []
     for fast_path in (True, False):
         net, bank, anchors, optimizer = model(fused=fast_path)
-        trainer = Trainer(net, bank, anchors, optimizer, Objective(), precision='fp32',
-                          channels_last=fast_path)
-        trainer.set_ue_weight(0.4)
-        parts = trainer.step(views.clone(), indexes)
+        wrapped = Autocast(net, bf16=False, channels_last=True) if fast_path else net
+        losses = train_step(wrapped, StepLosses(bank, anchors, list(WEIGHTS)), optimizer,
+                            views.clone(), indexes, WEIGHTS)
+        parts = torch.stack([losses[name].detach() for name in WEIGHTS])
         results.append((parts, bank.memory.clone(),
                         [p.detach().clone() for p in net.parameters()]))
     (parts_a, bank_a, params_a), (parts_b, bank_b, params_b) = results
@@ -111,17 +114,25 @@ def test_training_images_are_evaluated_at_the_crop_size_on_both_pipelines(tmp_pa
     assert torch.allclose(fast, loader, atol=1e-6)
 
 
-def test_a_trainer_is_freed_without_the_garbage_collector():
-    """Nothing keeps the network alive after a run: DDP's reducer holds the process group,
-    which must close before the interpreter does."""
+def test_the_step_parts_are_freed_without_the_garbage_collector():
+    """Nothing keeps the network alive after a run (no reference cycle through the step's
+    parts): DDP's reducer holds the process group, which must close before the interpreter
+    does."""
     import gc
     import weakref
+    from types import SimpleNamespace
+    from lib.distributed import World
+    from lib.fast_path import step_parts
     net, bank, anchors, optimizer = model(fused=False)
-    trainer = Trainer(net, bank, anchors, optimizer, Objective())
+    config = SimpleNamespace(bank=True, aug_loss=True, ue_loss=True, views=2,
+                             aug_input='logits', batch_t=0.1, batch_m=1.0, sync_bn=False)
+    settings = SimpleNamespace(precision='bf16', cuda=False, compile='none')
+    method = SimpleNamespace(net=net, bank=bank, anchors=anchors)
+    parts = step_parts(config, settings, method, optimizer, World())
     ref = weakref.ref(net)
     gc.disable()
     try:
-        del trainer, net, optimizer
+        del parts, net, optimizer, method
         assert ref() is None
     finally:
         gc.enable()

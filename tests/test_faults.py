@@ -11,28 +11,9 @@ import pytest
 import torch
 
 import lib.checkpoint
-import lib.train
-from conftest import (ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args)
-
-
-def start_main(*argv):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, argv)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
-def wait_for_epochs(model_dir, count, proc, timeout=300):
-    """Block until log.jsonl holds `count` epoch records and a whole last.t7 exists (it is
-    written in the background, renamed into place when complete)."""
-    log = model_dir / 'log.jsonl'
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if log.exists() and sum('"type": "epoch"' in line
-                                for line in log.read_text().splitlines()) >= count \
-                and (model_dir / 'last.t7').exists():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f'no {count} epochs in {log}')
+import lib.core.losses
+from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
+                      run_killed_at, signal_at)
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -46,7 +27,7 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, run_main):
     slowly, because BatchNorm over 8 images per process makes float32 gradients
     ill-conditioned (even one process with channels_last differs from contiguous that much)."""
     flags = ['--rounds', '2', '--epochs', '1', '--batch_size', '16', '--pipeline', 'gpu',
-             '--sync-bn', '--no-tensorboard']
+             '--sync-bn', '--no-tensorboard', *MECHANICS]
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'one', *flags))
     assert code == 0, err
     proc = subprocess.run(
@@ -73,36 +54,34 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, run_main):
 # ----------------------------------------------------------------------------- faults
 def test_sigkill_mid_run_then_resume_equals_unbroken(tiny_folder, tmp_path, run_main,
                                                      unbroken_run):
-    proc = start_main(*fast_args(tiny_folder, tmp_path, *UNBROKEN_FLAGS['cpu']))
-    wait_for_epochs(tmp_path, 1, proc)
-    time.sleep(0.5)                                     # somewhere in the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = run_killed_at((0, 1, 1), *fast_args(tiny_folder, tmp_path, *UNBROKEN_FLAGS['cpu']))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = torch.load(tmp_path / 'last.t7', weights_only=True)     # intact, not half-written
-    assert state['next']['epoch'] >= 1 or state['next']['round'] >= 1
+    assert state['next'] == {'round': 0, 'epoch': 1, 'step': 0}
     code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--data-root',
                               tiny_folder, '--workers', '0', '--pipeline', 'cpu',
                               '--no-tensorboard')
     assert code == 0, err
-    assert 'resuming at round' in out
+    assert 'resuming at round 0 epoch 1 from' in out
     assert_same_training_state(unbroken_run('cpu'), torch.load(tmp_path / 'last.t7',
                                                                weights_only=True))
 
 
-def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_main):
-    flags = ['--rounds', '1', '--epochs', '2', '--pipeline', 'gpu', '--batch_size', '2']
-    base = fast_args(tiny_folder, tmp_path / 'whole', *flags)
-    code, _, err = run_main(*base)
+def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_main,
+                                                     monkeypatch):
+    flags = ['--rounds', '1', '--epochs', '2', '--pipeline', 'gpu', '--batch_size', '2',
+             *MECHANICS]
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'whole', *flags))
     assert code == 0, err
-    proc = start_main(*fast_args(tiny_folder, tmp_path / 'stopped', *flags))
-    wait_for_epochs(tmp_path / 'stopped', 1, proc)
-    time.sleep(0.7)                                     # a few of the 10 steps of epoch 1
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert 'stopped by SIGTERM at round 0 epoch' in out and 'done:' not in out
+    signal_at(monkeypatch, signal.SIGTERM, (0, 1, 3))   # drawing step 3 of the 10 of epoch 1
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'stopped', *flags))
+    monkeypatch.undo()
+    assert code == 0, err
+    assert 'SIGTERM: stopping at the next step' in out and 'done:' not in out
+    assert 'stopped by SIGTERM at round 0 epoch 1 step 4' in out
     state = torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True)
-    assert set(state['next']) >= {'round', 'epoch', 'step'}
+    assert (state['next']['round'], state['next']['epoch'], state['next']['step']) == (0, 1, 4)
+    assert set(state['next']['loss_sums']) == {'and', 'aug', 'ue'}     # by name
     code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'stopped',
                               '--data-root', tiny_folder, '--workers', '0', '--pipeline', 'gpu',
                               '--no-tensorboard')
@@ -113,15 +92,15 @@ def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
                                                                    run_main, monkeypatch):
-    real_ue_loss, calls = lib.train.ue_loss, []
+    real_ue_loss, calls = lib.core.losses.ue_loss, []
 
     def poisoned(logits, targets):          # NaN from the 4th step on (epoch 1, step 1)
         calls.append(1)
         loss = real_ue_loss(logits, targets)
         return loss * float('nan') if len(calls) >= 4 else loss
-    monkeypatch.setattr(lib.train, 'ue_loss', poisoned)
-    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs',
-                                         '3'))
+    monkeypatch.setattr(lib.core.losses, 'ue_loss', poisoned)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '3'))
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(
         'error: non-finite loss (NaN or infinite) at round 0 epoch 1 step 1')
@@ -130,7 +109,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, t
     assert state['next'] == {'round': 0, 'epoch': 1, 'step': 0}
     assert torch.isfinite(state['npc']['memory']).all()
     # The command it suggests continues this run from there with a tenth of the lr.
-    monkeypatch.setattr(lib.train, 'ue_loss', real_ue_loss)
+    monkeypatch.setattr(lib.core.losses, 'ue_loss', real_ue_loss)
     command = shlex.split(err[err.index('python3 main.py'):].splitlines()[0])
     assert command[:2] == ['python3', 'main.py']
     code, out, err = run_main(*command[2:])
@@ -159,13 +138,12 @@ def test_full_disk_fails_at_start(tiny_folder, tmp_path, run_main, monkeypatch):
 FAILING_RANK = '''
 import os, sys
 sys.path.insert(0, {root!r})
-import lib.train
 import main
 from lib.errors import UserError
 if os.environ['RANK'] == '1':
     def fail(*args, **kwargs):
         raise UserError('injected failure on rank 1')
-    lib.train.Trainer.train_epoch = fail
+    main.run_epoch = fail
 sys.exit(main.main(sys.argv[1:]))
 '''
 
@@ -178,7 +156,8 @@ def test_an_error_on_one_rank_ends_the_run_with_its_message(tiny_folder, tmp_pat
     start = time.time()
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         str(script), *fast_args(tiny_folder, tmp_path / 'ck', '--rounds', '1', '--epochs', '1',
+         str(script), *fast_args(tiny_folder, tmp_path / 'ck', *MECHANICS, '--rounds', '1',
+                                 '--epochs', '1',
                                  '--batch_size', '16', '--pipeline', 'gpu', '--no-tensorboard')],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, 'OMP_NUM_THREADS': '1'})

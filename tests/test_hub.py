@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import ROOT, fast_args
-from lib.build import load_trained
+from lib.analysis import load_trained
 
 
 @pytest.fixture(scope='module')

@@ -1,32 +1,37 @@
-"""The three losses against float64 references written here from docs/ALGORITHM.md section 5."""
+"""The three losses against float64 references written here from docs/ALGORITHM.md section 5,
+over several sizes; their argument checks; and the step's named losses."""
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.losses import and_loss, augmentation_loss, ue_loss
-from lib.memory_bank import MemoryBank
-from lib.train import Objective, step_losses
+import lib.core.losses as losses_module
+from lib.core.losses import LOSSES, Loss, and_loss, augmentation_loss, ue_loss
+from lib.core.memory_bank import MemoryBank
+from lib.core.step import StepLosses, local_batch
 
 B, N, D, K, T = 6, 40, 8, 2, 0.1
+SIZES = [(2, 10, 4, 1), (6, 40, 8, 2), (16, 200, 32, 3)]      # (B, N, D, K)
 
 
-def batch(seed=0):
-    """Unit features (2B x D, view-1 rows first), a unit bank (N x D), B distinct indexes."""
+def batch(seed=0, b=B, n=N, d=D):
+    """Unit features (2b x d, view-1 rows first), a unit bank (n x d), b distinct indexes."""
     g = torch.Generator().manual_seed(seed)
-    features = F.normalize(torch.randn(2 * B, D, generator=g), dim=1)
-    memory = F.normalize(torch.randn(N, D, generator=g), dim=1)
-    indexes = torch.randperm(N, generator=g)[:B]
+    features = F.normalize(torch.randn(2 * b, d, generator=g), dim=1)
+    memory = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    indexes = torch.randperm(n, generator=g)[:b]
     return features, memory, indexes
 
 
-def neighbour_table(indexes, seed=1):
-    """Every other image of the batch is an anchor with K neighbours (never itself)."""
+def neighbour_table(indexes, seed=1, n=N, k=K):
+    """Every other image of the batch is an anchor with k neighbours (never itself)."""
     g = torch.Generator().manual_seed(seed)
-    table = torch.full((N, K), -1, dtype=torch.long)
+    table = torch.full((n, k), -1, dtype=torch.long)
     anchors = {}
     for i in indexes[::2].tolist():
-        others = [j for j in torch.randperm(N, generator=g).tolist() if j != i][:K]
+        others = [j for j in torch.randperm(n, generator=g).tolist() if j != i][:k]
         table[i] = torch.tensor(others)
         anchors[i] = others
     return table, anchors
@@ -75,9 +80,10 @@ def reference_aug(rows, t, m=1.0):
     return -total / n
 
 
-def test_and_loss_mixes_anchors_and_instances():
-    features, memory, indexes = batch()
-    table, anchors = neighbour_table(indexes)
+@pytest.mark.parametrize('b, n, d, k', SIZES)
+def test_and_loss_mixes_anchors_and_instances(b, n, d, k):
+    features, memory, indexes = batch(0, b, n, d)
+    table, anchors = neighbour_table(indexes, 1, n, k)
     logits = features @ memory.t() / T
     targets = indexes.repeat(2)
     got = and_loss(logits, targets, table[targets])
@@ -86,14 +92,29 @@ def test_and_loss_mixes_anchors_and_instances():
     none = torch.full_like(table, -1)
     assert abs(and_loss(logits, targets, none[targets]).item()
                - reference_and(logits, targets, {})) < 1e-5
-    assert abs(reference_and(logits, targets, {}) - got.item()) > 1e-3
+    assert abs(reference_and(logits, targets, {}) - got.item()) > 1e-4
 
 
-def test_ue_loss_masks_own_entry():
-    features, memory, indexes = batch(2)
+@pytest.mark.parametrize('b, n, d, k', SIZES)
+def test_ue_loss_masks_own_entry(b, n, d, k):
+    features, memory, indexes = batch(2, b, n, d)
     logits = features @ memory.t() / T
     targets = indexes.repeat(2)
     assert abs(ue_loss(logits, targets).item() - reference_ue(logits, targets)) < 1e-5
+
+
+@pytest.mark.parametrize('call, needle', [
+    (lambda: and_loss(torch.zeros(4, 5), torch.zeros(3, dtype=torch.long),
+                      torch.zeros(4, 1, dtype=torch.long)), 'targets R'),
+    (lambda: and_loss(torch.zeros(4), torch.zeros(4, dtype=torch.long),
+                      torch.zeros(4, 1, dtype=torch.long)), 'logits R x N'),
+    (lambda: ue_loss(torch.zeros(4, 5), torch.zeros(5, dtype=torch.long)), 'targets R'),
+    (lambda: augmentation_loss(torch.zeros(5, 3), 0.1), 'even number of rows'),
+    (lambda: augmentation_loss(torch.zeros(4, 3), 0.0), 'temperature above 0'),
+])
+def test_the_losses_check_their_arguments(call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call()
 
 
 def test_augmentation_loss_value_and_gradient():
@@ -117,21 +138,54 @@ def test_augmentation_loss_on_bank_logit_rows_float32():
     assert abs(augmentation_loss(logits, 0.1).item() - want) < 1e-4
 
 
-def test_step_losses_total_and_parts():
-    features, memory, indexes = batch(4)
-    table, anchors = neighbour_table(indexes)
-    bank = MemoryBank(D, N, T, 0.5)
+def step_losses(bank, table, names=('and', 'aug', 'ue'), aug_input='logits'):
+    return StepLosses(bank, SimpleNamespace(neighbour_table=table), names, 2, aug_input, 0.1)
+
+
+@pytest.mark.parametrize('b, n, d, k', SIZES)
+def test_the_step_takes_the_named_losses(b, n, d, k):
+    features, memory, indexes = batch(4, b, n, d)
+    table, anchors = neighbour_table(indexes, 1, n, k)
+    bank = MemoryBank(d, n, T, 0.5)
     bank.memory.copy_(memory)
-    total, parts = step_losses(features, indexes, bank, table, Objective(), ue_weight=0.4)
+    got = step_losses(bank, table)(features, indexes, local_batch(features, indexes))
     logits = (features.double() @ memory.double().t()) / T
     targets = indexes.repeat(2)
-    want = [reference_and(logits, targets, anchors), reference_aug(logits, 0.1).item(),
-            reference_ue(logits, targets)]
-    assert torch.allclose(parts.double(), torch.tensor(want, dtype=torch.float64), atol=1e-4)
-    assert abs(total.item() - (want[0] + want[1] + 0.4 * want[2])) < 1e-4
-    # The feature variant feeds the 128-d rows to the augmentation loss instead.
-    _, parts_f = step_losses(features, indexes, bank, table, Objective(aug_input='features'), 0.0)
-    assert abs(parts_f[1].item() - reference_aug(features.double(), 0.1).item()) < 1e-4
+    want = {'and': reference_and(logits, targets, anchors),
+            'aug': reference_aug(logits, 0.1).item(), 'ue': reference_ue(logits, targets)}
+    assert list(got) == ['and', 'aug', 'ue']
+    for name, value in want.items():
+        assert abs(got[name].item() - value) < 1e-4, name
+    # The feature variant feeds the D-dimensional rows to the augmentation loss instead; a
+    # step takes only the losses it is given.
+    got = step_losses(bank, table, ('aug',), 'features')(features, indexes,
+                                                        local_batch(features, indexes))
+    assert list(got) == ['aug']
+    assert abs(got['aug'].item() - reference_aug(features.double(), 0.1).item()) < 1e-4
+
+
+def test_a_new_loss_is_one_function_and_one_entry(monkeypatch):
+    """What the module's docstring promises: a function of the step's tensors, an entry."""
+    def mean_logit(tensors):
+        return tensors.logits.mean()
+    monkeypatch.setitem(LOSSES, 'mean_logit', Loss(mean_logit, 'bank', 'mean logit'))
+    features, memory, indexes = batch(5)
+    bank = MemoryBank(D, N, T, 0.5)
+    bank.memory.copy_(memory)
+    table, _ = neighbour_table(indexes)
+    got = step_losses(bank, table, ('and', 'mean_logit'))(features, indexes,
+                                                        local_batch(features, indexes))
+    assert abs(got['mean_logit'].item() - (features @ memory.t() / T).mean().item()) < 1e-6
+    assert losses_module.active_losses({'bank': True, 'aug_loss': False, 'ue_loss': False}) \
+        == ['and', 'mean_logit']
+
+
+def test_losses_that_need_the_bank_are_refused_without_one():
+    with pytest.raises(ValueError, match='need the memory bank'):
+        StepLosses(None, None, ('and',))
+    with pytest.raises(ValueError, match='unknown losses'):
+        StepLosses(None, None, ('nothing',))
+    StepLosses(None, None, ('aug',), aug_input='features')     # ISIF: no bank needed
 
 
 def test_augmentation_loss_split_over_two_processes():

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 import datasets
-import main
 import models
 from conftest import fast_args
+from lib.config import parse, resolve
+from lib.core.recipes import RECIPES
 from lib.errors import UserError
-from lib.recipes import RECIPES, resolve
 
 # What each method is, written out from the papers (not read from lib/recipes.py).
 DOCUMENTED = {
@@ -27,9 +27,7 @@ DOCUMENTED = {
 
 
 def resolved(*argv):
-    args = main.parse_args(list(argv))
-    resolve(args)
-    return args
+    return resolve(parse(list(argv)), say=lambda text: None)
 
 
 @pytest.mark.parametrize('method', sorted(DOCUMENTED))
@@ -83,15 +81,15 @@ def test_each_method_trains_and_its_checkpoint_evaluates(method, tiny_folder, tm
 
 
 def test_isif_knn_uses_recomputed_features(tiny_folder, tmp_path, run_main, monkeypatch):
-    import lib.evaluate
+    import lib.core.knn
     seen = []
-    real_embed = lib.evaluate.embed
+    real_embed = lib.core.knn.embed
 
     def spy(net, batches, *a, **k):
         features, targets = real_embed(net, batches, *a, **k)
         seen.append(features.shape[0])
         return features, targets
-    monkeypatch.setattr(lib.evaluate, 'embed', spy)
+    monkeypatch.setattr(lib.core.knn, 'embed', spy)
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'isif', '--epochs', '1'))
     assert code == 0, err
     assert seen == [20, 10]          # the 20 training images re-embedded, then the 10 test
@@ -188,15 +186,15 @@ def test_compare_script_writes_a_table(tiny_folder, tmp_path):
     from conftest import ROOT
     out_file = tmp_path / 'table.md'
     proc = subprocess.run(
-        [sys.executable, 'experiments/compare.py', '--runs', 'lemniscate:cifar10:resnet18:2',
-         'and:cifar10:resnet18:2', '--data-root', tiny_folder, '--work-dir', tmp_path,
+        [sys.executable, 'experiments/compare.py', '--runs', 'lemniscate:cifar10:alexnet:2',
+         'and:cifar10:alexnet:2', '--data-root', tiny_folder, '--work-dir', tmp_path,
          '--out', out_file, '--extra',
          '--batch_size 8 --workers 0 --device cpu --no-tensorboard'],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = out_file.read_text().splitlines()
     assert rows[0].startswith('| method | dataset | network | rounds x epochs | final')
-    assert rows[2].startswith('| lemniscate | cifar10 | resnet18 | 1 x 2 | ')
-    assert rows[3].startswith('| and | cifar10 | resnet18 | 2 x 1 | ')
+    assert rows[2].startswith('| lemniscate | cifar10 | alexnet | 1 x 2 | ')
+    assert rows[3].startswith('| and | cifar10 | alexnet | 2 x 1 | ')
     assert 'failed' not in out_file.read_text()
-    assert (tmp_path / 'and_cifar10_resnet18_2' / 'ckpt.t7').exists()
+    assert (tmp_path / 'and_cifar10_alexnet_2' / 'ckpt.t7').exists()

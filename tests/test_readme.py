@@ -152,13 +152,13 @@ def test_every_path_a_readme_command_reads_is_made_earlier_or_explained():
 
 def test_the_check_finds_a_path_nothing_makes():
     text = ('Run `python3 main.py --data-root data --model_dir checkpoint/quick` on `data/`.\n\n'
-            '```bash\npython -m lib.visualize curve --log and super-and --published\n'
-            'python -m lib.embed --ckpt checkpoint/quick/ckpt.t7 --images photos --out p.npz\n'
+            '```bash\npython -m tools.visualize curve --log and super-and --published\n'
+            'python -m tools.embed --ckpt checkpoint/quick/ckpt.t7 --images photos --out p.npz\n'
             'python3 main.py --resume last.t7 --test_only\n```\n')
     assert check(text).problems == [
-        f'{path} (python -m lib.visualize curve --log and super-and --published): made by no '
+        f'{path} (python -m tools.visualize curve --log and super-and --published): made by no '
         f'earlier command and not named in the text' for path in ('and', 'super-and')] + [
-        'photos (python -m lib.embed --ckpt checkpoint/quick/ckpt.t7 --images photos --out '
+        'photos (python -m tools.embed --ckpt checkpoint/quick/ckpt.t7 --images photos --out '
         'p.npz): made by no earlier command and not named in the text',
         'checkpoint/last.t7 (python3 main.py --resume last.t7 --test_only): made by no earlier '
         'command and not named in the text']

@@ -2,10 +2,8 @@
 signal mid-epoch), --init-from starts a new run from a checkpoint's weights, a resumed run
 keeps its recipe, and a finished run is left alone."""
 import os
-import re
 import shlex
 import signal
-import time
 
 import numpy as np
 import torch
@@ -13,10 +11,9 @@ import torch
 import datasets
 import lib.checkpoint
 import main
-from conftest import assert_same_training_state, fast_args
-from test_faults import start_main, wait_for_epochs
+from conftest import MECHANICS, assert_same_training_state, fast_args, signal_at
 
-SMALL = ['--rounds', '2', '--epochs', '1', '--no-tensorboard', '--quiet']
+SMALL = ['--rounds', '2', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
 
 
 def test_resume_of_a_weights_only_checkpoint_is_refused(tiny_folder, tmp_path, run_main):
@@ -51,7 +48,8 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_folder, tmp_path, run_
 
 def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '2',
-                                       '--stop-after', '1', '--no-tensorboard', '--quiet'))
+                                       '--stop-after', '1', '--no-tensorboard', '--quiet',
+                                       *MECHANICS))
     assert code == 0, err
     for flags, needle in ((['--method', 'and'], '--method and contradicts'),
                           (['--no-ue-loss'], '--no-ue-loss contradicts')):
@@ -88,18 +86,16 @@ def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_
     """The stopped run and its continuation use 2 loader processes, the unbroken run none:
     each image's augmentation depends on (seed, round, epoch, index) only."""
     flags = ['--rounds', '1', '--epochs', '2', '--pipeline', 'cpu', '--batch_size', '2',
-             '--no-tensorboard']
+             '--no-tensorboard', *MECHANICS]
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'whole', *flags))
     assert code == 0, err
-    proc = start_main(*fast_args(tiny_folder, tmp_path / 'stopped', *flags), '--workers', '2')
-    wait_for_epochs(tmp_path / 'stopped', 1, proc)
-    time.sleep(1.0)                                     # into epoch 1 (10 steps)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    signal_at(monkeypatch, signal.SIGTERM, (0, 1, 5))   # drawing step 5 of the 10 of epoch 1
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'stopped', *flags),
+                              '--workers', '2')
+    monkeypatch.undo()
+    assert code == 0, err
     assert 'SIGTERM: stopping at the next step' in out
-    assert 'stopped by SIGTERM at round 0 epoch 1 step' in out and 'done:' not in out
-    step = int(re.search(r'stopped by SIGTERM at round 0 epoch 1 step (\d+)', out).group(1))
+    assert 'stopped by SIGTERM at round 0 epoch 1 step 6' in out and 'done:' not in out
     # The command it prints, run as printed; its progress bar counts on from the step.
     command = shlex.split(out.split('continue with: ')[1].splitlines()[0])
     assert command[:2] == ['python3', 'main.py']
@@ -109,10 +105,9 @@ def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_
         bars.append(kwargs)
         return iterable
     monkeypatch.setattr(main, 'progress_bar', progress_bar)
-    code, out, err = run_main(*command[2:])
+    code, out, err = run_main(*command[2:], '--workers', '2')
     assert code == 0 and 'done:' in out, err
-    assert (bars[0]['desc'], bars[0]['total'], bars[0]['initial']) == ('round 0 epoch 1', 10,
-                                                                       step)
+    assert (bars[0]['desc'], bars[0]['total'], bars[0]['initial']) == ('round 0 epoch 1', 10, 6)
     assert_same_training_state(torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True),
                                torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True))
 
@@ -168,3 +163,15 @@ def test_init_from_refuses_to_overwrite_its_source(tiny_folder, tmp_path, run_ma
     code, _, err = run_main('--init-from', 'ckpt.t7', '--model_dir', tmp_path)
     assert code == 2 and 'would overwrite' in err and 'another folder' in err
     assert (tmp_path / 'ckpt.t7').read_bytes() == before
+
+
+def test_a_last_t7_of_the_earlier_layout_keeps_its_loss_sums_by_name():
+    """last.t7 files written before losses were kept by name held a part-done epoch's sums as
+    a list [AND, aug, UE] (zeros for the losses a run did not take)."""
+    older = {'next': {'round': 0, 'epoch': 1, 'step': 4, 'loss_sums': [17.5, 7.5, 9.25]},
+             'round': 0, 'epoch': 0, 'acc': 0.1}
+    progress = lib.checkpoint.progress_of(older)
+    assert progress.loss_sums == {'and': 17.5, 'aug': 7.5, 'ue': 9.25}
+    assert (progress.round, progress.epoch, progress.step) == (0, 1, 4)
+    newer = {**older, 'format': 2, 'next': {**older['next'], 'loss_sums': {'and': 1.0}}}
+    assert lib.checkpoint.progress_of(newer).loss_sums == {'and': 1.0}

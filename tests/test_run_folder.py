@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import lib.checkpoint as ckpt
-import lib.export
+import tools.export
 import lib.pipelines
 import lib.run_log
-import lib.visualize
-from conftest import ROOT, fast_args
+import tools.visualize
+from conftest import MECHANICS, ROOT, fast_args
 from lib.errors import UserError
 from lib.run_lock import acquire
 
@@ -95,7 +95,7 @@ def test_one_live_run_per_model_dir(tiny_folder, tmp_path, run_main, lock_holder
     """Training, resuming and --init-from are refused while a run holds the folder, without
     touching it; --test_only and the analysis commands only read, and go on; once the holder is
     killed, the folder is free."""
-    flags = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet']
+    flags = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', *flags))
     assert code == 0, err
     (tmp_path / 'other').mkdir()
@@ -113,7 +113,7 @@ def test_one_live_run_per_model_dir(tiny_folder, tmp_path, run_main, lock_holder
     code, out, err = run_main('--resume', 'ckpt.t7', '--model_dir', tmp_path / 'run',
                               '--test_only', '--workers', '0')
     assert code == 0 and f'kNN accuracy of {tmp_path / "run" / "ckpt.t7"}' in out, err
-    assert lib.export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--device', 'cpu',
+    assert tools.export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--device', 'cpu',
                             '--out', str(tmp_path / 'test.npz')]) == 0
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -167,8 +167,8 @@ def test_a_resume_mid_epoch_keeps_the_batch_size_and_seed(tiny_folder, tmp_path,
     On the way, a cut-off last line of log.jsonl (a run killed while appending) is kept apart
     from the next record."""
     drawn.stop_at = 1
-    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '2',
-                                         '--seed', '5', '--no-tensorboard'))
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '2', '--seed', '5', '--no-tensorboard'))
     assert code == 0 and 'stopped by SIGTERM at round 0 epoch 0 step 1' in out, err
     assert drawn == {(0, 0): 8}
     assert torch.load(tmp_path / 'last.t7', weights_only=True)['next']['step'] == 1
@@ -246,9 +246,9 @@ def test_what_a_resume_may_change_at_an_epoch_boundary():
 def test_a_record_after_a_cut_off_line_starts_a_line_of_its_own(tmp_path):
     path = tmp_path / 'log.jsonl'
     path.write_text('{"type": "start"}\n{"type": "epoch", "rou')
-    log = lib.run_log.RunLog(str(tmp_path), tensorboard=False)
-    log.end({'best_top1': 50.0})
-    log.end({'best_top1': 60.0})
+    log = lib.run_log.RunLog(str(tmp_path))
+    log.end(ckpt.Progress(best_acc=0.5), 1.0)
+    log.end(ckpt.Progress(best_acc=0.6), 1.0)
     lines = path.read_text().split('\n')
     assert lines[:2] == ['{"type": "start"}', '{"type": "epoch", "rou']
     assert [json.loads(line)['best_top1'] for line in lines[2:4]] == [50.0, 60.0]
@@ -283,7 +283,7 @@ def test_readers_skip_a_cut_off_line_with_a_note_naming_it(tmp_path, capsys):
     assert [r['knn_top1'] for r in lib.run_log.epoch_records(tmp_path)] == [10.0, 11.0, 12.0]
     err = capsys.readouterr().err                   # the default: notes on stderr
     assert f'{path} line 2 ' in err and f'{path} line 6 ' in err
-    code = lib.visualize.main(['curve', '--log', str(path), '--out', str(tmp_path / 'c.png')])
+    code = tools.visualize.main(['curve', '--log', str(path), '--out', str(tmp_path / 'c.png')])
     out, err = capsys.readouterr()
     assert code == 0 and 'wrote' in out and f'note: {path} line 6 ' in err
     assert script('bench/compare_curve.py').main([str(path)]) == 0
@@ -331,7 +331,7 @@ class Blocked:
 def test_the_epoch_record_waits_for_last_t7(tmp_path, monkeypatch):
     blocked = Blocked(monkeypatch)
     writer = ckpt.CheckpointWriter()
-    log = lib.run_log.RunLog(str(tmp_path), tensorboard=False, after=writer.then)
+    log = lib.run_log.RunLog(str(tmp_path), after=writer.then)
     writer.submit([({'net': {}, 'npc': {}, 'round': 0, 'epoch': 0}, str(tmp_path / 'ckpt.t7')),
                    ({'net': {}, 'npc': {}, 'next': 1}, str(tmp_path / 'last.t7'))])
     log.epoch({'round': 0, 'epoch': 0, 'global_epoch': 0, 'loss': {}})
@@ -341,7 +341,7 @@ def test_the_epoch_record_waits_for_last_t7(tmp_path, monkeypatch):
     writer.wait()
     assert blocked.order == ['ckpt.t7', 'last.t7']
     assert [r['type'] for r in lib.run_log.read_records(tmp_path)] == ['epoch']
-    log.end({})                                         # nothing being written: at once
+    log.end(ckpt.Progress(), 1.0)                       # nothing being written: at once
     assert [r['type'] for r in lib.run_log.read_records(tmp_path)] == ['epoch', 'end']
 
 
@@ -356,7 +356,7 @@ def test_a_failed_save_removes_its_temporary_and_logs_no_epoch(tmp_path, monkeyp
             raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos')
     monkeypatch.setattr(ckpt.torch, 'save', disk_full)
     writer = ckpt.CheckpointWriter()
-    log = lib.run_log.RunLog(str(tmp_path), tensorboard=False, after=writer.then)
+    log = lib.run_log.RunLog(str(tmp_path), after=writer.then)
     writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'last.t7'))])
     log.epoch({'round': 0, 'epoch': 1, 'global_epoch': 1, 'loss': {}})
     with pytest.raises(UserError, match=re.escape(

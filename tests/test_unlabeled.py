@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fast_args
-from lib import embed, retrieve
+from conftest import MECHANICS, fast_args
+from tools import embed, retrieve
 
 
 def write_flat_folder(root, count=12, size=32, seed=0):
@@ -31,8 +31,8 @@ def flat_run(tmp_path_factory):
     import main
     root = write_flat_folder(tmp_path_factory.mktemp('flat'))
     model_dir = tmp_path_factory.mktemp('flat_run')
-    code = main.main(fast_args(root, model_dir, '--dataset', 'folder', '--rounds', '2',
-                               '--epochs', '1', '--batch_size', '4', '--no-tensorboard'))
+    code = main.main(fast_args(root, model_dir, *MECHANICS, '--dataset', 'folder', '--rounds',
+                               '2', '--epochs', '1', '--batch_size', '4', '--no-tensorboard'))
     assert code == 0
     return root, model_dir
 
@@ -187,8 +187,8 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
                           str(tmp_path / 'foreign.npz'), *query]) == 2
     line = one_line_error(capsys, 'was embedded with another checkpoint')
     # The command it gives embeds the gallery again, with this checkpoint, as printed.
-    command = shlex.split(line[line.index('python -m lib.embed'):])
-    assert command[:3] == ['python', '-m', 'lib.embed']
+    command = shlex.split(line[line.index('python -m tools.embed'):])
+    assert command[:3] == ['python', '-m', 'tools.embed']
     assert embed.main(command[3:]) == 0
     capsys.readouterr()
     assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fast_args
-from lib import figures as vis
-from lib import visualize
+from conftest import MECHANICS, fast_args
+from tools import figures as vis
+from tools import visualize
 from lib.errors import UserError
 from lib.run_log import epoch_records
-from lib.build import load_trained
+from lib.analysis import load_trained
 
 RED, GRAY, BLUE = (255, 0, 0), (200, 200, 200), (0, 0, 255)
 
@@ -26,8 +26,9 @@ def checkpoints(tiny_folder, tmp_path_factory):
     paths = {}
     for method in ('super-and', 'and'):
         model_dir = tmp_path_factory.mktemp(method)
-        code = main.main(fast_args(tiny_folder, model_dir, '--method', method, '--epochs', '1',
-                                   '--rounds', '1', '--quiet', '--no-tensorboard'))
+        code = main.main(fast_args(tiny_folder, model_dir, *MECHANICS, '--method', method,
+                                   '--epochs', '1', '--rounds', '1', '--quiet',
+                                   '--no-tensorboard'))
         assert code == 0
         paths[method] = str(model_dir / 'ckpt.t7')
     return paths

@@ -12,10 +12,9 @@ Sources: the papers and their released code (docs/ALGORITHM.md 8 lists the repor
   no flip, no augmentation or UE loss.
 - super-and (Han et al. 2020): everything, as released.
 """
-from .config import DEFAULTS
-from .errors import UserError
+from .constants import ALGORITHM
 
-RELEASED_ROUNDS = DEFAULTS['rounds']
+RELEASED_ROUNDS = ALGORITHM['rounds']
 
 COMPONENTS = {
     # name: help text (the flag is --name with dashes, or --no-name for booleans)
@@ -42,41 +41,36 @@ RECIPES = {
 }
 
 
-def resolve(opts):
-    """Fill the components `opts` leaves as None from `opts.method`'s recipe and check that
-    they fit together. Returns the component names that came from the recipe."""
-    recipe = RECIPES[opts.method]
-    from_recipe = []
-    for name in COMPONENTS:
-        if getattr(opts, name, None) is None:
-            setattr(opts, name, recipe[name])
-            from_recipe.append(name)
-    if opts.aug_loss and opts.views != 2:
-        raise UserError('the augmentation loss compares two views of each image: use '
-                        '--views 2 or --no-aug-loss')
-    if not opts.bank:
-        if opts.ue_loss:
-            raise UserError('the UE loss is taken over the memory bank: drop --no-bank or '
-                            'add --no-ue-loss')
-        if not opts.aug_loss:
-            raise UserError('without the bank and the augmentation loss nothing is trained')
-        if opts.aug_input == 'logits':
-            if 'aug_input' not in from_recipe:
-                raise UserError('--aug-input logits needs the memory bank')
-            opts.aug_input = 'features'
-        if opts.rounds > 1:
-            raise UserError('rounds add anchors from the memory bank: --no-bank needs --rounds 1')
-    return from_recipe
+class RecipeError(ValueError):
+    """Components that cannot work together; the message is one sentence to print."""
 
 
-def describe(opts):
-    """One line naming the method and every component, starring those that differ from the
-    method's recipe (by a flag, now or in the run a checkpoint continues)."""
-    recipe, parts = RECIPES[opts.method], []
-    for name in COMPONENTS:
-        value = getattr(opts, name)
-        shown = ('on' if value else 'off') if isinstance(value, bool) else str(value)
-        parts.append(f'{name}={shown}' + ('*' if value != recipe[name] else ''))
-    starred = any(part.endswith('*') for part in parts)
-    return (f'method {opts.method}: ' + ' '.join(parts)
-            + (f'  (* differs from the {opts.method} recipe)' if starred else ''))
+def components_of(method: str, given: dict) -> dict:
+    """Every component of a run of `method`: those in `given` (name: value, as flags or the
+    run a checkpoint continues set them; None or absent: not set), the rest from the method's
+    recipe.
+
+    Raises:
+        RecipeError: components that cannot work together (an augmentation loss with one view,
+            a UE loss or rounds without the bank, nothing to train).
+    """
+    recipe = RECIPES[method]
+    chosen = {name: recipe[name] if given.get(name) is None else given[name]
+              for name in COMPONENTS}
+    if chosen['aug_loss'] and chosen['views'] != 2:
+        raise RecipeError('the augmentation loss compares two views of each image: use '
+                          '--views 2 or --no-aug-loss')
+    if not chosen['bank']:
+        if chosen['ue_loss']:
+            raise RecipeError('the UE loss is taken over the memory bank: drop --no-bank or '
+                              'add --no-ue-loss')
+        if not chosen['aug_loss']:
+            raise RecipeError('without the bank and the augmentation loss nothing is trained')
+        if chosen['aug_input'] == 'logits':
+            if given.get('aug_input') is not None:
+                raise RecipeError('--aug-input logits needs the memory bank')
+            chosen['aug_input'] = 'features'    # the recipe's logits: there are none
+        if chosen['rounds'] > 1:
+            raise RecipeError('rounds add anchors from the memory bank: --no-bank needs '
+                              '--rounds 1')
+    return chosen

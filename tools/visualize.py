@@ -1,17 +1,17 @@
 """The figures' command line: one PNG per command (default `fig/<command>.png`).
 
-    python -m lib.visualize retrieval --ckpt and.t7 super-and.t7 --labels AND Super-AND
-    python -m lib.visualize probabilities --ckpt checkpoint/ckpt.t7 --queries 4
-    python -m lib.visualize embedding --ckpt checkpoint/ckpt.t7 --points 2000
-    python -m lib.visualize curve --log checkpoint/run1 checkpoint/run2 --published
+    python -m tools.visualize retrieval --ckpt and.t7 super-and.t7 --labels AND Super-AND
+    python -m tools.visualize probabilities --ckpt checkpoint/ckpt.t7 --queries 4
+    python -m tools.visualize embedding --ckpt checkpoint/ckpt.t7 --points 2000
+    python -m tools.visualize curve --log checkpoint/run1 checkpoint/run2 --published
 
-The figures themselves, importable from a notebook, are in `lib.figures`.
+The figures themselves, importable from a notebook, are in `tools.figures`.
 """
 import os
 import sys
 
-from . import cli
-from .config import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK, FRAME, LABEL_WIDTH,
+from lib import cli
+from tools.layout import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK, FRAME, LABEL_WIDTH,
                      TSNE_PERPLEXITY)
 
 # The commands, each with its line in the help and in the list that no command prints.
@@ -34,7 +34,7 @@ def add_query_options(p):
     choice = p.add_mutually_exclusive_group()
     choice.add_argument('--queries', type=cli.POSITIVE_INT, default=DEFAULT_QUERIES, metavar='Q',
                         help='test images drawn at random with --seed (default: %(default)s)')
-    choice.add_argument('--query-index', dest='query_index', type=cli.NON_NEGATIVE_INT, nargs='+',
+    choice.add_argument(*cli.spellings('--query-index'), dest='query_index', type=cli.NON_NEGATIVE_INT, nargs='+',
                         default=None, metavar='I',
                         help='these test-set positions instead of random ones')
     cli.add_features_option(p, '--features')
@@ -49,7 +49,7 @@ def add_common_options(p, seed=True):
 
 
 def build_parser():
-    p = cli.Parser(prog='python -m lib.visualize',
+    p = cli.Parser(prog='python -m tools.visualize',
                       description='Figures of trained Super-AND runs, written as PNG files.')
     commands = p.add_subparsers(dest='command', metavar='COMMAND')
 
@@ -65,7 +65,7 @@ def build_parser():
                    help='image side in pixels (nearest upscaling) (default: %(default)s)')
     r.add_argument('--frame', type=cli.NON_NEGATIVE_INT, default=FRAME,
                    help='frame width in pixels (default: %(default)s)')
-    r.add_argument('--label-width', dest='label_width', type=cli.POSITIVE_INT, default=LABEL_WIDTH,
+    r.add_argument(*cli.spellings('--label-width'), dest='label_width', type=cli.POSITIVE_INT, default=LABEL_WIDTH,
                    help='width of the label strip in pixels (default: %(default)s)')
     add_common_options(r)
 
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.command is None:
         listed = '\n'.join(f'  {name:<14} {text}' for name, text in COMMANDS.items())
-        print(f'usage: python -m lib.visualize COMMAND [options]  (COMMAND -h lists its '
+        print(f'usage: python -m tools.visualize COMMAND [options]  (COMMAND -h lists its '
               f'options)\n{listed}', file=sys.stderr)
         raise SystemExit(cli.one_line_error('no command given: choose one of '
                                             + ', '.join(COMMANDS)))
@@ -122,10 +122,10 @@ if __name__ == '__main__':
 # The engine, imported once the flags are known to be right (importing torch takes seconds).
 from PIL import Image  # noqa: E402
 
-from .errors import UserError  # noqa: E402
-from .figures import (DPI, check_same_test_set, curve_figure, embedding_figure,  # noqa: E402
+from lib.errors import UserError  # noqa: E402
+from tools.figures import (DPI, check_same_test_set, curve_figure, embedding_figure,  # noqa: E402
                       plt, probabilities_figure, retrieval_figure, select_queries)
-from .run_log import epoch_records, log_path  # noqa: E402
+from lib.run_log import epoch_records, log_path  # noqa: E402
 
 
 def labels_for(names, labels, what):
@@ -139,7 +139,7 @@ def labels_for(names, labels, what):
 
 def load_checkpoints(args):
     """Trained objects of --ckpt, and their labels."""
-    from .build import load_for_analysis
+    from lib.analysis import load_for_analysis
     if args.labels is not None:
         labels_for(args.ckpt, args.labels, 'checkpoints')      # fail before the slow loading
     checkpoints = []
@@ -148,10 +148,10 @@ def load_checkpoints(args):
         data = (f'{len(trained.train)} training / {len(trained.test)} test images, '
                 f'{len(trained.train.classes)} classes' if trained.test is not None
                 else f'{len(trained.train)} unlabeled images')
-        print(f'{path}: {trained.opts.method}, {data}'
+        print(f'{path}: {trained.config.method}, {data}'
               + ('' if trained.bank is not None else ' (no memory bank: network features)'))
         checkpoints.append(trained)
-    return checkpoints, labels_for([t.opts.method for t in checkpoints], args.labels,
+    return checkpoints, labels_for([t.config.method for t in checkpoints], args.labels,
                                    'checkpoints')
 
 

@@ -10,13 +10,13 @@ absolute epochs, whatever the round length.
 import math
 from dataclasses import dataclass
 
-from .config import (LR_DECAY_EVERY, LR_DECAY_FACTOR, LR_DECAY_START, LR_STEP_FRACTIONS,
-                     UE_STEP_FRACTIONS, UE_WEIGHT_EVERY, UE_WEIGHT_STEP)
+from .constants import (LR_DECAY_EVERY, LR_DECAY_FACTOR, LR_DECAY_START, LR_STEP_FRACTIONS,
+                        UE_STEP_FRACTIONS, UE_WEIGHT_EVERY, UE_WEIGHT_STEP)
 
 SCHEDULES = ('scaled', 'released')
 
 
-def milestone(fraction, epochs):
+def milestone(fraction: float, epochs: int) -> int:
     """The epoch at `fraction` of a round of `epochs`: floor(fraction * epochs + 0.5), so
     0.4, 0.6, 0.8 of 200 are exactly 80, 120, 160."""
     return math.floor(fraction * epochs + 0.5)
@@ -33,7 +33,7 @@ class Schedule:
             raise ValueError(f'schedule {self.kind!r} is not one of {SCHEDULES}')
 
     @property
-    def lr_steps(self):
+    def lr_steps(self) -> list:
         """Epochs (inside the round) from which the lr is multiplied by 0.1 once more."""
         if self.kind == 'released':
             return [e for e in range(LR_DECAY_START + LR_DECAY_EVERY, self.epochs,
@@ -41,13 +41,13 @@ class Schedule:
         return [milestone(f, self.epochs) for f in LR_STEP_FRACTIONS]
 
     @property
-    def ue_steps(self):
+    def ue_steps(self) -> list:
         """Epochs (inside the round) from which the UE weight grows by 0.2."""
         if self.kind == 'released':
             return list(range(UE_WEIGHT_EVERY, self.epochs, UE_WEIGHT_EVERY))
         return [milestone(f, self.epochs) for f in UE_STEP_FRACTIONS]
 
-    def learning_rate(self, base_lr, epoch):
+    def learning_rate(self, base_lr: float, epoch: int) -> float:
         """base_lr, times 0.1 for every lr step reached (released: 0.03 to epoch 119, 0.003
         for 120-159, 0.0003 from 160)."""
         if self.kind == 'released':
@@ -56,38 +56,18 @@ class Schedule:
             return base_lr * LR_DECAY_FACTOR ** ((epoch - LR_DECAY_START) // LR_DECAY_EVERY)
         return base_lr * LR_DECAY_FACTOR ** sum(epoch >= step for step in self.lr_steps)
 
-    def ue_weight(self, epoch):
+    def ue_weight(self, epoch: int) -> float:
         """0.2 per UE step reached (released: 0.2 * (epoch // 80))."""
         if self.kind == 'released':
             return UE_WEIGHT_STEP * (epoch // UE_WEIGHT_EVERY)
         return UE_WEIGHT_STEP * sum(epoch >= step for step in self.ue_steps)
 
-    def ue_ever_on(self):
+    def ue_ever_on(self) -> bool:
         """Whether the UE weight is above 0 in some epoch of the round."""
         return any(self.ue_weight(epoch) > 0 for epoch in range(self.epochs))
 
-    def describe(self, base_lr, ue_loss=True):
-        """One line: the lr (and with `ue_loss` the UE weight) from the round's start and at
-        each change."""
-        def changes(value):
-            steps = sorted({s for s in self.lr_steps + self.ue_steps if 0 < s < self.epochs})
-            text, last = f'{value(0):g}', value(0)
-            for step in steps:
-                if value(step) != last:
-                    text += f', {value(step):g} from epoch {step}'
-                    last = value(step)
-            return text
-        lr = changes(lambda epoch: self.learning_rate(base_lr, epoch))
-        ue = changes(lambda epoch: round(self.ue_weight(epoch), 10))
-        origin = ('released, absolute epochs' if self.kind == 'released'
-                  else 'scaled to the round: 0.4, 0.6, 0.8 of it')
-        epochs = f'{self.epochs} epoch' + ('' if self.epochs == 1 else 's')
-        if not ue_loss:
-            return f'schedule per round of {epochs} ({origin}): lr {lr}'
-        return (f'schedule per round of {epochs} ({origin}): lr {lr}; UE weight {ue}'
-                + (' throughout' if ',' not in ue else ''))
 
-
-def set_learning_rate(optimizer, lr):
+def set_learning_rate(optimizer, lr: float) -> None:
+    """Every parameter group of `optimizer` at learning rate `lr`."""
     for group in optimizer.param_groups:
         group['lr'] = lr

@@ -1,15 +1,15 @@
 """Figures of trained runs: retrievals, kNN class probabilities, embedding maps, curves.
 
-Each figure is one function of already-loaded objects (`lib.build.Trained` from
+Each figure is one function of already-loaded objects (`lib.analysis.Trained` from
 `load_trained`, log records from `lib.run_log.epoch_records`), so it can be drawn in a
 notebook::
 
-    from lib.build import load_trained
-    from lib.figures import retrieval_figure, select_queries
+    from lib.analysis import load_trained
+    from tools.figures import retrieval_figure, select_queries
     run = load_trained('checkpoint/ckpt.t7')
     image = retrieval_figure([run], ['Super-AND'], select_queries(len(run.test), 5))
 
-`python -m lib.visualize` is their command line (one PNG per command, in `fig/`). Every
+`python -m tools.visualize` is their command line (one PNG per command, in `fig/`). Every
 figure has a fixed, documented pixel size:
 
 - retrieval (PIL, pixel-exact; see `RetrievalLayout`), with tile = cell + 2 * frame:
@@ -40,16 +40,15 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from datasets import shown  # noqa: E402
 
-# The released run's kNN curve (docs/ALGORITHM.md 8), and the defaults of lib.visualize's flags
-# (kept in lib/config.py, so that its command line reads them without torch and matplotlib).
-from .config import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK,  # noqa: E402
-                     FRAME, LABEL_WIDTH, PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,
-                     PUBLISHED_TOP1, TSNE_PERPLEXITY)
-from .errors import UserError  # noqa: E402
-from .evaluate import class_scores  # noqa: E402
+from lib.core.knn import class_scores, nearest  # noqa: E402
+from lib.errors import UserError  # noqa: E402
+from lib.published import (PUBLISHED_EPOCHS, PUBLISHED_EPOCHS_PER_ROUND,  # noqa: E402
+                           PUBLISHED_TOP1)  # the released run's kNN curve (ALGORITHM.md 8)
+from tools.layout import (CELL, DEFAULT_QUERIES, DEFAULT_TOPK, FRAME,  # noqa: E402
+                          LABEL_WIDTH, TSNE_PERPLEXITY)
 
 # ----------------------------------------------------------------------------- constants
-# Retrieval grid (pixels; its CELL, FRAME and LABEL_WIDTH are in lib/config.py).
+# Retrieval grid (pixels; its CELL, FRAME and LABEL_WIDTH are in tools/layout.py).
 GAP = 4                         # space between tiles and around the grid
 QUERY_GAP = 12                  # extra space between the query and its retrievals
 BACKGROUND = (255, 255, 255)
@@ -95,21 +94,13 @@ def select_queries(num_test, count=DEFAULT_QUERIES, indexes=None, seed=0):
     return sorted(torch.randperm(num_test, generator=generator)[:count].tolist())
 
 
-def training_features(trained, source='bank'):
-    """(N x D, N labels) the kNN votes with: the bank, or the network's embeddings
-    ('network'); runs without a bank always use the network."""
-    if source == 'bank' and trained.bank is not None:
-        return trained.embeddings('train', 'bank')
-    return trained.embeddings('train', 'network')
-
-
 def check_same_test_set(checkpoints):
     """Figures put checkpoints side by side on the same test images: refuse mixed test sets,
     and runs without labels (no test split)."""
     for trained in checkpoints:
         if trained.test is None:
             raise UserError('this figure shows test images and their classes; a run on '
-                            'unlabeled images has none (python -m lib.retrieve --figure draws '
+                            'unlabeled images has none (python -m tools.retrieve --figure draws '
                             'its nearest images)')
     first = checkpoints[0].test
     for trained in checkpoints[1:]:
@@ -117,13 +108,6 @@ def check_same_test_set(checkpoints):
                 trained.test.classes != first.classes:
             raise UserError('the checkpoints\' test sets differ (dataset or --subset): pass '
                             'one --subset for all, or draw them separately')
-
-
-def nearest_training_images(query_features, train_features, k):
-    """(Q x k similarities, Q x k training indexes), most similar first.
-    query_features: Q x D, train_features: N x D (unit rows, so the dot product is the cosine)."""
-    sims = query_features.float() @ train_features.float().t()      # Q x N
-    return sims.topk(k, dim=1)
 
 
 # ----------------------------------------------------------------------------- 1. retrieval
@@ -267,17 +251,17 @@ def retrieval_rows(checkpoints, labels, query_indexes, topk=DEFAULT_TOPK, source
     for trained in checkpoints:
         if topk > len(trained.train):
             raise UserError(f'--topk {topk} exceeds the {len(trained.train)} training images')
-        train_f, _ = training_features(trained, source)
+        train_f, _ = trained.knn_training_side(source)
         test_f, _ = trained.embeddings('test')
-        _, nearest = nearest_training_images(test_f[query_indexes], train_f, topk)
-        per_checkpoint.append(nearest.cpu().numpy())
+        _, found = nearest(test_f[query_indexes], train_f, topk)
+        per_checkpoint.append(found.cpu().numpy())
     rows = []
     for q, index in enumerate(query_indexes):
-        for trained, label, nearest in zip(checkpoints, labels, per_checkpoint):
+        for trained, label, found in zip(checkpoints, labels, per_checkpoint):
             train, test = trained.train, trained.test
             rows.append(RetrievalRow(label, index, test.images[index], int(test.targets[index]),
-                                     [train.images[j] for j in nearest[q]],
-                                     [int(train.targets[j]) for j in nearest[q]], test.classes))
+                                     [train.images[j] for j in found[q]],
+                                     [int(train.targets[j]) for j in found[q]], test.classes))
     return rows
 
 
@@ -294,11 +278,11 @@ def retrieval_figure(checkpoints, labels, query_indexes, topk=DEFAULT_TOPK, sour
 def knn_probabilities(trained, query_indexes, source='bank'):
     """Q x C numpy: the weighted-kNN class scores of the chosen test images (the checkpoint's
     k and sigma), divided by their sum."""
-    train_f, train_y = training_features(trained, source)
+    train_f, train_y = trained.knn_training_side(source)
     test_f, _ = trained.embeddings('test')
     scores = class_scores(test_f[query_indexes], train_f, train_y.to(test_f.device).long(),
-                          len(trained.train.classes), trained.opts.knn_k,
-                          trained.opts.knn_sigma)
+                          len(trained.train.classes), trained.config.knn_k,
+                          trained.config.knn_sigma)
     return (scores / scores.sum(1, keepdim=True)).cpu().numpy()
 
 

@@ -13,8 +13,18 @@ import torch.nn.functional as F
 
 
 class MemoryBank(nn.Module):
-    def __init__(self, low_dim, num_entries, temperature, momentum, generator=None):
+    """The bank (docs/ALGORITHM.md 3): `memory` N x D (num_entries x low_dim), `params` = [T, m].
+
+    Raises:
+        ValueError: a temperature not above 0, or a momentum outside [0, 1).
+    """
+
+    def __init__(self, low_dim: int, num_entries: int, temperature: float, momentum: float,
+                 generator: torch.Generator = None):
         super().__init__()
+        if not temperature > 0 or not 0 <= momentum < 1:
+            raise ValueError(f'MemoryBank needs a temperature above 0 (got {temperature}) and a '
+                             f'momentum in [0, 1) (got {momentum})')
         # Rows start uniform in [-s, s], s = 1/sqrt(D/3), *not* normalised (as released).
         stdv = 1.0 / math.sqrt(low_dim / 3)
         memory = torch.rand(num_entries, low_dim, generator=generator) * (2 * stdv) - stdv
@@ -25,15 +35,16 @@ class MemoryBank(nn.Module):
         self.momentum = float(momentum)
 
     @property
-    def num_entries(self):
+    def num_entries(self) -> int:
         return self.memory.shape[0]
 
-    def logits(self, features):
-        """L = f @ memory^T / T. features: R x D -> R x N. Gradient flows to `features` only."""
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """L = f @ memory^T / T. features: R x D -> R x N float32 (a logit is a cosine / T once
+        the rows are unit vectors). Gradient flows to `features` only."""
         return features @ self.memory.t() / self.temperature
 
     @torch.no_grad()
-    def update(self, features, indexes):
+    def update(self, features: torch.Tensor, indexes: torch.Tensor) -> None:
         """Move the batch's rows towards their new features (docs/ALGORITHM.md 3).
 
         features: V*B x D, the views stacked view-major (all of view 1, then view 2, ...);

@@ -1,20 +1,20 @@
 """Export a checkpoint's embeddings of its own data for other tools.
 
-    python -m lib.export --ckpt checkpoint/ckpt.t7 --split test --out test.npz
+    python -m tools.export --ckpt checkpoint/ckpt.t7 --split test --out test.npz
 
 Writes `features` (N x D float32: the network's eval-mode embeddings with the test transform,
 or with `--features bank` the memory bank, training split only), `labels` (N), `indexes` (N,
 each image's position in the full split, so subsets map back to files) and `classes`. For any
-folder of images, `python -m lib.embed` does the same.
+folder of images, `python -m tools.embed` does the same.
 """
 import os
 import sys
 
-from . import cli
+from lib import cli
 
 
 def build_parser():
-    p = cli.Parser(prog='python -m lib.export',
+    p = cli.Parser(prog='python -m tools.export',
                    description='Write a split\'s embeddings to an .npz file.')
     cli.add_checkpoint_option(p)
     p.add_argument('--split', default='test', choices=('train', 'test'),
@@ -35,7 +35,7 @@ if __name__ == '__main__':
 # The engine, imported once the flags are known to be right (importing torch takes seconds).
 import numpy as np  # noqa: E402
 
-from .build import load_for_analysis  # noqa: E402
+from lib.analysis import load_for_analysis  # noqa: E402
 
 
 def export(argv):

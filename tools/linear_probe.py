@@ -1,6 +1,6 @@
 """Linear evaluation: a linear classifier trained on frozen features of a checkpoint.
 
-    python -m lib.linear_probe --ckpt checkpoint/ckpt.t7 --data-root data
+    python -m tools.linear_probe --ckpt checkpoint/ckpt.t7 --data-root data
 
 The network embeds the training and test splits once (eval mode, the test transform; features
 cached in memory), then a softmax-regression layer is trained on the training features with
@@ -12,14 +12,14 @@ the training split's mean and std.
 """
 import sys
 
-from . import cli
+from lib import cli
 
 PROBE_DEFAULTS = dict(epochs=50, lr=0.1, batch_size=256, weight_decay=0.0, seed=0)
 
 
 def build_parser():
     d = PROBE_DEFAULTS
-    p = cli.Parser(prog='python -m lib.linear_probe',
+    p = cli.Parser(prog='python -m tools.linear_probe',
                    description='Linear probe on frozen features of a checkpoint.')
     cli.add_checkpoint_option(p)
     cli.add_data_options(p)
@@ -30,10 +30,10 @@ def build_parser():
                    help='passes over the training features (default: %(default)s)')
     p.add_argument('--lr', type=cli.POSITIVE_FLOAT, default=d['lr'],
                    help='SGD learning rate, cosine-annealed to 0 (default: %(default)s)')
-    p.add_argument('--batch-size', dest='batch_size', type=cli.POSITIVE_INT,
+    p.add_argument(*cli.spellings('--batch-size'), dest='batch_size', type=cli.POSITIVE_INT,
                    default=d['batch_size'],
                    help='training features per SGD step (default: %(default)s)')
-    p.add_argument('--weight-decay', dest='weight_decay', type=cli.NON_NEGATIVE_FLOAT,
+    p.add_argument(*cli.spellings('--weight-decay'), dest='weight_decay', type=cli.NON_NEGATIVE_FLOAT,
                    default=d['weight_decay'],
                    help='SGD weight decay of the linear layer (default: %(default)s)')
     p.add_argument('--seed', type=int, default=d['seed'],
@@ -49,7 +49,8 @@ if __name__ == '__main__':
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .progress import progress_bar  # noqa: E402
+from lib.core.knn import topk_correct  # noqa: E402
+from lib.progress import progress_bar  # noqa: E402
 
 
 @torch.no_grad()
@@ -96,16 +97,18 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
             optimizer.step()
             schedule.step()
     with torch.no_grad():
-        ranked = layer(test_x).argsort(1, descending=True)
-        top1 = (ranked[:, 0] == test_y).float().mean().item()
-        top5 = (ranked[:, :5] == test_y[:, None]).any(1).float().mean().item()
-        train_top1 = (layer(train_x).argmax(1) == train_y).float().mean().item()
+        # Class probabilities, every one above 0 (the tiniest float where one underflows), so
+        # the kNN's top-k counts every class, in the logits' order.
+        tiny = torch.finfo(torch.float32).tiny
+        test_p, train_p = (layer(x).softmax(1).clamp_min(tiny) for x in (test_x, train_x))
+        top1, top5 = (c.item() / len(test_y) for c in topk_correct(test_p, test_y))
+        train_top1 = topk_correct(train_p, train_y, ks=(1,))[0].item() / len(train_y)
     return dict(top1=100 * top1, top5=100 * top5, train_top1=100 * train_top1)
 
 
 def probe(argv):
-    from .build import load_for_analysis
-    from .errors import UserError
+    from lib.analysis import load_for_analysis
+    from lib.errors import UserError
     args = build_parser().parse_args(argv)
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     if trained.test is None:

@@ -13,19 +13,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import CHUNK_FLOATS
+from .constants import CHUNK_FLOATS
 
 
-def default_chunk_rows(num_entries):
+def default_chunk_rows(num_entries: int) -> int:
     return max(1, CHUNK_FLOATS // num_entries)
 
 
 @torch.no_grad()
-def bank_entropy(memory, temperature, chunk_rows=None, rows=None):
-    """H_i = -sum_j p_ij log p_ij, p_i = softmax(memory_i @ memory^T / T), itself included.
+def bank_entropy(memory: torch.Tensor, temperature: float, chunk_rows: int = None,
+                 rows: torch.Tensor = None) -> torch.Tensor:
+    """H_i = -sum_j p_ij log p_ij, p_i = softmax(memory_i @ memory^T / T), itself included
+    (docs/ALGORITHM.md 4; Huang et al. 2019, AND).
 
-    memory: N x D -> N entropies (float32), computed `chunk_rows` rows at a time; with `rows`
-    (a long tensor of R entries) only theirs, R entropies.
+    memory: N x D -> N entropies (float32, nats), computed `chunk_rows` rows at a time; with
+    `rows` (a long tensor of R entries) only theirs, R entropies.
     """
     chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
     count = memory.shape[0] if rows is None else rows.shape[0]
@@ -40,12 +42,19 @@ def bank_entropy(memory, temperature, chunk_rows=None, rows=None):
 
 
 @torch.no_grad()
-def nearest_other_entries(memory, rows, k, chunk_rows=None):
-    """For each entry in `rows` (A), the k most similar *other* bank entries (A x k).
+def nearest_other_entries(memory: torch.Tensor, rows: torch.Tensor, k: int,
+                          chunk_rows: int = None) -> torch.Tensor:
+    """For each entry in `rows` (A, long), the k most similar *other* bank entries (A x k,
+    long), most similar first.
 
     Similarity is the dot product of bank rows (cosine, the rows being unit vectors once
     trained); the entry itself is excluded by setting its own similarity to -inf.
+
+    Raises:
+        ValueError: k not below the number of entries (there are N - 1 others).
     """
+    if not 1 <= k < memory.shape[0]:
+        raise ValueError(f'nearest_other_entries needs 1 <= k < N = {memory.shape[0]}, got {k}')
     chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
     out = torch.empty(rows.shape[0], k, dtype=torch.long, device=memory.device)
     for start in range(0, rows.shape[0], chunk_rows):
@@ -57,7 +66,7 @@ def nearest_other_entries(memory, rows, k, chunk_rows=None):
 
 
 @torch.no_grad()
-def bank_statistics(memory, temperature, rows):
+def bank_statistics(memory: torch.Tensor, temperature: float, rows: torch.Tensor) -> dict:
     """What the bank says about the embedding without labels, on a sample of its entries
     `rows` (a long tensor): the mean, min and max of their softmax entropies over the whole
     bank (low: confident neighbourhoods) and the mean cosine to their nearest other entry."""
@@ -71,8 +80,19 @@ def bank_statistics(memory, temperature, rows):
 
 
 class ANsDiscovery(nn.Module):
-    def __init__(self, num_entries, select_rate, ans_size):
+    """The anchors of a round and their neighbours, for `num_entries` bank entries: each round
+    r adds `select_rate` of them (int(N * select_rate * r) in all), each with `ans_size`
+    neighbours.
+
+    Raises:
+        ValueError: a select rate outside (0, 1], or a neighbourhood size below 1.
+    """
+
+    def __init__(self, num_entries: int, select_rate: float, ans_size: int):
         super().__init__()
+        if not 0 < select_rate <= 1 or ans_size < 1:
+            raise ValueError(f'ANsDiscovery needs a select rate in (0, 1] (got {select_rate}) '
+                             f'and at least 1 neighbour (got {ans_size})')
         self.select_rate = select_rate
         self.ans_size = ans_size
         self.register_buffer('samples_num', torch.tensor(num_entries))
@@ -88,19 +108,20 @@ class ANsDiscovery(nn.Module):
                              persistent=False)
 
     @property
-    def num_entries(self):
+    def num_entries(self) -> int:
         return self.position.shape[0]
 
     @property
-    def num_anchors(self):
+    def num_anchors(self) -> int:
         return self.anchor_indexes.shape[0]
 
-    def anchors_in_round(self, round_index):
+    def anchors_in_round(self, round_index: int) -> int:
         """int(N * select_rate * r), capped at N."""
         return min(int(self.num_entries * self.select_rate * round_index), self.num_entries)
 
     @torch.no_grad()
-    def update(self, round_index, memory, temperature, labels=None, chunk_rows=None):
+    def update(self, round_index: int, memory: torch.Tensor, temperature: float,
+               labels: torch.Tensor = None, chunk_rows: int = None) -> torch.Tensor:
         """Choose this round's anchors and their neighbours from the bank (docs/ALGORITHM.md 4).
 
         `labels` (N), if given, are used only for the diagnostic `consistency`: the share of
@@ -144,7 +165,7 @@ class ANsDiscovery(nn.Module):
             dist.broadcast(getattr(self, name), src=0)
         self.fill_neighbour_table()
 
-    def neighbour_similarity(self, memory):
+    def neighbour_similarity(self, memory: torch.Tensor) -> float:
         """Mean cosine of (anchor, neighbour) pairs in the bank (nan without anchors): how
         close the neighbourhoods the loss pulls together are, a measure that needs no labels."""
         if not self.num_anchors:

@@ -1,6 +1,6 @@
 """Embeddings of any folder of images with a trained checkpoint.
 
-    python -m lib.embed --ckpt checkpoint/ckpt.t7 --images photos/ --out photos.npz
+    python -m tools.embed --ckpt checkpoint/ckpt.t7 --images photos/ --out photos.npz
 
 Every image under the folder, at any depth, goes through the checkpoint's test transform
 (shorter side resized and centre-cropped to its image size, normalised with its mean and std)
@@ -16,11 +16,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from . import cli
+from lib import cli
 
 
 def build_parser():
-    p = cli.Parser(prog='python -m lib.embed',
+    p = cli.Parser(prog='python -m tools.embed',
                    description='Embed every image of a folder with a trained checkpoint.')
     cli.add_checkpoint_option(p)
     p.add_argument('--images', required=True, metavar='DIR',
@@ -42,10 +42,11 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 from datasets import shown  # noqa: E402
 
-from .build import load_network, pick_device  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .evaluate import embed  # noqa: E402
-from .progress import progress_bar  # noqa: E402
+from lib.analysis import load_network  # noqa: E402
+from lib.build import pick_device  # noqa: E402
+from lib.core.knn import embed  # noqa: E402
+from lib.errors import UserError  # noqa: E402
+from lib.progress import progress_bar  # noqa: E402
 
 EMBED_BATCH = 256               # images per forward pass (memory only; results do not depend)
 NORMALISATION_TOLERANCE = 0.03  # a folder's mean or std this far from the checkpoint's is said

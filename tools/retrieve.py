@@ -1,31 +1,31 @@
 """The gallery images nearest to query images, by a trained checkpoint's embeddings.
 
-    python -m lib.retrieve --ckpt checkpoint/ckpt.t7 --gallery photos/ --query a.jpg b.jpg --k 10
-    python -m lib.retrieve --ckpt checkpoint/ckpt.t7 --gallery photos.npz --query a.jpg \
+    python -m tools.retrieve --ckpt checkpoint/ckpt.t7 --gallery photos/ --query a.jpg b.jpg --k 10
+    python -m tools.retrieve --ckpt checkpoint/ckpt.t7 --gallery photos.npz --query a.jpg \
         --figure fig/neighbours.png
 
 For each query it prints the k most similar gallery images as `rank  similarity  path` lines;
 similarity is the cosine of the two unit-length embeddings (1: the same embedding, 0:
 unrelated). A gallery given as a folder is embedded once and cached next to the checkpoint,
-keyed by the folder's files and the checkpoint; a gallery .npz is one `python -m lib.embed`
+keyed by the folder's files and the checkpoint; a gallery .npz is one `python -m tools.embed`
 wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
 """
 import os
 import shlex
 import sys
 
-from . import cli
+from lib import cli
 
 DEFAULT_K = 10
 
 
 def build_parser():
-    p = cli.Parser(prog='python -m lib.retrieve',
+    p = cli.Parser(prog='python -m tools.retrieve',
                    description='The gallery images most similar to query images.')
     cli.add_checkpoint_option(p)
     p.add_argument('--gallery', required=True, metavar='DIR_OR_NPZ',
                    help='a folder of images (embedded once, cached next to the checkpoint) or '
-                        'an .npz from python -m lib.embed')
+                        'an .npz from python -m tools.embed')
     p.add_argument('--query', required=True, nargs='+', metavar='IMG',
                    help='query images; a folder gives all its images (any depth)')
     p.add_argument('--k', type=cli.POSITIVE_INT, default=DEFAULT_K,
@@ -48,10 +48,12 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 from datasets import describe_file, shown  # noqa: E402
 
-from .build import load_network, pick_device  # noqa: E402
+from lib.analysis import load_network  # noqa: E402
+from lib.build import pick_device  # noqa: E402
+from lib.core.knn import nearest  # noqa: E402
 from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,  # noqa: E402
                     file_fingerprint, list_folder, report_skipped, save_embeddings)
-from .errors import UserError  # noqa: E402
+from lib.errors import UserError  # noqa: E402
 
 
 def cache_path(checkpoint, fingerprint):
@@ -64,7 +66,7 @@ def load_npz(path):
     kind = describe_file(path)
     if kind is not None:
         raise UserError(f'cannot read gallery {shown(path)}: it is {kind}, not an .npz of '
-                        f'embeddings (python -m lib.embed writes them)')
+                        f'embeddings (python -m tools.embed writes them)')
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
@@ -99,17 +101,17 @@ def gallery_from_folder(loaded, images, checkpoint, device, say):
 
 
 def gallery_from_npz(loaded, path, checkpoint, device, say):
-    """(ImageList, features) of an .npz that lib.embed wrote: refused when another checkpoint
+    """(ImageList, features) of an .npz that tools.embed wrote: refused when another checkpoint
     made it (its similarities to these queries would mean nothing); its image size and
     normalisation are compared with the checkpoint's (and said once when they differ)."""
     data = load_npz(path)
     if 'features' not in data or 'paths' not in data:
         raise UserError(f'{path} is not a gallery: it needs features and paths '
-                        f'(python -m lib.embed writes them)')
+                        f'(python -m tools.embed writes them)')
     if reader_version(data) != datasets.READER_VERSION:
         say(f'note: {shown(path)} was embedded by an earlier version of the image reader, '
             f'which read EXIF-rotated photos sideways and clipped 16-bit images: embed it again '
-            f'with python -m lib.embed if the gallery holds such images')
+            f'with python -m tools.embed if the gallery holds such images')
     made_by = str(data['checkpoint_digest']) if 'checkpoint_digest' in data else None
     if made_by is None:
         say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
@@ -117,7 +119,7 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
     elif made_by != checkpoint_digest(checkpoint):
         fix = 'give the image folder as --gallery'
         if 'root' in data:
-            fix += (', or embed it again: python -m lib.embed ' + shlex.join(
+            fix += (', or embed it again: python -m tools.embed ' + shlex.join(
                 ['--ckpt', checkpoint, '--images', str(data['root']), '--out', path]))
         raise UserError(f'{path} was embedded with another checkpoint '
                         f'({data.get("checkpoint", "unknown")}), so its similarities to these '
@@ -137,11 +139,6 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
             f'{wanted[2]}: the queries are embedded with the checkpoint\'s')
     root = str(data['root']) if 'root' in data else os.path.dirname(os.path.abspath(path))
     return ImageList(root, [str(p) for p in data['paths']]), features
-
-
-def nearest(query_features, gallery_features, k):
-    """(Q x k cosines, Q x k gallery positions), most similar first."""
-    return (query_features @ gallery_features.t()).topk(k, dim=1)
 
 
 def thumbnail(path, side):

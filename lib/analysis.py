@@ -1,0 +1,146 @@
+"""A trained checkpoint loaded for analysis: its network alone (torch.hub, embedding and
+retrieval of any folder), or with the data it was trained on (the linear probe, export and
+figures), built as the run built it.
+"""
+from dataclasses import dataclass
+
+import torch
+
+import datasets
+import models
+
+from . import checkpoint as ckpt
+from .build import build_pipeline, device_settings, load_data, normalisation
+from .config import RunConfig, defaults
+from .core.constants import ALGORITHM
+from .core.knn import KnnData, embed, training_features
+from .errors import UserError
+from .method_state import MethodState, clean_state_dict
+from .progress import progress_bar
+
+
+@dataclass
+class LoadedNetwork:
+    """A checkpoint's network (eval mode) and the input it was trained on."""
+    net: torch.nn.Module
+    mean: tuple
+    std: tuple
+    image_size: int
+    config: dict            # the checkpoint's stored options ({} for a released file)
+
+
+def load_network(path=None, device='cpu', network=None, low_dim=None, sobel=None, stem=None):
+    """The network of the checkpoint at `path` (built from its stored options, else from what
+    its weights show: released files), without its data; or, with no path, an untrained network
+    of the given (else released) shape."""
+    config, weights = {}, None
+    if path is not None:
+        state = ckpt.load(path)
+        weights = clean_state_dict(state['net'])
+        spec = models.weights_spec(weights)
+        stored = {k: v for k, v in (state.get('config') or {}).items() if v is not None}
+        config = {'network': spec['name'], 'sobel': spec['sobel'], 'stem': spec['stem'],
+                  'low_dim': spec['low_dim'], **stored}
+    image_size = config.get('image_size', 32)
+    stem = stem or config.get('stem') or 'auto'
+    net = models.build_network(network or config.get('network') or ALGORITHM['network'],
+                               low_dim or config.get('low_dim') or ALGORITHM['low_dim'],
+                               sobel=config.get('sobel', True) if sobel is None else sobel,
+                               stem=models.default_stem(image_size) if stem == 'auto' else stem)
+    if weights is not None:
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f'checkpoint {path} holds {models.describe_weights(weights)}, which '
+                            f'this program cannot build') from None
+    mean, std = datasets.MEAN_STD.get(config.get('dataset'), datasets.MEAN_STD['cifar10'])
+    return LoadedNetwork(net.to(device).eval(), tuple(config.get('mean') or mean),
+                         tuple(config.get('std') or std), image_size, config)
+
+
+
+@dataclass
+class Trained:
+    """A checkpoint loaded with the data and network it was trained on, for analysis."""
+    config: RunConfig
+    state: dict
+    method: MethodState
+    train: datasets.ImageSet
+    test: datasets.ImageSet            # None for a run on unlabeled images
+    pipeline: object
+    device: torch.device
+    mean: tuple = None
+    std: tuple = None
+
+    @property
+    def net(self):
+        return self.method.net
+
+    @property
+    def bank(self):
+        return self.method.bank
+
+    def embeddings(self, split, source='network', show=False):
+        """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the
+        test transform (float32), or for the training split also the memory bank
+        (`source='bank'`). `show`: a progress bar on a terminal."""
+        if source == 'bank':
+            if split != 'train' or self.bank is None:
+                raise UserError('bank features exist for the training split of a run with a '
+                                'memory bank only')
+            labels = torch.from_numpy(self.train.targets).to(self.device)
+            data = KnnData(self.pipeline, labels, len(self.train.classes), 'bank')
+            return training_features(self.net, self.bank, data), labels
+        if split == 'test' and self.test is None:
+            raise UserError('this checkpoint was trained on unlabeled images: there is no test '
+                            'split')
+        count = len(self.test if split == 'test' else self.train)
+        return embed(self.net, progress_bar(self.pipeline.eval_batches(split),
+                                            total=-(-count // self.pipeline.eval_batch),
+                                            desc=f'embed {split}', enabled=show, unit='batch'))
+
+
+    def knn_training_side(self, source='bank'):
+        """(N x D, N labels) the kNN votes with: the bank (`source='bank'`, as released), or
+        the network's embeddings of the training images ('network'); runs without a bank
+        always use the network's."""
+        if source == 'bank' and self.bank is not None:
+            return self.embeddings('train', 'bank')
+        return self.embeddings('train', 'network')
+
+
+def load_trained(path, say=print, **overrides):
+    """Load the checkpoint at `path` with the options it was trained with (its stored config,
+    else the released defaults), `overrides` (e.g. data_root, device) applied on top. Its bank
+    is checked against the data found (the fingerprint); `say` gets the one note when a file
+    has none."""
+    state = ckpt.load(path)
+    stored = dict(state.get('config') or {})
+    if stored.get('knn_features') == 'recompute':          # the word older checkpoints stored
+        stored['knn_features'] = 'network'
+    config = defaults(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
+                       **overrides})
+    settings = device_settings(config)
+    train, test = load_data(config)
+    note = ckpt.check_data(state, train.fingerprint, path)
+    if note:
+        say(note)
+    for line in train.notes:
+        say(line)
+    mean, std = normalisation(config, train)
+    method = MethodState.build(config, len(train), settings.device)
+    method.load(state, path)
+    method.net.eval()
+    pipeline = build_pipeline(config, settings, train, test, mean, std)
+    return Trained(config, state, method, train, test, pipeline, settings.device, mean, std)
+
+
+def load_for_analysis(path, data_root=None, subset=None, device='auto', say=print):
+    """`load_trained` as the analysis commands (linear probe, export, figures) call it: the
+    data root and subset are the checkpoint's unless given; no loader processes."""
+    overrides = dict(device=device, workers=0)
+    if data_root is not None:
+        overrides['data_root'] = data_root
+    if subset is not None:
+        overrides['subset'] = subset
+    return load_trained(path, say=say, **overrides)

@@ -1,0 +1,280 @@
+"""What a run says on the console: each line it prints, composed here, and the commands it
+suggests. The records of a run are log.jsonl (lib/run_log.py); nothing reads these lines back.
+
+Every command the program suggests is whole and quoted, names the run's folder or the
+checkpoint's whole path, and works as printed from the folder it was run in.
+"""
+import os
+import shlex
+
+import datasets
+
+from .cli import plural
+from .core.losses import LOSSES
+from .cpu_estimate import cpu_hours_estimate
+from .errors import UserError
+
+LAST = 'last.t7'            # (lib/checkpoint.py's name of the file a run continues from)
+
+
+class Console:
+    """Prints a run's lines: on the main process only; `progress` lines (rounds, epochs) not
+    under --quiet (set `quiet` once the run's options are known)."""
+
+    def __init__(self, enabled=True, quiet=False):
+        self.enabled, self.quiet = enabled, quiet
+
+    def __call__(self, text):
+        if self.enabled:
+            print(text, flush=True)
+
+    def progress(self, text):
+        if not self.quiet:
+            self(text)
+
+
+# ----------------------------------------------------------------------------- commands
+def command(*argv):
+    return 'python3 main.py ' + shlex.join(str(a) for a in argv)
+
+
+def continue_command(model_dir, *more):
+    """The command that continues the run in `model_dir` from its last.t7."""
+    return command('--model_dir', model_dir, '--resume', LAST, *more)
+
+
+def retyped(argv, changes):
+    """The command as the user typed it (`argv`), with the flags of `changes` ({'--rounds':
+    '3'}) given these values instead (in either spelling they were typed): what an error
+    suggests."""
+    spellings = {spelling for flag in changes
+                 for spelling in (flag.replace('_', '-'), '--' + flag[2:].replace('-', '_'))}
+    kept, skip = [], False
+    for word in argv:
+        if skip:                            # the value of a flag that changes
+            skip = False
+        elif word.split('=', 1)[0] in spellings:
+            skip = '=' not in word
+        else:
+            kept.append(word)
+    for flag, value in changes.items():
+        kept += [flag, value]
+    return command(*kept)
+
+
+def unused_folder(model_dir):
+    """`model_dir` with the first -2, -3, ... that names nothing yet: a new run's folder."""
+    base = os.path.normpath(model_dir)
+    number = 2
+    while os.path.exists(f'{base}-{number}'):
+        number += 1
+    return f'{base}-{number}'
+
+
+# ----------------------------------------------------------------------------- start-up
+def method_line(config):
+    """One line naming the method and every component, starring those that differ from the
+    method's recipe (by a flag, now or in the run a checkpoint continues)."""
+    from .core.recipes import COMPONENTS, RECIPES
+    recipe, parts = RECIPES[config.method], []
+    for name in COMPONENTS:
+        value = getattr(config, name)
+        text = ('on' if value else 'off') if isinstance(value, bool) else str(value)
+        parts.append(f'{name}={text}' + ('*' if value != recipe[name] else ''))
+    starred = any(part.endswith('*') for part in parts)
+    return (f'method {config.method}: ' + ' '.join(parts)
+            + (f'  (* differs from the {config.method} recipe)' if starred else ''))
+
+
+def report_reading(image_set, say):
+    """The files that could not be read, named, and the notes on how the others were read."""
+    for where, reason in image_set.skipped:
+        say(f'skipped {datasets.shown(where)}: {reason}')
+    if image_set.skipped:
+        say(f'skipped {plural(len(image_set.skipped), "unreadable file")}')
+    for note in image_set.notes:
+        say(note)
+
+
+def data_line(config, train, test, mean, std):
+    source = f'from {datasets.shown(train.source)}; {config.image_size} px'
+    if not train.labelled:
+        text = (f'data: {plural(len(train), "unlabeled image")} (no classes, no test split), '
+                f'{source}')
+    else:
+        text = (f'data: {len(train)} training and {len(test)} test images, '
+                f'{plural(len(train.classes), "class", "classes")}, {source}')
+    return text + f', mean {tuple(mean)} std {tuple(std)}'
+
+
+def eval_root_line(config, train, test):
+    classes = plural(len(train.classes), 'class', 'classes')
+    return (f'kNN evaluation on {datasets.shown(config.eval_root)}: {len(train)} training and '
+            f'{len(test)} test images, {classes} (network embeddings)')
+
+
+def knn_warnings(config, knn):
+    """Warnings for kNN settings whose accuracy means nothing."""
+    if knn is None:
+        return []
+    found, count = [], len(knn.train_labels)
+    if knn.num_classes < 2:
+        found.append(f'warning: {plural(knn.num_classes, "class", "classes")}: every kNN vote '
+                     f'goes to it, so the accuracy means nothing')
+    if config.knn_k >= count:
+        found.append(f'warning: --knn-k {config.knn_k} is at least the {count} training '
+                     f'images: every test image is voted on by all of them, so the accuracy '
+                     f'means little; use a smaller --knn-k')
+    return found
+
+
+def schedule_line(schedule, base_lr, ue_loss=True):
+    """One line: the lr (and with `ue_loss` the UE weight) from the round's start and at each
+    change."""
+    def changes(value):
+        steps = sorted({s for s in schedule.lr_steps + schedule.ue_steps
+                        if 0 < s < schedule.epochs})
+        text, last = f'{value(0):g}', value(0)
+        for step in steps:
+            if value(step) != last:
+                text += f', {value(step):g} from epoch {step}'
+                last = value(step)
+        return text
+    lr = changes(lambda epoch: schedule.learning_rate(base_lr, epoch))
+    ue = changes(lambda epoch: round(schedule.ue_weight(epoch), 10))
+    origin = ('released, absolute epochs' if schedule.kind == 'released'
+              else 'scaled to the round: 0.4, 0.6, 0.8 of it')
+    head = f'schedule per round of {plural(schedule.epochs, "epoch")} ({origin}): lr {lr}'
+    if not ue_loss:
+        return head
+    return head + f'; UE weight {ue}' + (' throughout' if ',' not in ue else '')
+
+
+def announce(config, settings, world, schedule, data, log, say):
+    """The lines that start training: the schedule, the run's shape and where it logs, and on
+    a CPU an estimate of the time it takes when that is more than an hour."""
+    say(schedule_line(schedule, config.lr, config.ue_loss))
+    if config.ue_loss and not schedule.ue_ever_on():
+        say(f'warning: the UE loss is on, but its weight stays 0 in every epoch of these '
+            f'{config.epochs}-epoch rounds (--schedule {config.schedule}), so it trains '
+            f'nothing; use --schedule scaled or more --epochs')
+    steps = data.pipeline.steps_per_epoch
+    where = log.jsonl_path + (f' and {log.tensorboard_folder}' if log.writer is not None else '')
+    say(f'training {config.network} on {config.dataset} ({settings.device}, '
+        f'{plural(world.size, "process", "processes")}, {settings.pipeline} pipeline, '
+        f'{settings.precision}, compile {settings.compile}): '
+        f'{plural(config.rounds, "round")} x {plural(config.epochs, "epoch")}, '
+        f'{plural(steps, "step")} of {config.batch_size} images; logs in {where}')
+    if not settings.cuda:
+        hours = cpu_hours_estimate(config.network, config.sobel, config.views,
+                                   config.image_size,
+                                   config.rounds * config.epochs * steps * config.batch_size,
+                                   data.knn.pipeline.num_test if data.knn else 0,
+                                   config.rounds * config.epochs)
+        if hours > 1:
+            days = f' ({hours / 24:,.0f} days)' if hours > 48 else ''
+            say(f'estimated time on this CPU: about {hours:,.0f} hours{days}, from a rate '
+                f'measured on 2 cores; one GPU is meant to take about 1.5 hours for the '
+                f'released 5 x 200 epochs of CIFAR-10 (an estimate: README)')
+
+
+# ----------------------------------------------------------------------------- rounds, epochs
+def round_line(record):
+    """The line of an anchor discovery (`build.discover_anchors`'s record)."""
+    count, entries = record['anchors'], record['entries']
+    if record['consistency'] is not None:
+        detail = (f'label consistency of (anchor, neighbour) pairs '
+                  f'{record["consistency"]:.2f}%')
+    else:
+        detail = f'mean (anchor, neighbour) cosine {record["neighbour_similarity"]:.3f}'
+    return (f'round {record["round"]}: {plural(count, "anchor")} ({100 * count / entries:.1f}% '
+            f'of {entries}), {detail} ({record["seconds"]:.1f} s)')
+
+
+def epoch_line(config, record):
+    """The line of an epoch (its log.jsonl record)."""
+    losses = ', '.join(f'{LOSSES[name].title} {value:.4f}'
+                       for name, value in record['loss'].items())
+    parts = [f"round {record['round']} epoch {record['epoch']:3d}/{config.epochs}",
+             f"lr {record['lr']:.5f}"]
+    if 'ue_weight' in record:
+        parts.append(f"UE weight {record['ue_weight']:.1f}")
+    parts.append(losses)
+    if 'knn_top1' in record:
+        parts += [f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}%",
+                  f"best {record['best_top1']:.2f}%"]
+    if 'bank' in record:
+        bank = record['bank']
+        text = (f"bank entropy {bank['entropy_mean']:.3f} ({bank['entropy_min']:.3f}-"
+                f"{bank['entropy_max']:.3f}), nearest cos {bank['nearest_similarity']:.3f}")
+        if 'anchor_similarity' in bank:
+            text += f", anchor-neighbour cos {bank['anchor_similarity']:.3f}"
+        parts.append(text)
+    parts.append(f"{record['seconds']:.1f} s")
+    return ' | '.join(parts)
+
+
+def test_only_line(checkpoint, top1, top5):
+    state = checkpoint.state
+    where = f"round {state.get('round', '?')} epoch {state.get('epoch', '?')}"
+    return (f'kNN accuracy of {checkpoint.path} ({where}): top-1 {100 * top1:.2f}% '
+            f'top-5 {100 * top5:.2f}%')
+
+
+# ----------------------------------------------------------------------------- stops and the end
+def last_path(config):
+    return os.path.join(config.model_dir, LAST)
+
+
+def non_finite_loss(config, progress, round_index, epoch, step):
+    """The UserError of a NaN or infinite loss (once the checkpoint it names is on disk)."""
+    lower = f'{config.lr / 10:g}'
+    saved = progress.saved
+    if saved:
+        kept = (f'{last_path(config)} still holds the last good epoch (round {saved[0]} epoch '
+                f'{saved[1]}); a lower learning rate may help: '
+                f'{continue_command(config.model_dir, "--lr", lower)}')
+    else:
+        kept = (f'no checkpoint had been written yet; a lower learning rate may help: '
+                f'{retyped(config.argv, {"--lr": lower})}')
+    return UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch {epoch} '
+                     f'step {step}: stopped; {kept}')
+
+
+def stopped_line(config, signal_name, round_index, epoch, steps):
+    return (f'stopped by {signal_name} at round {round_index} epoch {epoch} step {steps}: '
+            f'{last_path(config)} written; continue with: '
+            f'{continue_command(config.model_dir)}')
+
+
+def stopped_after_line(config, epochs_run):
+    return (f'stopping after {plural(epochs_run, "epoch")} (--stop-after); continue with: '
+            f'{continue_command(config.model_dir)}')
+
+
+def interrupted_line(config, progress):
+    """What a second Ctrl-C leaves: what last.t7 holds, and the command that continues it."""
+    at = progress.resumes_at
+    if at is None:
+        held = 'no checkpoint was written yet'
+    else:
+        step = f' step {at[2]}' if at[2] else ''
+        held = (f'{last_path(config)} continues from round {at[0]} epoch {at[1]}{step}: '
+                f'{continue_command(config.model_dir)}')
+    return f'interrupted: stopped at once (a second Ctrl-C); {held}'
+
+
+def end_lines(config, progress, log_path):
+    """The lines of a finished run: its result, and which file holds what."""
+    best, last = os.path.join(config.model_dir, 'ckpt.t7'), last_path(config)
+    rounds_epochs = f'{plural(config.rounds, "round")} x {plural(config.epochs, "epoch")}'
+    if progress.best_acc is not None:
+        return [f'done: best kNN top-1 {100 * progress.best_acc:.2f}% (round '
+                f'{progress.best_round} epoch {progress.best_epoch}, best-on-test as '
+                f'released), final {100 * progress.acc:.2f}%',
+                f'files: {best} holds the best epoch (round {progress.best_round} epoch '
+                f'{progress.best_epoch}), {last} the last (round {progress.round} epoch '
+                f'{progress.epoch}); the log is {log_path}']
+    return [f'done: {rounds_epochs} without labels (no kNN accuracy)',
+            f'files: {best} and {last} hold the last epoch (round {progress.round} epoch '
+            f'{progress.epoch}; without labels there is no best); the log is {log_path}']

@@ -1,0 +1,156 @@
+"""The resume policy: what --resume and --init-from mean, and what a run that continues may
+and may not change.
+
+- `--resume NAME` continues a run exactly from its last.t7 (optimizer, random states, the step
+  it stopped at), in that checkpoint's folder unless --model_dir is typed; with --test_only any
+  checkpoint (ckpt.t7, a released file) is only evaluated.
+- `--init-from NAME` starts a new run from a checkpoint's weights, bank and anchors, at its
+  round, epoch 0, with a fresh optimizer and schedule; never over the file it starts from.
+- A resumed run keeps its recipe (a typed component that contradicts it is refused; more
+  --rounds train on), its data (the fingerprint), and the meaning of its saved position
+  (lib/checkpoint.py check_resume_position). Which options a resumed run takes from its
+  checkpoint is declared with each option (lib/config.py).
+"""
+import os
+from dataclasses import dataclass
+
+from . import checkpoint as ckpt
+from .cli import plural
+from .console import command, retyped, unused_folder
+from .core.recipes import COMPONENTS
+from .errors import UserError
+
+# What a resumed run may not change: its recipe (rounds may grow, to train on).
+RECIPE_OPTIONS = ('method',) + tuple(name for name in COMPONENTS if name != 'rounds')
+
+
+@dataclass
+class Checkpoint:
+    """The checkpoint of --resume or --init-from, read and checked against the flags."""
+    path: str
+    state: dict
+    model_dir: str = None       # where a continued run goes on (its folder), None: as given
+
+    @property
+    def config(self):
+        """The options the checkpoint's run had ({} for a released file)."""
+        return dict(self.state.get('config') or {})
+
+    def restore_method(self, method, fingerprint, say):
+        """The network, bank and anchors into `method`, once the checkpoint's data is known to
+        be this run's (a released file, without fingerprint, is said to be unchecked)."""
+        note = ckpt.check_data(self.state, fingerprint, self.path)
+        if note:
+            say(note)
+        method.load(self.state, self.path)
+
+
+def open_checkpoint(flags, say):
+    """The Checkpoint of --resume or --init-from (None for a fresh run), read and checked
+    against the typed flags: a file that is one, that this run does not overwrite, that can
+    continue a run when --resume trains, and whose recipe the flags keep."""
+    typed = flags.typed
+    model_dir = typed.get('model_dir', 'checkpoint/')
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise UserError(f'--model_dir {model_dir} is a file, not a folder')
+    name = typed.get('resume') or typed.get('init_from')
+    if not name:
+        return None
+    continuing = bool(typed.get('resume')) and not typed.get('test_only')
+    path = ckpt.resolve_path(model_dir, name, ckpt.LAST if continuing else ckpt.BEST)
+    state = ckpt.load(path)
+    if typed.get('init_from') and os.path.abspath(path) in [os.path.abspath(os.path.join(
+            model_dir, written)) for written in (ckpt.BEST, ckpt.LAST)]:
+        elsewhere = retyped(flags.argv, {'--init-from': path,
+                                         '--model_dir': unused_folder(model_dir)})
+        raise UserError(f'--init-from {name} is {path}, a file this run would overwrite: '
+                        f'start the new run in another folder: {elsewhere}')
+    checkpoint = Checkpoint(path, state)
+    if not typed.get('resume'):
+        return checkpoint
+    if continuing and not ckpt.can_continue(state):
+        raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '
+                        f'checkpoint), so --resume cannot continue a run from it; '
+                        f'--init-from {path} starts a new run from its weights, bank and '
+                        f'anchors (in another --model_dir); to evaluate it: '
+                        f'{command(*flags.argv, "--test_only")}')
+    if continuing and 'model_dir' not in typed and \
+            os.path.abspath(os.path.dirname(path)) != os.path.abspath(model_dir):
+        # A run continues in its own folder, not in the default one (another run's).
+        checkpoint.model_dir = os.path.dirname(path) or '.'
+        say(f'continuing the run in {checkpoint.model_dir}, the folder of {path}')
+    refuse_recipe_change(typed, checkpoint.config, path)
+    return checkpoint
+
+
+def refuse_recipe_change(typed, stored, path):
+    for key in RECIPE_OPTIONS:
+        if key in typed and stored.get(key) is not None and typed[key] != stored[key]:
+            value, name = typed[key], key.replace('_', '-')
+            flag = (f'--{name}' if value else f'--no-{name}') if isinstance(value, bool) \
+                else f'--{name} {value}'
+            raise UserError(f'{flag} contradicts the run in {path} ({key} = {stored[key]}): a '
+                            f'resumed run keeps its recipe; start a new run in another '
+                            f'--model_dir, or one from its weights with --init-from {path}')
+
+
+def nothing_to_train(config, checkpoint, say):
+    """Whether the run has nothing left to do: --resume of a finished run (said, and nothing
+    written). Refuses --init-from at or past --rounds, and a resume whose options would change
+    what its saved position means."""
+    if checkpoint is None or config.test_only:
+        return False
+    if config.init_from:
+        start_round = int(checkpoint.state.get('round') or 0)
+        if start_round >= config.rounds:
+            raise UserError(f'{checkpoint.path} is at round {start_round}; with --rounds '
+                            f'{config.rounds} there is nothing left to train; with one more '
+                            f'round: {retyped(config.argv, {"--rounds": str(start_round + 1)})}')
+        return False
+    for note in ckpt.check_resume_position(checkpoint.state, config.record(), checkpoint.path):
+        say(note)
+    progress = ckpt.progress_of(checkpoint.state)
+    if progress.round < config.rounds:
+        return False
+    say(f'{checkpoint.path}: the run already finished ({plural(config.rounds, "round")} x '
+        f'{plural(config.epochs, "epoch")}; best kNN top-1 {progress.best_text()}); nothing to '
+        f'do; more rounds would train on: '
+        f'{retyped(config.argv, {"--rounds": str(config.rounds + 1)})}')
+    return True
+
+
+def start(config, checkpoint, optimizer, method, world, say):
+    """The Progress a run starts from: a last.t7's position (its optimizer and random states
+    restored), round `r` epoch 0 of an --init-from checkpoint at round r, or the beginning."""
+    if checkpoint is None:
+        return ckpt.Progress()
+    state, path = checkpoint.state, checkpoint.path
+    if config.init_from:
+        start_round = int(state.get('round') or 0)
+        anchors = method.anchors.num_anchors if method.anchors is not None else 0
+        say(f'initialised from {path} (round {state.get("round")} epoch {state.get("epoch")}): '
+            f'weights, bank and {plural(anchors, "anchor")} taken; optimizer and schedule '
+            f'fresh; training starts at round {start_round} epoch 0')
+        return ckpt.Progress(round=start_round)
+    if state.get('format', 1) < ckpt.LAST_FORMAT:
+        say(f'note: {path} was written by an earlier version of this program (its loss sums '
+            f'by position, not by name); it resumes as it is')
+    progress = ckpt.restore_training(state, optimizer)
+    where = f' step {progress.step}' if progress.step else ''
+    say(f'resuming at round {progress.round} epoch {progress.epoch}{where} from {path} (best '
+        f'kNN top-1 so far: {progress.best_text()})')
+    repeated = ckpt.repeated_epoch_note(path, progress) if world.main else None
+    if repeated:
+        say(repeated)
+    return progress
+
+
+def starts_round(config, progress, round_index, method):
+    """Whether round `round_index` begins here with an anchor discovery: a round after the
+    first, of a method with anchors, entered at its epoch 0 (not continued mid-epoch, and not
+    the round an --init-from checkpoint brought its anchors for)."""
+    if round_index == 0 or method.anchors is None:
+        return False
+    if round_index != progress.round:
+        return True
+    return progress.epoch == 0 and progress.step == 0 and not config.init_from
