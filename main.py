@@ -67,21 +67,25 @@ def train(config, settings, world, method, data, checkpoint, say):
     """The rounds and epochs of a run: from its start, from --init-from's weights, or from
     where its last.t7 stopped."""
     started = time.time()
-    # ---------------------------------------------------------------- optimizer, fast path
-    optimizer = build.build_optimizer(config, method.net)
-    parts = step_parts(config, settings, method, optimizer, world)
     # ---------------------------------------------------------------- the run's folder, records
     lock = ckpt.take_model_dir(config.model_dir, method.checkpoint_bytes(), world, say)
     writer = ckpt.CheckpointWriter()
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
-    # ---------------------------------------------------------------- resume
+    # ---------------------------------------------------------------- optimizer, resume
+    optimizer = build.build_optimizer(config, method.net)
     progress = resume.start(config, checkpoint, optimizer, method, world, say)
+    schedule = Schedule(config.epochs, config.schedule)
+    # ---------------------------------------------------------------- the fast path, checked
+    parts, compiled = step_parts(config, settings, method, optimizer, world, data.pipeline,
+                                 progress, build.loss_weights(config, schedule.ue_weight(
+                                     progress.epoch)), say)
     log.start(config.record(data.mean, data.std), data.train.fingerprint, settings.device,
-              resumed_from=checkpoint.path if config.resume else None)
-    run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
-              Schedule(config.epochs, config.schedule), say)
-    console.announce(config, settings, world, run.schedule, data, log, say)
+              resumed_from=checkpoint.path if config.resume else None,
+              compile=compiled.record())
+    run = Run(config, world, method, data, optimizer, parts, writer, log, progress, schedule,
+              say)
+    console.announce(config, settings, world, schedule, data, log, compiled, say)
     # ---------------------------------------------------------------- the rounds and epochs
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
     try:

@@ -117,25 +117,23 @@ def build_pipeline(opts, settings, train, test, mean, std, world=None):
 
 
 def build_optimizer(opts, net):
-    params = [p for p in net.parameters() if p.requires_grad]   # the Sobel filters are frozen
-    cuda = params[0].device.type == 'cuda'
-    return torch.optim.SGD(params, opts.lr, momentum=opts.momentum,
-                           weight_decay=opts.weight_decay,
-                           nesterov=opts.nesterov and opts.momentum > 0,
-                           fused=cuda or None)   # one kernel for all parameters on CUDA
+    """SGD over the network's trained weights (the Sobel filters are frozen): Nesterov, with
+    momentum and weight decay (docs/ALGORITHM.md 6); fused into one kernel on CUDA."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    return sgd(params, params[0].device.type == 'cuda', lr=opts.lr, momentum=opts.momentum,
+               weight_decay=opts.weight_decay, nesterov=opts.nesterov and opts.momentum > 0)
 
 
-def distribute(opts, net, world):
-    """DistributedDataParallel over the world's processes (--sync-bn: BatchNorm statistics of
-    the global batch); the network itself for a single process."""
-    if world.size == 1:
-        return net
-    from .distributed import sync_batchnorm
-    cuda = next(net.parameters()).device.type == 'cuda'
-    if opts.sync_bn:
-        net = sync_batchnorm(net, cuda)
-    return torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[world.local_rank] if cuda else None)
+def sgd(params, fused, **settings):
+    """torch.optim.SGD, fused when asked and this PyTorch has it (a release without fused SGD
+    raises TypeError; one that cannot fuse these parameters, RuntimeError): else the plain
+    one, which computes the same update."""
+    if fused:
+        try:
+            return torch.optim.SGD(params, fused=True, **settings)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.optim.SGD(params, **settings)
 
 
 def loss_weights(opts, ue_weight):

@@ -164,6 +164,10 @@ OPTIONS = (
            'augmentation); reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
            'CUDA, none on the CPU', resumed=False,
            choices=('auto', 'none', 'default', 'reduce-overhead')),
+    option('--compile-check', 'on', 'with compile on: before the first step, compare the '
+           'compiled step with the eager one on that step\'s batch (losses and gradients) and '
+           'fall back to a lower mode when they disagree; errors fall back either way',
+           resumed=False, choices=('on', 'off')),
     option('--workers', 2, 'data-loader processes of the cpu pipeline', resumed=False,
            type=cli.NON_NEGATIVE_INT, metavar='N'),
     option('--sync-bn', False, 'with several processes (torchrun), BatchNorm statistics over the '
@@ -264,6 +268,7 @@ class RunConfig:
     precision: str
     eval_precision: str
     compile: str
+    compile_check: str
     workers: int
     sync_bn: bool
     typed: frozenset = frozenset()
