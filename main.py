@@ -43,7 +43,7 @@ def run(flags, world):
     say = console.Console(world.main)
     # ---------------------------------------------------------------- configuration
     checkpoint = resume.open_checkpoint(flags, say)        # --resume or --init-from, else None
-    config = resolve(flags, checkpoint and checkpoint.config, say,
+    config = resolve(flags, checkpoint and checkpoint.options, say,
                      checkpoint and checkpoint.model_dir)
     say.quiet = config.quiet
     settings = build.device_settings(config, world)
