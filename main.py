@@ -34,7 +34,7 @@ from lib.fast_path import step_parts  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
 from lib.progress import progress_bar  # noqa: E402
 from lib.run_log import RunLog, epoch_record  # noqa: E402
-from lib.stopping import StopSignals  # noqa: E402
+from lib.stopping import StopSignals, silent, write_line  # noqa: E402
 
 
 def run(flags, world):
@@ -89,7 +89,9 @@ def train(config, settings, world, method, data, checkpoint, say):
     # ---------------------------------------------------------------- the rounds and epochs
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
     try:
-        with StopSignals(say) as stop:
+        # (the stop line is written by the signal handler: write_line, which a print it
+        # interrupts cannot collide with)
+        with StopSignals(write_line if world.main else silent) as stop:
             for round_index in range(first_round, config.rounds):
                 if resume.starts_round(config, progress, round_index, method):
                     record = build.discover_anchors(method, round_index, data.labels, world)
