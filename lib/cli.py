@@ -7,6 +7,7 @@ Every long flag takes both spellings, `--batch_size` and `--batch-size` (`spelli
 import argparse
 import codecs
 import math
+import os
 import sys
 
 import datasets
@@ -111,6 +112,11 @@ def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
     except KeyboardInterrupt as err:      # its message, where the raiser gave one
         print(str(err) or interrupted, file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): no traceback, and no second one when Python flushes
+        # stdout at exit (the Python docs' recipe: stdout onto /dev/null).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # ----------------------------------------------------------------------------- shared options

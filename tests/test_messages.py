@@ -2,12 +2,14 @@
 accuracy means nothing, Ctrl-C answered at once, plurals, and lines only for what a run has."""
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import models
-from conftest import fast_args, write_image_folder
+from conftest import ROOT, fast_args, write_image_folder
 from lib import cli
 from lib.core.memory_bank import MemoryBank
 from lib.stopping import StopSignals
@@ -129,6 +131,19 @@ def test_interrupt_is_exit_130_and_one_line(capsys):
         raise KeyboardInterrupt
     assert cli.run(interrupted, interrupted='interrupted: stopped at once') == 130
     assert capsys.readouterr().err == 'interrupted: stopped at once\n'
+
+
+def test_a_reader_that_goes_away_is_exit_1_without_a_traceback():
+    """`python -m tools.retrieve ... | head -1`: the command ends quietly when its reader
+    closes the pipe (every entry point runs under cli.run)."""
+    lines = ('from lib import cli; import sys; '
+             'sys.exit(cli.run(lambda argv: [print(i) for i in range(10 ** 6)]))')
+    proc = subprocess.Popen([sys.executable, '-c', lines], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == '0\n'
+    proc.stdout.close()                             # as `head -1` does
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == ''
 
 
 @pytest.mark.parametrize('argv, needle', [
