@@ -40,6 +40,37 @@ FINITE_FLOAT = checked(float, math.isfinite, 'a finite number')
 DEVICES = ('auto', 'cuda', 'cpu')
 
 
+def output_file(*suffixes):
+    """An argparse type: a file this command can write (missing folders are made), checked
+    when the flags are read, before minutes of work: not a folder, nor under a file, nor in a
+    folder that cannot be written; with `suffixes` ('.png', ...), a name ending in one (the
+    format is taken from it)."""
+    def parse(text):
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f'{text} is a folder; give the name of a file '
+                                             f'to write')
+        if suffixes and not text.lower().endswith(suffixes):
+            names = ', '.join(suffixes[:-1]) + ' or ' + suffixes[-1] if len(suffixes) > 1 \
+                else suffixes[0]
+            raise argparse.ArgumentTypeError(f'{text} does not end in {names} (the format '
+                                             f'written)')
+        folder = os.path.dirname(os.path.abspath(text))
+        while not os.path.exists(folder):           # the nearest folder that is there
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f'{text} cannot be written: {folder} is a file, '
+                                             f'not a folder')
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f'{text} cannot be written: no permission to '
+                                             f'write in {folder}')
+        return text
+    parse.__name__ = 'a file to write'
+    return parse
+
+
+OUTPUT_FILE = output_file()
+
+
 # ----------------------------------------------------------------------------- the parser
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2 (argparse's own usage

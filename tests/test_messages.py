@@ -159,6 +159,45 @@ def test_analysis_flags_are_validated(argv, needle, capsys):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize('command', [
+    ['tools.embed', '--ckpt', 'x.t7', '--images', '.', '--out', '{out}.npz'],
+    ['tools.export', '--ckpt', 'x.t7', '--out', '{out}.npz'],
+    ['tools.retrieve', '--ckpt', 'x.t7', '--gallery', '.', '--query', 'a.jpg',
+     '--figure', '{out}.png'],
+    ['tools.visualize', 'curve', '--log', 'x.jsonl', '--out', '{out}.png'],
+])
+@pytest.mark.parametrize('out, needle', [
+    ('a_folder', 'is a folder; give the name of a file to write'),
+    ('a_file/below', 'is a file, not a folder'),
+])
+def test_outputs_are_checked_before_any_work(command, out, needle, tmp_path, capsys):
+    """A file that cannot be written is refused when the flags are read (the checkpoint,
+    named second, is not even looked for), not after the embedding."""
+    import importlib
+    (tmp_path / 'a_folder.npz').mkdir()
+    (tmp_path / 'a_folder.png').mkdir()
+    (tmp_path / 'a_file').write_text('')
+    argv = [word.format(out=tmp_path / out) for word in command]
+    assert importlib.import_module(argv[0]).main(argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['tools.retrieve', '--ckpt', 'x.t7', '--gallery', '.', '--query', 'a.jpg', '--figure',
+      'grid'], 'grid does not end in .png, .jpg or .jpeg'),
+    (['tools.visualize', 'curve', '--log', 'x.jsonl', '--out', 'c.eps'],
+     'c.eps does not end in .png, .pdf, .svg, .jpg or .jpeg'),
+    (['tools.visualize', 'embedding', '--ckpt', 'x.t7', '--perplexity', '0'],
+     '0 is not a number > 0'),
+])
+def test_figure_names_say_their_format(argv, needle, capsys):
+    import importlib
+    assert importlib.import_module(argv[0]).main(argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_both_spellings_of_every_flag():
     from lib.config import build_parser, parse, resolve
     a = parse(['--batch-size', '8', '--data_root', 'x', '--knn_k', '3', '--no-ue_loss',
