@@ -232,6 +232,29 @@ def test_help_texts_say_what_each_command_does():
     assert not any('--seed' in a.option_strings for a in curve._actions)
 
 
+def test_compare_refuses_epochs_that_do_not_split_into_rounds(capsys):
+    from experiments import compare
+    assert compare.main(['--runs', 'super-and:cifar10:resnet18:25', '--rounds', '2']) == 2
+    err = capsys.readouterr().err
+    assert '25 epochs do not split into --rounds 2 rounds' in err and 'e.g. 24 or 26' in err
+
+
+def test_compare_paths_are_the_users_and_a_failed_run_fails_it(tmp_path, monkeypatch, capsys):
+    """Paths typed relative to where compare runs (its runs start in the project's folder),
+    and a run that fails is a row saying so and exit code 1."""
+    from experiments import compare
+    monkeypatch.chdir(tmp_path)
+    code = compare.main(['--runs', 'lemniscate:cifar10:alexnet:1', '--data-root', 'missing',
+                         '--work-dir', 'work', '--extra', '--device cpu'])
+    out, err = capsys.readouterr()
+    assert code == 1 and '1 of 1 runs failed: lemniscate:cifar10:alexnet:1' in err
+    console = (tmp_path / 'work' / 'lemniscate_cifar10_alexnet_1' / 'console.txt').read_text()
+    assert str(tmp_path / 'missing') in console
+    assert '| lemniscate | cifar10 | alexnet | 1 x 1 | failed |' in \
+        (tmp_path / 'work' / 'results.md').read_text()
+    assert not os.path.exists(os.path.join(ROOT, 'work'))
+
+
 def test_visualize_without_a_command_lists_them(capsys):
     from tools import visualize
     assert visualize.main([]) == 2
