@@ -138,10 +138,15 @@ def test_resume_and_init_from_names_mean_what_was_meant(tmp_path, monkeypatch, m
 
 
 def test_a_missing_checkpoint_names_both_places(tmp_path, monkeypatch):
+    """In the order they are looked in: a path with a folder as typed first, a bare name in
+    the model dir first."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/checkpoint/quick \(nor '
-                                        r'at checkpoint/quick\)$'):
+    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/quick \(nor at '
+                                        r'checkpoint/checkpoint/quick\)$'):
         ckpt.resolve_path('checkpoint/', 'checkpoint/quick')
+    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/missing.t7 \(nor at '
+                                        r'missing.t7\)$'):
+        ckpt.resolve_path('checkpoint/', 'missing.t7')
 
 
 # ----------------------------------------------------------------------------- answered at once
