@@ -5,6 +5,7 @@ weights, and the kNN evaluation of the run's data.
 `main.py`, `bench/`, `experiments/` and the analysis loading (lib/analysis.py) all build through
 here, so they train and evaluate the same thing.
 """
+import os
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ def load_data(opts, root=None):
 def load_eval_data(opts):
     """(train, test) of --eval-root, a labelled tree that runs on unlabeled data are evaluated
     on (kNN of the network's embeddings), at the run's image size."""
+    if not os.path.isdir(opts.eval_root):
+        raise UserError(f'--eval-root {opts.eval_root} ' + (
+            'is a file, not a folder' if os.path.exists(opts.eval_root) else 'does not exist') +
+            f': give a labelled tree, {opts.eval_root}/train/<class>/* and '
+            f'{opts.eval_root}/test/<class>/*')
     if datasets.folder_layout(opts.eval_root) != 'labelled':
         raise UserError(f'--eval-root {opts.eval_root} is not a labelled tree: it needs '
                         f'{opts.eval_root}/train/<class>/* and {opts.eval_root}/test/<class>/*')
