@@ -237,6 +237,24 @@ def test_help_texts_say_what_each_command_does():
     assert not any('--seed' in a.option_strings for a in curve._actions)
 
 
+def all_parsers():
+    from experiments import compare
+    from lib.config import build_parser
+    from tools import embed, export, linear_probe, retrieve, visualize
+    parsers = [build_parser(), compare.build_parser(), embed.build_parser(),
+               export.build_parser(), linear_probe.build_parser(), retrieve.build_parser()]
+    commands = next(a for a in visualize.build_parser()._actions if a.dest == 'command')
+    return parsers + list(commands.choices.values())
+
+
+def test_every_help_line_says_its_default_once():
+    for parser in all_parsers():
+        for action in parser._actions:
+            text = option_help(parser, action.option_strings[0]) if action.option_strings \
+                else ''
+            assert text.count('(default') <= 1, (parser.prog, action.option_strings, text)
+
+
 def test_compare_refuses_epochs_that_do_not_split_into_rounds(capsys):
     from experiments import compare
     assert compare.main(['--runs', 'super-and:cifar10:resnet18:25', '--rounds', '2']) == 2

@@ -24,8 +24,7 @@ def build_parser():
     cli.add_features_option(p, '--features', default='network',
                             help='what is written: the network\'s eval-mode embeddings of the '
                                  'split\'s images (test transform), or the memory bank\'s rows '
-                                 '(training split of a run with a bank only) (default: '
-                                 '%(default)s)')
+                                 '(training split of a run with a bank only)')
     cli.add_data_options(p)
     return p
 
