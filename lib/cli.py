@@ -6,6 +6,7 @@ Every long flag takes both spellings, `--batch_size` and `--batch-size` (`spelli
 """
 import argparse
 import codecs
+import difflib
 import math
 import os
 import sys
@@ -74,9 +75,22 @@ OUTPUT_FILE = output_file()
 # ----------------------------------------------------------------------------- the parser
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2 (argparse's own usage
-    block is noise to someone who mistyped one flag)."""
+    block is noise to someone who mistyped one flag), naming the flag meant where a typed one
+    is close to it. A flag is taken only when whole: argparse's abbreviations (--epoch for
+    --epochs) would let a flag this project adds later change what an old command means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith('unrecognized arguments:'):
+            for word in message.split(':', 1)[1].split():
+                close = difflib.get_close_matches(word.split('=')[0],
+                                                  self._option_string_actions, n=1)
+                if word.startswith('--') and close:
+                    message += f' (did you mean {close[0]}?)'
+                    break
         raise SystemExit(one_line_error(message))
 
 

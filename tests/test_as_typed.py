@@ -101,7 +101,7 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     # A new run from its last epoch (round 2), in the same folder, would overwrite it: the
     # error gives another folder; there, --rounds 2 leaves nothing to train: one more round.
     code, out, err = run_main(*fast_args(tiny_folder, run, '--init-from', 'last.t7', '--rounds',
-                                         '2', '--epochs', '1', '--no-tensorboard'))
+                                         '2', '--epochs', '1', '--no-tensorboard', *MECHANICS))
     assert code == 2 and 'a file this run would overwrite' in err
     command = printed_command(err)
     assert command[command.index('--init-from') + 1] == 'checkpoint/stoptest/last.t7'
@@ -186,6 +186,21 @@ def test_help_and_flag_errors_come_before_torch(argv, code):
     proc = subprocess.run([sys.executable, '-c', PROBE.format(root=ROOT), *argv],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.stdout.splitlines()[-1] == f'torch not imported {code}', proc.stderr
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['--epcohs', '2'], 'unrecognized arguments: --epcohs 2 (did you mean --epochs?)'),
+    (['--epoch', '2'], 'unrecognized arguments: --epoch 2 (did you mean --epochs?)'),
+    (['--knn', '5'], 'unrecognized arguments: --knn 5'),
+])
+def test_a_flag_is_taken_only_whole_and_a_close_one_is_named(argv, needle, capsys):
+    """No abbreviations: --epoch is not --epochs in silence."""
+    from lib.config import parse
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f'error: {needle}') and \
+        len(err.splitlines()) == 1, err
 
 
 def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
