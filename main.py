@@ -94,7 +94,7 @@ def train(config, settings, world, method, data, checkpoint, say):
         with StopSignals(write_line if world.main else silent) as stop:
             for round_index in range(first_round, config.rounds):
                 if resume.starts_round(config, progress, round_index, method):
-                    record = build.discover_anchors(method, round_index, data.labels, world)
+                    record = build.anchor_discovery(method, round_index, data.labels, world)
                     say.progress(console.round_line(record))
                     log.round(record, entropy=method.anchors.entropy)
                 for epoch in range(first_epoch if round_index == first_round else 0,

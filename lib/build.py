@@ -206,10 +206,10 @@ def evaluate(opts, method, data, world):
                         lambda batches, desc: progress_bar(batches, desc=desc, enabled=show))
 
 
-def discover_anchors(method, round_index, labels, world):
-    """This round's anchors (MethodState.discover_anchors), and the record of the round: how
-    many, the (anchor, neighbour) label consistency (% or None without labels), their mean
-    cosine in the bank, seconds."""
+def anchor_discovery(method, round_index, labels, world):
+    """Discover this round's anchors (MethodState.discover_anchors); returns the round's
+    record: how many, the (anchor, neighbour) label consistency (% or None without labels),
+    their mean cosine in the bank, seconds."""
     started = time.time()
     method.discover_anchors(round_index, labels, world)
     anchors = method.anchors

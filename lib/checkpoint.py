@@ -122,6 +122,15 @@ def load(path):
     return state
 
 
+def stored_options(state):
+    """The options the checkpoint's run had ({} for a released file), in today's words:
+    checkpoints from before --knn-features took the word 'network' stored 'recompute'."""
+    stored = dict(state.get('config') or {})
+    if stored.get('knn_features') == 'recompute':
+        stored['knn_features'] = 'network'
+    return stored
+
+
 def unreadable_reason(path, size, err):
     """One sentence on why torch.load failed on `path`, from what the file holds: a PyTorch
     checkpoint is a zip archive with a data.pkl inside (torch.save since 1.6) or a pickle."""

@@ -183,7 +183,7 @@ def announce(config, settings, world, schedule, data, log, compiled, say):
 
 # ----------------------------------------------------------------------------- rounds, epochs
 def round_line(record):
-    """The line of an anchor discovery (`build.discover_anchors`'s record)."""
+    """The line of an anchor discovery (`build.anchor_discovery`'s record)."""
     count, entries = record['anchors'], record['entries']
     if record['consistency'] is not None:
         detail = (f'label consistency of (anchor, neighbour) pairs '

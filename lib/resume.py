@@ -35,7 +35,7 @@ class Checkpoint:
     @property
     def config(self):
         """The options the checkpoint's run had ({} for a released file)."""
-        return dict(self.state.get('config') or {})
+        return ckpt.stored_options(self.state)
 
     @property
     def options(self):
