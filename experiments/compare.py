@@ -103,7 +103,7 @@ def run_one(spec, args):
     with open(os.path.join(folder, 'console.txt'), 'w') as console:
         # The console is shown as it comes and kept for reading; the table uses the records.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=ROOT)
+                                text=True)       # (from here: paths in --extra are too)
         for line in proc.stdout:
             console.write(line)
             print('   ' + line.rstrip(), flush=True)
@@ -130,7 +130,7 @@ def table(rows):
 
 def compare(argv):
     args = build_parser().parse_args(argv)
-    # The runs start in the project's folder: paths typed relative to here are made whole.
+    # Whole paths in the commands and the table (the runs start here, so --extra's are right).
     args.data_root = os.path.abspath(args.data_root)
     args.work_dir = os.path.abspath(args.work_dir)
     for spec in args.runs:                    # every spec checked before the first run

@@ -9,6 +9,7 @@ import codecs
 import difflib
 import math
 import os
+import select
 import sys
 
 import datasets
@@ -158,10 +159,22 @@ def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
         print(str(err) or interrupted, file=sys.stderr, flush=True)
         return 130
     except BrokenPipeError:
+        if not stdout_is_closed():
+            raise                   # another pipe (a worker's, a socket's): a bug to show
         # The reader went away (`| head`): no traceback, and no second one when Python flushes
         # stdout at exit (the Python docs' recipe: stdout onto /dev/null).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def stdout_is_closed():
+    """Whether stdout is a pipe whose reader has gone away (poll says POLLERR)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):   # no file behind stdout, no poll
+        return False
 
 
 # ----------------------------------------------------------------------------- shared options

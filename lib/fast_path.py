@@ -15,11 +15,13 @@ lib/core/step.py computes; and the guards that keep a run alive when that wrappi
 
 The guards (`step_parts`): before the first step of a run (and of every resume) the compiled
 step runs on that step's batch, next to the eager step, from the same state, without applying
-either (`agreement`): with CUDA graphs CAPTURE_RUNS times, so that compilation, the first run
-and the graphs' capture all happen there. An error in any of them, or losses or gradients that disagree with
-the eager step's beyond the tolerances below, fall back one level (reduce-overhead, default,
-none), each with one line; the compiled augmentation falls back to eager on an error of its
-first call (`FirstCallGuard`). The step itself is then applied once, by the training loop.
+either (`agreement`): with CUDA graphs CAPTURE_RUNS times, so that compilation (torch.compile
+compiles at the first call), the first run and the graphs' capture all happen there. An error in
+any of them, or losses or gradients that disagree with the eager step's beyond the tolerances
+below, fall back one level (reduce-overhead, default, none), each with one line; the compiled
+augmentation falls back to eager on an error of any call (`CallGuard`). An error of the eager
+step itself is no compiler's: it is raised as it is. The step itself is then applied once, by
+the training loop.
 
 Known ways CUDA graphs fail, and why this code avoids them:
 - reading an output of one replay after the next replay overwrote it (pytorch#148439): the
@@ -33,6 +35,7 @@ Known ways CUDA graphs fail, and why this code avoids them:
   mutate (the bank, the neighbour table, BatchNorm's statistics) is allocated outside them, and
   the UE weight is a Python number applied outside the graphs.
 """
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,9 +68,17 @@ GRAD_NORM_RTOL = 0.10
 
 
 def first_line(err):
-    """'TypeError: what it says' (its first line): how a fallback names an exception."""
-    text = str(err).strip()
-    return type(err).__name__ + (': ' + text.splitlines()[0] if text else '')
+    """'TypeError: what it says' (its first line): how a fallback names an exception. The
+    compiler's wrappers (BackendCompilerFailed: "backend='inductor' raised:") are named with
+    the exception they wrap, which says what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = type(err).__name__ + (': ' + lines[0] if lines else '')
+    inner = getattr(err, 'inner_exception', None)
+    if inner is not None:
+        return f'{text} {first_line(inner)}'
+    if len(lines) > 1 and lines[0].endswith(':'):
+        return f'{text} {lines[1]}'
+    return text
 
 
 class Autocast(nn.Module):
@@ -104,20 +115,19 @@ def step_losses_of(config, method):
                       config.aug_input, config.batch_t, config.batch_m)
 
 
-class FirstCallGuard:
-    """`compiled`, with `eager` taking its place for good when its first call raises (the
-    compile or the first run failed): that call's inputs then go through `eager`. For pure
-    functions only (the augmentation): running one twice must not change anything. `fallback`
-    is the line that says so (None while nothing fell back)."""
+class CallGuard:
+    """`compiled`, with `eager` taking its place for good when a call raises (the compile, a
+    recompile, or a run failed): that call's inputs then go through `eager`. For pure functions
+    only (the augmentation): running one twice must not change anything. `fallback` is the line
+    that says so (None while nothing fell back)."""
 
     def __init__(self, compiled, eager, what):
         self.compiled, self.eager, self.what = compiled, eager, what
-        self.first, self.fallback = True, None
+        self.fallback = None
 
     def __call__(self, *args, **kwargs):
-        if not self.first:
-            return (self.eager if self.fallback else self.compiled)(*args, **kwargs)
-        self.first = False
+        if self.fallback:
+            return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as err:    # compiling raises many types; each means "use eager"
@@ -126,19 +136,15 @@ class FirstCallGuard:
 
 
 def compile_augmentation(augment, mode):
-    """The batched augmentation, compiled (`mode` other than 'none') behind a FirstCallGuard.
+    """The batched augmentation, compiled (`mode` other than 'none') behind a CallGuard.
     Never CUDA-graph captured, even under reduce-overhead: two calls per step would need two
     graphs, and the launches left after fusion are few."""
     if mode == 'none':
         return augment
-    return FirstCallGuard(COMPILE(augment, dynamic=False), augment, 'augmentation')
+    return CallGuard(COMPILE(augment, dynamic=False), augment, 'augmentation')
 
 
 # ----------------------------------------------------------------------------- the check
-class Disagreement(Exception):
-    """The compiled step's losses or gradients are not the eager step's."""
-
-
 @dataclass
 class Agreement:
     """The compiled step against the eager one, on one batch and state."""
@@ -148,7 +154,12 @@ class Agreement:
     seconds: float          # the eager run and the compiled runs, compilation included
 
     def problems(self):
-        """What is beyond the tolerances, in words (empty when they agree)."""
+        """What is beyond the tolerances, in words (empty when they agree). Nothing when the
+        eager step itself is not finite: that is no compiler's fault, and the training loop's
+        first step stops the run with its own message."""
+        eager_values = [eager for eager, _ in self.losses.values()]
+        if not all(math.isfinite(value) for value in eager_values):
+            return []
         found = [f'{name} loss {eager:.6g} eager, {compiled:.6g} compiled'
                  for name, (eager, compiled) in self.losses.items()
                  if not abs(compiled - eager) <= LOSS_RTOL * max(abs(eager), 1e-3)]
@@ -191,8 +202,8 @@ def agreement(eager, compiled, batch, weights, buffers, runs=CAPTURE_RUNS, compa
     statistics, which a training forward updates) are restored after every run and the
     gradients cleared, and neither the SGD step nor the bank update is applied. Returns the
     Agreement of the last compiled run with the eager run (None without `compare`); raises what
-    the compiled runs raise, with a `stage` attribute: 'first run' or 'capture' (the later
-    runs)."""
+    the runs raise, with a `stage` attribute: 'eager' (the eager step: no compiler's error),
+    'compile and first run' or 'capture' (the later compiled runs)."""
     views, indexes = batch
     params = [p for group in eager.optimizer.param_groups for p in group['params']]
     saved = [b.detach().clone() for b in buffers]
@@ -206,14 +217,19 @@ def agreement(eager, compiled, batch, weights, buffers, runs=CAPTURE_RUNS, compa
     started = time.time()
     try:
         if compare:
-            eager_losses, eager_grad = _forward_backward(eager, views, indexes, weights, params)
+            try:
+                eager_losses, eager_grad = _forward_backward(eager, views, indexes, weights,
+                                                             params)
+            except Exception as err:
+                err.stage = 'eager'
+                raise
             restore()
         for run in range(runs):
             try:
                 compiled_losses, compiled_grad = _forward_backward(compiled, views, indexes,
                                                                    weights, params)
             except Exception as err:
-                err.stage = 'first run' if run == 0 else 'capture'
+                err.stage = 'compile and first run' if run == 0 else 'capture'
                 raise
             restore()
     finally:
@@ -237,6 +253,7 @@ class CompileReport:
     why: str = ''
     check: Agreement = None
     fallbacks: list = field(default_factory=list)
+    checked: bool = True                # False: --compile-check off
 
     def line(self):
         text = f'compile: {self.used}'
@@ -245,11 +262,14 @@ class CompileReport:
         text += f', {self.why}' if self.why else ''
         if self.check is not None:
             text += f'; the first step agrees with the eager step: {self.check.text()}'
+        elif self.used != 'none' and not self.checked:
+            text += '; not compared with the eager step (--compile-check off)'
         return text
 
     def record(self):
+        check = self.check.record() if self.check is not None else None
         return dict(asked=self.asked, used=self.used, why=self.why, fallbacks=self.fallbacks,
-                    check=self.check.record() if self.check is not None else None)
+                    check=check if self.checked else 'off')
 
 
 def step_parts(config, settings, method, optimizer, world, pipeline=None, position=None,
@@ -273,19 +293,28 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
         return eager, report
     only_losses = world.size > 1 and config.sync_bn
     buffers = list(method.net.buffers())
-    check = getattr(config, 'compile_check', 'on') == 'on'
-    batch = None
-    if pipeline is not None:            # (drawing it runs the compiled augmentation first)
-        batches = pipeline.train_batches(position.round, position.epoch, position.step)
-        batch = next(batches)
-        batches.close()
+    report.checked = check = config.compile_check == 'on'
+
+    def first_batch():
+        """The batch of the first step to train (drawing it runs the compiled augmentation,
+        under its guard, whose fallback is said here); a resume at the end of an epoch, with
+        no step left, checks on the epoch's first batch: the check applies nothing."""
+        for step in (position.step, 0):
+            batches = pipeline.train_batches(position.round, position.epoch, step)
+            batch = next(batches, None)
+            batches.close()
+            if batch is not None:
+                break
         fallback = getattr(getattr(pipeline, 'augment', None), 'fallback', None)
-        if fallback:
+        if fallback and fallback not in report.fallbacks:
             report.fallbacks.append(fallback)
             say(fallback)
+        return batch
+
+    batch = first_batch() if pipeline is not None else None
     for mode in MODES[MODES.index(settings.compile):-1]:
         cuda_graphs = mode == 'reduce-overhead' and settings.cuda
-        stage = 'compile'
+        stage = 'setup'
         try:
             if cuda_graphs:
                 for static in (method.bank.memory if method.bank is not None else None,
@@ -298,17 +327,24 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
                               world.gather_batch, cuda_graphs, world)
             failed, found = None, None
             if batch is not None:
-                stage = 'first run'
+                stage = 'compile and first run'
                 found = agreement(eager, parts, batch, weights, buffers,
                                   CAPTURE_RUNS if cuda_graphs else 1, compare=check)
                 failed = found.problems() if found is not None else []
         except Exception as err:        # compiling raises many types; each means "fall back"
+            if getattr(err, 'stage', None) == 'eager':
+                raise                   # the eager step failed: no compiler's error
             failed = [f'{getattr(err, "stage", stage)}: {first_line(err)}']
-        if world.size > 1:              # every process falls back alike
-            flag = torch.tensor(float(bool(failed)), device=settings.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and not failed:
-                failed = ['another process fell back']
+        if world.size > 1:
+            # Every process falls back alike, on the reasons of the first that failed. (A
+            # compile error met by some processes only would leave the others waiting in the
+            # step's collectives; compile errors follow from the code and the shapes, which
+            # every process shares.)
+            everyone = [None] * world.size
+            torch.distributed.all_gather_object(everyone, failed)
+            if not failed:
+                failed = next(([f'process {rank}: {reason}' for reason in reasons]
+                               for rank, reasons in enumerate(everyone) if reasons), [])
         if not failed:
             report.used, report.check = mode, found
             report.why = why_mode(config, settings, mode, only_losses)
@@ -317,6 +353,8 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
         report.fallbacks.append(line)
         say(line)
         torch._dynamo.reset()          # nothing of the failed mode is reused
+        if pipeline is not None:
+            batch = first_batch()      # the augmentation recompiles here, under its guard
     report.used, report.why = 'none', 'after the fallbacks above'
     return eager, report
 

@@ -74,9 +74,10 @@ class StopSignals:
 
 def ignore_interrupts(worker_id=None):
     """For loader worker processes: Ctrl-C, and SIGTERM from a scheduler or `kill -- -PGID`,
-    reach the whole process group, but only the main process decides how to stop. A worker
-    killed by them would break the clean stop; one that kept the handler it inherited on fork
-    would answer the signal itself, printing the stop line once more per worker. The main
-    process shuts its workers down when it stops."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    reach a whole process group, but only the main process decides how to stop. A worker that
+    got them would die under the loader, or answer them with the handler it inherited on fork
+    (a second stop line). So each worker leaves the group for one of its own; the main process
+    shuts its workers down when it stops, and can still end one that hangs (SIGTERM to the
+    worker itself, which PyTorch's worker answers by exiting)."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -6,7 +6,9 @@ patterns behind CUDA graphs' known failures; and every call the fast path makes 
 PyTorch this runs on."""
 import inspect
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lib.fast_path as fast_path
-from conftest import MECHANICS, ROOT, assert_same_training_state, fast_args
+from conftest import MECHANICS, ROOT, assert_same_training_state, fast_args, signal_at
 from lib.core.memory_bank import MemoryBank
 from lib.core.neighbourhoods import ANsDiscovery
 from lib.core.step import StepLosses, train_step
@@ -141,9 +143,9 @@ def test_a_compile_that_raises_falls_back_to_eager_and_trains_on(tiny_folder, tm
     lines = out.splitlines()
     assert 'compiled augmentation fell back to eager: RuntimeError: injected compile failure' \
         in lines
-    assert 'compile reduce-overhead fell back: first run: RuntimeError: injected compile ' \
-        'failure' in lines
-    assert 'compile default fell back: first run: RuntimeError: injected compile failure' in lines
+    for mode in ('reduce-overhead', 'default'):
+        assert f'compile {mode} fell back: compile and first run: RuntimeError: injected ' \
+            'compile failure' in lines
     assert 'compile: none (asked for reduce-overhead), after the fallbacks above' in lines
     assert 'second line' not in out
     assert 'compile none)' in next(line for line in lines if line.startswith('training '))
@@ -182,7 +184,106 @@ def test_compile_check_off_skips_the_comparison(tiny_folder, tmp_path, run_main,
                                          '--compile-check', 'off'))
     assert code == 0, err
     assert 'compile: default, as asked' in out and 'fell back' not in out
-    assert 'agrees' not in out and start_record(tmp_path)['compile']['check'] is None
+    assert 'agrees' not in out and start_record(tmp_path)['compile']['check'] == 'off'
+    assert 'not compared with the eager step (--compile-check off)' in out
+
+
+def test_a_resume_with_no_step_left_in_its_epoch_checks_on_the_epochs_first_batch(
+        tiny_folder, tmp_path, run_main, monkeypatch, eager_run):
+    """Stopped after the epoch's last step (saved at step == steps per epoch), the resume has
+    no batch of that epoch left to train: the check takes the epoch's first one, and the run
+    ends on the eager run's checkpoint."""
+    signal_at(monkeypatch, signal.SIGTERM, (0, 0, 1))      # the last of the epoch's 2 steps
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *FLAGS, '--compile', 'none'))
+    monkeypatch.undo()
+    assert code == 0 and 'stopped by SIGTERM at round 0 epoch 0 step 2' in out, out + err
+    monkeypatch.setattr(fast_path, 'COMPILE', faulty_compiler({}, []))
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--data-root',
+                              tiny_folder, '--workers', '0', '--compile', 'default',
+                              '--no-tensorboard')
+    assert code == 0, err
+    assert 'compile: default, as asked; the first step agrees with the eager step' in out
+    assert_same_training_state(eager_run, torch.load(tmp_path / 'last.t7', weights_only=True))
+
+
+# ----------------------------------------------------------------------------- the check's parts
+def parts_of(net, bank, anchors, optimizer):
+    return fast_path.StepParts(net, StepLosses(bank, anchors, list(WEIGHTS)), optimizer,
+                               World().gather_batch, False, World())
+
+
+class FailsOnCall(nn.Module):
+    """`net` that raises on its `n`-th call (a capture that fails after a good first run)."""
+
+    def __init__(self, net, n):
+        super().__init__()
+        self.net, self.n, self.calls = net, n, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError('capture failed')
+        return self.net(x)
+
+
+class DoubleGradient(nn.Module):
+    """`net` whose embeddings are right but whose gradient is twice the true one."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.detach() + 2 * (out - out.detach())
+
+
+def test_the_check_names_its_stages_and_sees_a_wrong_gradient():
+    net, bank, anchors, optimizer = tiny_state()
+    eager, buffers = parts_of(net, bank, anchors, optimizer), list(net.buffers())
+    batch = tiny_batch()
+    # An error of the third compiled run is the capture's; of the eager step, nobody's compile.
+    with pytest.raises(RuntimeError, match='capture failed') as raised:
+        fast_path.agreement(eager, parts_of(FailsOnCall(net, 3), bank, anchors, optimizer),
+                            batch, WEIGHTS, buffers, runs=3)
+    assert raised.value.stage == 'capture'
+    with pytest.raises(RuntimeError) as raised:
+        fast_path.agreement(parts_of(FailsOnCall(net, 1), bank, anchors, optimizer), eager,
+                            batch, WEIGHTS, buffers)
+    assert raised.value.stage == 'eager'
+    # The same losses with twice the gradient: the check says so.
+    found = fast_path.agreement(eager, parts_of(DoubleGradient(net), bank, anchors, optimizer),
+                                batch, WEIGHTS, buffers)
+    assert all(a == pytest.approx(b) for a, b in found.losses.values())
+    assert found.grad_cosine == pytest.approx(1) and found.grad_norm_ratio == pytest.approx(2)
+    assert found.problems() == ['gradients at cosine 1.000000 with norm ratio 2.0000 '
+                                '(compiled / eager)']
+    # Neither run moved the bank, the weights' gradients or BatchNorm's statistics.
+    fresh_net, fresh_bank = tiny_state()[:2]
+    assert torch.equal(bank.memory, fresh_bank.memory)
+    assert all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), fresh_net.buffers()))
+
+
+def test_a_non_finite_eager_step_is_left_to_the_training_loop():
+    nan = float('nan')
+    found = fast_path.Agreement({'and': (nan, nan), 'aug': (1.0, 1.0)}, nan, nan, 0.0)
+    assert found.problems() == []
+
+
+def test_a_compiler_failure_is_named_by_the_error_it_wraps():
+    """BackendCompilerFailed's own first line is "backend='...' raised:"; the line names the
+    exception under it."""
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError('C++ compile failed: g++ not found\nthe command line ...')
+    compiled = torch.compile(lambda x: torch.sin(x) + 1, backend=broken_backend)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as raised:
+        compiled(torch.ones(3))
+    torch._dynamo.reset()
+    line = fast_path.first_line(raised.value)
+    assert 'RuntimeError: C++ compile failed: g++ not found' in line, line
+    assert 'the command line' not in line
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -201,6 +302,41 @@ with open(os.path.join({out!r}, 'compiled-' + os.environ['RANK']), 'w') as f:
     f.write(' '.join(compiled))
 sys.exit(code)
 '''
+
+
+RAISING = '''
+import sys
+sys.path.insert(0, {root!r})
+import torch.nn as nn
+import lib.fast_path, main
+class Raising(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+    def forward(self, *args, **kwargs):
+        raise RuntimeError('injected on every process')
+def compile(module, mode='default', dynamic=None):
+    return Raising(module) if type(module).__name__ == 'StepLosses' else module
+lib.fast_path.COMPILE = compile
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_several_processes_fall_back_together_and_say_why(tiny_folder, tmp_path):
+    """Every process's compiled losses raise: all fall back alike (the processes agree on it
+    with one gather) and the line gives the reason; the run trains on eagerly."""
+    script = tmp_path / 'raising.py'
+    script.write_text(RAISING.format(root=ROOT))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         str(script), *fast_args(tiny_folder, tmp_path / 'ck', *FLAGS, '--batch_size', '16',
+                                 '--sync-bn', '--compile', 'default')],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'compile default fell back: compile and first run: RuntimeError: injected on every ' \
+        'process' in proc.stdout.splitlines()
+    assert 'compile: none (asked for default), after the fallbacks above' in proc.stdout
 
 
 def test_with_sync_bn_only_the_losses_are_compiled(tiny_folder, tmp_path):

@@ -144,6 +144,12 @@ def test_a_reader_that_goes_away_is_exit_1_without_a_traceback():
     proc.stdout.close()                             # as `head -1` does
     assert proc.wait(timeout=60) == 1
     assert proc.stderr.read() == ''
+    # Another pipe that breaks is a bug, shown as one.
+    other = ('from lib import cli; import os, sys; reader, writer = os.pipe(); os.close(reader); '
+             'sys.exit(cli.run(lambda argv: os.write(writer, b"x")))')
+    proc = subprocess.run([sys.executable, '-c', other], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and 'Traceback' in proc.stderr and 'BrokenPipeError' in proc.stderr
 
 
 @pytest.mark.parametrize('argv, needle', [
