@@ -34,7 +34,7 @@ from lib.fast_path import step_parts  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
 from lib.progress import progress_bar  # noqa: E402
 from lib.run_log import RunLog, epoch_record  # noqa: E402
-from lib.stopping import StopSignals  # noqa: E402
+from lib.stopping import StopSignals, silent, write_line  # noqa: E402
 
 
 def run(flags, world):
@@ -43,7 +43,7 @@ def run(flags, world):
     say = console.Console(world.main)
     # ---------------------------------------------------------------- configuration
     checkpoint = resume.open_checkpoint(flags, say)        # --resume or --init-from, else None
-    config = resolve(flags, checkpoint and checkpoint.config, say,
+    config = resolve(flags, checkpoint and checkpoint.options, say,
                      checkpoint and checkpoint.model_dir)
     say.quiet = config.quiet
     settings = build.device_settings(config, world)
@@ -67,28 +67,34 @@ def train(config, settings, world, method, data, checkpoint, say):
     """The rounds and epochs of a run: from its start, from --init-from's weights, or from
     where its last.t7 stopped."""
     started = time.time()
-    # ---------------------------------------------------------------- optimizer, fast path
-    optimizer = build.build_optimizer(config, method.net)
-    parts = step_parts(config, settings, method, optimizer, world)
     # ---------------------------------------------------------------- the run's folder, records
     lock = ckpt.take_model_dir(config.model_dir, method.checkpoint_bytes(), world, say)
     writer = ckpt.CheckpointWriter()
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
-    # ---------------------------------------------------------------- resume
+    # ---------------------------------------------------------------- optimizer, resume
+    optimizer = build.build_optimizer(config, method.net)
     progress = resume.start(config, checkpoint, optimizer, method, world, say)
+    schedule = Schedule(config.epochs, config.schedule)
+    # ---------------------------------------------------------------- the fast path, checked
+    parts, compiled = step_parts(config, settings, method, optimizer, world, data.pipeline,
+                                 progress, build.loss_weights(config, schedule.ue_weight(
+                                     progress.epoch)), say)
     log.start(config.record(data.mean, data.std), data.train.fingerprint, settings.device,
-              resumed_from=checkpoint.path if config.resume else None)
-    run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
-              Schedule(config.epochs, config.schedule), say)
-    console.announce(config, settings, world, run.schedule, data, log, say)
+              resumed_from=checkpoint.path if config.resume else None,
+              compile=compiled.record())
+    run = Run(config, world, method, data, optimizer, parts, writer, log, progress, schedule,
+              say)
+    console.announce(config, settings, world, schedule, data, log, compiled, say)
     # ---------------------------------------------------------------- the rounds and epochs
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
     try:
-        with StopSignals(say) as stop:
+        # (the stop line is written by the signal handler: write_line, which a print it
+        # interrupts cannot collide with)
+        with StopSignals(write_line if world.main else silent) as stop:
             for round_index in range(first_round, config.rounds):
                 if resume.starts_round(config, progress, round_index, method):
-                    record = build.discover_anchors(method, round_index, data.labels, world)
+                    record = build.anchor_discovery(method, round_index, data.labels, world)
                     say.progress(console.round_line(record))
                     log.round(record, entropy=method.anchors.entropy)
                 for epoch in range(first_epoch if round_index == first_round else 0,

@@ -202,7 +202,7 @@ def main():
 
     if training:
         optimizer = build_optimizer(opts, net)
-        parts = step_parts(opts, settings, method, optimizer, World())
+        parts, _ = step_parts(opts, settings, method, optimizer, World())
         weights = loss_weights(opts, 0.0)
         net.train()
         stream = endless_batches(pipeline)

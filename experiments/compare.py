@@ -40,17 +40,27 @@ def build_parser():
                         '%(default)s)')
     p.add_argument(*cli.spellings('--work-dir'), dest='work_dir', default='checkpoint/compare',
                    help='logs and checkpoints, one folder per run (default: %(default)s)')
-    p.add_argument('--out', default=None,
+    p.add_argument('--out', default=None, type=cli.OUTPUT_FILE,
                    help='markdown table file (default: WORK_DIR/results.md)')
     p.add_argument('--extra', default='',
                    help='more main.py flags for every run, e.g. "--subset 5000 --device cpu"')
     return p
 
 
-def schedule(method, epochs, rounds):
-    """(rounds, epochs per round) giving `epochs` in all."""
+def schedule(method, epochs, rounds, spec=None):
+    """(rounds, epochs per round) giving `epochs` in all.
+
+    Raises:
+        UserError: `epochs` that do not split evenly into the rounds (the run would train
+            fewer epochs than its row says).
+    """
     if RECIPES[method]['rounds'] > 1:
         rounds = max(1, min(rounds, epochs))
+        if epochs % rounds:
+            raise UserError(f'run {spec or method}: {epochs} epochs do not split into '
+                            f'--rounds {rounds} rounds of equal length; give a multiple of '
+                            f'{rounds}, e.g. {epochs - epochs % rounds} or '
+                            f'{epochs - epochs % rounds + rounds}')
         return rounds, epochs // rounds
     return 1, epochs
 
@@ -79,7 +89,7 @@ def summary(folder):
 
 def run_one(spec, args):
     method, dataset, network, epochs = parse_spec(spec)
-    rounds, per_round = schedule(method, epochs, args.rounds)
+    rounds, per_round = schedule(method, epochs, args.rounds, spec)
     folder = os.path.join(args.work_dir, spec.replace(':', '_'))
     os.makedirs(folder, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, 'main.py'), '--method', method,
@@ -93,7 +103,7 @@ def run_one(spec, args):
     with open(os.path.join(folder, 'console.txt'), 'w') as console:
         # The console is shown as it comes and kept for reading; the table uses the records.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=ROOT)
+                                text=True)       # (from here: paths in --extra are too)
         for line in proc.stdout:
             console.write(line)
             print('   ' + line.rstrip(), flush=True)
@@ -120,8 +130,12 @@ def table(rows):
 
 def compare(argv):
     args = build_parser().parse_args(argv)
-    for spec in args.runs:
-        parse_spec(spec)                      # every spec checked before the first run
+    # Whole paths in the commands and the table (the runs start here, so --extra's are right).
+    args.data_root = os.path.abspath(args.data_root)
+    args.work_dir = os.path.abspath(args.work_dir)
+    for spec in args.runs:                    # every spec checked before the first run
+        method, _, _, epochs = parse_spec(spec)
+        schedule(method, epochs, args.rounds, spec)
     rows = [run_one(spec, args) for spec in args.runs]
     text = table(rows)
     out = args.out or os.path.join(args.work_dir, 'results.md')
@@ -130,6 +144,10 @@ def compare(argv):
         f.write(text + '\n')
     print('\n' + text + f'\n\n(written to {out}; "best" is the best of every epoch\'s test '
           'evaluation, as the paper reports; "final" is the last epoch\'s)')
+    failed = [spec for spec, row in zip(args.runs, rows) if row['final'] == 'failed']
+    if failed:
+        print(f'{len(failed)} of {len(rows)} runs failed: {" ".join(failed)}', file=sys.stderr)
+        return 1
 
 
 def main(argv=None):

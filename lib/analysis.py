@@ -115,9 +115,7 @@ def load_trained(path, say=print, **overrides):
     is checked against the data found (the fingerprint); `say` gets the one note when a file
     has none."""
     state = ckpt.load(path)
-    stored = dict(state.get('config') or {})
-    if stored.get('knn_features') == 'recompute':          # the word older checkpoints stored
-        stored['knn_features'] = 'network'
+    stored = ckpt.stored_options(state)
     config = defaults(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
                        **overrides})
     settings = device_settings(config)

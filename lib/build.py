@@ -5,6 +5,7 @@ weights, and the kNN evaluation of the run's data.
 `main.py`, `bench/`, `experiments/` and the analysis loading (lib/analysis.py) all build through
 here, so they train and evaluate the same thing.
 """
+import os
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ def load_data(opts, root=None):
 def load_eval_data(opts):
     """(train, test) of --eval-root, a labelled tree that runs on unlabeled data are evaluated
     on (kNN of the network's embeddings), at the run's image size."""
+    if not os.path.isdir(opts.eval_root):
+        raise UserError(f'--eval-root {opts.eval_root} ' + (
+            'is a file, not a folder' if os.path.exists(opts.eval_root) else 'does not exist') +
+            f': give a labelled tree, {opts.eval_root}/train/<class>/* and '
+            f'{opts.eval_root}/test/<class>/*')
     if datasets.folder_layout(opts.eval_root) != 'labelled':
         raise UserError(f'--eval-root {opts.eval_root} is not a labelled tree: it needs '
                         f'{opts.eval_root}/train/<class>/* and {opts.eval_root}/test/<class>/*')
@@ -117,25 +123,23 @@ def build_pipeline(opts, settings, train, test, mean, std, world=None):
 
 
 def build_optimizer(opts, net):
-    params = [p for p in net.parameters() if p.requires_grad]   # the Sobel filters are frozen
-    cuda = params[0].device.type == 'cuda'
-    return torch.optim.SGD(params, opts.lr, momentum=opts.momentum,
-                           weight_decay=opts.weight_decay,
-                           nesterov=opts.nesterov and opts.momentum > 0,
-                           fused=cuda or None)   # one kernel for all parameters on CUDA
+    """SGD over the network's trained weights (the Sobel filters are frozen): Nesterov, with
+    momentum and weight decay (docs/ALGORITHM.md 6); fused into one kernel on CUDA."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    return sgd(params, params[0].device.type == 'cuda', lr=opts.lr, momentum=opts.momentum,
+               weight_decay=opts.weight_decay, nesterov=opts.nesterov and opts.momentum > 0)
 
 
-def distribute(opts, net, world):
-    """DistributedDataParallel over the world's processes (--sync-bn: BatchNorm statistics of
-    the global batch); the network itself for a single process."""
-    if world.size == 1:
-        return net
-    from .distributed import sync_batchnorm
-    cuda = next(net.parameters()).device.type == 'cuda'
-    if opts.sync_bn:
-        net = sync_batchnorm(net, cuda)
-    return torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[world.local_rank] if cuda else None)
+def sgd(params, fused, **settings):
+    """torch.optim.SGD, fused when asked and this PyTorch has it (a release without fused SGD
+    raises TypeError; one that cannot fuse these parameters, RuntimeError): else the plain
+    one, which computes the same update."""
+    if fused:
+        try:
+            return torch.optim.SGD(params, fused=True, **settings)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.optim.SGD(params, **settings)
 
 
 def loss_weights(opts, ue_weight):
@@ -202,10 +206,10 @@ def evaluate(opts, method, data, world):
                         lambda batches, desc: progress_bar(batches, desc=desc, enabled=show))
 
 
-def discover_anchors(method, round_index, labels, world):
-    """This round's anchors (MethodState.discover_anchors), and the record of the round: how
-    many, the (anchor, neighbour) label consistency (% or None without labels), their mean
-    cosine in the bank, seconds."""
+def anchor_discovery(method, round_index, labels, world):
+    """Discover this round's anchors (MethodState.discover_anchors); returns the round's
+    record: how many, the (anchor, neighbour) label consistency (% or None without labels),
+    their mean cosine in the bank, seconds."""
     started = time.time()
     method.discover_anchors(round_index, labels, world)
     anchors = method.anchors

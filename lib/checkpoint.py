@@ -87,13 +87,14 @@ def resolve_path(model_dir, name, in_folder=LAST):
     `in_folder` file: last.t7 to continue a run, ckpt.t7 to evaluate it or start from it."""
     joined = os.path.join(model_dir, name)
     typed_first = os.path.dirname(os.path.normpath(name)) != ''
-    for candidate in dict.fromkeys([name, joined] if typed_first else [joined, name]):
+    looked_in = list(dict.fromkeys([name, joined] if typed_first else [joined, name]))
+    for candidate in looked_in:
         if os.path.isdir(candidate):
             return os.path.join(candidate, in_folder)
         if os.path.exists(candidate):
             return candidate
-    raise UserError(f'no checkpoint at {joined}' + (f' (nor at {name})' if joined != name
-                                                      else ''))
+    raise UserError(f'no checkpoint at {looked_in[0]}' +
+                    (f' (nor at {looked_in[1]})' if len(looked_in) > 1 else ''))
 
 
 def load(path):
@@ -119,6 +120,15 @@ def load(path):
         raise UserError(f'{path} is not a Super-AND checkpoint: it needs the keys net and npc, '
                         f'and holds {keys}')
     return state
+
+
+def stored_options(state):
+    """The options the checkpoint's run had ({} for a released file), in today's words:
+    checkpoints from before --knn-features took the word 'network' stored 'recompute'."""
+    stored = dict(state.get('config') or {})
+    if stored.get('knn_features') == 'recompute':
+        stored['knn_features'] = 'network'
+    return stored
 
 
 def unreadable_reason(path, size, err):

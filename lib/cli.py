@@ -6,7 +6,10 @@ Every long flag takes both spellings, `--batch_size` and `--batch-size` (`spelli
 """
 import argparse
 import codecs
+import difflib
 import math
+import os
+import select
 import sys
 
 import datasets
@@ -39,12 +42,56 @@ FINITE_FLOAT = checked(float, math.isfinite, 'a finite number')
 DEVICES = ('auto', 'cuda', 'cpu')
 
 
+def output_file(*suffixes):
+    """An argparse type: a file this command can write (missing folders are made), checked
+    when the flags are read, before minutes of work: not a folder, nor under a file, nor in a
+    folder that cannot be written; with `suffixes` ('.png', ...), a name ending in one (the
+    format is taken from it)."""
+    def parse(text):
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f'{text} is a folder; give the name of a file '
+                                             f'to write')
+        if suffixes and not text.lower().endswith(suffixes):
+            names = ', '.join(suffixes[:-1]) + ' or ' + suffixes[-1] if len(suffixes) > 1 \
+                else suffixes[0]
+            raise argparse.ArgumentTypeError(f'{text} does not end in {names} (the format '
+                                             f'written)')
+        folder = os.path.dirname(os.path.abspath(text))
+        while not os.path.exists(folder):           # the nearest folder that is there
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f'{text} cannot be written: {folder} is a file, '
+                                             f'not a folder')
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f'{text} cannot be written: no permission to '
+                                             f'write in {folder}')
+        return text
+    parse.__name__ = 'a file to write'
+    return parse
+
+
+OUTPUT_FILE = output_file()
+
+
 # ----------------------------------------------------------------------------- the parser
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit code 2 (argparse's own usage
-    block is noise to someone who mistyped one flag)."""
+    block is noise to someone who mistyped one flag), naming the flag meant where a typed one
+    is close to it. A flag is taken only when whole: argparse's abbreviations (--epoch for
+    --epochs) would let a flag this project adds later change what an old command means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith('unrecognized arguments:'):
+            for word in message.split(':', 1)[1].split():
+                close = difflib.get_close_matches(word.split('=')[0],
+                                                  self._option_string_actions, n=1)
+                if word.startswith('--') and close:
+                    message += f' (did you mean {close[0]}?)'
+                    break
         raise SystemExit(one_line_error(message))
 
 
@@ -111,6 +158,23 @@ def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
     except KeyboardInterrupt as err:      # its message, where the raiser gave one
         print(str(err) or interrupted, file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:
+        if not stdout_is_closed():
+            raise                   # another pipe (a worker's, a socket's): a bug to show
+        # The reader went away (`| head`): no traceback, and no second one when Python flushes
+        # stdout at exit (the Python docs' recipe: stdout onto /dev/null).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def stdout_is_closed():
+    """Whether stdout is a pipe whose reader has gone away (poll says POLLERR)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):   # no file behind stdout, no poll
+        return False
 
 
 # ----------------------------------------------------------------------------- shared options

@@ -96,7 +96,8 @@ OPTIONS = (
     option('--ANs_size', A['ANs_size'], 'neighbours per anchor, the anchor excluded',
            type=cli.POSITIVE_INT, metavar='K'),
     option('--lr', A['lr'], 'learning rate at the start of each round', type=cli.POSITIVE_FLOAT),
-    option('--momentum', A['momentum'], 'SGD Nesterov momentum', type=cli.NON_NEGATIVE_FLOAT,
+    option('--momentum', A['momentum'], 'SGD momentum (Nesterov\'s where the recipe has '
+           'nesterov)', type=cli.NON_NEGATIVE_FLOAT,
            metavar='M'),
     option('--weight_decay', A['weight_decay'], 'SGD weight decay', extra=('--wd',),
            type=cli.NON_NEGATIVE_FLOAT, metavar='WD'),
@@ -164,13 +165,16 @@ OPTIONS = (
            'augmentation); reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
            'CUDA, none on the CPU', resumed=False,
            choices=('auto', 'none', 'default', 'reduce-overhead')),
+    option('--compile-check', 'on', 'with compile on: before the first step, compare the '
+           'compiled step with the eager one on that step\'s batch (losses and gradients) and '
+           'fall back to a lower mode when they disagree; errors fall back either way',
+           resumed=False, choices=('on', 'off')),
     option('--workers', 2, 'data-loader processes of the cpu pipeline', resumed=False,
            type=cli.NON_NEGATIVE_INT, metavar='N'),
     option('--sync-bn', False, 'with several processes (torchrun), BatchNorm statistics over the '
            'global batch: SyncBatchNorm on GPUs, an all-reduce version on the CPU',
            action='store_true'),
 )
-DECLARED = {o.name: o for o in OPTIONS}
 RESUMED = frozenset(o.name for o in OPTIONS if o.resumed)
 
 
@@ -264,6 +268,7 @@ class RunConfig:
     precision: str
     eval_precision: str
     compile: str
+    compile_check: str
     workers: int
     sync_bn: bool
     typed: frozenset = frozenset()
@@ -315,8 +320,6 @@ def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:
     values = {o.name: o.default for o in OPTIONS}
     if stored:
         stored = dict(stored)
-        if stored.get('knn_features') == 'recompute':       # the word older checkpoints stored
-            stored['knn_features'] = 'network'
         if 'schedule' not in stored and 'schedule' not in flags.typed:
             stored['schedule'] = 'released'     # runs from before --schedule trained on it
             say('this run predates --schedule: it continues on the released (absolute) schedule')

@@ -150,19 +150,22 @@ def schedule_line(schedule, base_lr, ue_loss=True):
     return head + f'; UE weight {ue}' + (' throughout' if ',' not in ue else '')
 
 
-def announce(config, settings, world, schedule, data, log, say):
-    """The lines that start training: the schedule, the run's shape and where it logs, and on
-    a CPU an estimate of the time it takes when that is more than an hour."""
+def announce(config, settings, world, schedule, data, log, compiled, say):
+    """The lines that start training: the schedule, the compile mode and why (`compiled`, a
+    fast_path.CompileReport), the run's shape and where it logs, and on a CPU an estimate of
+    the time it takes when that is more than an hour."""
     say(schedule_line(schedule, config.lr, config.ue_loss))
     if config.ue_loss and not schedule.ue_ever_on():
         say(f'warning: the UE loss is on, but its weight stays 0 in every epoch of these '
             f'{config.epochs}-epoch rounds (--schedule {config.schedule}), so it trains '
             f'nothing; use --schedule scaled or more --epochs')
+    if compiled.asked != 'none':
+        say(compiled.line())
     steps = data.pipeline.steps_per_epoch
     where = log.jsonl_path + (f' and {log.tensorboard_folder}' if log.writer is not None else '')
     say(f'training {config.network} on {config.dataset} ({settings.device}, '
         f'{plural(world.size, "process", "processes")}, {settings.pipeline} pipeline, '
-        f'{settings.precision}, compile {settings.compile}): '
+        f'{settings.precision}, compile {compiled.used}): '
         f'{plural(config.rounds, "round")} x {plural(config.epochs, "epoch")}, '
         f'{plural(steps, "step")} of {config.batch_size} images; logs in {where}')
     if not settings.cuda:
@@ -180,7 +183,7 @@ def announce(config, settings, world, schedule, data, log, say):
 
 # ----------------------------------------------------------------------------- rounds, epochs
 def round_line(record):
-    """The line of an anchor discovery (`build.discover_anchors`'s record)."""
+    """The line of an anchor discovery (`build.anchor_discovery`'s record)."""
     count, entries = record['anchors'], record['entries']
     if record['consistency'] is not None:
         detail = (f'label consistency of (anchor, neighbour) pairs '

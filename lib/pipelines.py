@@ -18,6 +18,7 @@ from PIL import Image
 
 from datasets import AugmentedViews, Plain, fit_square, test_transform, train_transform
 
+from .fast_path import compile_augmentation
 from .stopping import ignore_interrupts
 
 TEST_BATCH_SIZE = 100           # evaluation batch, as released (no effect on the result)
@@ -111,11 +112,11 @@ class TensorPipeline:
             self.test_targets = torch.from_numpy(test_set.targets).to(self.device)
         self._train_eval_images = None
         self.num_uniforms = NUM_UNIFORMS
-        self.augment = BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device)
-        if compile_mode != 'none':
-            # Fused into a few kernels. Not CUDA-graph captured even under reduce-overhead:
-            # two calls per step would need two graphs, and the launches left are few.
-            self.augment = torch.compile(self.augment, dynamic=False)
+        # Compiled (fused into a few kernels) unless compile_mode is 'none'; an error of its
+        # first call falls back to eager (lib/fast_path.py).
+        self.augment = compile_augmentation(
+            BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device),
+            compile_mode)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         # Evaluation batches only bound memory (eval-mode BN): larger is faster on a GPU.

@@ -30,11 +30,18 @@ class Checkpoint:
     path: str
     state: dict
     model_dir: str = None       # where a continued run goes on (its folder), None: as given
+    resumed: bool = False       # --resume (the run goes on), not --init-from (a new run)
 
     @property
     def config(self):
         """The options the checkpoint's run had ({} for a released file)."""
-        return dict(self.state.get('config') or {})
+        return ckpt.stored_options(self.state)
+
+    @property
+    def options(self):
+        """The options this run takes from the checkpoint where not typed: a resumed run
+        takes its own; a new run from --init-from takes none (None), only the weights."""
+        return self.config if self.resumed else None
 
     def restore_method(self, method, fingerprint, say):
         """The network, bank and anchors into `method`, once the checkpoint's data is known to
@@ -65,8 +72,8 @@ def open_checkpoint(flags, say):
                                          '--model_dir': unused_folder(model_dir)})
         raise UserError(f'--init-from {name} is {path}, a file this run would overwrite: '
                         f'start the new run in another folder: {elsewhere}')
-    checkpoint = Checkpoint(path, state)
-    if not typed.get('resume'):
+    checkpoint = Checkpoint(path, state, resumed=bool(typed.get('resume')))
+    if not checkpoint.resumed:
         return checkpoint
     if continuing and not ckpt.can_continue(state):
         raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '

@@ -74,14 +74,17 @@ class RunLog:
             line = json.dumps({**record, 'time': time.time()})
             self._after(lambda: append_line(self.jsonl_path, line))
 
-    def start(self, options, fingerprint, device, resumed_from=None):
+    def start(self, options, fingerprint, device, resumed_from=None, compile=None):
         """A run starts or resumes: its resolved `options` (also written to config.json), the
-        training data's fingerprint, and where the numbers come from (`environment`)."""
+        training data's fingerprint, where the numbers come from (`environment`), and the
+        compile mode it trains with, why, the first step's check and any fallback
+        (`compile`, lib/fast_path.py CompileReport.record)."""
         if self.enabled:
             with open(os.path.join(self.model_dir, 'config.json'), 'w') as f:
                 json.dump(options, f, indent=1, sort_keys=True)
         self._append({'type': 'start', 'options': options, 'fingerprint': fingerprint,
-                      **environment(device), 'resumed_from': resumed_from})
+                      **environment(device), 'resumed_from': resumed_from,
+                      'compile': compile})
 
     def steps(self, first_step, samples, lr):
         """Sampled training losses: `samples` = [(step in epoch, {name: value})]."""

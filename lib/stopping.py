@@ -13,12 +13,22 @@ NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
 
 def write_line(text):
     """One line on stdout, unbuffered: safe inside a signal handler (a print there can collide
-    with a print the handler interrupted), and quiet when nobody reads (a closed pipe)."""
+    with the print the handler interrupted: `RuntimeError: reentrant call`), and quiet when
+    nobody reads (a closed pipe)."""
     try:
         sys.stdout.flush()
-        os.write(sys.stdout.fileno(), (text + '\n').encode())
-    except (OSError, ValueError, RuntimeError):
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError, RuntimeError):     # no file behind stdout (captured in tests)
+        sys.stdout.write(text + '\n')
+        return
+    try:
+        os.write(descriptor, (text + '\n').encode(errors='backslashreplace'))
+    except OSError:
         pass
+
+
+def silent(text):
+    """The `say` of the processes that do not print (all but the main one)."""
 
 
 class StopSignals:
@@ -63,6 +73,11 @@ class StopSignals:
 
 
 def ignore_interrupts(worker_id=None):
-    """For loader worker processes: Ctrl-C reaches the whole process group, but only the main
-    process decides how to stop (a worker killed by it would break the clean stop)."""
+    """For loader worker processes: Ctrl-C, and SIGTERM from a scheduler or `kill -- -PGID`,
+    reach a whole process group, but only the main process decides how to stop. A worker that
+    got them would die under the loader, or answer them with the handler it inherited on fork
+    (a second stop line). So each worker leaves the group for one of its own; the main process
+    shuts its workers down when it stops, and can still end one that hangs (SIGTERM to the
+    worker itself, which PyTorch's worker answers by exiting)."""
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -101,7 +101,7 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     # A new run from its last epoch (round 2), in the same folder, would overwrite it: the
     # error gives another folder; there, --rounds 2 leaves nothing to train: one more round.
     code, out, err = run_main(*fast_args(tiny_folder, run, '--init-from', 'last.t7', '--rounds',
-                                         '2', '--epochs', '1', '--no-tensorboard'))
+                                         '2', '--epochs', '1', '--no-tensorboard', *MECHANICS))
     assert code == 2 and 'a file this run would overwrite' in err
     command = printed_command(err)
     assert command[command.index('--init-from') + 1] == 'checkpoint/stoptest/last.t7'
@@ -138,10 +138,15 @@ def test_resume_and_init_from_names_mean_what_was_meant(tmp_path, monkeypatch, m
 
 
 def test_a_missing_checkpoint_names_both_places(tmp_path, monkeypatch):
+    """In the order they are looked in: a path with a folder as typed first, a bare name in
+    the model dir first."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/checkpoint/quick \(nor '
-                                        r'at checkpoint/quick\)$'):
+    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/quick \(nor at '
+                                        r'checkpoint/checkpoint/quick\)$'):
         ckpt.resolve_path('checkpoint/', 'checkpoint/quick')
+    with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/missing.t7 \(nor at '
+                                        r'missing.t7\)$'):
+        ckpt.resolve_path('checkpoint/', 'missing.t7')
 
 
 # ----------------------------------------------------------------------------- answered at once
@@ -181,6 +186,21 @@ def test_help_and_flag_errors_come_before_torch(argv, code):
     proc = subprocess.run([sys.executable, '-c', PROBE.format(root=ROOT), *argv],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.stdout.splitlines()[-1] == f'torch not imported {code}', proc.stderr
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['--epcohs', '2'], 'unrecognized arguments: --epcohs 2 (did you mean --epochs?)'),
+    (['--epoch', '2'], 'unrecognized arguments: --epoch 2 (did you mean --epochs?)'),
+    (['--knn', '5'], 'unrecognized arguments: --knn 5'),
+])
+def test_a_flag_is_taken_only_whole_and_a_close_one_is_named(argv, needle, capsys):
+    """No abbreviations: --epoch is not --epochs in silence."""
+    from lib.config import parse
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f'error: {needle}') and \
+        len(err.splitlines()) == 1, err
 
 
 def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
@@ -230,6 +250,47 @@ def test_help_texts_say_what_each_command_does():
     assert 'main.py' in option_help(compare_parser, '--data-root')
     curve = subcommand(visualize.build_parser(), 'curve')
     assert not any('--seed' in a.option_strings for a in curve._actions)
+
+
+def all_parsers():
+    from experiments import compare
+    from lib.config import build_parser
+    from tools import embed, export, linear_probe, retrieve, visualize
+    parsers = [build_parser(), compare.build_parser(), embed.build_parser(),
+               export.build_parser(), linear_probe.build_parser(), retrieve.build_parser()]
+    commands = next(a for a in visualize.build_parser()._actions if a.dest == 'command')
+    return parsers + list(commands.choices.values())
+
+
+def test_every_help_line_says_its_default_once():
+    for parser in all_parsers():
+        for action in parser._actions:
+            text = option_help(parser, action.option_strings[0]) if action.option_strings \
+                else ''
+            assert text.count('(default') <= 1, (parser.prog, action.option_strings, text)
+
+
+def test_compare_refuses_epochs_that_do_not_split_into_rounds(capsys):
+    from experiments import compare
+    assert compare.main(['--runs', 'super-and:cifar10:resnet18:25', '--rounds', '2']) == 2
+    err = capsys.readouterr().err
+    assert '25 epochs do not split into --rounds 2 rounds' in err and 'e.g. 24 or 26' in err
+
+
+def test_compare_paths_are_the_users_and_a_failed_run_fails_it(tmp_path, monkeypatch, capsys):
+    """Paths typed relative to where compare runs (its runs start in the project's folder),
+    and a run that fails is a row saying so and exit code 1."""
+    from experiments import compare
+    monkeypatch.chdir(tmp_path)
+    code = compare.main(['--runs', 'lemniscate:cifar10:alexnet:1', '--data-root', 'missing',
+                         '--work-dir', 'work', '--extra', '--device cpu'])
+    out, err = capsys.readouterr()
+    assert code == 1 and '1 of 1 runs failed: lemniscate:cifar10:alexnet:1' in err
+    console = (tmp_path / 'work' / 'lemniscate_cifar10_alexnet_1' / 'console.txt').read_text()
+    assert str(tmp_path / 'missing') in console
+    assert '| lemniscate | cifar10 | alexnet | 1 x 1 | failed |' in \
+        (tmp_path / 'work' / 'results.md').read_text()
+    assert not os.path.exists(os.path.join(ROOT, 'work'))
 
 
 def test_visualize_without_a_command_lists_them(capsys):

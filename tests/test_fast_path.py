@@ -125,10 +125,11 @@ def test_the_step_parts_are_freed_without_the_garbage_collector():
     from lib.fast_path import step_parts
     net, bank, anchors, optimizer = model(fused=False)
     config = SimpleNamespace(bank=True, aug_loss=True, ue_loss=True, views=2,
-                             aug_input='logits', batch_t=0.1, batch_m=1.0, sync_bn=False)
+                             aug_input='logits', batch_t=0.1, batch_m=1.0, sync_bn=False,
+                             compile='none', compile_check='on')
     settings = SimpleNamespace(precision='bf16', cuda=False, compile='none')
     method = SimpleNamespace(net=net, bank=bank, anchors=anchors)
-    parts = step_parts(config, settings, method, optimizer, World())
+    parts, _ = step_parts(config, settings, method, optimizer, World())
     ref = weakref.ref(net)
     gc.disable()
     try:

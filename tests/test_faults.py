@@ -90,6 +90,43 @@ def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_
                                torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True))
 
 
+# main.py, with SIGTERM sent to its whole process group from another process (as a scheduler
+# or `kill -- -PGID` does) while the training loop draws the batch of round 0 epoch 0 step 2.
+# (Another process: PyTorch's workers exit quietly on a SIGTERM from their parent.)
+GROUP_SIGTERM = '''
+import os, signal, subprocess, sys
+sys.path.insert(0, {root!r})
+import lib.pipelines, main
+draw = lib.pipelines.LoaderPipeline.train_batches
+def train_batches(self, round_index, epoch, start_step=0):
+    for step, batch in enumerate(draw(self, round_index, epoch, start_step), start_step):
+        if (round_index, epoch, step) == (0, 0, 2):
+            subprocess.run([sys.executable, '-c', 'import os, signal, sys; '
+                            'os.killpg(int(sys.argv[1]), signal.SIGTERM)', str(os.getpgid(0))])
+        yield batch
+lib.pipelines.LoaderPipeline.train_batches = train_batches
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_sigterm_to_the_process_group_stops_once_with_loader_workers(tiny_folder, tmp_path):
+    """The loader's worker processes ignore the signal: one stop line, a clean stop at the
+    step, no worker killed under the loader."""
+    script = tmp_path / 'group_sigterm.py'
+    script.write_text(GROUP_SIGTERM.format(root=ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(script), *fast_args(tiny_folder, tmp_path / 'run', '--rounds', '1',
+                                                 '--epochs', '1', '--pipeline', 'cpu',
+                                                 '--no-tensorboard', '--workers', '2',
+                                                 '--batch_size', '2',
+                                                 *MECHANICS)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('SIGTERM: stopping at the next step') == 1, proc.stdout
+    assert 'stopped by SIGTERM at round 0 epoch 0 step 3' in proc.stdout
+    assert 'killed' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
                                                                    run_main, monkeypatch):
     real_ue_loss, calls = lib.core.losses.ue_loss, []

@@ -2,12 +2,14 @@
 accuracy means nothing, Ctrl-C answered at once, plurals, and lines only for what a run has."""
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import models
-from conftest import fast_args, write_image_folder
+from conftest import ROOT, fast_args, write_image_folder
 from lib import cli
 from lib.core.memory_bank import MemoryBank
 from lib.stopping import StopSignals
@@ -131,6 +133,25 @@ def test_interrupt_is_exit_130_and_one_line(capsys):
     assert capsys.readouterr().err == 'interrupted: stopped at once\n'
 
 
+def test_a_reader_that_goes_away_is_exit_1_without_a_traceback():
+    """`python -m tools.retrieve ... | head -1`: the command ends quietly when its reader
+    closes the pipe (every entry point runs under cli.run)."""
+    lines = ('from lib import cli; import sys; '
+             'sys.exit(cli.run(lambda argv: [print(i) for i in range(10 ** 6)]))')
+    proc = subprocess.Popen([sys.executable, '-c', lines], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == '0\n'
+    proc.stdout.close()                             # as `head -1` does
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == ''
+    # Another pipe that breaks is a bug, shown as one.
+    other = ('from lib import cli; import os, sys; reader, writer = os.pipe(); os.close(reader); '
+             'sys.exit(cli.run(lambda argv: os.write(writer, b"x")))')
+    proc = subprocess.run([sys.executable, '-c', other], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and 'Traceback' in proc.stderr and 'BrokenPipeError' in proc.stderr
+
+
 @pytest.mark.parametrize('argv, needle', [
     (['tools.linear_probe', '--ckpt', 'x.t7', '--epochs', '0'], '0 is not an integer >= 1'),
     (['tools.export', '--ckpt', 'x.t7', '--out', 'x.npz', '--subset', '-3'],
@@ -142,6 +163,45 @@ def test_analysis_flags_are_validated(argv, needle, capsys):
     assert module.main(argv[1:]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('command', [
+    ['tools.embed', '--ckpt', 'x.t7', '--images', '.', '--out', '{out}.npz'],
+    ['tools.export', '--ckpt', 'x.t7', '--out', '{out}.npz'],
+    ['tools.retrieve', '--ckpt', 'x.t7', '--gallery', '.', '--query', 'a.jpg',
+     '--figure', '{out}.png'],
+    ['tools.visualize', 'curve', '--log', 'x.jsonl', '--out', '{out}.png'],
+])
+@pytest.mark.parametrize('out, needle', [
+    ('a_folder', 'is a folder; give the name of a file to write'),
+    ('a_file/below', 'is a file, not a folder'),
+])
+def test_outputs_are_checked_before_any_work(command, out, needle, tmp_path, capsys):
+    """A file that cannot be written is refused when the flags are read (the checkpoint,
+    named second, is not even looked for), not after the embedding."""
+    import importlib
+    (tmp_path / 'a_folder.npz').mkdir()
+    (tmp_path / 'a_folder.png').mkdir()
+    (tmp_path / 'a_file').write_text('')
+    argv = [word.format(out=tmp_path / out) for word in command]
+    assert importlib.import_module(argv[0]).main(argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['tools.retrieve', '--ckpt', 'x.t7', '--gallery', '.', '--query', 'a.jpg', '--figure',
+      'grid'], 'grid does not end in .png, .jpg or .jpeg'),
+    (['tools.visualize', 'curve', '--log', 'x.jsonl', '--out', 'c.eps'],
+     'c.eps does not end in .png, .pdf, .svg, .jpg or .jpeg'),
+    (['tools.visualize', 'embedding', '--ckpt', 'x.t7', '--perplexity', '0'],
+     '0 is not a number > 0'),
+])
+def test_figure_names_say_their_format(argv, needle, capsys):
+    import importlib
+    assert importlib.import_module(argv[0]).main(argv[1:]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_both_spellings_of_every_flag():

@@ -612,3 +612,18 @@ def test_a_query_folder_gives_its_images(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.findall(r'^query (.*)$', out, re.M) == [f'{queries}/sub/10.png',
                                                       f'{queries}/sub/11.png']
+
+
+def test_the_normalisation_note_needs_enough_images_to_mean_something(tmp_path):
+    """A folder this dark (mean 0.1 against the checkpoint's 0.5) is said to differ once it
+    has 100 images; one dark query says nothing (its means are no folder's)."""
+    reader = embed.ImageReader(SIZE, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    rng = np.random.default_rng(0)
+    for i in range(embed.NORMALISATION_MIN_IMAGES):
+        path = tmp_path / f'{i}.png'
+        Image.fromarray(rng.integers(0, 52, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+        reader.read(str(path))
+        notes = [note for note in reader.notes() if 'these images have mean' in note]
+        if i == 0:
+            assert notes == []
+    assert len(notes) == 1 and 'these images have mean (0.10' in notes[0], notes

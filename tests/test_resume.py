@@ -1,6 +1,7 @@
 """Resume means one thing: --resume continues a run exactly (both pipelines, also after a
 signal mid-epoch), --init-from starts a new run from a checkpoint's weights, a resumed run
 keeps its recipe, and a finished run is left alone."""
+import json
 import os
 import shlex
 import signal
@@ -32,7 +33,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_folder, tmp_path, run_
     source = torch.load(tmp_path / 'first' / 'ckpt.t7', weights_only=True)
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from',
                                          tmp_path / 'first' / 'ckpt.t7', '--rounds', '3',
-                                         '--epochs', '1', '--no-tensorboard'))
+                                         '--epochs', '1', '--no-tensorboard', *MECHANICS))
     assert code == 0, err
     start = [line for line in out.splitlines() if line.startswith('initialised from')]
     assert len(start) == 1
@@ -44,6 +45,28 @@ def test_init_from_starts_a_new_run_from_the_weights(tiny_folder, tmp_path, run_
     assert rounds_trained == list(range(source['round'], 3))
     state = torch.load(tmp_path / 'second' / 'last.t7', weights_only=True)
     assert state['optimizer']['state']                    # a new optimizer that has stepped
+
+
+def test_init_from_takes_the_weights_not_the_options(tiny_folder, tmp_path, run_main):
+    """A new run from --init-from has the options typed for it and the defaults, never the
+    source run's (only --resume continues a run with its own options)."""
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'first', *SMALL, '--lr', '0.01',
+                                       '--knn-k', '7'))
+    assert code == 0, err
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from',
+                                         tmp_path / 'first' / 'ckpt.t7', '--rounds', '3',
+                                         '--epochs', '1', '--no-tensorboard', '--quiet',
+                                         *MECHANICS))
+    assert code == 0, err
+    assert 'options from the checkpoint' not in out
+    start = next(json.loads(line) for line in open(tmp_path / 'second' / 'log.jsonl')
+                 if json.loads(line)['type'] == 'start')
+    assert start['options']['lr'] == 0.03 and start['options']['knn_k'] == 200
+    # Without the network it was trained with, one line says which to type.
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'third', '--init-from',
+                                         tmp_path / 'first' / 'ckpt.t7', '--rounds', '3'))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert 'holds alexnet' in err and 'builds resnet18' in err and '--network' in err
 
 
 def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):

@@ -106,7 +106,7 @@ def test_one_live_run_per_model_dir(tiny_folder, tmp_path, run_main, lock_holder
     for argv in (fast_args(tiny_folder, tmp_path / 'run', *flags),
                  ['--resume', 'last.t7', '--model_dir', tmp_path / 'run', '--rounds', '2'],
                  fast_args(tiny_folder, tmp_path / 'run', '--init-from',
-                           tmp_path / 'other' / 'ckpt.t7', '--rounds', '2')):
+                           tmp_path / 'other' / 'ckpt.t7', '--rounds', '2', *MECHANICS)):
         line = one_error_line(run_main(*argv))
         assert re.search(live + STARTED + r'\)', line), line
     assert folder_bytes(tmp_path / 'run') == before

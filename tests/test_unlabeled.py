@@ -77,6 +77,11 @@ def test_eval_root_adds_knn_and_test_only_needs_it(flat_run, tiny_folder, run_ma
     root, model_dir = flat_run
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', model_dir)
     assert code == 2 and 'give --eval-root DIR' in err
+    for missing, needle in ((model_dir / 'nowhere', 'does not exist'),
+                            (model_dir / 'ckpt.t7', 'is a file, not a folder')):
+        code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
+                                  model_dir, '--eval-root', missing)
+        assert code == 2 and f'--eval-root {missing} {needle}: give a labelled tree' in err, err
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', model_dir,
                               '--eval-root', tiny_folder, '--knn-k', '5')
     assert code == 0, err

@@ -197,6 +197,15 @@ def test_curve_from_two_logs(tmp_path, capsys, monkeypatch):
     assert 'fig/curve.png' in out
 
 
+def test_a_curve_without_labels_is_the_loss_sgd_minimised():
+    """AND + augmentation + the epoch's UE weight x UE (the weight 0 early in a round)."""
+    records = [{'loss': {'and': 2.0, 'aug': 3.0, 'ue': 5.0}, 'ue_weight': 0.0},
+               {'loss': {'and': 2.0, 'aug': 3.0, 'ue': 5.0}, 'ue_weight': 0.2},
+               {'loss': {'and': 1.5}}]                     # a method without a UE loss
+    assert vis.curve_metric([('run', records)]) == 'loss'
+    assert vis.curve_values(records, 'loss') == pytest.approx([5.0, 6.0, 1.5])
+
+
 def test_epoch_records_and_round_starts(tmp_path):
     path = write_log(tmp_path / 'run' / 'log.jsonl', 3, 2, extra=[{'type': 'other'}])
     records = epoch_records(tmp_path / 'run')           # a model dir works too

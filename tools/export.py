@@ -19,12 +19,12 @@ def build_parser():
     cli.add_checkpoint_option(p)
     p.add_argument('--split', default='test', choices=('train', 'test'),
                    help='which split of the checkpoint\'s data (default: %(default)s)')
-    p.add_argument('--out', required=True, metavar='FILE.npz', help='the .npz file to write')
+    p.add_argument('--out', required=True, type=cli.OUTPUT_FILE, metavar='FILE.npz',
+                   help='the .npz file to write')
     cli.add_features_option(p, '--features', default='network',
                             help='what is written: the network\'s eval-mode embeddings of the '
                                  'split\'s images (test transform), or the memory bank\'s rows '
-                                 '(training split of a run with a bank only) (default: '
-                                 '%(default)s)')
+                                 '(training split of a run with a bank only)')
     cli.add_data_options(p)
     return p
 
@@ -44,10 +44,11 @@ def export(argv):
     features, labels = trained.embeddings(args.split, args.knn_features)
     image_set = trained.train if args.split == 'train' else trained.test
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, features=features.cpu().numpy().astype(np.float32),
-             labels=labels.cpu().numpy().astype(np.int64),
-             indexes=np.asarray(image_set.indexes, dtype=np.int64),
-             classes=np.asarray(image_set.classes))
+    with open(args.out, 'wb') as f:     # a file object: np.savez would add .npz to other names
+        np.savez(f, features=features.cpu().numpy().astype(np.float32),
+                 labels=labels.cpu().numpy().astype(np.int64),
+                 indexes=np.asarray(image_set.indexes, dtype=np.int64),
+                 classes=np.asarray(image_set.classes))
     print(f'wrote {args.out}: {features.shape[0]} x {features.shape[1]} {args.knn_features} '
           f'features of the {args.split} split')
 

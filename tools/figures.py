@@ -440,13 +440,17 @@ def curve_metric(logs):
 
 
 def curve_values(records, metric):
+    """The metric per epoch record; 'loss' is the objective SGD minimised that epoch, each
+    part (an epoch mean) times its weight: 1, the UE loss the epoch's `ue_weight` (an unweighted
+    sum would show the UE loss counting while its weight is still 0)."""
     if metric == 'knn_top1':
         return [r['knn_top1'] for r in records]
-    return [sum(r['loss'].values()) for r in records]
+    return [sum(value * (r.get('ue_weight', 1.0) if name == 'ue' else 1.0)
+                for name, value in r['loss'].items()) for r in records]
 
 
 def curve_figure(logs, published=False):
-    """kNN top-1 (%) per global epoch (or, for runs without labels, the summed loss), one line
+    """kNN top-1 (%) per global epoch (or, for runs without labels, the weighted loss), one line
     per (label, epoch records) in `logs`, dashed vertical lines in the line's colour where its
     rounds start; `published` adds the released run's kNN curve."""
     metric = curve_metric(logs)
@@ -464,7 +468,8 @@ def curve_figure(logs, published=False):
             ax.axvline(PUBLISHED_EPOCHS_PER_ROUND * r, color='black', linestyle='--',
                        linewidth=0.8, alpha=0.3)
     ax.set_xlabel('epoch (all rounds); dashed lines: round starts')
-    ax.set_ylabel('kNN top-1 (%)' if metric == 'knn_top1' else 'training loss (sum of parts)')
+    ax.set_ylabel('kNN top-1 (%)' if metric == 'knn_top1' else
+                  'training loss (parts x their weights)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return fig

@@ -15,6 +15,7 @@ import shlex
 import sys
 
 from lib import cli
+from tools.layout import CELL
 
 DEFAULT_K = 10
 
@@ -30,9 +31,10 @@ def build_parser():
                    help='query images; a folder gives all its images (any depth)')
     p.add_argument('--k', type=cli.POSITIVE_INT, default=DEFAULT_K,
                    help='neighbours per query (default: %(default)s)')
-    p.add_argument('--figure', default=None, metavar='PATH',
-                   help='also draw the queries and their neighbours in a PNG')
-    p.add_argument('--cell', type=cli.POSITIVE_INT, default=64,
+    p.add_argument('--figure', default=None, type=cli.output_file('.png', '.jpg', '.jpeg'),
+                   metavar='PATH', help='also draw the queries and their neighbours in an image '
+                                        '(.png, .jpg)')
+    p.add_argument('--cell', type=cli.POSITIVE_INT, default=CELL,
                    help='image side in the figure, pixels (default: %(default)s)')
     cli.add_device_option(p)
     return p

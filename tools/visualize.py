@@ -45,7 +45,9 @@ def add_common_options(p, seed=True):
         p.add_argument('--seed', type=int, default=0,
                        help='seed of the random choices of the figure (default: %(default)s)')
     p.add_argument('--out', default=None, metavar='PATH',
-                   help=f'PNG to write (default: {DEFAULT_OUT_DIR}/<command>.png)')
+                   type=cli.output_file('.png', '.pdf', '.svg', '.jpg', '.jpeg'),
+                   help=f'the figure to write, .png, .pdf, .svg or .jpg (default: '
+                        f'{DEFAULT_OUT_DIR}/<command>.png)')
 
 
 def build_parser():
@@ -83,7 +85,7 @@ def build_parser():
     add_checkpoint_options(e)
     e.add_argument('--method', default='tsne', choices=('tsne', 'umap'),
                    help='tsne (scikit-learn) or umap (needs umap-learn) (default: %(default)s)')
-    e.add_argument('--perplexity', type=float, default=TSNE_PERPLEXITY,
+    e.add_argument('--perplexity', type=cli.POSITIVE_FLOAT, default=TSNE_PERPLEXITY,
                    help='t-SNE perplexity, clipped below the number of points '
                         '(default: %(default)s)')
     e.add_argument('--points', type=cli.POSITIVE_INT, default=None, metavar='N',
