@@ -6,7 +6,6 @@ patterns behind CUDA graphs' known failures; and every call the fast path makes 
 PyTorch this runs on."""
 import inspect
 import json
-import math
 import os
 import signal
 import subprocess
