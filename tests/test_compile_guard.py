@@ -321,17 +321,23 @@ sys.exit(main.main(sys.argv[1:]))
 '''
 
 
-def test_several_processes_fall_back_together_and_say_why(tiny_folder, tmp_path):
-    """Every process's compiled losses raise: all fall back alike (the processes agree on it
-    with one gather) and the line gives the reason; the run trains on eagerly."""
-    script = tmp_path / 'raising.py'
-    script.write_text(RAISING.format(root=ROOT))
-    proc = subprocess.run(
+def two_gloo_processes(script, tiny_folder, tmp_path):
+    """`script` (main.py with a compiler of its own) under torchrun: two gloo processes, 8
+    images each, --sync-bn, --compile default."""
+    return subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
          str(script), *fast_args(tiny_folder, tmp_path / 'ck', *FLAGS, '--batch_size', '16',
                                  '--sync-bn', '--compile', 'default')],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_several_processes_fall_back_together_and_say_why(tiny_folder, tmp_path):
+    """Every process's compiled losses raise: all fall back alike (the processes agree on it
+    with one gather) and the line gives the reason; the run trains on eagerly."""
+    script = tmp_path / 'raising.py'
+    script.write_text(RAISING.format(root=ROOT))
+    proc = two_gloo_processes(script, tiny_folder, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'compile default fell back: compile and first run: RuntimeError: injected on every ' \
         'process' in proc.stdout.splitlines()
@@ -341,12 +347,7 @@ def test_several_processes_fall_back_together_and_say_why(tiny_folder, tmp_path)
 def test_with_sync_bn_only_the_losses_are_compiled(tiny_folder, tmp_path):
     script = tmp_path / 'recording.py'
     script.write_text(RECORDING.format(root=ROOT, out=str(tmp_path)))
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         str(script), *fast_args(tiny_folder, tmp_path / 'ck', *FLAGS, '--batch_size', '16',
-                                 '--sync-bn', '--compile', 'default')],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    proc = two_gloo_processes(script, tiny_folder, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compile: default, as asked; only the losses: SyncBatchNorm breaks the network's " \
         'graph at every layer' in proc.stdout
