@@ -81,10 +81,12 @@ def main():
         eager = parts_of(config, method, optimizer, precision, settings.cuda, 'none')
         started = time.time()
         compiled = parts_of(config, method, optimizer, precision, settings.cuda, mode)
-        first = fast_path.agreement(eager, compiled, batch, weights, buffers)
+        # As a run checks: with CUDA graphs CAPTURE_RUNS compiled runs, else one.
+        runs = fast_path.CAPTURE_RUNS if compiled.cuda_graphs else 1
+        first = fast_path.agreement(eager, compiled, batch, weights, buffers, runs)
         compile_seconds = time.time() - started
         show(f'compiled against eager, {precision}', first)
-        check = fast_path.agreement(eager, compiled, batch, weights, buffers)   # compiled now
+        check = fast_path.agreement(eager, compiled, batch, weights, buffers, runs)  # compiled
         started = time.time()
         fast_path.agreement(eager, compiled, batch, weights, buffers, runs=1, compare=False)
         one_step = time.time() - started

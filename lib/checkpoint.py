@@ -361,17 +361,22 @@ class CheckpointWriter:
     and every such function has run, or raises the first error."""
 
     def __init__(self):
-        self._thread, self._error = None, None
+        self._error = None
         self._lock = threading.Lock()
         self._busy, self._after = False, []
+        # Set when no write is in flight. `wait` waits on it, not on Thread.join: a Ctrl-C
+        # that interrupts a join can leave the thread marked finished while it still writes
+        # (CPython's _wait_for_tstate_lock), and the process would then exit mid-write
+        # ("terminate called without an active exception") after saying the file is there.
+        self._idle = threading.Event()
+        self._idle.set()
 
     def submit(self, jobs):
         self.wait()
         copies = [(snapshot(state), path) for state, path in jobs]
         self._busy = True
-        self._thread = threading.Thread(target=self._write, args=(copies,),
-                                        name='checkpoint-writer')
-        self._thread.start()
+        self._idle.clear()
+        threading.Thread(target=self._write, args=(copies,), name='checkpoint-writer').start()
 
     def then(self, function):
         """Call `function()` once the checkpoints submitted so far are on disk: now when none
@@ -386,6 +391,12 @@ class CheckpointWriter:
         function()
 
     def _write(self, jobs):
+        try:
+            self._write_and_follow(jobs)
+        finally:
+            self._idle.set()
+
+    def _write_and_follow(self, jobs):
         try:
             for state, path in jobs:
                 save_atomic(state, path)
@@ -412,9 +423,8 @@ class CheckpointWriter:
             self._busy, self._after = False, []
 
     def wait(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        while not self._idle.wait(0.1):     # (an interrupted wait leaves the Event as it was)
+            pass
         self._raise()
 
     def _raise(self):

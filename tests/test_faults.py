@@ -227,6 +227,38 @@ def test_checkpoints_are_written_in_the_background_as_whole_files(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ['last.t7']     # no temporary left
 
 
+def test_a_ctrl_c_that_interrupts_the_wait_leaves_the_write_whole(tmp_path, monkeypatch):
+    """A second Ctrl-C while the run waits for its last.t7: the KeyboardInterrupt leaves the
+    writer as it was, so the next wait (the one before the interrupted line names last.t7)
+    returns only once the file is whole. (With Thread.join the interrupted join marked the
+    thread finished: the next wait returned at once, mid-write.)"""
+    import threading
+    writer = lib.checkpoint.CheckpointWriter()
+    started = threading.Event()
+    real_save = lib.checkpoint.save_atomic
+
+    def slow_save(state, path):
+        started.set()
+        time.sleep(1.0)
+        real_save(state, path)
+    monkeypatch.setattr(lib.checkpoint, 'save_atomic', slow_save)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'last.t7'))])
+        assert started.wait(timeout=30)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)        # while wait() waits
+        with pytest.raises(KeyboardInterrupt):
+            writer.wait()
+        writer.wait()
+        assert (tmp_path / 'last.t7').exists()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_failed_background_write_is_one_error_line(tmp_path):
     writer = lib.checkpoint.CheckpointWriter()
     writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'missing' / 'last.t7'))])
