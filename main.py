@@ -50,6 +50,8 @@ def run(flags, world):
     say(console.method_line(config))
     if resume.nothing_to_train(config, checkpoint, say):
         return
+    if config.resume and not config.test_only:
+        resume.note_changed_arithmetic(checkpoint, settings, say)
     # ---------------------------------------------------------------- data
     data = build.run_data(config, settings, world, say)
     # ---------------------------------------------------------------- network, bank, anchors
@@ -84,7 +86,7 @@ def train(config, settings, world, method, data, checkpoint, say):
               resumed_from=checkpoint.path if config.resume else None,
               compile=compiled.record())
     run = Run(config, world, method, data, optimizer, parts, writer, log, progress, schedule,
-              say)
+              say, dict(pipeline=settings.pipeline, precision=settings.precision))
     console.announce(config, settings, world, schedule, data, log, compiled, say)
     # ---------------------------------------------------------------- the rounds and epochs
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
@@ -133,14 +135,15 @@ class Run:
     progress: ckpt.Progress
     schedule: Schedule
     say: console.Console
+    trained_with: dict          # the pipeline and arithmetic `auto` chose: kept in checkpoints
 
     def save(self, is_best, position):
         """last.t7, continuing from `position`, and ckpt.t7 when `is_best` (rank 0 writes)."""
         if self.world.main:
+            record = self.config.record(self.data.mean, self.data.std)
+            record['trained_with'] = self.trained_with
             ckpt.write(self.writer, self.config.model_dir, self.method, self.optimizer,
-                       self.progress, position, self.config.record(self.data.mean,
-                                                                   self.data.std),
-                       self.data.train.fingerprint, is_best)
+                       self.progress, position, record, self.data.train.fingerprint, is_best)
 
 
 def train_one_epoch(run, round_index, epoch, stop):

@@ -126,6 +126,7 @@ def stored_options(state):
     """The options the checkpoint's run had ({} for a released file), in today's words:
     checkpoints from before --knn-features took the word 'network' stored 'recompute'."""
     stored = dict(state.get('config') or {})
+    stored.pop('trained_with', None)            # what `auto` chose then: not an option
     if stored.get('knn_features') == 'recompute':
         stored['knn_features'] = 'network'
     return stored

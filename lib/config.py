@@ -151,20 +151,23 @@ OPTIONS = (
     option('--quiet', False, 'no progress bars, epoch or round lines: only the start and the '
            'result', resumed=False, action='store_true'),
     # ------------------------------------------------------------------ how it runs
+    # (--pipeline, --precision and --compile are resumed as typed: a pipeline draws its own
+    # augmentations and an arithmetic rounds its own way, so a resume on another one is not
+    # the unbroken run. `auto` stays `auto`, choosing for the machine the run continues on;
+    # lib/resume.py says when that changes the pipeline or the arithmetic.)
     option('--device', 'auto', 'auto = CUDA when present', resumed=False, choices=cli.DEVICES),
     option('--pipeline', 'auto', 'gpu: data and augmentation as batched tensors on the device; '
            'cpu: torchvision transforms in loader workers, as released; auto = gpu on CUDA, cpu '
-           'otherwise', resumed=False, choices=('auto', 'gpu', 'cpu')),
+           'otherwise', choices=('auto', 'gpu', 'cpu')),
     option('--precision', 'auto', 'training arithmetic: bf16 autocast for the network (the '
            'bank, softmaxes and losses stay float32) or fp32; auto = bf16 on CUDA',
-           resumed=False, choices=('auto', 'bf16', 'fp32')),
+           choices=('auto', 'bf16', 'fp32')),
     option('--eval-precision', 'fp32', 'arithmetic of the kNN evaluation\'s embeddings: fp32 '
            '(no TF32), so a checkpoint scores the same on every device', resumed=False,
            choices=('fp32', 'bf16')),
     option('--compile', 'auto', 'torch.compile the network and the step\'s losses (and the GPU '
            'augmentation); reduce-overhead also captures CUDA graphs; auto = reduce-overhead on '
-           'CUDA, none on the CPU', resumed=False,
-           choices=('auto', 'none', 'default', 'reduce-overhead')),
+           'CUDA, none on the CPU', choices=('auto', 'none', 'default', 'reduce-overhead')),
     option('--compile-check', 'on', 'with compile on: before the first step, compare the '
            'compiled step with the eager one on that step\'s batch (losses and gradients) and '
            'fall back to a lower mode when they disagree; errors fall back either way',

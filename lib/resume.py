@@ -101,6 +101,21 @@ def refuse_recipe_change(typed, stored, path):
                             f'--model_dir, or one from its weights with --init-from {path}')
 
 
+def note_changed_arithmetic(checkpoint, settings, say):
+    """On --resume: one line when this machine trains the run on another pipeline or in
+    another arithmetic than the run had (`auto` chose otherwise here): the continuation then
+    differs from the unbroken run, and the line says what to type to keep it."""
+    before = (checkpoint.state.get('config') or {}).get('trained_with') or {}
+    now = dict(pipeline=settings.pipeline, precision=settings.precision)
+    changed = [name for name in now if before.get(name) not in (None, now[name])]
+    if changed:
+        was = ', '.join(f'{before[name]} {name}' for name in changed)
+        keep = ' '.join(f'--{name} {before[name]}' for name in changed)
+        say(f'note: this run trained with the {was}; here it continues with the '
+            f'{", ".join(f"{now[name]} {name}" for name in changed)}, so it will not equal '
+            f'the run never stopped (augmentations or rounding differ); to keep it: {keep}')
+
+
 def nothing_to_train(config, checkpoint, say):
     """Whether the run has nothing left to do: --resume of a finished run (said, and nothing
     written). Refuses --init-from at or past --rounds, and a resume whose options would change

@@ -82,12 +82,22 @@ def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_
     state = torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True)
     assert (state['next']['round'], state['next']['epoch'], state['next']['step']) == (0, 1, 4)
     assert set(state['next']['loss_sums']) == {'and', 'aug', 'ue'}     # by name
+    # As printed: the run keeps the pipeline it was typed with (not auto's cpu, here).
     code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'stopped',
-                              '--data-root', tiny_folder, '--workers', '0', '--pipeline', 'gpu',
-                              '--no-tensorboard')
+                              '--data-root', tiny_folder, '--workers', '0', '--no-tensorboard')
     assert code == 0 and 'done:' in out, err
+    assert 'pipeline=gpu' in next(line for line in out.splitlines()
+                                  if line.startswith('options from the checkpoint'))
     assert_same_training_state(torch.load(tmp_path / 'whole' / 'last.t7', weights_only=True),
                                torch.load(tmp_path / 'stopped' / 'last.t7', weights_only=True))
+    # Another pipeline typed on a resume is said: it is not the unbroken run.
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path / 'stopped',
+                              '--data-root', tiny_folder, '--workers', '0', '--rounds', '2',
+                              '--pipeline', 'auto', '--no-tensorboard', '--quiet')
+    assert code == 0, err
+    assert 'note: this run trained with the gpu pipeline; here it continues with the cpu ' \
+        'pipeline, so it will not equal the run never stopped (augmentations or rounding ' \
+        'differ); to keep it: --pipeline gpu' in out.splitlines()
 
 
 # main.py, with SIGTERM sent to its whole process group from another process (as a scheduler
