@@ -128,8 +128,25 @@ def table(rows):
     return '\n'.join(lines)
 
 
+# What each run's spec and compare's own flags set: --extra may not set them again (the table
+# would name what did not run).
+SET_BY_COMPARE = ('--method', '--dataset', '--network', '--rounds', '--epochs', '--data-root',
+                  '--model_dir', '--resume', '--init-from')
+
+
+def check_extra(extra):
+    """Raises UserError when `extra` sets what the run specs and compare's flags set."""
+    reserved = {spelling for flag in SET_BY_COMPARE for spelling in cli.spellings(flag)}
+    for word in shlex.split(extra):
+        if word.split('=', 1)[0] in reserved:
+            raise UserError(f'--extra may not set {word.split("=", 1)[0]}: each run\'s '
+                            f'method:dataset:network:epochs, --rounds, --data-root and '
+                            f'--work-dir set it, and the table names what they set')
+
+
 def compare(argv):
     args = build_parser().parse_args(argv)
+    check_extra(args.extra)
     # Whole paths in the commands and the table (the runs start here, so --extra's are right).
     args.data_root = os.path.abspath(args.data_root)
     args.work_dir = os.path.abspath(args.work_dir)

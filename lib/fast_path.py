@@ -367,6 +367,8 @@ def why_mode(config, settings, mode, only_losses):
         why = 'the default on CUDA'
     else:
         why = 'as asked'
+    if mode == 'reduce-overhead' and not settings.cuda:
+        why += ' (without CUDA there are no CUDA graphs to capture: the same as default)'
     if only_losses:
         why += '; only the losses: SyncBatchNorm breaks the network\'s graph at every layer'
     return why

@@ -277,6 +277,15 @@ def test_compare_refuses_epochs_that_do_not_split_into_rounds(capsys):
     assert '25 epochs do not split into --rounds 2 rounds' in err and 'e.g. 24 or 26' in err
 
 
+@pytest.mark.parametrize('extra, flag', [('--batch_size 8 --epochs 3', '--epochs'),
+                                         ('--workers 0 --method=super-and', '--method'),
+                                         ('--device cpu --data_root x', '--data_root')])
+def test_compare_extra_may_not_set_what_the_table_names(extra, flag, capsys):
+    from experiments import compare
+    assert compare.main(['--runs', 'lemniscate:cifar10:alexnet:1', '--extra', extra]) == 2
+    assert f'--extra may not set {flag}:' in capsys.readouterr().err
+
+
 def test_compare_paths_are_the_users_and_a_failed_run_fails_it(tmp_path, monkeypatch, capsys):
     """Paths typed relative to where compare runs (its runs start in the project's folder),
     and a run that fails is a row saying so and exit code 1."""

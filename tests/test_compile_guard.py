@@ -177,6 +177,16 @@ def test_a_compiled_step_that_disagrees_falls_back_one_level(tiny_folder, tmp_pa
     assert_same_training_state(eager_run, torch.load(tmp_path / 'last.t7', weights_only=True))
 
 
+def test_reduce_overhead_on_the_cpu_says_it_captures_nothing(tiny_folder, tmp_path, run_main,
+                                                            monkeypatch):
+    monkeypatch.setattr(fast_path, 'COMPILE', faulty_compiler({}, []))
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *FLAGS, '--compile',
+                                         'reduce-overhead', '--quiet'))
+    assert code == 0, err
+    assert 'compile: reduce-overhead, as asked (without CUDA there are no CUDA graphs to ' \
+        'capture: the same as default); the first step agrees' in out
+
+
 def test_compile_check_off_skips_the_comparison(tiny_folder, tmp_path, run_main, monkeypatch):
     monkeypatch.setattr(fast_path, 'COMPILE', faulty_compiler({'default': 'scale'}, []))
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *FLAGS, '--compile', 'default',

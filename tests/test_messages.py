@@ -196,6 +196,9 @@ def test_outputs_are_checked_before_any_work(command, out, needle, tmp_path, cap
      'c.eps does not end in .png, .pdf, .svg, .jpg or .jpeg'),
     (['tools.visualize', 'embedding', '--ckpt', 'x.t7', '--perplexity', '0'],
      '0 is not a number > 0'),
+    (['tools.embed', '--ckpt', 'x.t7', '--images', '.', '--out', 'x.csv'],
+     'x.csv does not end in .npz'),
+    (['tools.export', '--ckpt', 'x.t7', '--out', 'x.txt'], 'x.txt does not end in .npz'),
 ])
 def test_figure_names_say_their_format(argv, needle, capsys):
     import importlib

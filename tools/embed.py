@@ -26,7 +26,7 @@ def build_parser():
     p.add_argument('--images', required=True, metavar='DIR',
                    help='folder of images (any depth); a class tree <class>/<image> also gives '
                         'labels')
-    p.add_argument('--out', required=True, type=cli.OUTPUT_FILE, metavar='FILE.npz',
+    p.add_argument('--out', required=True, type=cli.output_file('.npz'), metavar='FILE.npz',
                    help='the .npz file to write')
     cli.add_device_option(p)
     cli.add_quiet_option(p)

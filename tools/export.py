@@ -19,7 +19,7 @@ def build_parser():
     cli.add_checkpoint_option(p)
     p.add_argument('--split', default='test', choices=('train', 'test'),
                    help='which split of the checkpoint\'s data (default: %(default)s)')
-    p.add_argument('--out', required=True, type=cli.OUTPUT_FILE, metavar='FILE.npz',
+    p.add_argument('--out', required=True, type=cli.output_file('.npz'), metavar='FILE.npz',
                    help='the .npz file to write')
     cli.add_features_option(p, '--features', default='network',
                             help='what is written: the network\'s eval-mode embeddings of the '
