@@ -78,22 +78,28 @@ def train(config, settings, world, method, data, checkpoint, say):
     optimizer = build.build_optimizer(config, method.net)
     progress = resume.start(config, checkpoint, optimizer, method, world, say)
     schedule = Schedule(config.epochs, config.schedule)
-    # ---------------------------------------------------------------- the fast path, checked
-    parts, compiled = step_parts(config, settings, method, optimizer, world, data.pipeline,
-                                 progress, build.loss_weights(config, schedule.ue_weight(
-                                     progress.epoch)), say)
-    log.start(config.record(data.mean, data.std), data.train.fingerprint, settings.device,
-              resumed_from=checkpoint.path if config.resume else None,
-              compile=compiled.record())
-    run = Run(config, world, method, data, optimizer, parts, writer, log, progress, schedule,
-              say, dict(pipeline=settings.pipeline, precision=settings.precision))
-    console.announce(config, settings, world, schedule, data, log, compiled, say)
-    # ---------------------------------------------------------------- the rounds and epochs
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
     try:
-        # (the stop line is written by the signal handler: write_line, which a print it
-        # interrupts cannot collide with)
+        # Signals are answered from here on, compiling included (a minute, on some machines).
+        # (The stop line is written by the signal handler: write_line, which a print it
+        # interrupts cannot collide with.)
         with StopSignals(write_line if world.main else silent) as stop:
+            # -------------------------------------------------------- the fast path, checked
+            parts, compiled = step_parts(config, settings, method, optimizer, world,
+                                         data.pipeline, progress, build.loss_weights(
+                                             config, schedule.ue_weight(progress.epoch)), say)
+            log.start(config.record(data.mean, data.std), data.train.fingerprint,
+                      settings.device, resumed_from=checkpoint.path if config.resume else None,
+                      compile=compiled.record())
+            run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
+                      schedule, say, dict(pipeline=settings.pipeline,
+                                          precision=settings.precision))
+            console.announce(config, settings, world, schedule, data, log, compiled, say)
+            if world.size == 1 and stop():      # while compiling: nothing trained or written
+                # (several processes agree on a stop in the training loop, a few steps on)
+                say(console.stopped_before_training_line(config, stop.name, progress))
+                return
+            # -------------------------------------------------------- the rounds and epochs
             for round_index in range(first_round, config.rounds):
                 if resume.starts_round(config, progress, round_index, method):
                     record = build.anchor_discovery(method, round_index, data.labels, world)

@@ -187,6 +187,24 @@ def test_reduce_overhead_on_the_cpu_says_it_captures_nothing(tiny_folder, tmp_pa
         'capture: the same as default); the first step agrees' in out
 
 
+def test_a_sigterm_while_compiling_stops_before_the_first_step(tiny_folder, tmp_path,
+                                                               run_main, monkeypatch):
+    def compile_then_sigterm(module, mode='default', dynamic=None):
+        # (torch.compile compiles at the first call, in the check: here, mid-check)
+        if type(module).__name__ == 'StepLosses':
+            os.kill(os.getpid(), signal.SIGTERM)          # as a scheduler would
+        return module
+    monkeypatch.setattr(fast_path, 'COMPILE', compile_then_sigterm)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *FLAGS, '--compile',
+                                         'default'))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines.count('SIGTERM: stopping at the next step, after writing last.t7') == 1
+    assert lines[-1] == ('stopped by SIGTERM before the first step: nothing trained, nothing '
+                         'written')
+    assert not (tmp_path / 'last.t7').exists() and not (tmp_path / 'ckpt.t7').exists()
+
+
 def test_compile_check_off_skips_the_comparison(tiny_folder, tmp_path, run_main, monkeypatch):
     monkeypatch.setattr(fast_path, 'COMPILE', faulty_compiler({'default': 'scale'}, []))
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *FLAGS, '--compile', 'default',
