@@ -35,6 +35,7 @@ Known ways CUDA graphs fail, and why this code avoids them:
   mutate (the bank, the neighbour table, BatchNorm's statistics) is allocated outside them, and
   the UE weight is a Python number applied outside the graphs.
 """
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ from .core.step import StepLosses
 from .engine import StepParts
 
 COMPILE = torch.compile             # what compiles (a test puts a faulty compiler here)
+if not torch.cuda.is_available():
+    # Inductor's C++ backend imports cpp_extension, which then logs that no CUDA runtime is
+    # found, between the start-up lines: on a machine without CUDA that is no news.
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
 MODES = ('reduce-overhead', 'default', 'none')     # a fallback moves one to the right
 CAPTURE_RUNS = 3                    # compiled runs in the check with CUDA graphs: the trees
                                     # run a new function once to warm up, record it on the

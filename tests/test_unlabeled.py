@@ -156,7 +156,7 @@ def test_bad_inputs(flat_run, tmp_path, capsys):
     one_line_error(capsys, 'query image', 'does not exist')
     assert retrieve.main(['--ckpt', ckpt, '--gallery', root, '--query', query, '--k',
                           '13']) == 2
-    one_line_error(capsys, '--k 13 is more than the 12 images')
+    one_line_error(capsys, '--k 13 is more than the 12 image files')
 
 
 def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, tmp_path,

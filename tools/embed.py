@@ -244,7 +244,7 @@ def embed_command(argv):
     loaded = load_network(args.ckpt, device)
     listed = list_folder(args.images)
     if not args.quiet:
-        print(f'embedding {len(listed.paths)} images of {args.images} with {args.ckpt} '
+        print(f'embedding {len(listed.paths)} image files of {args.images} with {args.ckpt} '
               f'({device.type})', flush=True)
     fingerprint = file_fingerprint(args.images, listed.paths)
     images, features = embed_folder(loaded, listed, device, show=not args.quiet)

@@ -206,8 +206,8 @@ def retrieve(argv):
     if os.path.isdir(args.gallery):
         listed = list_folder(args.gallery)
         if args.k > len(listed.paths):                           # before any embedding
-            raise UserError(f'--k {args.k} is more than the {len(listed.paths)} images of '
-                            f'{shown(args.gallery)}')
+            raise UserError(f'--k {args.k} is more than the {len(listed.paths)} image files '
+                            f'of {shown(args.gallery)}')
         gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print)
     else:
         gallery, features = gallery_from_npz(loaded, args.gallery, args.ckpt, device, print)
