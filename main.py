@@ -88,6 +88,10 @@ def train(config, settings, world, method, data, checkpoint, say):
             parts, compiled = step_parts(config, settings, method, optimizer, world,
                                          data.pipeline, progress, build.loss_weights(
                                              config, schedule.ue_weight(progress.epoch)), say)
+            if world.size == 1 and stop():      # while compiling: nothing trained or written
+                # (several processes agree on a stop in the training loop, a few steps on)
+                say(console.stopped_before_training_line(config, stop.name, progress))
+                return
             log.start(config.record(data.mean, data.std), data.train.fingerprint,
                       settings.device, resumed_from=checkpoint.path if config.resume else None,
                       compile=compiled.record())
@@ -95,10 +99,6 @@ def train(config, settings, world, method, data, checkpoint, say):
                       schedule, say, dict(pipeline=settings.pipeline,
                                           precision=settings.precision))
             console.announce(config, settings, world, schedule, data, log, compiled, say)
-            if world.size == 1 and stop():      # while compiling: nothing trained or written
-                # (several processes agree on a stop in the training loop, a few steps on)
-                say(console.stopped_before_training_line(config, stop.name, progress))
-                return
             # -------------------------------------------------------- the rounds and epochs
             for round_index in range(first_round, config.rounds):
                 if resume.starts_round(config, progress, round_index, method):

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lib import cli  # noqa: E402
+from lib.config import OPTIONS  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.core.recipes import RECIPES  # noqa: E402
 from lib.run_log import last_of, read_records  # noqa: E402
@@ -128,20 +129,25 @@ def table(rows):
     return '\n'.join(lines)
 
 
-# What each run's spec and compare's own flags set: --extra may not set them again (the table
-# would name what did not run).
-SET_BY_COMPARE = ('--method', '--dataset', '--network', '--rounds', '--epochs', '--data-root',
-                  '--model_dir', '--resume', '--init-from')
+# What each run's spec and compare's own flags set, and what would make a run other than a
+# fresh one: --extra may not set them (the table would name what did not run).
+SET_BY_COMPARE = ('method', 'dataset', 'network', 'rounds', 'epochs', 'data_root', 'model_dir')
+NOT_FRESH = ('resume', 'init_from', 'test_only')
 
 
 def check_extra(extra):
-    """Raises UserError when `extra` sets what the run specs and compare's flags set."""
-    reserved = {spelling for flag in SET_BY_COMPARE for spelling in cli.spellings(flag)}
+    """Raises UserError when `extra` sets what the run specs and compare's flags set, or
+    makes a run other than a fresh one."""
+    flags = {o.name: o.flags for o in OPTIONS}
     for word in shlex.split(extra):
-        if word.split('=', 1)[0] in reserved:
-            raise UserError(f'--extra may not set {word.split("=", 1)[0]}: each run\'s '
+        typed = word.split('=', 1)[0]
+        if any(typed in flags[name] for name in SET_BY_COMPARE):
+            raise UserError(f'--extra may not set {typed}: each run\'s '
                             f'method:dataset:network:epochs, --rounds, --data-root and '
                             f'--work-dir set it, and the table names what they set')
+        if any(typed in flags[name] for name in NOT_FRESH):
+            raise UserError(f'--extra may not set {typed}: every run of the comparison trains '
+                            f'from scratch, in a folder of its own')
 
 
 def compare(argv):

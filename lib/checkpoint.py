@@ -375,9 +375,15 @@ class CheckpointWriter:
     def submit(self, jobs):
         self.wait()
         copies = [(snapshot(state), path) for state, path in jobs]
+        thread = threading.Thread(target=self._write, args=(copies,), name='checkpoint-writer')
         self._busy = True
         self._idle.clear()
-        threading.Thread(target=self._write, args=(copies,), name='checkpoint-writer').start()
+        try:
+            thread.start()
+        except BaseException:       # no thread (or a Ctrl-C before it ran): nothing in flight
+            self._busy = False
+            self._idle.set()
+            raise
 
     def then(self, function):
         """Call `function()` once the checkpoints submitted so far are on disk: now when none

@@ -179,6 +179,8 @@ OPTIONS = (
            action='store_true'),
 )
 RESUMED = frozenset(o.name for o in OPTIONS if o.resumed)
+# Resumed to train on as the run trained; an evaluation (--test_only) chooses for this machine.
+HOW_IT_TRAINS = ('pipeline', 'precision', 'compile')
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,8 @@ def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:
             say('this run predates --schedule: it continues on the released (absolute) schedule')
         adopted = []
         for key, value in stored.items():
-            if key not in RESUMED or key in flags.typed:
+            if key not in RESUMED or key in flags.typed or \
+                    (flags.typed.get('test_only') and key in HOW_IT_TRAINS):
                 continue
             if value != values[key] and key not in (*COMPONENTS, 'mean', 'std'):
                 adopted.append(f'{key}={value}')    # (components: the method line; data: its)

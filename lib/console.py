@@ -253,10 +253,12 @@ def stopped_line(config, signal_name, round_index, epoch, steps):
 def stopped_before_training_line(config, signal_name, progress):
     """A stop signal before the first step (while compiling): what is on disk is as it was."""
     if progress.resumes_at is None:
-        return f'stopped by {signal_name} before the first step: nothing trained, nothing written'
+        return (f'stopped by {signal_name} before the first step (while compiling): nothing '
+                f'trained, nothing written')
     at = progress.resumes_at
     step = f' step {at[2]}' if at[2] else ''
-    return (f'stopped by {signal_name} before the first step: {last_path(config)} still '
+    return (f'stopped by {signal_name} before the first step (while compiling): '
+            f'{last_path(config)} still '
             f'continues from round {at[0]} epoch {at[1]}{step}; continue with: '
             f'{continue_command(config.model_dir)}')
 

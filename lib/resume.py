@@ -111,7 +111,7 @@ def note_changed_arithmetic(checkpoint, settings, say):
     if changed:
         was = ', '.join(f'{before[name]} {name}' for name in changed)
         keep = ' '.join(f'--{name} {before[name]}' for name in changed)
-        say(f'note: this run trained with the {was}; here it continues with the '
+        say(f'note: this run last trained with the {was}; here it continues with the '
             f'{", ".join(f"{now[name]} {name}" for name in changed)}, so it will not equal '
             f'the run never stopped (augmentations or rounding differ); to keep it: {keep}')
 

@@ -279,7 +279,8 @@ def test_compare_refuses_epochs_that_do_not_split_into_rounds(capsys):
 
 @pytest.mark.parametrize('extra, flag', [('--batch_size 8 --epochs 3', '--epochs'),
                                          ('--workers 0 --method=super-and', '--method'),
-                                         ('--device cpu --data_root x', '--data_root')])
+                                         ('--device cpu --data_root x', '--data_root'),
+                                         ('-r last.t7', '-r')])
 def test_compare_extra_may_not_set_what_the_table_names(extra, flag, capsys):
     from experiments import compare
     assert compare.main(['--runs', 'lemniscate:cifar10:alexnet:1', '--extra', extra]) == 2

@@ -200,9 +200,10 @@ def test_a_sigterm_while_compiling_stops_before_the_first_step(tiny_folder, tmp_
     assert code == 0, err
     lines = out.splitlines()
     assert lines.count('SIGTERM: stopping at the next step, after writing last.t7') == 1
-    assert lines[-1] == ('stopped by SIGTERM before the first step: nothing trained, nothing '
-                         'written')
+    assert lines[-1] == ('stopped by SIGTERM before the first step (while compiling): nothing '
+                         'trained, nothing written')
     assert not (tmp_path / 'last.t7').exists() and not (tmp_path / 'ckpt.t7').exists()
+    assert not (tmp_path / 'log.jsonl').exists() and not (tmp_path / 'config.json').exists()
 
 
 def test_compile_check_off_skips_the_comparison(tiny_folder, tmp_path, run_main, monkeypatch):

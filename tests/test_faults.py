@@ -95,7 +95,7 @@ def test_sigterm_stops_at_a_step_and_resumes_exactly(tiny_folder, tmp_path, run_
                               '--data-root', tiny_folder, '--workers', '0', '--rounds', '2',
                               '--pipeline', 'auto', '--no-tensorboard', '--quiet')
     assert code == 0, err
-    assert 'note: this run trained with the gpu pipeline; here it continues with the cpu ' \
+    assert 'note: this run last trained with the gpu pipeline; here it continues with the cpu ' \
         'pipeline, so it will not equal the run never stopped (augmentations or rounding ' \
         'differ); to keep it: --pipeline gpu' in out.splitlines()
 
@@ -267,6 +267,22 @@ def test_a_ctrl_c_that_interrupts_the_wait_leaves_the_write_whole(tmp_path, monk
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_writer_that_could_not_start_its_thread_is_not_left_busy(tmp_path, monkeypatch):
+    import threading
+    writer = lib.checkpoint.CheckpointWriter()
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, 'start', no_thread)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'last.t7'))])
+    waiting = threading.Thread(target=writer.wait, daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()                   # wait() returns: nothing is in flight
 
 
 def test_a_failed_background_write_is_one_error_line(tmp_path):
