@@ -169,6 +169,9 @@ def run_data(opts, settings, world, say):
     console.report_reading(train, say)
     mean, std = normalisation(opts, train)
     say(console.data_line(opts, train, test, mean, std))
+    if opts.subset and len(train) < opts.subset:
+        say(f'note: --subset {opts.subset} is more than the {len(train)} training images '
+            f'there are: all of them are used')
     if opts.eval_root and train.labelled:
         raise UserError('--eval-root is for runs on unlabeled images; this data has labels')
     pipeline = build_pipeline(opts, settings, train, test, mean, std, world)

@@ -210,10 +210,20 @@ def add_quiet_option(p):
                         'the result and what went wrong')
 
 
+def checkpoint_file(text):
+    """An argparse type: a checkpoint file as typed, or a run's folder meaning its ckpt.t7
+    (lib/checkpoint.BEST: its best epoch), as main.py's --resume FOLDER --test_only reads it."""
+    return os.path.join(text, 'ckpt.t7') if os.path.isdir(text) else text
+
+
+checkpoint_file.__name__ = 'a checkpoint'
+
+
 def add_checkpoint_option(p, many=False):
     p.add_argument('--ckpt', required=True, nargs='+' if many else None, metavar='PATH',
+                   type=checkpoint_file,
                    help='checkpoint file' + ('s' if many else '') + ' (ckpt.t7, last.t7, or a '
-                        'released file)')
+                        'released file), or a run\'s folder for its ckpt.t7')
 
 
 FEATURES_HELP = ('training side of the kNN: the memory bank (as released) or the network\'s '

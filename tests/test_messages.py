@@ -78,9 +78,11 @@ def test_warnings_when_the_accuracy_means_nothing(tmp_path, run_main):
     root = write_image_folder(tmp_path / 'one', classes=1, train_per_class=6, test_per_class=2)
     code, out, err = run_main('--dataset', 'folder', *fast_args(root, tmp_path / 'ck',
                               '--rounds', '1', '--epochs', '1', '--batch_size', '4',
-                              '--knn-k', '6', '--no-tensorboard'))
+                              '--knn-k', '6', '--subset', '50', '--no-tensorboard'))
     assert code == 0, err
     assert 'warning: 1 class: every kNN vote goes to it, so the accuracy means nothing' in out
+    assert 'note: --subset 50 is more than the 6 training images there are: all of them are ' \
+        'used' in out
     assert 'warning: --knn-k 6 is at least the 6 training images' in out
     assert 'data: 6 training and 2 test images, 1 class,' in out
     assert '1 round x 1 epoch, 1 step of 4 images' in out

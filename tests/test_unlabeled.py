@@ -92,7 +92,7 @@ def test_eval_root_adds_knn_and_test_only_needs_it(flat_run, tiny_folder, run_ma
 def test_embed_writes_unit_rows_and_relative_paths(flat_run, tiny_folder, tmp_path, capsys):
     root, model_dir = flat_run
     out = tmp_path / 'flat.npz'
-    assert embed.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--images', root,
+    assert embed.main(['--ckpt', str(model_dir), '--images', root,         # (its ckpt.t7)
                        '--out', str(out), '--device', 'cpu']) == 0
     data = np.load(out)
     assert data['features'].shape == (12, 128)
