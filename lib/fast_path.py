@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from .core.losses import active_losses
-from .core.step import StepLosses
+from .core.step import StepLosses, step_gradients
 from .engine import StepParts
 
 COMPILE = torch.compile             # what compiles (a test puts a faulty compiler here)
@@ -188,14 +188,12 @@ class Agreement:
 
 def _forward_backward(parts, views, indexes, weights, params):
     """One step's losses ({name: float}) and gradient (all of `params`, flat, in float64 for
-    the comparison), without the SGD step or the bank update."""
-    parts.optimizer.zero_grad(set_to_none=True)
+    the comparison), without the SGD step or the bank update: the training step's own code
+    (lib/core/step.py step_gradients)."""
     if parts.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
-    features = parts.net(views)
-    batch = parts.gather(features, indexes)
-    losses = parts.step_losses(features, indexes, batch)
-    sum(weights[name] * loss for name, loss in losses.items()).backward()
+    losses, _ = step_gradients(parts.net, parts.step_losses, parts.optimizer, views, indexes,
+                               weights, parts.gather)
     gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           .double() for p in params])
     return {name: float(loss.detach()) for name, loss in losses.items()}, gradient

@@ -1,7 +1,8 @@
 """One Super-AND training step (Han et al. 2020; docs/ALGORITHM.md sections 3, 5 and 6).
 
 `train_step` is the whole step, top to bottom: embed the views, the bank logits and the named
-losses (`StepLosses`), their weighted sum, backward, the SGD step and the memory-bank update.
+losses (`StepLosses`), their weighted sum and backward (`step_gradients`), then the SGD step and
+the memory-bank update.
 One process in float32 is the plain case. What makes it fast or distributed wraps its parts
 from outside without changing it: bf16 autocast and channels_last wrap `net`, torch.compile and
 CUDA graphs wrap `net` and `step_losses` (lib/fast_path.py), DistributedDataParallel wraps
@@ -85,13 +86,22 @@ def train_step(net, step_losses, optimizer, views: torch.Tensor, indexes: torch.
     gather: (features, indexes) -> the global Batch. Returns the named losses, unweighted, as
     0-d tensors on the device (read back by the caller once an epoch, not here).
     """
+    losses, batch = step_gradients(net, step_losses, optimizer, views, indexes, weights, gather)
+    optimizer.step()                                           # SGD (Nesterov, weight decay)
+    if step_losses.bank is not None:                           # the batch's bank rows move
+        step_losses.bank.update(batch.features, batch.indexes)
+    return losses
+
+
+def step_gradients(net, step_losses, optimizer, views: torch.Tensor, indexes: torch.Tensor,
+                   weights: dict, gather=local_batch):
+    """The step up to its gradients, nothing applied (train_step's arguments): returns the
+    named losses and the global Batch, with the weighted sum's gradients in the weights'
+    `.grad`: what a check that must not apply the step compares."""
     features = net(views)                                      # embed the views: V*b x D
     batch = gather(features, indexes)                          # the global batch
     losses = step_losses(features, indexes, batch)             # bank logits, the named losses
     total = sum(weights[name] * loss for name, loss in losses.items())
     optimizer.zero_grad(set_to_none=True)
     total.backward()                                           # gradients reach `features`
-    optimizer.step()                                           # SGD (Nesterov, weight decay)
-    if step_losses.bank is not None:                           # the batch's bank rows move
-        step_losses.bank.update(batch.features, batch.indexes)
-    return losses
+    return losses, batch
