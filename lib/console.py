@@ -250,16 +250,19 @@ def stopped_line(config, signal_name, round_index, epoch, steps):
             f'{continue_command(config.model_dir)}')
 
 
+def continues_from(progress):
+    """'continues from round R epoch E[ step S]': where the last.t7 on disk resumes."""
+    round_index, epoch, step = progress.resumes_at
+    return f'continues from round {round_index} epoch {epoch}' + (f' step {step}' if step else '')
+
+
 def stopped_before_training_line(config, signal_name, progress):
     """A stop signal before the first step (while compiling): what is on disk is as it was."""
     if progress.resumes_at is None:
         return (f'stopped by {signal_name} before the first step (while compiling): nothing '
                 f'trained, nothing written')
-    at = progress.resumes_at
-    step = f' step {at[2]}' if at[2] else ''
     return (f'stopped by {signal_name} before the first step (while compiling): '
-            f'{last_path(config)} still '
-            f'continues from round {at[0]} epoch {at[1]}{step}; continue with: '
+            f'{last_path(config)} still {continues_from(progress)}; continue with: '
             f'{continue_command(config.model_dir)}')
 
 
@@ -270,12 +273,10 @@ def stopped_after_line(config, epochs_run):
 
 def interrupted_line(config, progress):
     """What a second Ctrl-C leaves: what last.t7 holds, and the command that continues it."""
-    at = progress.resumes_at
-    if at is None:
+    if progress.resumes_at is None:
         held = 'no checkpoint was written yet'
     else:
-        step = f' step {at[2]}' if at[2] else ''
-        held = (f'{last_path(config)} continues from round {at[0]} epoch {at[1]}{step}: '
+        held = (f'{last_path(config)} {continues_from(progress)}: '
                 f'{continue_command(config.model_dir)}')
     return f'interrupted: stopped at once (a second Ctrl-C); {held}'
 
