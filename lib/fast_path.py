@@ -356,7 +356,8 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
         report.fallbacks.append(line)
         say(line)
         torch._dynamo.reset()          # nothing of the failed mode is reused
-        if pipeline is not None:
+        augment = getattr(pipeline, 'augment', None)
+        if isinstance(augment, CallGuard) and not augment.fallback:
             batch = first_batch()      # the augmentation recompiles here, under its guard
     report.used, report.why = 'none', 'after the fallbacks above'
     return eager, report

@@ -112,8 +112,8 @@ class TensorPipeline:
             self.test_targets = torch.from_numpy(test_set.targets).to(self.device)
         self._train_eval_images = None
         self.num_uniforms = NUM_UNIFORMS
-        # Compiled (fused into a few kernels) unless compile_mode is 'none'; an error of its
-        # first call falls back to eager (lib/fast_path.py).
+        # Compiled (fused into a few kernels) unless compile_mode is 'none'; an error of any
+        # call falls back to eager (lib/fast_path.py CallGuard).
         self.augment = compile_augmentation(
             BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device),
             compile_mode)
