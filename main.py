@@ -96,8 +96,7 @@ def train(config, settings, world, method, data, checkpoint, say):
                       settings.device, resumed_from=checkpoint.path if config.resume else None,
                       compile=compiled.record())
             run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
-                      schedule, say, dict(pipeline=settings.pipeline,
-                                          precision=settings.precision))
+                      schedule, say, settings.arithmetic())
             console.announce(config, settings, world, schedule, data, log, compiled, say)
             # -------------------------------------------------------- the rounds and epochs
             for round_index in range(first_round, config.rounds):

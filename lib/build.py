@@ -36,6 +36,11 @@ class DeviceSettings:
     def cuda(self):
         return self.device.type == 'cuda'
 
+    def arithmetic(self):
+        """What `auto` chose that a resume must keep to equal the unbroken run: the pipeline
+        (its augmentations) and the precision (its rounding). Kept in checkpoints."""
+        return dict(pipeline=self.pipeline, precision=self.precision)
+
 
 def pick_device(choice, cuda_index=0):
     """The torch.device of --device auto|cuda|cpu (auto: CUDA when present)."""

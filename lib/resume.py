@@ -106,7 +106,7 @@ def note_changed_arithmetic(checkpoint, settings, say):
     another arithmetic than the run had (`auto` chose otherwise here): the continuation then
     differs from the unbroken run, and the line says what to type to keep it."""
     before = (checkpoint.state.get('config') or {}).get('trained_with') or {}
-    now = dict(pipeline=settings.pipeline, precision=settings.precision)
+    now = settings.arithmetic()
     changed = [name for name in now if before.get(name) not in (None, now[name])]
     if changed:
         was = ', '.join(f'{before[name]} {name}' for name in changed)
