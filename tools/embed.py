@@ -225,17 +225,22 @@ def embed_folder(loaded, images, device, show=False, say=print):
     return kept, done.features
 
 
+def write_npz(out, **arrays):
+    """`arrays` into the .npz file `out`, under exactly that name, its folder made."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'wb') as f:     # a file object: np.savez would add .npz to other names
+        np.savez(f, **arrays)
+
+
 def save_embeddings(out, images, features, loaded, checkpoint, **extra):
     """The .npz of embedded images (see the module's docstring); `extra` arrays are added."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if images.labels is not None:
         extra.update(labels=images.labels, classes=np.asarray(images.classes))
-    with open(out, 'wb') as f:     # a file object: np.savez would add .npz to other names
-        np.savez(f, features=features.cpu().numpy().astype(np.float32),
-                 paths=np.asarray(images.paths), root=os.path.abspath(images.root),
-                 image_size=loaded.image_size, mean=np.asarray(loaded.mean),
-                 std=np.asarray(loaded.std), checkpoint=os.path.abspath(checkpoint),
-                 reader_version=datasets.READER_VERSION, **extra)
+    write_npz(out, features=features.cpu().numpy().astype(np.float32),
+              paths=np.asarray(images.paths), root=os.path.abspath(images.root),
+              image_size=loaded.image_size, mean=np.asarray(loaded.mean),
+              std=np.asarray(loaded.std), checkpoint=os.path.abspath(checkpoint),
+              reader_version=datasets.READER_VERSION, **extra)
 
 
 def embed_command(argv):

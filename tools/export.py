@@ -7,7 +7,6 @@ or with `--features bank` the memory bank, training split only), `labels` (N), `
 each image's position in the full split, so subsets map back to files) and `classes`. For any
 folder of images, `python -m tools.embed` does the same.
 """
-import os
 import sys
 
 from lib import cli
@@ -36,6 +35,7 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 
 from lib.analysis import load_for_analysis  # noqa: E402
+from tools.embed import write_npz  # noqa: E402
 
 
 def export(argv):
@@ -43,12 +43,10 @@ def export(argv):
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     features, labels = trained.embeddings(args.split, args.knn_features)
     image_set = trained.train if args.split == 'train' else trained.test
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'wb') as f:     # a file object: np.savez would add .npz to other names
-        np.savez(f, features=features.cpu().numpy().astype(np.float32),
-                 labels=labels.cpu().numpy().astype(np.int64),
-                 indexes=np.asarray(image_set.indexes, dtype=np.int64),
-                 classes=np.asarray(image_set.classes))
+    write_npz(args.out, features=features.cpu().numpy().astype(np.float32),
+              labels=labels.cpu().numpy().astype(np.int64),
+              indexes=np.asarray(image_set.indexes, dtype=np.int64),
+              classes=np.asarray(image_set.classes))
     print(f'wrote {args.out}: {features.shape[0]} x {features.shape[1]} {args.knn_features} '
           f'features of the {args.split} split')
 
