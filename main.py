@@ -94,7 +94,7 @@ def train(config, settings, world, method, data, checkpoint, say):
                 return
             log.start(config.record(data.mean, data.std), data.train.fingerprint,
                       settings.device, resumed_from=checkpoint.path if config.resume else None,
-                      compile=compiled.record())
+                      compile=compiled.record(), data=data.record())
             run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
                       schedule, say, settings.arithmetic())
             console.announce(config, settings, world, schedule, data, log, compiled, say)

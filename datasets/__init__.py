@@ -4,19 +4,25 @@ The transforms (torch, torchvision) are imported on first use, so that the datas
 DataError can be read without torch: the command lines parse their flags before importing it
 (seconds).
 """
+import hashlib
 import importlib
 import importlib.metadata
 
 import numpy as np
 
+from .decoding import DecodingError, Reading, ReadStats, cpu_count
 from .file_kind import describe_bytes, describe_file
 from .folders import FolderError, is_class_tree, list_class_tree, list_images
+from .image_cache import ImageCache, default_folder as default_cache_folder
+from .image_rows import ImageRows, channel_statistics
 from .images import (IMAGE_EXTENSIONS, READER_VERSION, ImageNotes, UnreadableImage,
                      decode_image, failure_reason, fit_square, open_image, shown, to_rgb)
 from .sources import (UNLABELED, DataError, ImageSet, describe_fingerprint, folder_layout,
                       load_cifar, load_folder, load_svhn, stored_train_size)
 
 __all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load_dataset',
+           'DecodingError', 'Reading', 'ReadStats', 'cpu_count', 'ImageCache',
+           'default_cache_folder', 'ImageRows', 'channel_statistics',
            'import_torchvision', 'mean_std', 'random_subset_indices', 'IMAGE_EXTENSIONS',
            'READER_VERSION', 'ImageNotes', 'UnreadableImage', 'decode_image', 'describe_bytes',
            'describe_file', 'failure_reason', 'describe_fingerprint', 'fit_square', 'open_image',
@@ -25,8 +31,8 @@ __all__ = ['DATASETS', 'FIXED_SIZE', 'UNLABELED', 'DataError', 'ImageSet', 'load
            'CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
            'AugmentedViews', 'Plain', 'image_transform', 'test_transform', 'train_transform']
 
-DATASETS = ('cifar10', 'cifar100', 'svhn', 'folder')
-FIXED_SIZE = {'cifar10': 32, 'cifar100': 32, 'svhn': 32}   # image side of the fixed datasets
+DATASETS = ('cifar10', 'cifar100', 'svhn', 'stl10', 'folder')
+FIXED_SIZE = {'cifar10': 32, 'cifar100': 32, 'svhn': 32, 'stl10': 96}   # their image sides
 TRANSFORMS = ('CROP_RATIO', 'CROP_SCALE', 'FLIP_P', 'GRAYSCALE_P', 'JITTER', 'MEAN_STD',
               'AugmentedViews', 'Plain', 'image_transform', 'test_transform', 'train_transform')
 
@@ -66,41 +72,56 @@ def installed(package):
         return 'unknown'
 
 
-def load_dataset(name, root, download=True, subset=None, seed=0, image_size=32):
+def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None,
+                 reading=None):
     """(train, test) ImageSets of dataset `name` found under `root` (see datasets.sources);
     test is None for an unlabeled folder (`--dataset folder` on a folder without train/).
 
     `subset`: keep a seeded random `subset` images of each split (seed for train, seed + 1
     for test), in dataset order; only those are decoded. `image_size` matters for `folder`
-    only (the other datasets are 32 px).
+    only (the other datasets have their FIXED_SIZE; None: that size, 32 for folder).
+    `reading` (a Reading): how image files are decoded (processes, the cache); default: in
+    this process, without a cache.
     """
     select = None
     if subset is not None:
         def select(split, count):
             return random_subset_indices(count, subset, seed + (split == 'test'))
-    if name in FIXED_SIZE and image_size != FIXED_SIZE[name]:
+    if name in FIXED_SIZE and image_size not in (None, FIXED_SIZE[name]):
         raise DataError(f'{name} images are {FIXED_SIZE[name]} px; --image-size '
                         f'{image_size} is for --dataset folder')
     if name in ('cifar10', 'cifar100'):
-        return load_cifar(name, root, download, select)
+        return load_cifar(name, root, download, select, reading)
     if name == 'svhn':
         return load_svhn(root, download, select)
+    if name == 'stl10':
+        from .stl10 import load_stl10
+        return load_stl10(root, download, select, reading.cache if reading else None)
     if name == 'folder':
-        return load_folder(root, image_size, select)
+        return load_folder(root, image_size or 32, select, reading)
     raise DataError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
 
 
-def mean_std(name, train_set):
-    """The normalisation of dataset `name`: the released constants, or for `folder` computed
-    from the training images with the convention of those constants (per-channel mean over all
-    pixels; std = the mean over images of each image's per-channel standard deviation)."""
+def mean_std(name, train_set, cache=None):
+    """The normalisation of dataset `name`: the released constants, or for `folder` and
+    `stl10` computed from the training images with the convention of those constants
+    (per-channel mean over all pixels; std = the mean over images of each image's per-channel
+    standard deviation), read chunk by chunk; kept in `cache` (an ImageCache) under the
+    images' fingerprint, so a second start does not read them all again."""
     from .transforms import MEAN_STD
     if name in MEAN_STD:
         return MEAN_STD[name]
-    pixels = train_set.images.reshape(len(train_set), -1, 3).astype(np.float64) / 255.0
-    mean = pixels.mean(axis=(0, 1))
-    std = pixels.std(axis=1).mean(axis=0)
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+    def compute():
+        mean, std = channel_statistics(train_set.images)
+        return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+    if cache is None:
+        mean, std = compute()
+    else:
+        key = hashlib.sha1(repr((train_set.fingerprint['content'], len(train_set),
+                                 tuple(train_set.images.shape[1:]))).encode()).hexdigest()
+        mean, std = cache.memo('statistics', key, compute)
+    return tuple(mean), tuple(std)
 
 
 def random_subset_indices(count, size, seed):

@@ -1,23 +1,29 @@
-"""Where images come from: torchvision's CIFAR and SVHN files, a labelled image-folder tree,
-or a folder of unlabeled images.
+"""Where images come from: torchvision's CIFAR and SVHN files, STL-10's binary files, a
+labelled image-folder tree, or a folder of unlabeled images.
 
-Every source gives an `ImageSet`: all images decoded once into memory as uint8 H x W x 3
-(CIFAR is 150 MB for 50,000 images), integer labels and class names, and a fingerprint of what
-was read (see `ImageSet.fingerprint`). Nothing here knows about training; errors a user can
-cause are raised as `DataError` with one line to print.
+Every source gives an `ImageSet`: uint8 H x W x 3 images, integer labels and class names, and a
+fingerprint of what was read (see `ImageSet.fingerprint`). The images are an array in memory
+(torchvision's CIFAR and SVHN arrays: 150 MB for CIFAR's 50,000) or an `ImageRows` whose rows
+stay in memory-mapped files (image files decoded through the cache of `datasets.image_cache`;
+STL-10's arrays), read through the page cache as they are used. Image files are decoded by
+`datasets.decoding` (every core, once; see `Reading`). Nothing here knows about training;
+errors a user can cause are raised as `DataError` with one line to print.
 """
 import hashlib
 import os
 import shutil
 import warnings
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .decoding import Reading, ReadStats, header_sizes, read_files
 from .folders import (FolderError, describe_class_difference, list_class_tree,
                       list_images)
-from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, decode_image,
-                     failure_reason, stored_size, shown)
+from .image_cache import size_rule
+from .image_rows import ImageRows, pixel_digest, take
+from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, failure_reason, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -36,7 +42,7 @@ def short_hash(data):
 
 @dataclass
 class ImageSet:
-    images: np.ndarray      # N x H x W x 3 uint8
+    images: np.ndarray      # N x H x W x 3 uint8: an array, or ImageRows (mapped files)
     targets: np.ndarray     # N int64, class numbers in sorted-class-name order (-1: unlabeled)
     classes: list           # class names, index = class number ([] when unlabeled)
     source: str             # where it was read from, for the log
@@ -46,6 +52,8 @@ class ImageSet:
     file_hashes: list = field(default=None, repr=False)   # N digests of the encoded files
     skipped: list = field(default_factory=list)   # (path, reason) of unreadable files left out
     notes: list = field(default_factory=list)     # note lines on how the files were read
+    read_stats: ReadStats = field(default=None, repr=False)   # what decoding them cost
+    content: str = field(default=None, repr=False)   # the fingerprint's content, when known
 
     def __post_init__(self):
         if self.indexes is None:
@@ -58,24 +66,37 @@ class ImageSet:
     def labelled(self):
         return len(self.classes) > 0
 
+    @property
+    def num_labelled(self):
+        """How many images have a label: all of a labelled set, none of an unlabeled one, and
+        in STL-10's training set the first 5,000 (its unlabeled 100,000 follow them)."""
+        if not self.labelled:
+            return 0
+        known = self.targets >= 0
+        count = int(known.sum())
+        assert known[:count].all(), 'labelled images come first'
+        return count
+
     def subset(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
         pick = (lambda items: None if items is None else [items[i] for i in indices])
-        return ImageSet(self.images[indices], self.targets[indices], self.classes, self.source,
-                        self.indexes[indices], pick(self.paths), self.root,
-                        pick(self.file_hashes))
+        return ImageSet(take(self.images, indices), self.targets[indices], self.classes,
+                        self.source, self.indexes[indices], pick(self.paths), self.root,
+                        pick(self.file_hashes), read_stats=self.read_stats)
 
     @property
     def fingerprint(self):
         """What a memory bank's rows belong to: the number of images, a hash of the labels in
         order, and a hash of the images in order (of the encoded files for image folders, of
-        the pixels for torchvision's arrays). Cheap, and independent of the decoder."""
-        if self.file_hashes is not None:
-            content = 'files:' + short_hash(b''.join(self.file_hashes))
-        else:
-            content = 'pixels:' + short_hash(np.ascontiguousarray(self.images).tobytes())
+        the pixels for arrays: read once, chunk by chunk, then kept). Independent of the
+        decoder."""
+        if self.content is None:
+            if self.file_hashes is not None:
+                self.content = 'files:' + short_hash(b''.join(self.file_hashes))
+            else:
+                self.content = 'pixels:' + pixel_digest(self.images).hexdigest()[:16]
         labels = short_hash(self.targets.astype(np.int64).tobytes()) if self.labelled else None
-        return {'images': len(self), 'labels': labels, 'content': content}
+        return {'images': len(self), 'labels': labels, 'content': self.content}
 
 
 def describe_fingerprint(fingerprint):
@@ -112,37 +133,48 @@ def list_image_folder_split(folder, split, classes=None):
     return tree
 
 
-def decode_images(paths, size=None, skip_unreadable=False, notes=None):
-    """(N x H x W x 3 uint8, N file digests, kept, skipped) of the images at `paths`: as they
-    are (then they must share one size), or each fitted to a `size` x `size` square; read by
-    datasets.images (upright, 8 bits), with what was noticed added to `notes`.
+def decode_images(paths, size=None, skip_unreadable=False, notes=None, reading=None,
+                  stats=None):
+    """(images, N file digests, kept, skipped) of the image files at `paths`: as they are (then
+    they must share one size), or each fitted to a `size` x `size` square; read by
+    datasets.images (upright, 8 bits) through `reading` (datasets.decoding: every core, the
+    cache; default: this process, no cache), with what was noticed added to `notes` and what
+    it cost to `stats` (a ReadStats). `images` is N x H x W x 3 uint8: ImageRows of the
+    cache's files with a cache, else an array in memory.
 
     An unreadable file raises DataError, or with `skip_unreadable` is left out: `kept` lists
     the positions of the images decoded, `skipped` the (path, reason) of the others."""
-    images, digests, kept, skipped, shape = [], [], [], [], None
-    for position, path in enumerate(paths):
-        try:
-            with open(path, 'rb') as f:
-                data = f.read()
-            array = decode_image(data, size, notes, path)
-        except (OSError, UnreadableImage) as err:
-            reason = failure_reason(err)
-            if not skip_unreadable:
-                raise DataError(f'cannot read image {shown(path)}: {reason}') from None
-            skipped.append((path, reason))
-            continue
-        if shape is None:
-            shape = array.shape
-        elif array.shape != shape:
-            raise DataError(f'images differ in size ({shown(path)} is {array.shape[1]}x'
-                            f'{array.shape[0]}, {shown(paths[kept[0]])} is {shape[1]}x'
-                            f'{shape[0]}); resize them to one size or use --dataset folder '
-                            f'--image-size')
-        images.append(array)
-        digests.append(hashlib.sha1(data).digest()[:8])
-        kept.append(position)
-    stacked = np.stack(images) if images else np.zeros((0, size or 1, size or 1, 3), np.uint8)
-    return stacked, digests, kept, skipped
+    reading = reading or Reading()
+    arrays, keys, digests, kept, skipped, shape = None, [], [], [], [], None
+    with closing(read_files(paths, size, reading, notes, stats)) as reads:
+        for read in reads:
+            if read.reason is not None:
+                if not skip_unreadable:
+                    raise DataError(f'cannot read image {shown(read.path)}: {read.reason}')
+                skipped.append((read.path, read.reason))
+                continue
+            if shape is None:
+                shape = read.shape
+            elif read.shape != shape:
+                raise DataError(f'images differ in size ({shown(read.path)} is '
+                                f'{read.shape[1]}x{read.shape[0]}, {shown(paths[kept[0]])} is '
+                                f'{shape[1]}x{shape[0]}); resize them to one size or use '
+                                f'--dataset folder --image-size')
+            if reading.cache is None:       # filled in place: no second copy to stack
+                if arrays is None:          # (pages of rows never filled are never used)
+                    arrays = np.empty((len(paths), *shape), dtype=np.uint8)
+                arrays[len(keys)] = read.pixels()
+            keys.append(read.digest)
+            digests.append(read.digest[:8])
+            kept.append(read.position)
+    if reading.cache is not None and keys:
+        packs = reading.cache.packs(size_rule(size))
+        images = packs.rows([packs.where[key] for key in keys])
+    elif keys:
+        images = arrays[:len(keys)]
+    else:
+        images = np.zeros((0, size or 1, size or 1, 3), np.uint8)
+    return images, digests, kept, skipped
 
 
 def stored_train_size(image_size):
@@ -151,17 +183,20 @@ def stored_train_size(image_size):
     return int(round(image_size * TRAIN_STORE_RATIO))
 
 
-def read_image_folder(folder, select=None, image_size=None):
+def read_image_folder(folder, select=None, image_size=None, reading=None):
     """(train, test) ImageSets of an image-folder tree; only the images that
-    `select(split, count)` picks (index arrays) are decoded. What was noticed while reading
-    both splits (links, bit depths, orientation, ...) is the training set's `notes`.
+    `select(split, count)` picks (index arrays) are decoded, through `reading` (see
+    decode_images). What was noticed while reading both splits (links, bit depths,
+    orientation, ...) is the training set's `notes`, and what reading both cost its
+    `read_stats`.
 
     image_size None: images are kept as they are (they must share one size, as CIFAR's do).
     Otherwise test images become Resize(image_size) + CenterCrop(image_size), the test
     transform, and training images squares of `stored_train_size(image_size)` to crop from;
     images already image_size x image_size are kept as they are.
     """
-    sets, classes, notes, listed, trees = [], None, ImageNotes(), [], []
+    reading = reading or Reading()
+    sets, classes, notes, listed, trees, stats = [], None, ImageNotes(), [], [], ReadStats()
     for split in ('train', 'test'):
         tree = list_image_folder_split(folder, split, classes)
         classes, listed = tree.classes, listed + tree.notes
@@ -173,13 +208,20 @@ def read_image_folder(folder, select=None, image_size=None):
         size = None
         if image_size is not None:
             size = stored_train_size(image_size) if split == 'train' else image_size
-            if split == 'train' and _all_square(paths, keep, image_size):
+            if split == 'train' and _all_square([paths[i] for i in keep], image_size, reading):
                 size = image_size
-        images, digests, _, _ = decode_images([paths[i] for i in keep], size, notes=notes)
+        images, digests, _, _ = decode_images([paths[i] for i in keep], size, notes=notes,
+                                              reading=reading, stats=stats)
         sets.append(ImageSet(images, targets[keep], classes, split_dir, np.asarray(keep),
                              [tree.paths[i] for i in keep], split_dir, digests))
-    sets[0].notes = listed + shared_files_note(folder, *trees) + notes.lines()
+    sets[0].notes = listed + shared_files_note(folder, *trees) + notes.lines() + \
+        _cache_notes(reading)
+    sets[0].read_stats = stats
     return sets
+
+
+def _cache_notes(reading):
+    return reading.cache.take_notes() if reading.cache is not None else []
 
 
 def shared_files_note(folder, train, test):
@@ -193,11 +235,13 @@ def shared_files_note(folder, train, test):
             f'unseen images']
 
 
-def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True):
+def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True,
+                          reading=None):
     """The ImageSet of every image under `folder` (any depth, sorted by relative path, each
     file once), fitted as training images (squares of `stored_train_size(image_size)`, or kept
-    when all are already image_size x image_size). Unreadable files are left out and listed in
-    its `skipped` as (path, reason)."""
+    when all are already image_size x image_size), decoded through `reading`. Unreadable files
+    are left out and listed in its `skipped` as (path, reason)."""
+    reading = reading or Reading()
     listing = list_images(folder)
     relative = listing.paths
     if not relative:
@@ -205,33 +249,35 @@ def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True)
                         f'any depth')
     keep = select('train', len(relative)) if select else np.arange(len(relative))
     paths = [os.path.join(folder, relative[i]) for i in keep]
-    size = image_size if _all_square(paths, range(len(paths)), image_size, quiet=True) \
+    size = image_size if _all_square(paths, image_size, reading, quiet=True) \
         else stored_train_size(image_size)
-    notes = ImageNotes()
-    images, digests, kept, skipped = decode_images(paths, size, skip_unreadable, notes)
+    notes, stats = ImageNotes(), ReadStats()
+    images, digests, kept, skipped = decode_images(paths, size, skip_unreadable, notes,
+                                                   reading, stats)
     if not kept:
         raise DataError(f'{shown(folder)} holds no readable image ({len(skipped)} files could '
                         f'not be read, e.g. {shown(skipped[0][0])}: {skipped[0][1]})')
     chosen = np.asarray(keep)[kept]
     return ImageSet(images, np.full(len(kept), UNLABELED, dtype=np.int64), [], folder, chosen,
                     [relative[i] for i in chosen], folder, digests, skipped,
-                    listing.notes(folder) + notes.lines())
+                    listing.notes(folder) + notes.lines() + _cache_notes(reading), stats)
 
 
-def _all_square(paths, keep, size, quiet=False):
-    """Whether every chosen image is already size x size (read from headers, not decoded).
-    `quiet`: an unreadable file answers False (it is reported when decoded)."""
-    for i in keep:
+def _all_square(paths, size, reading, quiet=False):
+    """Whether every image is already size x size (read from the cache's file index or the
+    file headers, not decoded). `quiet`: an unreadable file answers False (it is reported
+    when decoded)."""
+    sizes = header_sizes(paths, reading)
+    for path in paths:
         try:
             with warnings.catch_warnings():     # said once, when the image is decoded
                 warnings.simplefilter('ignore')
-                if stored_size(paths[i]) != (size, size):
+                if next(sizes) != (size, size):
                     return False
         except (OSError, UnreadableImage) as err:
             if quiet:
                 return False
-            raise DataError(f'cannot read image {shown(paths[i])}: '
-                            f'{failure_reason(err)}') from None
+            raise DataError(f'cannot read image {shown(path)}: {failure_reason(err)}') from None
     return True
 
 
@@ -246,12 +292,12 @@ def folder_layout(root):
     return 'labelled' if split else 'unlabeled'
 
 
-def load_folder(root, image_size, select=None):
+def load_folder(root, image_size, select=None, reading=None):
     """A labelled tree `root/train/<class>/*`, `root/test/<class>/*`: (train, test). Anything
     else with images under it is one unlabeled training set: (train, None)."""
     if folder_layout(root) == 'labelled':
-        return read_image_folder(root, select, image_size)
-    return read_unlabeled_folder(root, image_size, select), None
+        return read_image_folder(root, select, image_size, reading)
+    return read_unlabeled_folder(root, image_size, select, reading=reading), None
 
 
 def first_missing_folder(path):
@@ -317,7 +363,7 @@ def read_torchvision_cifar(dataset, root, download):
     return splits
 
 
-def load_cifar(dataset, root, download=True, select=None):
+def load_cifar(dataset, root, download=True, select=None, reading=None):
     """CIFAR-10/100 from an image-folder tree or torchvision's files under `root`.
 
     Looked for, in order: `root/train` + `root/test` (or `root/<dataset>/...`) class folders;
@@ -325,7 +371,7 @@ def load_cifar(dataset, root, download=True, select=None):
     """
     folder = find_image_folder(root, dataset)
     if folder is not None:
-        train, test = read_image_folder(folder, select)
+        train, test = read_image_folder(folder, select, reading=reading)
         if len(train.classes) != NUM_CLASSES[dataset]:
             raise DataError(f'{folder}/train has {len(train.classes)} classes, but {dataset} has '
                             f'{NUM_CLASSES[dataset]}: wrong --data-root or --dataset?')

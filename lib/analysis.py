@@ -10,7 +10,7 @@ import datasets
 import models
 
 from . import checkpoint as ckpt
-from .build import build_pipeline, device_settings, load_data, normalisation
+from .build import build_pipeline, device_settings, image_reading, load_data, normalisation
 from .config import RunConfig, defaults
 from .core.constants import ALGORITHM
 from .core.knn import KnnData, embed, training_features
@@ -80,33 +80,37 @@ class Trained:
     def bank(self):
         return self.method.bank
 
-    def embeddings(self, split, source='network', show=False):
+    def embeddings(self, split, source='network', show=False, labelled=False):
         """(N x D float32, N targets) of a split: the network's eval-mode embeddings of the
         test transform (float32), or for the training split also the memory bank
-        (`source='bank'`). `show`: a progress bar on a terminal."""
+        (`source='bank'`). `labelled`: of the training split only the labelled images (all
+        but STL-10's unlabeled split, which follows them). `show`: a progress bar on a
+        terminal."""
+        if split == 'test' and self.test is None:
+            raise UserError('this checkpoint was trained on unlabeled images: there is no test '
+                            'split')
+        image_set = self.test if split == 'test' else self.train
+        count = image_set.num_labelled if labelled and split == 'train' else len(image_set)
+        labels = torch.from_numpy(image_set.targets[:count]).to(self.device)
         if source == 'bank':
             if split != 'train' or self.bank is None:
                 raise UserError('bank features exist for the training split of a run with a '
                                 'memory bank only')
-            labels = torch.from_numpy(self.train.targets).to(self.device)
             data = KnnData(self.pipeline, labels, len(self.train.classes), 'bank')
             return training_features(self.net, self.bank, data), labels
-        if split == 'test' and self.test is None:
-            raise UserError('this checkpoint was trained on unlabeled images: there is no test '
-                            'split')
-        count = len(self.test if split == 'test' else self.train)
-        return embed(self.net, progress_bar(self.pipeline.eval_batches(split),
-                                            total=-(-count // self.pipeline.eval_batch),
-                                            desc=f'embed {split}', enabled=show, unit='batch'))
-
+        batches = self.pipeline.eval_batches(split, (0, count))
+        features, _ = embed(self.net, progress_bar(
+            batches, total=-(-count // self.pipeline.eval_batch), desc=f'embed {split}',
+            enabled=show, unit='batch'))
+        return features, labels
 
     def knn_training_side(self, source='bank'):
         """(N x D, N labels) the kNN votes with: the bank (`source='bank'`, as released), or
         the network's embeddings of the training images ('network'); runs without a bank
-        always use the network's."""
+        always use the network's. Only the labelled training images vote."""
         if source == 'bank' and self.bank is not None:
-            return self.embeddings('train', 'bank')
-        return self.embeddings('train', 'network')
+            return self.embeddings('train', 'bank', labelled=True)
+        return self.embeddings('train', 'network', labelled=True)
 
 
 def load_trained(path, say=print, **overrides):
@@ -116,16 +120,18 @@ def load_trained(path, say=print, **overrides):
     has none."""
     state = ckpt.load(path)
     stored = ckpt.stored_options(state)
+    # (the image cache and the memory budget are this machine's, not the run's)
     config = defaults(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
-                       **overrides})
+                         'cache': True, 'cache_dir': None, 'data_memory': None, **overrides})
     settings = device_settings(config)
-    train, test = load_data(config)
+    reading = image_reading(config)
+    train, test = load_data(config, reading=reading)
     note = ckpt.check_data(state, train.fingerprint, path)
     if note:
         say(note)
     for line in train.notes:
         say(line)
-    mean, std = normalisation(config, train)
+    mean, std = normalisation(config, train, reading.cache)
     method = MethodState.build(config, len(train), settings.device)
     method.load(state, path)
     method.net.eval()

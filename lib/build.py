@@ -7,7 +7,7 @@ here, so they train and evaluate the same thing.
 """
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -66,12 +66,27 @@ def device_settings(opts, world=None):
                           pick(opts.compile, 'reduce-overhead', 'none'))
 
 
-def load_data(opts, root=None):
-    """(train, test) of the run's dataset (test None for an unlabeled folder), checked against
-    the options that depend on its size."""
+def image_reading(opts, say=None, show=False):
+    """How image files are read (a datasets.Reading): through the image cache unless
+    --no-cache, decoded by --workers processes when given (0: in this process), else by every
+    core; `show`: a progress bar of the decoding; `say` gets the line said while another
+    process fills the same cache. `opts`: a RunConfig, or a command's flags (cli's
+    add_reading_options)."""
+    cache = datasets.ImageCache(opts.cache_dir) if opts.cache else None
+    typed = getattr(opts, 'typed', None)        # main.py: --workers counts only when typed
+    workers = opts.workers if typed is None or 'workers' in typed else None
+    return datasets.Reading(cache, workers, say=say, progress=lambda items, **bar: progress_bar(
+        items, enabled=show, leave=False, **bar))
+
+
+def load_data(opts, root=None, reading=None):
+    """(train, test) of the run's dataset (test None for an unlabeled folder), read through
+    `reading` (default: image_reading(opts)), checked against the options that depend on its
+    size."""
     train, test = datasets.load_dataset(opts.dataset, root or opts.data_root,
                                         subset=opts.subset, seed=opts.seed,
-                                        image_size=opts.image_size)
+                                        image_size=opts.image_size,
+                                        reading=reading or image_reading(opts))
     if opts.ANs_size >= len(train):
         raise UserError(f'--ANs_size {opts.ANs_size} needs more than {len(train)} training images')
     if opts.batch_size > len(train) and not opts.test_only:
@@ -80,7 +95,7 @@ def load_data(opts, root=None):
     return train, test
 
 
-def load_eval_data(opts):
+def load_eval_data(opts, reading=None):
     """(train, test) of --eval-root, a labelled tree that runs on unlabeled data are evaluated
     on (kNN of the network's embeddings), at the run's image size."""
     if not os.path.isdir(opts.eval_root):
@@ -92,17 +107,22 @@ def load_eval_data(opts):
         raise UserError(f'--eval-root {opts.eval_root} is not a labelled tree: it needs '
                         f'{opts.eval_root}/train/<class>/* and {opts.eval_root}/test/<class>/*')
     return datasets.load_dataset('folder', opts.eval_root, subset=opts.subset, seed=opts.seed,
-                                 image_size=opts.image_size)
+                                 image_size=opts.image_size,
+                                 reading=reading or image_reading(opts))
 
 
 CHANNELS = ('red', 'green', 'blue')
 
 
-def normalisation(opts, train):
-    """(mean, std): given by flags, the dataset's constants, or computed from `train`. A std
-    that is not above 0 (a channel with one value in every training image, say) would divide
-    by zero: a UserError naming the channel and --std."""
-    computed_mean, computed_std = datasets.mean_std(opts.dataset, train)
+def normalisation(opts, train, cache=None):
+    """(mean, std): given by flags, the dataset's constants, or computed from `train` (kept in
+    `cache`, an ImageCache, when given). A std that is not above 0 (a channel with one value
+    in every training image, say) would divide by zero: a UserError naming the channel and
+    --std."""
+    if opts.mean and opts.std:
+        computed_mean, computed_std = opts.mean, opts.std
+    else:
+        computed_mean, computed_std = datasets.mean_std(opts.dataset, train, cache)
     mean, std = tuple(opts.mean or computed_mean), tuple(opts.std or computed_std)
     for channel, value in zip(CHANNELS, std):
         if not value > 0:           # also NaN
@@ -123,8 +143,25 @@ def build_pipeline(opts, settings, train, test, mean, std, world=None):
                   views=opts.views, batch_size=opts.batch_size, device=settings.device,
                   seed=opts.seed, flip=opts.flip, rank=rank, world_size=size)
     if settings.pipeline == 'gpu':
-        return TensorPipeline(compile_mode=settings.compile, **common)
+        return TensorPipeline(compile_mode=settings.compile,
+                              memory_budget=data_memory_budget(opts, settings.device), **common)
     return LoaderPipeline(workers=opts.workers, **common)
+
+
+DEVICE_DATA_SHARE = 0.5        # of the device's memory the gpu pipeline may hold images in:
+                                # the rest is the network's, the bank's and the compiler's
+
+
+def data_memory_budget(opts, device):
+    """Bytes of images the gpu pipeline may hold on `device`: --data-memory GB, else
+    DEVICE_DATA_SHARE of the device's memory (a GPU's, or this machine's for the CPU)."""
+    if opts.data_memory is not None:
+        return int(opts.data_memory * 2 ** 30)
+    if device.type == 'cuda':
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return int(DEVICE_DATA_SHARE * total)
 
 
 def build_optimizer(opts, net):
@@ -166,13 +203,24 @@ class RunData:
     labels: torch.Tensor            # training labels (None when unlabeled): diagnostics only
     stats_rows: torch.Tensor        # without labels: the bank entries whose statistics are said
 
+    def record(self):
+        """How the training images were read (datasets.ReadStats: files, from_cache, hashed,
+        decoded, seconds, processes, cache) and where the pipeline holds them: the start
+        record's `data`."""
+        stats = self.train.read_stats
+        held = ('device' if self.pipeline.resident else 'streamed') \
+            if hasattr(self.pipeline, 'resident') else 'loader'
+        return dict(reading=asdict(stats) if stats is not None else None, images=held,
+                    bytes=int(self.train.images.nbytes))
+
 
 def run_data(opts, settings, world, say):
     """The RunData of a run, with the lines that describe it said: files skipped and how the
     others were read, the data line, --eval-root's data, warnings about the kNN."""
-    train, test = load_data(opts)
+    reading = image_reading(opts, say, show=not opts.quiet and world.main)
+    train, test = load_data(opts, reading=reading)
     console.report_reading(train, say)
-    mean, std = normalisation(opts, train)
+    mean, std = normalisation(opts, train, reading.cache)
     say(console.data_line(opts, train, test, mean, std))
     if opts.subset and len(train) < opts.subset:
         say(f'note: --subset {opts.subset} is more than the {len(train)} training images '
@@ -180,13 +228,16 @@ def run_data(opts, settings, world, say):
     if opts.eval_root and train.labelled:
         raise UserError('--eval-root is for runs on unlabeled images; this data has labels')
     pipeline = build_pipeline(opts, settings, train, test, mean, std, world)
+    if settings.pipeline == 'gpu':
+        say(console.device_data_line(pipeline))
     device = settings.device
     knn = labels = stats_rows = None
     if train.labelled:
         labels = torch.from_numpy(train.targets).to(device)
-        knn = KnnData(pipeline, labels, len(train.classes), opts.knn_features)
+        knn = KnnData(pipeline, labels[:train.num_labelled], len(train.classes),
+                      opts.knn_features)
     elif opts.eval_root:
-        eval_train, eval_test = load_eval_data(opts)
+        eval_train, eval_test = load_eval_data(opts, reading)
         say(console.eval_root_line(opts, eval_train, eval_test))
         console.report_reading(eval_train, say)
         eval_pipeline = build_pipeline(opts, settings, eval_train, eval_test, mean, std, world)

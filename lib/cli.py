@@ -204,6 +204,20 @@ def add_device_option(p):
                    help='auto = CUDA when present (default: %(default)s)')
 
 
+def add_reading_options(p):
+    """--workers, --cache and --cache-dir, as main.py has them, for the commands that read
+    image files."""
+    p.add_argument('--workers', type=NON_NEGATIVE_INT, default=None, metavar='N',
+                   help='processes that decode image files not in the image cache (default: '
+                        'every core; 0: this process only)')
+    p.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
+                   help='keep decoded images in the image cache, so the next command on the '
+                        'same files maps them instead of decoding them again (default: on)')
+    p.add_argument(*spellings('--cache-dir'), dest='cache_dir', default=None, metavar='DIR',
+                   help='the image cache\'s folder (default: $XDG_CACHE_HOME/super-and, else '
+                        '~/.cache/super-and)')
+
+
 def add_quiet_option(p):
     p.add_argument('--quiet', action='store_true',
                    help='no progress bars (shown on a terminal only) and no start line: only '

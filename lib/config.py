@@ -76,8 +76,9 @@ OPTIONS = (
     option('--nesterov', None, COMPONENTS['nesterov'], **ON_OFF),
     option('--rounds', None, f'rounds, the first without anchors (default: the method\'s; '
            f'{A["rounds"]} for super-and)', type=cli.POSITIVE_INT),
-    option('--image-size', 32, 'side of the training crops and test images; other than 32 only '
-           'for --dataset folder, whose larger images are resized and centre-cropped for test',
+    option('--image-size', None, 'side of the training crops and test images (default: the '
+           'dataset\'s, 32 px; 96 for stl10); another size only for --dataset folder, whose '
+           'larger images are resized and centre-cropped for test',
            type=cli.POSITIVE_INT, metavar='PX'),
     option('--stem', 'auto', 'first layers: cifar (3x3 stride 1) or imagenet (7x7 stride 2 + '
            'max-pool); auto = imagenet above 64 px', choices=('auto', 'cifar', 'imagenet')),
@@ -172,8 +173,17 @@ OPTIONS = (
            'compiled step with the eager one on that step\'s batch (losses and gradients) and '
            'fall back to a lower mode when they disagree; errors fall back either way',
            resumed=False, choices=('on', 'off')),
-    option('--workers', 2, 'data-loader processes of the cpu pipeline', resumed=False,
-           type=cli.NON_NEGATIVE_INT, metavar='N'),
+    option('--workers', 2, 'data-loader processes of the cpu pipeline; when given, also the '
+           'processes that decode image files not in the image cache (otherwise every core)',
+           resumed=False, type=cli.NON_NEGATIVE_INT, metavar='N'),
+    option('--cache', True, 'keep decoded image files in the image cache, so that the next '
+           'start (a run, a resume, an evaluation) maps them instead of decoding them again; '
+           '--no-cache decodes them into memory', resumed=False, **ON_OFF),
+    option('--cache-dir', None, 'the image cache\'s folder (default: $XDG_CACHE_HOME/super-and, '
+           'else ~/.cache/super-and)', resumed=False, metavar='DIR'),
+    option('--data-memory', None, 'the gpu pipeline holds the images on the device when they '
+           'take at most this many GB, else streams each batch from the image cache (default: '
+           'half the device\'s memory)', resumed=False, type=cli.POSITIVE_FLOAT, metavar='GB'),
     option('--sync-bn', False, 'with several processes (torchrun), BatchNorm statistics over the '
            'global batch: SyncBatchNorm on GPUs, an all-reduce version on the CPU',
            action='store_true'),
@@ -275,6 +285,9 @@ class RunConfig:
     compile: str
     compile_check: str
     workers: int
+    cache: bool
+    cache_dir: str
+    data_memory: float
     sync_bn: bool
     typed: frozenset = frozenset()
     argv: tuple = ()
@@ -309,6 +322,8 @@ def _freeze(values, typed, argv):
     for name in ('mean', 'std'):
         if values.get(name) is not None:
             values[name] = tuple(values[name])
+    if values.get('image_size') is None:        # the dataset's own size
+        values['image_size'] = datasets.FIXED_SIZE.get(values.get('dataset'), 32)
     known = {f.name for f in fields(RunConfig)} - {'typed', 'argv'}
     return RunConfig(**{k: v for k, v in values.items() if k in known}, typed=typed, argv=argv)
 

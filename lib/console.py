@@ -87,19 +87,52 @@ def method_line(config):
 
 
 def report_reading(image_set, say):
-    """The files that could not be read, named, and the notes on how the others were read."""
+    """The files that could not be read, named, the notes on how the others were read, and
+    what reading them cost."""
     for where, reason in image_set.skipped:
         say(f'skipped {datasets.shown(where)}: {reason}')
     if image_set.skipped:
         say(f'skipped {plural(len(image_set.skipped), "unreadable file")}')
     for note in image_set.notes:
         say(note)
+    if image_set.read_stats is not None and image_set.read_stats.files:
+        say(reading_line(image_set.read_stats))
+
+
+def reading_line(stats):
+    """'images: 60000 files read in 3.1 s, all from the image cache /root/.cache/super-and',
+    or how many were decoded, on how many processes, at what rate."""
+    where = f'the image cache {datasets.shown(stats.cache)}' if stats.cache else 'memory'
+
+    if not stats.decoded:
+        return (f'images: {plural(stats.files, "file")} read in {stats.seconds:.1f} s, all from '
+                f'{where}')
+    rate = stats.decoded / max(stats.seconds, 1e-9)
+    found = f', {stats.from_cache} from the cache' if stats.from_cache else ''
+    return (f'images: {plural(stats.files, "file")} read in {stats.seconds:.1f} s: '
+            f'{stats.decoded} decoded on {plural(stats.processes, "process", "processes")} '
+            f'({rate:.0f} images/s) into {where}{found}')
+
+
+def device_data_line(pipeline):
+    """Where the gpu pipeline keeps the images: on the device, or streamed to it."""
+    size = f'{pipeline.data_bytes / 2 ** 30:.2f} GB of images'
+    budget = (f'{pipeline.memory_budget / 2 ** 30:.1f} GB' if pipeline.memory_budget is not None
+              else 'no')
+    if pipeline.resident:
+        return f'data: {size} held on the device ({budget} budget, --data-memory)'
+    return (f'data: {size} exceed the {budget} budget (--data-memory): each batch is read from '
+            f'the host and copied to the device, augmented there')
 
 
 def data_line(config, train, test, mean, std):
     source = f'from {datasets.shown(train.source)}; {config.image_size} px'
     if not train.labelled:
         text = (f'data: {plural(len(train), "unlabeled image")} (no classes, no test split), '
+                f'{source}')
+    elif train.num_labelled < len(train):         # STL-10: its unlabeled split too
+        text = (f'data: {len(train)} training images ({train.num_labelled} labelled) and '
+                f'{len(test)} test images, {plural(len(train.classes), "class", "classes")}, '
                 f'{source}')
     else:
         text = (f'data: {len(train)} training and {len(test)} test images, '

@@ -6,9 +6,11 @@ run would have seen, and every rank of a distributed run agrees on the global ba
 
 - `LoaderPipeline` (`--pipeline cpu`): the released path, torchvision transforms on PIL
   images in DataLoader workers, batches copied to the device.
-- `TensorPipeline` (`--pipeline gpu`, the CUDA default): the training set decoded once into a
-  uint8 tensor on the device, batches indexed there and augmented by `datasets.augment` in one
-  batched call per view. It also runs on CPU tensors (tests, gloo runs).
+- `TensorPipeline` (`--pipeline gpu`, the CUDA default): the training set as a uint8 tensor
+  on the device, batches indexed there and augmented by `datasets.augment` in one batched call
+  per view; when the images do not fit the memory budget (--data-memory), each batch is
+  gathered from the host's mapped image cache and copied to the device instead, to the same
+  result. It also runs on CPU tensors (tests, gloo runs).
 Each yields `(views, indexes)`: views V*B x 3 x H x W float32 normalised, view-major
 (all first views, then all second views), indexes B long, both on the training device.
 """
@@ -93,27 +95,36 @@ class LoaderPipeline:
 
 
 class TensorPipeline:
-    """The training set as one uint8 tensor on the device, augmented there in batches."""
+    """The training set as one uint8 tensor on the device, augmented there in batches; or,
+    when the images take more than `memory_budget` bytes, each batch gathered on the host
+    (from the image cache's mapped files, a thread one batch ahead), copied to the device
+    (pinned, asynchronously) and augmented there. Both give the same batches."""
 
     def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
                  device, seed, flip=True, color=True, compile_mode='none', rank=0,
-                 world_size=1):
+                 world_size=1, memory_budget=None):
         from datasets.augment import NUM_UNIFORMS, BatchAugment
         self.device, self.seed = torch.device(device), seed
         self.views, self.batch_size = views, batch_size
         self.share = rank_slice(batch_size, rank, world_size)
-        self.train_set, self.image_size = train_set, image_size
+        self.train_set, self.test_set, self.image_size = train_set, test_set, image_size
         self.num_train = len(train_set)
         self.num_test = len(test_set) if test_set is not None else 0
-        self.train_images = self._to_device(train_set.images)    # N x 3 x H x W uint8
+        self.data_bytes = train_set.images.nbytes + (test_set.images.nbytes
+                                                     if test_set is not None else 0)
+        self.memory_budget = memory_budget
+        self.resident = memory_budget is None or self.data_bytes <= memory_budget
         self.train_targets = torch.from_numpy(train_set.targets).to(self.device)
         if test_set is not None:
-            self.test_images = self._to_device(test_set.images)
             self.test_targets = torch.from_numpy(test_set.targets).to(self.device)
+        if self.resident:
+            self.train_images = self._to_device(train_set.images)    # N x 3 x H x W uint8
+            if test_set is not None:
+                self.test_images = self._to_device(test_set.images)
         self._train_eval_images = None
         self.num_uniforms = NUM_UNIFORMS
-        # Compiled (fused into a few kernels) unless compile_mode is 'none'; an error of any
-        # call falls back to eager (lib/fast_path.py CallGuard).
+        # Compiled (fused into a few kernels) unless compile_mode is 'none'; every call is
+        # guarded: an error falls back to eager (lib/fast_path.py CallGuard).
         self.augment = compile_augmentation(
             BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device),
             compile_mode)
@@ -123,7 +134,29 @@ class TensorPipeline:
         self.eval_batch = EVAL_BATCH_GPU if self.device.type == 'cuda' else TEST_BATCH_SIZE
 
     def _to_device(self, images):
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+        """N x 3 x H x W uint8 on the device of N x H x W x 3 host images (an array or
+        ImageRows), copied a chunk at a time: the host never holds a second copy."""
+        from datasets.image_rows import chunks
+        out = torch.empty((len(images), 3, *images.shape[1:3]), dtype=torch.uint8,
+                          device=self.device)
+        for start, chunk in chunks(images):
+            out[start:start + len(chunk)] = self._upload(chunk)
+        return out
+
+    def _upload(self, rows):
+        """B x 3 x H x W uint8 on the device of B x H x W x 3 host rows (pinned on CUDA, so
+        the copy is asynchronous)."""
+        batch = torch.from_numpy(np.ascontiguousarray(rows))
+        if self.device.type == 'cuda':
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+
+    def _fitted(self, rows):
+        """Training images as the test transform sees them (see train_eval_images)."""
+        if rows.shape[1:3] == (self.image_size, self.image_size):
+            return rows
+        return np.stack([np.asarray(fit_square(Image.fromarray(image), self.image_size))
+                         for image in rows])
 
     @property
     def train_eval_images(self):
@@ -136,9 +169,9 @@ class TensorPipeline:
             if stored.shape[1:3] == (self.image_size, self.image_size):
                 self._train_eval_images = self.train_images
             else:
-                fitted = np.stack([np.asarray(fit_square(Image.fromarray(image), self.image_size))
-                                   for image in stored])
-                self._train_eval_images = self._to_device(fitted)
+                from datasets.image_rows import chunks
+                self._train_eval_images = torch.cat([self._upload(self._fitted(chunk))
+                                                     for _, chunk in chunks(stored)])
         return self._train_eval_images
 
     @property
@@ -155,22 +188,42 @@ class TensorPipeline:
 
     def train_batches(self, round_index, epoch, start_step=0):
         order = epoch_order(self.num_train, self.batch_size, self.seed, round_index, epoch)
-        order = order.to(self.device)
+        shares = order[:, self.share]
+        order = shares.to(self.device)
         uniforms = self.epoch_uniforms(round_index, epoch)
-        for step in range(start_step, order.shape[0]):
-            indexes = order[step, self.share]
-            images = self.train_images[indexes]
-            views = torch.cat([self.augment(images, uniforms[step, v, self.share])
+        steps = range(start_step, order.shape[0])
+        images = (self.train_images[order[step]] for step in steps) if self.resident else \
+            self._streamed(shares, steps)
+        for step, batch in zip(steps, images):
+            views = torch.cat([self.augment(batch, uniforms[step, v, self.share])
                                for v in range(self.views)])
-            yield views, indexes
+            yield views, order[step]
+
+    def _streamed(self, shares, steps):
+        """The device batches of `shares[step]` for each step, each gathered on the host by a
+        thread while the one before trains."""
+        from concurrent.futures import ThreadPoolExecutor
+        rows = self.train_set.images
+        with ThreadPoolExecutor(1, thread_name_prefix='batch-gather') as gather:
+            ahead = None
+            for step in steps:
+                current = ahead or gather.submit(rows.__getitem__, shares[step].numpy())
+                if step + 1 < steps.stop:
+                    ahead = gather.submit(rows.__getitem__, shares[step + 1].numpy())
+                yield self._upload(current.result())
 
     def eval_batches(self, split='test', shard=None):
         """(images, targets) of a split through the test transform, normalised; only the
         images [start, stop) with `shard`."""
-        images = self.test_images if split == 'test' else self.train_eval_images
         targets = self.test_targets if split == 'test' else self.train_targets
-        if shard is not None:
-            images, targets = images[shard[0]:shard[1]], targets[shard[0]:shard[1]]
-        for start in range(0, images.shape[0], self.eval_batch):
-            batch = images[start:start + self.eval_batch].float().div_(255)
-            yield (batch - self.mean) / self.std, targets[start:start + self.eval_batch]
+        start, stop = shard if shard is not None else (0, len(targets))
+        for first in range(start, stop, self.eval_batch):
+            last = min(first + self.eval_batch, stop)
+            if self.resident:
+                images = self.test_images if split == 'test' else self.train_eval_images
+                batch = images[first:last]
+            elif split == 'test':
+                batch = self._upload(self.test_set.images[first:last])
+            else:
+                batch = self._upload(self._fitted(self.train_set.images[first:last]))
+            yield (batch.float().div_(255) - self.mean) / self.std, targets[first:last]

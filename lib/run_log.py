@@ -3,7 +3,8 @@ TensorBoard; and the reader of `log.jsonl`, for the analysis and comparison scri
 
 `log.jsonl` holds one JSON object per line, `type` saying which:
 - `start`, at every start or resume: the resolved options, the training data's fingerprint,
-  the git commit, the versions of Python and PyTorch, and the device;
+  the git commit, the versions of Python and PyTorch, the device, and how the images were
+  read (files decoded or from the image cache, seconds, processes) and where they are held;
 - `round`, at each anchor discovery: anchors (of entries), consistency (%, null without
   labels), the mean (anchor, neighbour) cosine, seconds;
 - `epoch`, after each epoch: round, epoch, global_epoch, lr, ue_weight (runs with a UE loss),
@@ -74,17 +75,18 @@ class RunLog:
             line = json.dumps({**record, 'time': time.time()})
             self._after(lambda: append_line(self.jsonl_path, line))
 
-    def start(self, options, fingerprint, device, resumed_from=None, compile=None):
+    def start(self, options, fingerprint, device, resumed_from=None, compile=None, data=None):
         """A run starts or resumes: its resolved `options` (also written to config.json), the
-        training data's fingerprint, where the numbers come from (`environment`), and the
+        training data's fingerprint, where the numbers come from (`environment`), the
         compile mode it trains with, why, the first step's check and any fallback
-        (`compile`, lib/fast_path.py CompileReport.record)."""
+        (`compile`, lib/fast_path.py CompileReport.record), and how the data was read and
+        where it is held (`data`, lib/build.py RunData.record)."""
         if self.enabled:
             with open(os.path.join(self.model_dir, 'config.json'), 'w') as f:
                 json.dump(options, f, indent=1, sort_keys=True)
         self._append({'type': 'start', 'options': options, 'fingerprint': fingerprint,
                       **environment(device), 'resumed_from': resumed_from,
-                      'compile': compile})
+                      'compile': compile, 'data': data})
 
     def steps(self, first_step, samples, lr):
         """Sampled training losses: `samples` = [(step in epoch, {name: value})]."""

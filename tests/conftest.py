@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -13,6 +14,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The image cache of every run the tests start (in this process and in the ones it spawns) is
+# a folder of this session's, never the user's ~/.cache.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='superand-test-cache-')
 
 
 def write_image_folder(root, classes=10, train_per_class=2, test_per_class=1, size=32, seed=0):

@@ -240,7 +240,7 @@ def test_missing_checkpoint_is_one_error_line(tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['retrieval', '--query-index', '10'], 'query index 10 is out of range'),
     (['probabilities', '--queries', '11'], '--queries 11, but the test set has only 10'),
-    (['retrieval', '--topk', '21'], '--topk 21 exceeds the 20 training images'),
+    (['retrieval', '--topk', '21'], '--topk 21 exceeds the 20 labelled training images'),
     (['retrieval', '--queries', '2', '--query-index', '1'], 'not allowed with argument'),
     (['retrieval', '--labels', 'a', 'b'], '--labels gives 2 labels; checkpoints given: 1'),
     (['retrieval', '--topk', '0'], '0 is not an integer >= 1'),

@@ -14,6 +14,7 @@ An unreadable file is named and skipped.
 import hashlib
 import os
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from lib import cli
@@ -28,6 +29,7 @@ def build_parser():
                         'labels')
     p.add_argument('--out', required=True, type=cli.output_file('.npz'), metavar='FILE.npz',
                    help='the .npz file to write')
+    cli.add_reading_options(p)
     cli.add_device_option(p)
     cli.add_quiet_option(p)
     return p
@@ -43,8 +45,10 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 from datasets import shown  # noqa: E402
 
+from datasets.decoding import read_files  # noqa: E402
 from lib.analysis import load_network  # noqa: E402
-from lib.build import pick_device  # noqa: E402
+from lib.build import image_reading, pick_device  # noqa: E402
+from lib.console import reading_line  # noqa: E402
 from lib.core.knn import embed  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.progress import progress_bar  # noqa: E402
@@ -97,16 +101,25 @@ def checkpoint_digest(path):
     return digest.hexdigest()[:16]
 
 
-def file_fingerprint(root, paths):
+def file_fingerprint(root, paths, cache=None):
     """A digest of the files' names and bytes, in order: what a cached gallery is keyed by.
-    A file that cannot be opened (a broken link) counts by its name; embedding skips it."""
+    A file that cannot be opened (a broken link) counts by its name; embedding skips it. The
+    image cache's file index (`cache`) gives the SHA-1 of the files it knows unchanged."""
     digest = hashlib.sha1()
     for path in paths:
-        try:
-            with open(os.path.join(root, path), 'rb') as f:
-                content = hashlib.sha1(f.read()).digest()
-        except OSError:
-            content = b'unreadable'
+        content, full = None, os.path.join(root, path)
+        if cache is not None:
+            try:
+                _, known = cache.identify(full)
+                content = known[0] if known else None
+            except OSError:
+                pass
+        if content is None:
+            try:
+                with open(full, 'rb') as f:
+                    content = hashlib.sha1(f.read()).digest()
+            except OSError:
+                content = b'unreadable'
         digest.update(os.fsencode(path) + b'\0' + content)   # any name the OS allows
     return digest.hexdigest()[:16]
 
@@ -117,12 +130,13 @@ class Embedded:
     kept: list                  # positions (in the list given) of the images embedded
     skipped: list               # (path, reason) of the files that could not be read
     notes: list                 # what differed from the checkpoint's training images
+    stats: object = None        # datasets.ReadStats: what reading the files cost
 
 
 class ImageReader:
-    """Reads image files as the checkpoint's test transform sees them, and notes how they
-    differ from its training images (size, normalisation) and how they were read (bit depth,
-    orientation, ...: datasets.ImageNotes), each said once."""
+    """Notes how a folder's images differ from the checkpoint's training images (size,
+    normalisation) and how they were read (bit depth, orientation, ...: datasets.ImageNotes),
+    each said once, and normalises their pixels."""
 
     def __init__(self, image_size, mean, std):
         self.image_size = image_size
@@ -135,17 +149,20 @@ class ImageReader:
         self.read_notes = datasets.ImageNotes()
 
     def read(self, path):
-        """3 x S x S float32 normalised tensor of the image at `path` (raises OSError or
-        datasets.UnreadableImage when it cannot be read)."""
-        with open(path, 'rb') as f:
-            data = f.read()
-        # Decoded as the run decoded its own test images, so a training folder embeds here as
-        # its kNN evaluation saw it.
-        with datasets.open_image(data, self.read_notes, path) as img:
-            if img.size != (self.image_size, self.image_size):
-                self.resized += 1
-            rgb = datasets.to_rgb(img, self.image_size, self.read_notes, path)
-        pixels = np.asarray(rgb).astype(np.float32) / 255.0
+        """The tensor (see `tensor`) of the image file at `path`, read in this process without
+        the cache; raises datasets.UnreadableImage (an unreadable or missing file)."""
+        (found,) = read_files([path], self.image_size, datasets.Reading(), self.read_notes)
+        if found.reason is not None:
+            raise datasets.UnreadableImage(found.reason)
+        return self.tensor(found)
+
+    def tensor(self, read):
+        """3 x S x S float32 normalised tensor of a file read (datasets.decoding.FileRead,
+        fitted to S x S as the run decoded its own test images, so a training folder embeds
+        here as its kNN evaluation saw it)."""
+        if read.header != (self.image_size, self.image_size):
+            self.resized += 1
+        pixels = read.pixels().astype(np.float32) / 255.0
         self.count += 1
         self.channel_sums += pixels.mean(axis=(0, 1))
         self.std_sums += pixels.std(axis=(0, 1))
@@ -175,26 +192,44 @@ def _three(values):
 
 
 def embed_files(net, root, paths, image_size, mean, std, device, show=False,
-                batch_size=EMBED_BATCH):
-    """Embed the images at `paths` (relative to `root`); unreadable files are skipped."""
+                batch_size=EMBED_BATCH, reading=None, rows=None):
+    """Embed the images at `paths` (relative to `root`), read through `reading` (a
+    datasets.Reading: processes and the image cache; default: this process, no cache) and
+    streamed: a batch of images at a time is held, never the folder. Unreadable files are
+    skipped. `rows(features)`, when given, receives each batch's B x D features as they are
+    made (tools.embed writes them to disk)."""
     reader = ImageReader(image_size, mean, std)
-    skipped = []
+    reading = reading or datasets.Reading()
+    skipped, stats = [], datasets.ReadStats()
+    reads = read_files([os.path.join(root, path) for path in paths], image_size, reading,
+                       reader.read_notes, stats)
 
     def batches():
         images, positions = [], []
-        for position, path in enumerate(paths):
-            try:
-                images.append(reader.read(os.path.join(root, path)))
-                positions.append(position)
-            except (OSError, datasets.UnreadableImage) as err:
-                skipped.append((path, datasets.failure_reason(err)))
-            if len(images) == batch_size or (position == len(paths) - 1 and images):
-                yield torch.stack(images).to(device), torch.tensor(positions)
-                images, positions = [], []
-    steps = -(-len(paths) // batch_size)
-    features, kept = embed(net, progress_bar(batches(), total=steps, desc='embed', enabled=show,
-                                         unit='batch'))
-    return Embedded(features, kept.tolist(), skipped, reader.notes())
+        with closing(reads):
+            for read in reads:
+                if read.reason is not None:
+                    skipped.append((paths[read.position], read.reason))
+                else:
+                    images.append(reader.tensor(read))
+                    positions.append(read.position)
+                if len(images) == batch_size:
+                    yield torch.stack(images).to(device), torch.tensor(positions)
+                    images, positions = [], []
+        if images:
+            yield torch.stack(images).to(device), torch.tensor(positions)
+
+    features, kept = [], []
+    for images, positions in progress_bar(batches(), total=-(-len(paths) // batch_size),
+                                          desc='embed', enabled=show, unit='batch'):
+        batch_features, _ = embed(net, [(images, positions)])
+        if rows is not None:
+            rows(batch_features)
+        features.append(batch_features)
+        kept += positions.tolist()
+    features = torch.cat(features) if features else torch.zeros(0, 0, device=device)
+    notes = reader.notes() + (reading.cache.take_notes() if reading.cache is not None else [])
+    return Embedded(features, kept, skipped, notes, stats)
 
 
 def report_skipped(skipped, say=print):
@@ -206,19 +241,21 @@ def report_skipped(skipped, say=print):
         say(f'skipped {len(skipped)} unreadable {noun}')
 
 
-def embed_folder(loaded, images, device, show=False, say=print):
+def embed_folder(loaded, images, device, show=False, say=print, reading=None, rows=None):
     """(ImageList of the images embedded, N x D features) of an ImageList, with the skipped
-    files and the notes said."""
+    files, the notes and what reading cost said (see embed_files for `reading` and `rows`)."""
     for note in images.notes:
         say(note)
     done = embed_files(loaded.net, images.root, images.paths, loaded.image_size, loaded.mean,
-                       loaded.std, device, show)
+                       loaded.std, device, show, reading=reading, rows=rows)
     report_skipped(done.skipped, say)
     if not done.kept:
         raise UserError(f'{shown(images.root)} holds no readable image ({len(done.skipped)} '
                         f'files could not be read)')
     for note in done.notes:
         say(note)
+    if show:
+        say(reading_line(done.stats))
     kept = ImageList(images.root, [images.paths[i] for i in done.kept],
                      images.labels[done.kept] if images.labels is not None else None,
                      images.classes)
@@ -226,20 +263,50 @@ def embed_folder(loaded, images, device, show=False, say=print):
 
 
 def write_npz(out, **arrays):
-    """`arrays` into the .npz file `out`, under exactly that name, its folder made."""
+    """`arrays` into the .npz file `out`, under exactly that name, its folder made. An array
+    may be a memory-mapped .npy file's: it is copied into the archive a chunk at a time."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, 'wb') as f:     # a file object: np.savez would add .npz to other names
         np.savez(f, **arrays)
 
 
+class FeatureRows:
+    """Features written to disk as they are made: a .npy file beside the output (`<out>.rows
+    .npy`), N x D float32 for at most `count` images, mapped rather than held. `close()`
+    removes it."""
+
+    def __init__(self, out, count):
+        self.path, self.count, self.filled, self.array = out + '.rows.npy', count, 0, None
+
+    def __call__(self, features):
+        if self.array is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.array = np.lib.format.open_memmap(self.path, mode='w+', dtype=np.float32,
+                                                   shape=(self.count, features.shape[1]))
+        self.array[self.filled:self.filled + len(features)] = features.cpu().numpy()
+        self.filled += len(features)
+
+    def written(self):
+        """The rows written so far (a view of the mapped file)."""
+        return self.array[:self.filled]
+
+    def close(self):
+        self.array = None
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def save_embeddings(out, images, features, loaded, checkpoint, **extra):
-    """The .npz of embedded images (see the module's docstring); `extra` arrays are added."""
+    """The .npz of embedded images (see the module's docstring); `extra` arrays are added.
+    `features`: N x D, a tensor or an array (a mapped one is copied a chunk at a time)."""
     if images.labels is not None:
         extra.update(labels=images.labels, classes=np.asarray(images.classes))
-    write_npz(out, features=features.cpu().numpy().astype(np.float32),
-              paths=np.asarray(images.paths), root=os.path.abspath(images.root),
-              image_size=loaded.image_size, mean=np.asarray(loaded.mean),
-              std=np.asarray(loaded.std), checkpoint=os.path.abspath(checkpoint),
+    if isinstance(features, torch.Tensor):
+        features = features.cpu().numpy().astype(np.float32)
+    write_npz(out, features=features, paths=np.asarray(images.paths),
+              root=os.path.abspath(images.root), image_size=loaded.image_size,
+              mean=np.asarray(loaded.mean), std=np.asarray(loaded.std),
+              checkpoint=os.path.abspath(checkpoint),
               reader_version=datasets.READER_VERSION, **extra)
 
 
@@ -251,10 +318,16 @@ def embed_command(argv):
     if not args.quiet:
         print(f'embedding {len(listed.paths)} image files of {args.images} with {args.ckpt} '
               f'({device.type})', flush=True)
-    fingerprint = file_fingerprint(args.images, listed.paths)
-    images, features = embed_folder(loaded, listed, device, show=not args.quiet)
-    save_embeddings(args.out, images, features, loaded, args.ckpt, fingerprint=fingerprint,
-                    checkpoint_digest=checkpoint_digest(args.ckpt))
+    reading = image_reading(args, print)
+    rows = FeatureRows(args.out, len(listed.paths))
+    try:
+        images, features = embed_folder(loaded, listed, device, show=not args.quiet,
+                                        reading=reading, rows=rows)
+        fingerprint = file_fingerprint(args.images, listed.paths, reading.cache)
+        save_embeddings(args.out, images, rows.written(), loaded, args.ckpt,
+                        fingerprint=fingerprint, checkpoint_digest=checkpoint_digest(args.ckpt))
+    finally:
+        rows.close()
     labels = (f', labels of {len(images.classes)} classes' if images.labels is not None
               else '')
     print(f'wrote {shown(args.out)}: {features.shape[0]} x {features.shape[1]} unit-length '

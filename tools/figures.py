@@ -249,8 +249,9 @@ def retrieval_rows(checkpoints, labels, query_indexes, topk=DEFAULT_TOPK, source
     check_same_test_set(checkpoints)
     per_checkpoint = []
     for trained in checkpoints:
-        if topk > len(trained.train):
-            raise UserError(f'--topk {topk} exceeds the {len(trained.train)} training images')
+        if topk > trained.train.num_labelled:
+            raise UserError(f'--topk {topk} exceeds the {trained.train.num_labelled} labelled '
+                            f'training images')
         train_f, _ = trained.knn_training_side(source)
         test_f, _ = trained.embeddings('test')
         _, found = nearest(test_f[query_indexes], train_f, topk)

@@ -55,15 +55,15 @@ from lib.progress import progress_bar  # noqa: E402
 
 @torch.no_grad()
 def probe_features(trained, split, layer, show=False):
-    """(N x F features, N targets) of a split: the embedding, or the input of `net.linear`
-    (`show`: a progress bar on a terminal)."""
+    """(N x F features, N targets) of a split's labelled images: the embedding, or the input
+    of `net.linear` (`show`: a progress bar on a terminal)."""
     if layer == 'embedding':
-        return trained.embeddings(split, show=show)
+        return trained.embeddings(split, show=show, labelled=True)
     captured = []
     hook = trained.net.linear.register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].float()))
     try:
-        _, targets = trained.embeddings(split, show=show)
+        _, targets = trained.embeddings(split, show=show, labelled=True)
     finally:
         hook.remove()
     return torch.cat(captured), targets
@@ -115,7 +115,7 @@ def probe(argv):
         raise UserError('a linear probe needs labels, and this checkpoint was trained on '
                         'unlabeled images')
     if not args.quiet:
-        print(f'linear probe of {args.ckpt}: embedding {len(trained.train)} training and '
+        print(f'linear probe of {args.ckpt}: embedding {trained.train.num_labelled} training and '
               f'{len(trained.test)} test images ({trained.device.type}), then {args.epochs} '
               f'epochs of SGD on the {args.layer} features', flush=True)
     show = not args.quiet

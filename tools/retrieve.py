@@ -36,6 +36,7 @@ def build_parser():
                                         '(.png, .jpg)')
     p.add_argument('--cell', type=cli.POSITIVE_INT, default=CELL,
                    help='image side in the figure, pixels (default: %(default)s)')
+    cli.add_reading_options(p)
     cli.add_device_option(p)
     return p
 
@@ -51,7 +52,7 @@ import datasets  # noqa: E402
 from datasets import describe_file, shown  # noqa: E402
 
 from lib.analysis import load_network  # noqa: E402
-from lib.build import pick_device  # noqa: E402
+from lib.build import image_reading, pick_device  # noqa: E402
 from lib.core.knn import nearest  # noqa: E402
 from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,  # noqa: E402
                     file_fingerprint, list_folder, report_skipped, save_embeddings)
@@ -76,11 +77,12 @@ def load_npz(path):
         raise UserError(f'cannot read gallery {path}: {err}') from None
 
 
-def gallery_from_folder(loaded, images, checkpoint, device, say):
+def gallery_from_folder(loaded, images, checkpoint, device, say, reading=None):
     """(ImageList, features) of a gallery folder's ImageList: from the cache next to the
-    checkpoint when the folder's files and the checkpoint are unchanged, else embedded and
-    cached."""
-    fingerprint = file_fingerprint(images.root, images.paths)
+    checkpoint when the folder's files and the checkpoint are unchanged, else embedded (files
+    read through `reading`, a datasets.Reading) and cached."""
+    fingerprint = file_fingerprint(images.root, images.paths,
+                                   reading.cache if reading is not None else None)
     cached, digest = cache_path(checkpoint, fingerprint), checkpoint_digest(checkpoint)
     if os.path.isfile(cached):
         data = load_npz(cached)
@@ -90,7 +92,8 @@ def gallery_from_folder(loaded, images, checkpoint, device, say):
                 f'{shown(cached)}')
             return (ImageList(images.root, [str(p) for p in data['paths']]),
                     torch.from_numpy(data['features']).to(device))
-    images, features = embed_folder(loaded, images, device, show=sys.stderr.isatty(), say=say)
+    images, features = embed_folder(loaded, images, device, show=sys.stderr.isatty(), say=say,
+                                    reading=reading)
     try:
         save_embeddings(cached, images, features, loaded, checkpoint, fingerprint=fingerprint,
                         checkpoint_digest=digest)
@@ -203,19 +206,21 @@ def retrieve(argv):
         raise UserError(f'no gallery at {shown(args.gallery)} (a folder of images or an .npz)')
     device = pick_device(args.device)
     loaded = load_network(args.ckpt, device)
+    reading = image_reading(args, print)
     if os.path.isdir(args.gallery):
         listed = list_folder(args.gallery)
         if args.k > len(listed.paths):                           # before any embedding
             raise UserError(f'--k {args.k} is more than the {len(listed.paths)} image files '
                             f'of {shown(args.gallery)}')
-        gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print)
+        gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print,
+                                                reading)
     else:
         gallery, features = gallery_from_npz(loaded, args.gallery, args.ckpt, device, print)
     if args.k > features.shape[0]:
         raise UserError(f'--k {args.k} is more than the {features.shape[0]} images of the '
                         f'gallery {shown(args.gallery)}')
     done = embed_files(loaded.net, '', [os.path.abspath(q) for q in args.query],
-                       loaded.image_size, loaded.mean, loaded.std, device)
+                       loaded.image_size, loaded.mean, loaded.std, device, reading=reading)
     if not done.kept:
         report_skipped(done.skipped)
         raise UserError('no query image could be read')

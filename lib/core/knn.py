@@ -134,7 +134,9 @@ def embed(net: torch.nn.Module, batches, precision: str = 'fp32') -> tuple:
 class KnnData:
     """What a kNN evaluation reads: a pipeline's `eval_batches('train' | 'test', shard)` and
     `num_test`, the training labels (a device tensor), the number of classes, and the training
-    side (`source`: 'bank' or 'network')."""
+    side (`source`: 'bank' or 'network'). The labels are those of the first len(train_labels)
+    training images, the ones that vote: all of them, or STL-10's 5,000 labelled images that
+    come before its 100,000 unlabeled ones."""
     pipeline: object
     train_labels: torch.Tensor
     num_classes: int
@@ -147,12 +149,13 @@ def _shard(world, count):
 
 def training_features(net: torch.nn.Module, bank, data: KnnData, world=None,
                       precision: str = 'fp32', progress=None) -> torch.Tensor:
-    """N x D: the kNN's training side, the bank or the network's embeddings of the training
-    images (test transform, eval mode; always for runs without a bank). With several processes
+    """N x D: the kNN's training side, the bank or the network's embeddings of the first N
+    training images, N = len(data.train_labels) (test transform, eval mode; always for runs
+    without a bank). With several processes
     each embeds a share and all get every row. `progress` wraps the batches (a progress bar)."""
-    if bank is not None and data.source == 'bank':
-        return bank.memory.float()
     count = len(data.train_labels)
+    if bank is not None and data.source == 'bank':
+        return bank.memory[:count].float()
     batches = data.pipeline.eval_batches('train', _shard(world, count))
     features, _ = embed(net, progress(batches, 'embed train') if progress else batches,
                         precision)

@@ -125,7 +125,8 @@ class ANsDiscovery(nn.Module):
         """Choose this round's anchors and their neighbours from the bank (docs/ALGORITHM.md 4).
 
         `labels` (N), if given, are used only for the diagnostic `consistency`: the share of
-        (anchor, neighbour) pairs with the same true label.
+        (anchor, neighbour) pairs with the same true label, among the pairs whose labels are
+        known (>= 0).
         """
         n = self.num_entries
         self.entropy = bank_entropy(memory, temperature, chunk_rows)
@@ -140,8 +141,11 @@ class ANsDiscovery(nn.Module):
         self.position = position
         self.neighbours = nearest_other_entries(memory, anchors, self.ans_size, chunk_rows)
         if labels is not None and num > 0:
-            same = labels[anchors][:, None] == labels[self.neighbours]
-            self.consistency = same.float().mean()
+            # Pairs with an unlabeled image (label -1: STL-10's unlabeled split) say nothing.
+            first, second = labels[anchors][:, None], labels[self.neighbours]
+            known = (first >= 0) & (second >= 0)
+            same = (first == second) & known
+            self.consistency = same.sum().float() / known.sum().clamp(min=1)
         self.fill_neighbour_table()
         return self.consistency
 
