@@ -10,18 +10,58 @@ was trained with, and `model.transform` the matching test transform for an image
 or a PIL image of any mode: read upright (EXIF orientation), 16-bit images scaled to 8 bits,
 resized and centre-cropped as runs read their test images.
 `superand_backbone` gives the trunk without the projection head, for fine-tuning.
+
+This project's packages have common names (`lib`, `models`, `datasets`: a user's own, or
+HuggingFace's `datasets`). The entry points import them only while they run, and leave the
+caller's modules of those names as they were.
 """
+import contextlib
+import os
+import sys
+
 dependencies = ['torch', 'torchvision']
 
-import models  # noqa: E402
-from datasets import image_transform  # noqa: E402
-from lib.analysis import load_network  # noqa: E402
+PACKAGES = ('lib', 'models', 'datasets')        # this project's, as the entry points use them
+HERE = os.path.dirname(os.path.abspath(__file__))
+_KEPT = {}                  # this project's modules between calls, out of sys.modules
 
 
-def _with_input_settings(module, loaded):
-    module.mean, module.std, module.image_size = loaded.mean, loaded.std, loaded.image_size
-    module.transform = image_transform(loaded.mean, loaded.std, loaded.image_size)
-    return module.eval()
+def _ours(name):
+    return name.split('.')[0] in PACKAGES
+
+
+@contextlib.contextmanager
+def _this_project():
+    """This project's packages under their names while the body runs; the caller's modules
+    of those names are put back afterwards (ours are kept aside for the next call). What the
+    entry points return imports nothing when used (no import runs after this context)."""
+    theirs = {name: module for name, module in sys.modules.items() if _ours(name)}
+    for name in theirs:
+        del sys.modules[name]
+    sys.modules.update(_KEPT)
+    sys.path.insert(0, HERE)
+    try:
+        yield
+    finally:
+        sys.path.remove(HERE)
+        _KEPT.clear()
+        _KEPT.update({name: module for name, module in sys.modules.items() if _ours(name)})
+        for name in _KEPT:
+            del sys.modules[name]
+        sys.modules.update(theirs)
+
+
+def _load(checkpoint, network, low_dim, sobel, stem, backbone):
+    with _this_project():
+        import models
+        from datasets import image_transform
+        from lib.analysis import load_network
+        loaded = load_network(checkpoint, 'cpu', network, low_dim, sobel, stem)
+        module = models.Backbone(loaded.net) if backbone else loaded.net
+        module.mean, module.std = loaded.mean, loaded.std
+        module.image_size = loaded.image_size
+        module.transform = image_transform(loaded.mean, loaded.std, loaded.image_size)
+        return module.eval()
 
 
 def superand(checkpoint=None, network=None, low_dim=None, sobel=None, stem=None):
@@ -32,12 +72,10 @@ def superand(checkpoint=None, network=None, low_dim=None, sobel=None, stem=None)
     untrained network of the released shape (ResNet18 with the Sobel branch, 128-d), or of
     `network`, `low_dim`, `sobel`, `stem` where given.
     """
-    loaded = load_network(checkpoint, 'cpu', network, low_dim, sobel, stem)
-    return _with_input_settings(loaded.net, loaded)
+    return _load(checkpoint, network, low_dim, sobel, stem, backbone=False)
 
 
 def superand_backbone(checkpoint=None, network=None, low_dim=None, sobel=None, stem=None):
     """The same network without its projection head: normalised images -> the concatenated
     pooled trunk features (1024-d for ResNet18 with the Sobel branch), for fine-tuning."""
-    loaded = load_network(checkpoint, 'cpu', network, low_dim, sobel, stem)
-    return _with_input_settings(models.Backbone(loaded.net), loaded)
+    return _load(checkpoint, network, low_dim, sobel, stem, backbone=True)

@@ -30,11 +30,12 @@ from lib.config import log_folder, resolve  # noqa: E402
 from lib.core.schedules import Schedule, set_learning_rate  # noqa: E402
 from lib.distributed import close_world, init_world  # noqa: E402
 from lib.engine import NonFiniteLoss, run_epoch  # noqa: E402
+from lib.errors import UserError  # noqa: E402
 from lib.fast_path import step_parts  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
 from lib.progress import progress_bar  # noqa: E402
 from lib.run_log import RunLog, epoch_record  # noqa: E402
-from lib.stopping import StopSignals, silent, write_line  # noqa: E402
+from lib.stopping import StopSignals, signal_handlers_kept, silent, write_line  # noqa: E402
 
 
 def run(flags, world):
@@ -52,6 +53,7 @@ def run(flags, world):
         return
     if config.resume and not config.test_only:
         resume.note_changed_arithmetic(checkpoint, settings, say)
+        resume.note_changed_processes(checkpoint, config, world, say)
     # ---------------------------------------------------------------- data
     data = build.run_data(config, settings, world, say)
     # ---------------------------------------------------------------- network, bank, anchors
@@ -70,7 +72,8 @@ def train(config, settings, world, method, data, checkpoint, say):
     where its last.t7 stopped."""
     started = time.time()
     # ---------------------------------------------------------------- the run's folder, records
-    lock = ckpt.take_model_dir(config.model_dir, method.checkpoint_bytes(), world, say)
+    lock = ckpt.take_model_dir(config.model_dir, method.checkpoint_bytes(), world, say,
+                               log_folder(config) if config.tensorboard else None)
     writer = ckpt.CheckpointWriter()
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
@@ -83,7 +86,7 @@ def train(config, settings, world, method, data, checkpoint, say):
         # Signals are answered from here on, compiling included (a minute, on some machines).
         # (The stop line is written by the signal handler: write_line, which a print it
         # interrupts cannot collide with.)
-        with StopSignals(write_line if world.main else silent) as stop:
+        with StopSignals(write_line if world.main else silent, world.size) as stop:
             # -------------------------------------------------------- the fast path, checked
             parts, compiled = step_parts(config, settings, method, optimizer, world,
                                          data.pipeline, progress, build.loss_weights(
@@ -96,7 +99,7 @@ def train(config, settings, world, method, data, checkpoint, say):
                       settings.device, resumed_from=checkpoint.path if config.resume else None,
                       compile=compiled.record(), data=data.record())
             run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
-                      schedule, say, settings.arithmetic())
+                      schedule, say, {**settings.arithmetic(), 'processes': world.size})
             console.announce(config, settings, world, schedule, data, log, compiled, say)
             # -------------------------------------------------------- the rounds and epochs
             for round_index in range(first_round, config.rounds):
@@ -116,6 +119,13 @@ def train(config, settings, world, method, data, checkpoint, say):
     except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
         writer.wait()
         raise KeyboardInterrupt(console.interrupted_line(config, progress)) from None
+    except RuntimeError as err:     # another process died: one line, not the transport's wall
+        lost = console.lost_loader_line if 'DataLoader worker' in str(err) else \
+            console.lost_process_line if world.lost_peer(err) else None
+        if lost is None:
+            raise
+        writer.wait()
+        raise UserError(lost(config, progress, world)) from None
     finally:
         writer.wait()               # every checkpoint whole on disk before anything is said
         log.close()
@@ -174,6 +184,8 @@ def train_one_epoch(run, round_index, epoch, stop):
         progress.round, progress.epoch = round_index, epoch
         run.save(False, dict(round=round_index, epoch=epoch, step=result.steps,
                              loss_sums=result.sums))
+        run.log.stop(stop.name, round_index, epoch, result.steps,
+                     console.continue_command(config.model_dir))
         run.writer.wait()
         run.say(console.stopped_line(config, stop.name, round_index, epoch, result.steps))
         return False
@@ -197,7 +209,8 @@ def main(argv=None):
         return exit_.code
     world = init_world(flags.typed.get('device', 'auto'))
     label = 'error' if world.size == 1 else f'error (rank {world.rank})'
-    code = cli.run(lambda _: run(flags, world), error_label=label)
+    with signal_handlers_kept():        # (a run that fails leaves its stop handlers: below)
+        code = cli.run(lambda _: run(flags, world), error_label=label)
     close_world(world, clean=code == 0)
     return code
 

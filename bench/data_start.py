@@ -64,7 +64,7 @@ def photo_like(width, height, seed):
     small = rng.integers(0, 256, (max(2, height // 64), max(2, width // 64), 3), dtype=np.uint8)
     image = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC),
                        dtype=np.int16)
-    noise = rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+    noise = rng.integers(-5, 6, (height, width, 1), dtype=np.int16)
     return Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8))
 
 
@@ -221,6 +221,7 @@ def main():
             floor = single_core_rate(data, size, ARGS.floor_sample)
             warm_decoded = (warm_record.get('reading') or {}).get('decoded')
             rows.append((count, size, cold, warm, rate, floor, cores, warm_decoded))
+            shutil.rmtree(cache, ignore_errors=True)            # (gigabytes)
             print(f'  {count} files at {size} px: cold {cold:.1f} s, warm {warm:.1f} s',
                   flush=True)
     print()
@@ -253,6 +254,7 @@ def main():
             _, record, peak = start_run(data, 224, cache, run_dir, *batch, *extra,
                                         watch=STEPS_WATCHED)
             print(f'| {label} | {record.get("images")} | {peak / 2**30:.2f} |', flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import DataError
 from .image_cache import PackWriter, size_rule
 from .images import (ImageNotes, UnreadableImage, failure_reason, open_image, shown,
                      stored_size, to_rgb)
@@ -36,7 +37,7 @@ MAX_CHUNK = 32                  # files a worker decodes per task (fewer for sho
 TASKS_AHEAD = 4                 # tasks in flight per worker: the results wait in memory
 
 
-class DecodingError(Exception):
+class DecodingError(DataError):
     """A worker process died (killed, out of memory); the message is one line."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoding import Reading, ReadStats, header_sizes, read_files
+from .errors import DataError
 from .folders import (FolderError, describe_class_difference, list_class_tree,
                       list_images)
 from .image_cache import size_rule
@@ -29,10 +30,6 @@ TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized fo
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 UNLABELED = -1                 # the target of every image of an unlabeled folder
-
-
-class DataError(Exception):
-    """Missing or malformed data: the message is one line that says what to do."""
 
 
 def short_hash(data):

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from . import import_torchvision
+from .images import open_image, to_rgb
 
 T = import_torchvision().transforms
 
@@ -50,7 +51,6 @@ class ReadRGB:
         self.size = size
 
     def __call__(self, image):
-        from .images import open_image, to_rgb
         return to_rgb(open_image(image), self.size, draft=not isinstance(image, Image.Image))
 
     def __repr__(self):

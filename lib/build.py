@@ -38,7 +38,8 @@ class DeviceSettings:
 
     def arithmetic(self):
         """What `auto` chose that a resume must keep to equal the unbroken run: the pipeline
-        (its augmentations) and the precision (its rounding). Kept in checkpoints."""
+        (its augmentations) and the precision (its rounding). Kept in checkpoints, with the
+        number of processes (lib/resume.py note_changed_arithmetic)."""
         return dict(pipeline=self.pipeline, precision=self.precision)
 
 
@@ -139,6 +140,11 @@ def build_pipeline(opts, settings, train, test, mean, std, world=None):
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
     if opts.batch_size % size:
         raise UserError(f'--batch_size {opts.batch_size} does not split over {size} processes')
+    if opts.batch_size // size < 2:     # as one process needs (BatchNorm's batch statistics)
+        raise UserError(f'--batch_size {opts.batch_size} over {size} processes leaves each '
+                        f'process {opts.batch_size // size} image, and each needs at least 2, '
+                        f'as one process does (BatchNorm\'s batch statistics): give '
+                        f'--batch_size {2 * size} or more, a multiple of {size}')
     common = dict(train_set=train, test_set=test, mean=mean, std=std, image_size=opts.image_size,
                   views=opts.views, batch_size=opts.batch_size, device=settings.device,
                   seed=opts.seed, flip=opts.flip, rank=rank, world_size=size)

@@ -159,29 +159,64 @@ def unreadable_reason(path, size, err):
     return damaged
 
 
-def prepare_model_dir(model_dir, checkpoint_bytes):
-    """Make `model_dir` ready for a training run, at start-up rather than after hours of
-    training: create it, check that it can be written, lock it for this process (a UserError
-    naming the live run that holds it), remove the temporaries of dead runs, and check that it
-    has room for checkpoints of `checkpoint_bytes` each. Returns the held RunLock, which the
-    caller releases when the run ends."""
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise UserError(f'--model_dir {model_dir} is a file, not a folder')
+def writable_folder(folder, flag):
+    """Make `folder` (what `flag` names) if it is missing and check that it can be written:
+    a UserError in one line if not. Returns the outermost folder it made (None: none), for
+    `remove_made` to take back."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f'{flag} {folder} is a file, not a folder')
+    made = first_missing(folder)
     try:
-        os.makedirs(model_dir, exist_ok=True)
-        probe = os.path.join(model_dir, f'.write-test-{os.getpid()}')
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f'.write-test-{os.getpid()}')
         with open(probe, 'wb') as f:
             f.write(b'0')
         os.remove(probe)
     except OSError as err:
-        raise UserError(f'--model_dir {model_dir} cannot be written: '
-                        f'{err.strerror or err}') from None
-    lock = run_lock.acquire(model_dir)
+        remove_made(made)
+        raise UserError(f'{flag} {folder} cannot be written: {err.strerror or err}') from None
+    return made
+
+
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (None if it exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def remove_made(made):
+    """Remove the folders `writable_folder` made, where they are still empty."""
+    if made is None:
+        return
+    for folder, _, _ in sorted(os.walk(made), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def prepare_model_dir(model_dir, checkpoint_bytes, log_folder=None):
+    """Make `model_dir` ready for a training run, at start-up rather than after hours of
+    training: create it (and the TensorBoard `log_folder`, when given), check that both can be
+    written, lock it for this process (a UserError naming the live run that holds it), remove
+    the temporaries of dead runs, and check that it has room for checkpoints of
+    `checkpoint_bytes` each. A refusal leaves no folder it made. Returns the held RunLock,
+    which the caller releases when the run ends."""
+    made = writable_folder(log_folder, '--log-dir') if log_folder else None
+    try:
+        writable_folder(model_dir, '--model_dir')
+        lock = run_lock.acquire(model_dir)
+    except BaseException:
+        remove_made(made)
+        raise
     try:
         remove_dead_temporaries(model_dir)
         check_free_space(model_dir, checkpoint_bytes)
     except BaseException:
         lock.release()
+        remove_made(made)
         raise
     return lock
 
@@ -194,14 +229,14 @@ class NoLock:
         pass
 
 
-def take_model_dir(model_dir, checkpoint_bytes, world, say):
+def take_model_dir(model_dir, checkpoint_bytes, world, say, log_folder=None):
     """`prepare_model_dir` on rank 0 (the process that writes), checked once; every process
     stops with its UserError if it fails. Returns rank 0's RunLock (its note, on a system
     without file locks, said), or a NoLock."""
     problem, lock = None, NoLock()
     if world.main:
         try:
-            lock = prepare_model_dir(model_dir, checkpoint_bytes)
+            lock = prepare_model_dir(model_dir, checkpoint_bytes, log_folder)
         except UserError as err:
             problem = str(err)
     problem = world.share(problem)

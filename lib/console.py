@@ -6,6 +6,7 @@ checkpoint's whole path, and works as printed from the folder it was run in.
 """
 import os
 import shlex
+import sys
 
 import datasets
 
@@ -26,7 +27,10 @@ class Console:
 
     def __call__(self, text):
         if self.enabled:
-            print(text, flush=True)
+            try:
+                print(text, flush=True)
+            except OSError:         # a terminal that hung up: the record is log.jsonl
+                self.enabled = False
 
     def progress(self, text):
         if not self.quiet:
@@ -34,8 +38,62 @@ class Console:
 
 
 # ----------------------------------------------------------------------------- commands
-def command(*argv):
-    return 'python3 main.py ' + shlex.join(str(a) for a in argv)
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_file(*parts):
+    """A file of the project as a command typed in the current folder names it: relative
+    (`main.py` in the project, `../sand/main.py` next to it), else its whole path."""
+    path = os.path.join(PROJECT, *parts)
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+
+
+def launcher(processes=None):
+    """How main.py is started: 'python3', or torchrun with the options this run was started
+    with ('torchrun --nproc_per_node 2'); `processes` asks for a launcher of that many
+    processes on this machine instead."""
+    if processes is not None:
+        return 'python3' if processes == 1 else f'torchrun --nproc_per_node {processes}'
+    if 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return 'python3'
+    options = torchrun_options()
+    if options is None:
+        options = ['--nproc_per_node', os.environ.get('LOCAL_WORLD_SIZE', '1')]
+    return shlex.join(['torchrun', *options])
+
+
+def torchrun_options():
+    """The options torchrun was given (between `torchrun` and the script), read from the
+    launcher's command line (this process's parent, on Linux); None when unknown."""
+    try:
+        with open(f'/proc/{os.getppid()}/cmdline', 'rb') as f:
+            words = [os.fsdecode(w) for w in f.read().split(b'\0') if w]
+    except OSError:
+        return None
+    script = os.path.abspath(sys.argv[0])
+    for start, word in enumerate(words):
+        if os.path.basename(word) == 'torchrun' or word == 'torch.distributed.run':
+            for end in range(start + 1, len(words)):
+                if os.path.abspath(words[end]) == script:
+                    return words[start + 1:end]
+    return None
+
+
+def command(*argv, processes=None):
+    """The main.py command of `argv`, as it works typed in the current folder, with this
+    run's launcher (or one of `processes`)."""
+    return (f'{launcher(processes)} {shlex.quote(project_file("main.py"))} '
+            + shlex.join(str(a) for a in argv))
+
+
+def tool_command(name, *argv):
+    """The command of tools/<name>.py with `argv`, as it works typed in the current folder:
+    `python -m tools.<name>` in the project folder, the script's path elsewhere."""
+    if os.path.abspath(os.getcwd()) == PROJECT:
+        return f'python -m tools.{name} ' + shlex.join(str(a) for a in argv)
+    return (f'python3 {shlex.quote(project_file("tools", name + ".py"))} '
+            + shlex.join(str(a) for a in argv))
 
 
 def continue_command(model_dir, *more):
@@ -297,6 +355,29 @@ def stopped_before_training_line(config, signal_name, progress):
     return (f'stopped by {signal_name} before the first step (while compiling): '
             f'{last_path(config)} still {continues_from(progress)}; continue with: '
             f'{continue_command(config.model_dir)}')
+
+
+def lost_process_line(config, progress, world):
+    """Another process of the run is gone (killed, out of memory): this one cannot go on;
+    what last.t7 holds and the command that continues it."""
+    lost = (f'process rank {1 - world.rank} (of 2)' if world.size == 2
+            else f'another of the {world.size} processes')
+    if progress.resumes_at is None:
+        held = 'no checkpoint had been written yet'
+    else:
+        held = (f'{last_path(config)} {continues_from(progress)}; continue with: '
+                f'{continue_command(config.model_dir)}')
+    return (f'{lost} of this run stopped (killed, or out of memory?), and this one cannot go '
+            f'on without it; {held}')
+
+
+def lost_loader_line(config, progress, world):
+    """A data-loader worker process died (the kernel's out-of-memory killer, a kill)."""
+    held = 'no checkpoint had been written yet' if progress.resumes_at is None else (
+        f'{last_path(config)} {continues_from(progress)}; continue with: '
+        f'{continue_command(config.model_dir)}')
+    return (f'a data-loader worker process was killed (out of memory? --workers '
+            f'{config.workers} starts that many; fewer take less memory); {held}')
 
 
 def stopped_after_line(config, epochs_run):

@@ -97,6 +97,22 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def lost_peer(self, err):
+        """Whether `err` is a collective's failure because another process is gone: gloo's
+        closed or reset connection, NCCL's aborted communicator, a transport timeout."""
+        if self.size == 1:
+            return False
+        if isinstance(err, getattr(dist, 'DistBackendError', ())):
+            return True
+        text = str(err)
+        return any(sign in text for sign in LOST_PEER_SIGNS)
+
+
+# What a collective raises when a peer process died (gloo's TCP transport, NCCL, the store).
+LOST_PEER_SIGNS = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe',
+                   'NCCL communicator was aborted', 'Socket Timeout', 'Timed out waiting',
+                   'connection refused', 'Connection refused')
+
 
 def init_world(device_choice):
     """The World of this process: torchrun's environment, or a single process."""

@@ -37,6 +37,7 @@ Known ways CUDA graphs fail, and why this code avoids them:
 """
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -144,7 +145,7 @@ def compile_augmentation(augment, mode):
     """The batched augmentation, compiled (`mode` other than 'none') behind a CallGuard.
     Never CUDA-graph captured, even under reduce-overhead: two calls per step would need two
     graphs, and the launches left after fusion are few."""
-    if mode == 'none':
+    if mode == 'none' or compile_disabled():
         return augment
     return CallGuard(COMPILE(augment, dynamic=False), augment, 'augmentation')
 
@@ -275,6 +276,16 @@ class CompileReport:
                     check=check if self.checked else 'off')
 
 
+def compile_disabled():
+    """Whether torch.compile is switched off for this process (TORCH_COMPILE_DISABLE=1, read
+    by PyTorch into torch._dynamo.config.disable): it then returns what it is given."""
+    try:
+        import torch._dynamo
+        return bool(torch._dynamo.config.disable)
+    except (ImportError, AttributeError):
+        return os.environ.get('TORCH_COMPILE_DISABLE') == '1'
+
+
 def step_parts(config, settings, method, optimizer, world, pipeline=None, position=None,
                weights=None, say=print):
     """The StepParts a run trains with, and their CompileReport: `method`'s network wrapped
@@ -293,6 +304,10 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
     if settings.compile == 'none':
         report.used, report.why = 'none', ('as asked' if config.compile == 'none'
                                            else 'the default on the CPU')
+        return eager, report
+    if compile_disabled():
+        report.used, report.why = 'none', ('TORCH_COMPILE_DISABLE=1 in the environment makes '
+                                           'torch.compile return the code as it is')
         return eager, report
     only_losses = world.size > 1 and config.sync_bn
     buffers = list(method.net.buffers())

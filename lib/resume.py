@@ -116,6 +116,28 @@ def note_changed_arithmetic(checkpoint, settings, say):
             f'the run never stopped (augmentations or rounding differ); to keep it: {keep}')
 
 
+def note_changed_processes(checkpoint, config, world, say):
+    """On --resume: one line when the run continues on another number of processes than it
+    last trained on. The data and augmentations are the same (every process takes its share
+    of one global batch); without --sync-bn BatchNorm's statistics are each process's own
+    share's, so the arithmetic changes; with it they are the global batch's, and only the
+    order of floating-point sums over processes differs."""
+    before = ((checkpoint.state.get('config') or {}).get('trained_with') or {}).get('processes')
+    if before is None or before == world.size:
+        return
+    was, now = plural(before, 'process', 'processes'), plural(world.size, 'process',
+                                                              'processes')
+    keep = command('--model_dir', config.model_dir, '--resume', ckpt.LAST, processes=before)
+    if config.sync_bn:
+        say(f'note: this run last trained on {was}; here it continues on {now}; with --sync-bn '
+            f'BatchNorm\'s statistics are the whole batch\'s either way, so it continues as '
+            f'the run never stopped up to the rounding of sums over processes; exactly: {keep}')
+    else:
+        say(f'note: this run last trained on {was}; here it continues on {now}, and without '
+            f'--sync-bn each process\'s BatchNorm statistics cover its own share of the batch, '
+            f'so it will not equal the run never stopped; to keep it: {keep}')
+
+
 def nothing_to_train(config, checkpoint, say):
     """Whether the run has nothing left to do: --resume of a finished run (said, and nothing
     written). Refuses --init-from at or past --rounds, and a resume whose options would change

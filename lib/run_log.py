@@ -10,6 +10,8 @@ TensorBoard; and the reader of `log.jsonl`, for the analysis and comparison scri
 - `epoch`, after each epoch: round, epoch, global_epoch, lr, ue_weight (runs with a UE loss),
   loss {name: mean}, knn_top1 / knn_top5 (%, runs with labels), best_top1, bank statistics
   (runs without labels), seconds;
+- `stop`, when a signal (SIGTERM, SIGHUP, Ctrl-C) stopped the run at a step: the signal, round,
+  epoch and step last.t7 continues from, and the command that continues it;
 - `end`, when the run finishes: best_top1 (and where), final_top1, seconds of this invocation.
 Accuracies are percentages. A record is appended once the checkpoints written before it are on
 disk (so no epoch is claimed that last.t7 cannot continue after), always on a line of its own;
@@ -125,6 +127,12 @@ class RunLog:
                 self.writer.add_histogram('bank/entropy', entropy.float().cpu().numpy(),
                                           record['round'])
             self.writer.flush()
+
+    def stop(self, signal_name, round_index, epoch, step, continue_with):
+        """A stop signal ended the run at a step (last.t7 continues from it): the record of
+        what the console said, for when nobody saw it (SIGHUP: the terminal had closed)."""
+        self._append({'type': 'stop', 'signal': signal_name, 'round': round_index,
+                      'epoch': epoch, 'step': step, 'continue_with': continue_with})
 
     def end(self, progress, seconds):
         """The run finished: its best (and where) and final kNN top-1 (%), and the seconds of

@@ -1,14 +1,22 @@
-"""Stopping a run cleanly: SIGTERM (a scheduler's preemption, `kill`) or Ctrl-C asks the
-training loop to write last.t7 at the next step boundary and exit, instead of dying with the
-epoch in progress lost. The first signal is answered at once with a line saying so; a second
-Ctrl-C interrupts at once (KeyboardInterrupt, which the entry point turns into exit code 130).
+"""Stopping a run cleanly: SIGTERM (a scheduler's preemption, `kill`), SIGHUP (the terminal
+closed) or Ctrl-C asks the training loop to write last.t7 at the next step boundary and exit,
+instead of dying with the epoch in progress lost. The first signal is answered at once with a
+line saying so; a second Ctrl-C interrupts at once (KeyboardInterrupt, which the entry point
+turns into exit code 130). With several processes the stop happens at a step they agree on,
+and what is written is said once it is (a process may be gone: no promise before).
+
+After SIGHUP the terminal is gone: the run's output that went to it goes nowhere from then on
+(as under nohup), so that no write to the closed terminal can end the run; the stop is in
+log.jsonl.
 """
 import os
 import signal
+import stat
 import sys
 import threading
+from contextlib import contextmanager
 
-NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
+NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM', signal.SIGHUP: 'SIGHUP'}
 
 
 def write_line(text):
@@ -33,13 +41,16 @@ def silent(text):
 
 class StopSignals:
     """Context manager; calling it says whether a stop was asked for. `say` prints the answer
-    to the first signal (a no-op on the processes that do not print)."""
+    to the first signal (a no-op on the processes that do not print); `processes` > 1: the
+    stop waits for a step every process agrees on."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, say=write_line):
+    def __init__(self, say=write_line, processes=1):
         self.received = None
         self.say = say
+        self.processes = processes
+        self.closing = False
         self._previous = {}
 
     def __enter__(self):
@@ -48,21 +59,39 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            # An error is on its way to its one line: a signal now (torchrun ends the other
+            # processes when one fails) must not kill the process before it is said. The
+            # handlers stay, ignoring signals; `restore()` puts the previous ones back.
+            self.closing = True
+            return False
+        self.restore()
         return False
 
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
     def _handle(self, signum, frame):
+        if self.closing:
+            return
         if self.received is not None:
             if signum == signal.SIGINT:
                 # (what last.t7 then holds, the training loop says: it knows)
                 raise KeyboardInterrupt('interrupted: stopped at once (a second Ctrl-C)')
             return
         self.received = signum
+        if signum == signal.SIGHUP:
+            detach_from_terminal()
         again = '; Ctrl-C again to quit at once' if signum == signal.SIGINT else ''
-        self.say(f'{NAMES.get(signum, signum)}: stopping at the next step, after writing '
-                 f'last.t7{again}')
+        if self.processes > 1:
+            self.say(f'{NAMES.get(signum, signum)}: stopping at a step all '
+                     f'{self.processes} processes agree on{again}')
+        else:
+            self.say(f'{NAMES.get(signum, signum)}: stopping at the next step, after writing '
+                     f'last.t7{again}')
 
     def __call__(self):
         return self.received is not None
@@ -70,6 +99,36 @@ class StopSignals:
     @property
     def name(self):
         return NAMES.get(self.received, 'nothing') if self.received is not None else 'nothing'
+
+
+@contextmanager
+def signal_handlers_kept():
+    """The stop signals' handlers as they were, put back on the way out: a run that fails
+    leaves StopSignals' (which then ignore signals) until its error has been said."""
+    previous = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def detach_from_terminal():
+    """Standard output and error onto /dev/null where they are a terminal (one that hung up:
+    every write to it would fail, and isatty no longer says it is one, so any character
+    device is taken for it); files and pipes are kept."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for descriptor in (1, 2):
+        try:
+            if stat.S_ISCHR(os.fstat(descriptor).st_mode):
+                os.dup2(null, descriptor)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def ignore_interrupts(worker_id=None):
@@ -81,3 +140,4 @@ def ignore_interrupts(worker_id=None):
     worker itself, which PyTorch's worker answers by exiting)."""
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

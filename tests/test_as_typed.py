@@ -16,9 +16,16 @@ from lib import checkpoint as ckpt
 from lib.errors import UserError
 
 
-def printed_command(text, program='python3 main.py'):
+def main_program():
+    """main.py's command as the program prints it from the current folder."""
+    from lib.console import project_file
+    return f'python3 {project_file("main.py")}'
+
+
+def printed_command(text, program=None):
     """The one command `text` (a program's output) ends a line with, as argv after the
-    program's name."""
+    program's name (default: main.py's, as printed from the current folder)."""
+    program = program or main_program()
     found = [line[line.index(program):] for line in text.splitlines() if program in line]
     assert len(found) == 1, text
     words = shlex.split(found[0])
@@ -49,8 +56,8 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
                                          '--no-tensorboard'))
     assert code == 0, err
     assert 'logs in checkpoint/stoptest/log.jsonl' in out and '//' not in out
-    assert 'continue with: python3 main.py --model_dir checkpoint/stoptest/ --resume last.t7' \
-        in out
+    assert f'continue with: {main_program()} --model_dir checkpoint/stoptest/ --resume ' \
+        f'last.t7' in out
     assert epochs_logged(run) == [(0, 0)]
 
     # A second Ctrl-C while the continued run works: out at once, saying what last.t7 holds.

@@ -43,3 +43,29 @@ def test_hub_backbone_and_untrained_model(trained_checkpoint):
                            sobel=False)
     with torch.no_grad():
         assert small(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_hub_leaves_the_callers_modules_of_the_same_names(trained_checkpoint, tmp_path,
+                                                           monkeypatch):
+    """A caller with modules of its own called models, datasets (HuggingFace's name) and lib:
+    the hub loads this project's all the same, the caller's stay as they were, and the model
+    and its transform work once the load is over."""
+    import sys
+    import types
+    from PIL import Image
+    theirs = {name: types.ModuleType(name) for name in ('models', 'datasets', 'lib',
+                                                        'lib.analysis')}
+    for name, module in theirs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    before = {name: module for name, module in sys.modules.items()
+              if name.split('.')[0] in ('models', 'datasets', 'lib')}
+    model = torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint)
+    after = {name: module for name, module in sys.modules.items()
+             if name.split('.')[0] in ('models', 'datasets', 'lib')}
+    assert after == before and all(sys.modules[name] is theirs[name] for name in theirs)
+    Image.new('RGB', (40, 30), (200, 10, 10)).save(tmp_path / 'a.png')
+    with torch.no_grad():
+        out = model(model.transform(str(tmp_path / 'a.png'))[None])
+    assert out.shape == (1, 128)
+    backbone = torch.hub.load(ROOT, 'superand_backbone', source='local')
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 1024)

@@ -595,3 +595,15 @@ def test_embed_streams_through_the_cache_and_writes_the_same_rows(tmp_path, caps
         assert np.array_equal(other['features'], written[0]['features'])
         assert list(other['paths']) == list(written[0]['paths'])
         assert str(other['fingerprint']) == str(written[0]['fingerprint'])
+
+
+def test_a_decoding_process_that_dies_is_one_line(tmp_path, monkeypatch):
+    from datasets import decoding
+    paths = messy_folder(tmp_path / 'photos')
+
+    def killed(path, size, known):
+        os.kill(os.getpid(), signal.SIGKILL)        # the out-of-memory killer, say
+    monkeypatch.setattr(decoding, 'decode_file', killed)     # (the forked workers call it)
+    with pytest.raises(datasets.DataError, match='a process decoding images died .killed, or '
+                                                 'out of memory.: give fewer --workers than 2'):
+        read_all(paths, SIZE, Reading(None, 2))

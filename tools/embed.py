@@ -17,7 +17,11 @@ import sys
 from contextlib import closing
 from dataclasses import dataclass, field
 
-from lib import cli
+if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = 'tools'
+
+from lib import cli  # noqa: E402
 
 
 def build_parser():

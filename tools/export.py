@@ -7,9 +7,14 @@ or with `--features bank` the memory bank, training split only), `labels` (N), `
 each image's position in the full split, so subsets map back to files) and `classes`. For any
 folder of images, `python -m tools.embed` does the same.
 """
+import os
 import sys
 
-from lib import cli
+if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = 'tools'
+
+from lib import cli  # noqa: E402
 
 
 def build_parser():

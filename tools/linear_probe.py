@@ -10,9 +10,14 @@ outputs, the input of the network's last linear layer (1024-d for ResNet18 with 
 `--layer embedding` the L2-normalised 128-d embedding kNN uses. Features are standardised with
 the training split's mean and std.
 """
+import os
 import sys
 
-from lib import cli
+if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = 'tools'
+
+from lib import cli  # noqa: E402
 
 PROBE_DEFAULTS = dict(epochs=50, lr=0.1, batch_size=256, weight_decay=0.0, seed=0)
 

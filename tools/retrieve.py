@@ -11,10 +11,13 @@ keyed by the folder's files and the checkpoint; a gallery .npz is one `python -m
 wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
 """
 import os
-import shlex
 import sys
 
-from lib import cli
+if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = 'tools'
+
+from lib import cli  # noqa: E402
 from tools.layout import CELL
 
 DEFAULT_K = 10
@@ -53,6 +56,7 @@ from datasets import describe_file, shown  # noqa: E402
 
 from lib.analysis import load_network  # noqa: E402
 from lib.build import image_reading, pick_device  # noqa: E402
+from lib.console import tool_command  # noqa: E402
 from lib.core.knn import nearest  # noqa: E402
 from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,  # noqa: E402
                     file_fingerprint, list_folder, report_skipped, save_embeddings)
@@ -116,7 +120,7 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
     if reader_version(data) != datasets.READER_VERSION:
         say(f'note: {shown(path)} was embedded by an earlier version of the image reader, '
             f'which read EXIF-rotated photos sideways and clipped 16-bit images: embed it again '
-            f'with python -m tools.embed if the gallery holds such images')
+            f'with {tool_command("embed")}if the gallery holds such images')
     made_by = str(data['checkpoint_digest']) if 'checkpoint_digest' in data else None
     if made_by is None:
         say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
@@ -124,8 +128,8 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
     elif made_by != checkpoint_digest(checkpoint):
         fix = 'give the image folder as --gallery'
         if 'root' in data:
-            fix += (', or embed it again: python -m tools.embed ' + shlex.join(
-                ['--ckpt', checkpoint, '--images', str(data['root']), '--out', path]))
+            fix += ', or embed it again: ' + tool_command(
+                'embed', '--ckpt', checkpoint, '--images', str(data['root']), '--out', path)
         raise UserError(f'{path} was embedded with another checkpoint '
                         f'({data.get("checkpoint", "unknown")}), so its similarities to these '
                         f'queries would mean nothing: {fix}')

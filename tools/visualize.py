@@ -10,7 +10,11 @@ The figures themselves, importable from a notebook, are in `tools.figures`.
 import os
 import sys
 
-from lib import cli
+if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = 'tools'
+
+from lib import cli  # noqa: E402
 from tools.layout import (CELL, DEFAULT_OUT_DIR, DEFAULT_QUERIES, DEFAULT_TOPK, FRAME, LABEL_WIDTH,
                      TSNE_PERPLEXITY)
 

@@ -1,0 +1,228 @@
+"""Several processes, signals and the environment: a changed process count is said, a lost
+process is one line, a closed terminal loses nothing, compile says what happened, every folder
+is checked first, and printed commands work where they are printed."""
+import json
+import os
+import pty
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
+                      signal_at)
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+            '2']
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def records(model_dir, kind):
+    return [r for r in map(json.loads, open(os.path.join(model_dir, 'log.jsonl')))
+            if r['type'] == kind]
+
+
+def continue_line(out):
+    (line,) = [line for line in out.splitlines() if 'continue with: ' in line]
+    return line.split('continue with: ', 1)[1]
+
+
+# ----------------------------------------------------------------------------- 1. process count
+def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny_folder,
+                                                                            tmp_path,
+                                                                            run_main):
+    flags = ['--rounds', '1', '--epochs', '2', '--batch_size', '16', '--pipeline', 'gpu',
+             '--no-tensorboard', *MECHANICS]
+    one = tmp_path / 'one'
+    code, out, err = run_main(*fast_args(tiny_folder, one, *flags, '--stop-after', '1'))
+    assert code == 0, err
+    assert continue_line(out).startswith('python3 main.py ')
+    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'main.py'), '--model_dir', str(one),
+                           '--resume', 'last.t7', '--device', 'cpu', '--workers', '0'],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (note,) = [line for line in proc.stdout.splitlines() if 'processes' in line and
+               line.startswith('note:')]
+    assert note.startswith('note: this run last trained on 1 process; here it continues on 2 '
+                           'processes, and without --sync-bn')
+    assert note.endswith(f'to keep it: python3 main.py --model_dir {one} --resume last.t7')
+    # and the other way: a 2-process run's own lines name its launcher
+    two = tmp_path / 'two'
+    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'main.py'),
+                           *fast_args(tiny_folder, two, *flags, '--stop-after', '1')],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert continue_line(proc.stdout).startswith('torchrun --standalone --nproc_per_node 2 '
+                                                 'main.py ')
+    code, out, err = run_main('--model_dir', two, '--resume', 'last.t7', '--device', 'cpu',
+                              '--workers', '0', '--sync-bn')
+    assert code == 0, err
+    assert 'note: this run last trained on 2 processes; here it continues on 1 process; with ' \
+           '--sync-bn' in out
+    assert 'exactly: torchrun --nproc_per_node 2 main.py' in out
+
+
+# ----------------------------------------------------------------------------- 2. a lost process
+RANK_KILLED = '''
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, os.path.join({root!r}, 'tests'))
+import lib.pipelines
+import main
+from conftest import _signalling
+model_dir = sys.argv[sys.argv.index('--model_dir') + 1]
+def last_written():
+    while not os.path.exists(os.path.join(model_dir, 'last.t7')):
+        time.sleep(0.01)
+if os.environ['RANK'] == '1':
+    for cls in (lib.pipelines.LoaderPipeline, lib.pipelines.TensorPipeline):
+        cls.train_batches = _signalling(cls.train_batches, signal.SIGKILL, (0, 1, 1),
+                                        last_written)
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def test_a_lost_process_is_one_line_saying_what_last_t7_holds(tiny_folder, tmp_path):
+    script = tmp_path / 'rank_killed.py'
+    script.write_text(RANK_KILLED.format(root=ROOT))
+    model_dir = tmp_path / 'ck'
+    proc = subprocess.run([*TORCHRUN, str(script),
+                           *fast_args(tiny_folder, model_dir, *MECHANICS, '--rounds', '1',
+                                      '--epochs', '3', '--batch_size', '4', '--pipeline', 'gpu',
+                                      '--no-tensorboard')],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith('error (rank 0)')]
+    assert ours == [f'error (rank 0): process rank 1 (of 2) of this run stopped (killed, or out '
+                    f'of memory?), and this one cannot go on without it; {model_dir}/last.t7 '
+                    f'continues from round 0 epoch 1; continue with: torchrun --standalone '
+                    f'--nproc_per_node 2 main.py --model_dir {model_dir} --resume last.t7']
+    assert '[rank0]: Traceback' not in proc.stderr
+    assert 'after writing last.t7' not in proc.stdout        # no promise it could not keep
+    assert torch.load(model_dir / 'last.t7', weights_only=True)['next']['epoch'] == 1
+
+
+# ----------------------------------------------------------------------------- 3. a share of one
+def test_a_share_of_one_image_per_process_is_refused():
+    import datasets
+    import numpy as np
+    from lib.build import DeviceSettings, build_pipeline
+    from lib.config import defaults
+    from lib.distributed import World
+    from lib.errors import UserError
+    images = datasets.ImageSet(np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int64),
+                               ['a'], 'test')
+    settings = DeviceSettings(torch.device('cpu'), 'gpu', 'fp32', 'none')
+    for size, batch in ((2, 2), (3, 3)):
+        config = defaults(batch_size=batch, method='and')
+        with pytest.raises(UserError, match=f'--batch_size {batch} over {size} processes leaves '
+                                            f'each process 1 image, and each needs at least 2'):
+            build_pipeline(config, settings, images, images, (0.5,) * 3, (0.2,) * 3,
+                           World(0, size))
+    build_pipeline(defaults(batch_size=4), settings, images, images, (0.5,) * 3, (0.2,) * 3,
+                   World(1, 2))
+
+
+# ----------------------------------------------------------------------------- 4. SIGHUP
+def test_sighup_stops_at_a_step_like_sigterm_and_resumes_exactly(tiny_folder, tmp_path,
+                                                                  run_main, monkeypatch,
+                                                                  unbroken_run):
+    signal_at(monkeypatch, signal.SIGHUP, (0, 1, 0))
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *UNBROKEN_FLAGS['cpu']))
+    monkeypatch.undo()
+    assert code == 0, err
+    assert 'SIGHUP: stopping at the next step, after writing last.t7' in out
+    (stop,) = records(tmp_path, 'stop')
+    assert (stop['signal'], stop['round'], stop['epoch'], stop['step']) == ('SIGHUP', 0, 1, 1)
+    assert stop['continue_with'] == f'python3 main.py --model_dir {tmp_path} --resume last.t7'
+    code, out, err = run_main('--model_dir', tmp_path, '--resume', 'last.t7', '--workers', '0',
+                              '--pipeline', 'cpu')
+    assert code == 0, err
+    assert_same_training_state(unbroken_run('cpu'), torch.load(tmp_path / 'last.t7',
+                                                               weights_only=True))
+
+
+HUNG_UP = '''
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from lib.stopping import StopSignals, write_line
+time.sleep(0.5)                          # the terminal is gone by now
+with StopSignals(write_line) as stop:
+    os.kill(os.getpid(), signal.SIGHUP)
+    for i in range(200):
+        print('still writing', i, flush=True)
+        sys.stderr.write('and here\\n')
+open(sys.argv[1], 'w').write(repr((stop.name, os.isatty(1), os.isatty(2))))
+'''
+
+
+def test_after_a_hangup_writes_to_the_closed_terminal_do_not_end_the_run(tmp_path):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, '-c', HUNG_UP.format(root=ROOT),
+                             str(tmp_path / 'result')], stdout=slave, stderr=slave)
+    os.close(slave)
+    os.close(master)                     # the terminal window closes
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / 'result').read_text() == "('SIGHUP', False, False)"
+
+
+# ----------------------------------------------------------------------------- 5. compile
+def test_a_compiler_switched_off_by_the_environment_is_said_and_recorded(tiny_folder, tmp_path,
+                                                                          run_main,
+                                                                          monkeypatch):
+    import torch._dynamo
+    monkeypatch.setattr(torch._dynamo.config, 'disable', True)     # TORCH_COMPILE_DISABLE=1
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs',
+                                         '1', '--compile', 'default', *MECHANICS))
+    assert code == 0, err
+    assert 'compile: none (asked for default), TORCH_COMPILE_DISABLE=1 in the environment ' \
+           'makes torch.compile return the code as it is' in out
+    assert 'agrees with the eager step' not in out and 'compile none)' in out
+    (start,) = records(tmp_path, 'start')
+    assert start['compile']['used'] == 'none' and start['compile']['check'] is None
+
+
+# ----------------------------------------------------------------------------- 7. folders
+@pytest.mark.parametrize('bad', ['--log-dir', '--model_dir'])
+def test_a_folder_that_cannot_be_written_is_refused_before_anything_is_left(tiny_folder,
+                                                                             tmp_path, run_main,
+                                                                             bad):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('x')
+    model_dir, log_dir = tmp_path / 'run', tmp_path / 'logs'
+    if bad == '--log-dir':
+        log_dir = blocker / 'runs'
+    else:
+        model_dir = blocker / 'run'
+    code, out, err = run_main('--data-root', tiny_folder, '--model_dir', model_dir, '--log-dir',
+                              log_dir, '--device', 'cpu', '--workers', '0', '--epochs', '1',
+                              '--batch_size', '8', *MECHANICS)
+    assert code == 2 and err.startswith(f'error: {bad} ') and 'cannot be written: Not a ' \
+        'directory' in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ['a-file']          # no folder, no run.lock
+
+
+# ----------------------------------------------------------------------------- 8. commands
+def test_printed_commands_work_from_the_folder_they_were_printed_in(tiny_folder, tmp_path):
+    elsewhere = tmp_path / 'elsewhere'
+    os.makedirs(elsewhere)
+    main_py = os.path.join(ROOT, 'main.py')
+    proc = subprocess.run([sys.executable, main_py, *fast_args(
+        tiny_folder, 'run', '--rounds', '1', '--epochs', '2', '--stop-after', '1', *MECHANICS,
+        '--no-tensorboard')], capture_output=True, text=True, cwd=elsewhere, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    printed = continue_line(proc.stdout)
+    assert printed == f'python3 {main_py} --model_dir run --resume last.t7'
+    words = shlex.split(printed)
+    proc = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True,
+                          cwd=elsewhere, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert 'resuming at round 0 epoch 1' in proc.stdout
+    for tool in ('embed', 'retrieve', 'export', 'linear_probe', 'visualize'):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', f'{tool}.py'),
+                               '--help'], capture_output=True, text=True, cwd=elsewhere,
+                              timeout=120)
+        assert proc.returncode == 0 and 'usage:' in proc.stdout, proc.stderr
