@@ -21,6 +21,7 @@ from lib.config import parse
 if __name__ == '__main__':
     cli.parse_first(parse)          # flags answered before torch is imported (seconds)
 
+import os  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -54,32 +55,39 @@ def run(flags, world):
     if config.resume and not config.test_only:
         resume.note_changed_arithmetic(checkpoint, settings, say)
         resume.note_changed_processes(checkpoint, config, world, say)
-    # ---------------------------------------------------------------- data
-    data = build.run_data(config, settings, world, say)
-    # ---------------------------------------------------------------- network, bank, anchors
-    method = MethodState.build(config, len(data.train), settings.device)
-    if checkpoint is not None:
-        checkpoint.restore_method(method, data.train.fingerprint, say)
-    if config.test_only:
-        top1, top5 = build.evaluate(config, method, data, world)
-        say(console.test_only_line(checkpoint, top1, top5))
-        return
-    train(config, settings, world, method, data, checkpoint, say)
+    # ---------------------------------------------------------------- the run's folder
+    # Taken before the data is read: a busy or unwritable folder is refused in seconds.
+    lock = ckpt.NoLock() if config.test_only else ckpt.take_model_dir(
+        config.model_dir, world, say, log_folder(config) if config.tensorboard else None)
+    try:
+        # ------------------------------------------------------------ data
+        data = build.run_data(config, settings, world, say)
+        # ------------------------------------------------------------ network, bank, anchors
+        method = MethodState.build(config, len(data.train), settings.device)
+        if checkpoint is not None:
+            checkpoint.restore_method(method, data.train.fingerprint, say)
+        if config.test_only:
+            top1, top5 = build.evaluate(config, method, data, world)
+            say(console.test_only_line(checkpoint, top1, top5))
+            return
+        ckpt.check_room(config.model_dir, method.checkpoint_bytes(), world)
+        train(config, settings, world, method, data, checkpoint, say)
+    finally:
+        lock.release()
 
 
 def train(config, settings, world, method, data, checkpoint, say):
     """The rounds and epochs of a run: from its start, from --init-from's weights, or from
-    where its last.t7 stopped."""
+    where its last.t7 stopped, in its folder (locked by `run`)."""
     started = time.time()
-    # ---------------------------------------------------------------- the run's folder, records
-    lock = ckpt.take_model_dir(config.model_dir, method.checkpoint_bytes(), world, say,
-                               log_folder(config) if config.tensorboard else None)
+    # ---------------------------------------------------------------- records
     writer = ckpt.CheckpointWriter()
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
     # ---------------------------------------------------------------- optimizer, resume
     optimizer = build.build_optimizer(config, method.net)
-    progress = resume.start(config, checkpoint, optimizer, method, world, say)
+    progress = resume.start(config, checkpoint, optimizer, method, world, say,
+                            evaluated=data.knn is not None)
     schedule = Schedule(config.epochs, config.schedule)
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
     try:
@@ -129,7 +137,6 @@ def train(config, settings, world, method, data, checkpoint, say):
     finally:
         writer.wait()               # every checkpoint whole on disk before anything is said
         log.close()
-        lock.release()
     # ---------------------------------------------------------------- the end
     for line in console.end_lines(config, progress, log.jsonl_path):
         say(line)
@@ -157,6 +164,7 @@ class Run:
         if self.world.main:
             record = self.config.record(self.data.mean, self.data.std)
             record['trained_with'] = self.trained_with
+            record['started_in'] = os.getcwd()      # (relative paths are relative to it)
             ckpt.write(self.writer, self.config.model_dir, self.method, self.optimizer,
                        self.progress, position, record, self.data.train.fingerprint, is_best)
 

@@ -7,6 +7,8 @@ DataError can be read without torch: the command lines parse their flags before 
 import hashlib
 import importlib
 import importlib.metadata
+import os
+import shutil
 
 import numpy as np
 
@@ -46,10 +48,11 @@ def __getattr__(name):
 
 def import_torchvision():
     """torchvision (and torch), or a DataError saying in one line that the two cannot work
-    together. A torchvision built for another torch release fails at import with a 30-line
-    traceback ending in `operator torchvision::nms does not exist`. The command lines call this
-    right after parsing their flags, before anything else imports torchvision (transforms.py
-    imports it through here too)."""
+    together, and why. A torchvision built for another torch release, or another build of the
+    same release (CPU against CUDA), fails at import with a 30-line traceback ending in
+    `operator torchvision::nms does not exist`. The command lines call this right after parsing
+    their flags, before anything else imports torchvision (transforms.py imports it through
+    here too)."""
     try:
         import torchvision
     except ModuleNotFoundError as err:
@@ -57,19 +60,95 @@ def import_torchvision():
             from None
     except Exception as err:    # RuntimeError, ImportError, OSError: whatever the pair raises
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise DataError(f'torch {installed("torch")} and torchvision {installed("torchvision")} '
-                        f'do not match ({reason}): install a matching pair, e.g. pip install '
-                        f'--upgrade torch torchvision (on a machine without a GPU add '
-                        f'--index-url https://download.pytorch.org/whl/cpu)') from None
+        raise DataError(mismatch_message(torch_build(), torchvision_build(), reason,
+                                         nvidia_gpu())) from None
     return torchvision
 
 
-def installed(package):
-    """The installed version of `package`, read without importing it."""
+# torchvision 0.N comes with torch 2.(N - 15): 0.26 with 2.11, 0.29 with 2.14.
+TORCHVISION_MINOR_OFFSET = 15
+CPU_INDEX = 'https://download.pytorch.org/whl/cpu'
+
+
+def torch_build():
+    """torch's version with its build ('2.13.0+cpu'; '2.14.1' is the default build, CUDA on
+    Linux), read by importing it (torch itself imports; only the pair fails)."""
     try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return 'unknown'
+        import torch
+        return torch.__version__
+    except Exception:           # noqa: BLE001 (then the installed metadata says what it can)
+        return installed('torch')
+
+
+def torchvision_build():
+    """torchvision's version with its build ('0.28.0+cu128'), from its version.py, without
+    importing it (the import is what fails)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec('torchvision')
+        folder = (spec.submodule_search_locations or [None])[0]
+        with open(os.path.join(folder, 'version.py')) as f:
+            for line in f:
+                if line.startswith('__version__'):
+                    return line.split('=', 1)[1].strip().strip('\'"')
+    except (AttributeError, TypeError, OSError, ValueError):
+        pass
+    return installed('torchvision')
+
+
+def nvidia_gpu():
+    """Whether this machine has an NVIDIA GPU (its driver is loaded)."""
+    return os.path.isdir('/proc/driver/nvidia') or shutil.which('nvidia-smi') is not None
+
+
+def _release_and_build(version):
+    release, _, build = version.partition('+')
+    return release, build
+
+
+def _build_words(build):
+    if build == 'cpu':
+        return 'a CPU build'
+    if build.startswith('cu'):
+        return f'a CUDA {build[2:-1]}.{build[-1]} build'
+    if build.startswith('rocm'):
+        return 'a ROCm build'
+    return 'the default build'
+
+
+def mismatch_message(torch_version, vision_version, reason, gpu):
+    """Why torch `torch_version` and torchvision `vision_version` ('2.13.0+cpu', '0.28.0+cu128')
+    do not work together, and the pip command that fits this machine (`gpu`: an NVIDIA GPU is
+    present): one release of torchvision for another of torch, or one release in two builds."""
+    torch_release, torch_kind = _release_and_build(torch_version)
+    vision_release, vision_kind = _release_and_build(vision_version)
+    try:
+        _, minor, patch = (int(v) for v in (torch_release.split('.') + ['0'])[:3])
+        wanted_vision = f'0.{minor + TORCHVISION_MINOR_OFFSET}'
+    except ValueError:
+        wanted_vision = None
+    machine = 'this machine has an NVIDIA GPU' if gpu else 'this machine has no NVIDIA GPU'
+    # (uninstalled first: pip takes an installed 2.13.0+cpu for ==2.13.0 and changes nothing)
+    if wanted_vision is None:
+        fix = 'pip install --upgrade torch torchvision'
+    elif gpu:
+        fix = (f'pip uninstall -y torch torchvision && pip install torch=={torch_release} '
+               f'torchvision=={wanted_vision}.{patch}')
+    else:
+        fix = (f'pip uninstall -y torch torchvision && pip install torch=={torch_release}+cpu '
+               f'torchvision=={wanted_vision}.{patch}+cpu --index-url {CPU_INDEX}')
+    if wanted_vision is None and not gpu:
+        fix += f' --index-url {CPU_INDEX}'
+    if wanted_vision and not vision_release.startswith(wanted_vision + '.'):
+        cause = (f'torch {torch_version} and torchvision {vision_version} are from different '
+                 f'releases (torch {torch_release} goes with torchvision {wanted_vision})')
+    elif torch_kind != vision_kind:
+        cause = (f'torch {torch_version} ({_build_words(torch_kind)}) and torchvision '
+                 f'{vision_version} ({_build_words(vision_kind)}) are one release in two '
+                 f'builds')
+    else:
+        cause = f'torch {torch_version} and torchvision {vision_version} do not load together'
+    return f'{cause} ({reason}); {machine}: {fix}'
 
 
 def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None,
@@ -87,6 +166,10 @@ def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None
     if subset is not None:
         def select(split, count):
             return random_subset_indices(count, subset, seed + (split == 'test'))
+    if os.path.isfile(root):
+        holder = os.path.dirname(root) or '.'
+        raise DataError(f'--data-root {shown(root)} is a file, not a folder: give the folder '
+                        f'that holds the images (such as {shown(holder)})')
     if name in FIXED_SIZE and image_size not in (None, FIXED_SIZE[name]):
         raise DataError(f'{name} images are {FIXED_SIZE[name]} px; --image-size '
                         f'{image_size} is for --dataset folder')

@@ -119,7 +119,7 @@ def load_trained(path, say=print, **overrides):
     is checked against the data found (the fingerprint); `say` gets the one note when a file
     has none."""
     state = ckpt.load(path)
-    stored = ckpt.stored_options(state)
+    stored = ckpt.stored_options(state, path)
     # (the image cache and the memory budget are this machine's, not the run's)
     config = defaults(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
                          'cache': True, 'cache_dir': None, 'data_memory': None, **overrides})
@@ -137,6 +137,21 @@ def load_trained(path, say=print, **overrides):
     method.net.eval()
     pipeline = build_pipeline(config, settings, train, test, mean, std)
     return Trained(config, state, method, train, test, pipeline, settings.device, mean, std)
+
+
+def labels_of(path, data_root=None):
+    """Whether the checkpoint at `path` was trained on labelled data (a test split to
+    evaluate on), read from its options and the data folder's layout, without reading any
+    image: False for a folder of unlabeled images, True otherwise (a released file, CIFAR,
+    a labelled tree). Raises UserError for a file that is no checkpoint."""
+    stored = ckpt.stored_options(ckpt.load(path), path)
+    root = data_root or stored.get('data_root')
+    if stored.get('dataset') != 'folder' or not root:
+        return True
+    try:
+        return datasets.folder_layout(root) == 'labelled'
+    except datasets.DataError:
+        return True                 # (the loading says what is wrong with the folder)
 
 
 def load_for_analysis(path, data_root=None, subset=None, device='auto', say=print):

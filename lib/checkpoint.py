@@ -116,20 +116,46 @@ def load(path):
     except Exception as err:   # torch.load raises many types; each means an unusable file
         raise UserError(unreadable_reason(path, size, err)) from None
     if not isinstance(state, dict) or not {'net', 'npc'} <= set(state):
-        keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        if isinstance(state, dict):
+            names = sorted(map(str, state))
+            held = 'the keys ' + ', '.join(names[:8]) + (
+                f' and {len(names) - 8} more' if len(names) > 8 else '') if names else 'no keys'
+        else:
+            held = f'a {type(state).__name__}, not a dict of keys'
         raise UserError(f'{path} is not a Super-AND checkpoint: it needs the keys net and npc, '
-                        f'and holds {keys}')
+                        f'and holds {held}')
     return state
 
 
-def stored_options(state):
+def stored_options(state, path=None):
     """The options the checkpoint's run had ({} for a released file), in today's words:
-    checkpoints from before --knn-features took the word 'network' stored 'recompute'."""
+    checkpoints from before --knn-features took the word 'network' stored 'recompute'. The
+    data folders it names relative to the folder the run was started in are given whole when
+    they are not found from here (`path`: the checkpoint's, for runs that did not record
+    where they started)."""
     stored = dict(state.get('config') or {})
     stored.pop('trained_with', None)            # what `auto` chose then: not an option
+    started_in = stored.pop('started_in', None) or started_folder(path, stored.get('model_dir'))
     if stored.get('knn_features') == 'recompute':
         stored['knn_features'] = 'network'
+    for key in ('data_root', 'eval_root'):
+        value = stored.get(key)
+        if value and started_in and not os.path.isabs(value) and not os.path.exists(value) \
+                and os.path.exists(os.path.join(started_in, value)):
+            stored[key] = os.path.normpath(os.path.join(started_in, value))
     return stored
+
+
+def started_folder(path, model_dir):
+    """The folder a run was started in, worked out from its checkpoint's `path` and the
+    --model_dir it was given (relative to that folder); None when they do not fit."""
+    if not path or not model_dir or os.path.isabs(model_dir):
+        return None
+    folder, tail = os.path.dirname(os.path.abspath(path)), os.path.normpath(model_dir)
+    if tail == '.':
+        return folder
+    suffix = os.sep + tail
+    return folder[:-len(suffix)] or os.sep if folder.endswith(suffix) else None
 
 
 def unreadable_reason(path, size, err):
@@ -197,13 +223,14 @@ def remove_made(made):
             pass
 
 
-def prepare_model_dir(model_dir, checkpoint_bytes, log_folder=None):
+def prepare_model_dir(model_dir, checkpoint_bytes=None, log_folder=None):
     """Make `model_dir` ready for a training run, at start-up rather than after hours of
-    training: create it (and the TensorBoard `log_folder`, when given), check that both can be
-    written, lock it for this process (a UserError naming the live run that holds it), remove
-    the temporaries of dead runs, and check that it has room for checkpoints of
-    `checkpoint_bytes` each. A refusal leaves no folder it made. Returns the held RunLock,
-    which the caller releases when the run ends."""
+    training (before its data is read): create it (and the TensorBoard `log_folder`, when
+    given), check that both can be written, lock it for this process (a UserError naming the
+    live run that holds it), remove the temporaries of dead runs, and when `checkpoint_bytes`
+    is given check that it has room for checkpoints of that size (`check_room` does it later
+    otherwise). A refusal leaves no folder it made. Returns the held RunLock, which the caller
+    releases when the run ends."""
     made = writable_folder(log_folder, '--log-dir') if log_folder else None
     try:
         writable_folder(model_dir, '--model_dir')
@@ -213,7 +240,8 @@ def prepare_model_dir(model_dir, checkpoint_bytes, log_folder=None):
         raise
     try:
         remove_dead_temporaries(model_dir)
-        check_free_space(model_dir, checkpoint_bytes)
+        if checkpoint_bytes is not None:
+            check_free_space(model_dir, checkpoint_bytes)
     except BaseException:
         lock.release()
         remove_made(made)
@@ -229,14 +257,14 @@ class NoLock:
         pass
 
 
-def take_model_dir(model_dir, checkpoint_bytes, world, say, log_folder=None):
+def take_model_dir(model_dir, world, say, log_folder=None):
     """`prepare_model_dir` on rank 0 (the process that writes), checked once; every process
     stops with its UserError if it fails. Returns rank 0's RunLock (its note, on a system
     without file locks, said), or a NoLock."""
     problem, lock = None, NoLock()
     if world.main:
         try:
-            lock = prepare_model_dir(model_dir, checkpoint_bytes, log_folder)
+            lock = prepare_model_dir(model_dir, log_folder=log_folder)
         except UserError as err:
             problem = str(err)
     problem = world.share(problem)
@@ -245,6 +273,20 @@ def take_model_dir(model_dir, checkpoint_bytes, world, say, log_folder=None):
     if lock.note:
         say(lock.note)
     return lock
+
+
+def check_room(model_dir, checkpoint_bytes, world):
+    """`check_free_space` on rank 0, once the checkpoints' size is known; every process stops
+    with its UserError if there is not enough."""
+    problem = None
+    if world.main:
+        try:
+            check_free_space(model_dir, checkpoint_bytes)
+        except UserError as err:
+            problem = str(err)
+    problem = world.share(problem)
+    if problem:
+        raise UserError(problem)
 
 
 def remove_dead_temporaries(model_dir):

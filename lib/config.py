@@ -188,6 +188,30 @@ OPTIONS = (
            'global batch: SyncBatchNorm on GPUs, an all-reduce version on the CPU',
            action='store_true'),
 )
+# How --help groups the options, in this order.
+HELP_GROUPS = {
+    'data': ('dataset', 'data_root', 'subset', 'image_size', 'mean', 'std', 'cache',
+             'cache_dir'),
+    'method': ('method', 'network', 'stem', 'sobel', 'views', 'bank', 'aug_loss', 'aug_input',
+               'ue_loss', 'flip', 'nesterov', 'low_dim', 'npc_t', 'npc_m', 'ANs_select_rate',
+               'ANs_size', 'batch_t', 'batch_m'),
+    'schedule': ('rounds', 'epochs', 'schedule', 'batch_size', 'lr', 'momentum',
+                 'weight_decay', 'seed'),
+    'evaluation': ('knn_k', 'knn_sigma', 'knn_features', 'eval_root', 'eval_precision',
+                   'test_only'),
+    'run folder': ('model_dir', 'resume', 'init_from', 'stop_after', 'name', 'log_dir',
+                   'tensorboard', 'quiet'),
+    'speed': ('device', 'pipeline', 'precision', 'compile', 'compile_check', 'workers',
+              'data_memory'),
+    'processes (torchrun)': ('sync_bn',),
+}
+HELP_EXAMPLES = """examples:
+  python3 main.py --dataset cifar10 --network resnet18 --model_dir checkpoint/released
+  python3 main.py --data-root data --subset 500 --rounds 2 --epochs 2 --model_dir checkpoint/quick
+  python3 main.py --model_dir checkpoint/quick --resume last.t7       # continue a stopped run
+  python3 main.py --resume checkpoint/quick --test_only               # kNN of its best epoch
+  python3 main.py --dataset folder --data-root photos --model_dir checkpoint/photos
+The README has more (your own images, the figures, several GPUs)."""
 RESUMED = frozenset(o.name for o in OPTIONS if o.resumed)
 # Resumed to train on as the run trained; an evaluation (--test_only) chooses for this machine.
 HOW_IT_TRAINS = ('pipeline', 'precision', 'compile')
@@ -205,14 +229,19 @@ def build_parser():
     """main.py's parser. Every default is SUPPRESS, so that a parsed namespace holds exactly
     the options typed; the defaults are written into the help instead."""
     parser = cli.Parser(description='Super-AND unsupervised embedding learning (Han et al. '
-                        '2020): train, evaluate by weighted kNN, resume.')
-    for o in OPTIONS:
-        default = {True: 'on', False: 'off'}.get(o.default, o.default) \
-            if isinstance(o.default, bool) else o.default
-        shown = '' if o.default in (None, '') or o.kind.get('action') == 'store_true' \
-            else f' (default: {default})'
-        parser.add_argument(*o.flags, dest=o.name, default=argparse.SUPPRESS,
-                            help=o.help + shown, **o.kind)
+                        '2020): train, evaluate by weighted kNN, resume.',
+                        epilog=HELP_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    by_name = {o.name: o for o in OPTIONS}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for o in (by_name[name] for name in names):
+            default = {True: 'on', False: 'off'}.get(o.default, o.default) \
+                if isinstance(o.default, bool) else o.default
+            shown = '' if o.default in (None, '') or o.kind.get('action') == 'store_true' \
+                else f' (default: {default})'
+            group.add_argument(*o.flags, dest=o.name, default=argparse.SUPPRESS,
+                               help=o.help + shown, **o.kind)
     return parser
 
 

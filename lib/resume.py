@@ -35,7 +35,7 @@ class Checkpoint:
     @property
     def config(self):
         """The options the checkpoint's run had ({} for a released file)."""
-        return ckpt.stored_options(self.state)
+        return ckpt.stored_options(self.state, self.path)
 
     @property
     def options(self):
@@ -156,16 +156,17 @@ def nothing_to_train(config, checkpoint, say):
     progress = ckpt.progress_of(checkpoint.state)
     if progress.round < config.rounds:
         return False
+    best = f'; best kNN top-1 {progress.best_text()}' if progress.best_acc is not None else ''
     say(f'{checkpoint.path}: the run already finished ({plural(config.rounds, "round")} x '
-        f'{plural(config.epochs, "epoch")}; best kNN top-1 {progress.best_text()}); nothing to '
-        f'do; more rounds would train on: '
+        f'{plural(config.epochs, "epoch")}{best}); nothing to do; more rounds would train on: '
         f'{retyped(config.argv, {"--rounds": str(config.rounds + 1)})}')
     return True
 
 
-def start(config, checkpoint, optimizer, method, world, say):
+def start(config, checkpoint, optimizer, method, world, say, evaluated=True):
     """The Progress a run starts from: a last.t7's position (its optimizer and random states
-    restored), round `r` epoch 0 of an --init-from checkpoint at round r, or the beginning."""
+    restored), round `r` epoch 0 of an --init-from checkpoint at round r, or the beginning.
+    `evaluated`: the run has a kNN accuracy (labels, or --eval-root) to say the best of."""
     if checkpoint is None:
         return ckpt.Progress()
     state, path = checkpoint.state, checkpoint.path
@@ -181,8 +182,8 @@ def start(config, checkpoint, optimizer, method, world, say):
             f'by position, not by name); it resumes as it is')
     progress = ckpt.restore_training(state, optimizer)
     where = f' step {progress.step}' if progress.step else ''
-    say(f'resuming at round {progress.round} epoch {progress.epoch}{where} from {path} (best '
-        f'kNN top-1 so far: {progress.best_text()})')
+    best = f' (best kNN top-1 so far: {progress.best_text()})' if evaluated else ''
+    say(f'resuming at round {progress.round} epoch {progress.epoch}{where} from {path}{best}')
     repeated = ckpt.repeated_epoch_note(path, progress) if world.main else None
     if repeated:
         say(repeated)

@@ -212,21 +212,55 @@ def test_a_flag_is_taken_only_whole_and_a_close_one_is_named(argv, needle, capsy
 
 def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
     """A torchvision built for another torch fails at import (simulated here by a package
-    that raises what the real mismatch raises): one line, exit code 2."""
+    that raises what the real mismatch raises): one line, exit code 2, naming both versions
+    and the command for this machine."""
+    import torch
     fake = tmp_path / 'torchvision'
     fake.mkdir()
     (fake / '__init__.py').write_text(
         'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (fake / 'version.py').write_text("__version__ = '0.28.0+cpu'\n")
     env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
+    release = torch.__version__.split('+')[0]
+    minor, patch = release.split('.')[1:3]
     for argv in (['main.py', '--epochs', '1'], ['-m', 'tools.embed', '--ckpt', 'x.t7',
                                                  '--images', '.', '--out', 'x.npz']):
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                               cwd=ROOT, env=env, timeout=120)
         assert proc.returncode == 2 and proc.stdout == ''
-        assert re.fullmatch(r'error: torch \S+ and torchvision \S+ do not match \(operator '
-                            r'torchvision::nms does not exist\): install a matching pair, e\.g\. '
-                            r'pip install --upgrade torch torchvision .*\n', proc.stderr), \
-            proc.stderr
+        assert proc.stderr == (
+            f'error: torch {torch.__version__} and torchvision 0.28.0+cpu are from different '
+            f'releases (torch {release} goes with torchvision 0.{int(minor) + 15}) (operator '
+            f'torchvision::nms does not exist); this machine has no NVIDIA GPU: pip uninstall '
+            f'-y torch torchvision && pip install torch=={release}+cpu torchvision==0.'
+            f'{int(minor) + 15}.{patch}+cpu --index-url https://download.pytorch.org/whl/cpu\n')
+
+
+@pytest.mark.parametrize('torch_version, vision, gpu, cause, fix', [
+    ('2.13.0+cpu', '0.28.0+cu128', False,
+     'torch 2.13.0+cpu (a CPU build) and torchvision 0.28.0+cu128 (a CUDA 12.8 build) are one '
+     'release in two builds',
+     'pip uninstall -y torch torchvision && pip install torch==2.13.0+cpu '
+     'torchvision==0.28.0+cpu --index-url https://download.pytorch.org/whl/cpu'),
+    ('2.13.0+cpu', '0.28.0', True,
+     'torch 2.13.0+cpu (a CPU build) and torchvision 0.28.0 (the default build) are one release '
+     'in two builds', 'pip uninstall -y torch torchvision && pip install torch==2.13.0 '
+                      'torchvision==0.28.0'),
+    ('2.14.1', '0.28.0', True,
+     'torch 2.14.1 and torchvision 0.28.0 are from different releases (torch 2.14.1 goes with '
+     'torchvision 0.29)', 'pip uninstall -y torch torchvision && pip install torch==2.14.1 '
+                          'torchvision==0.29.1'),
+    ('2.11.0+cu128', '0.26.0+cu126', True,
+     'torch 2.11.0+cu128 (a CUDA 12.8 build) and torchvision 0.26.0+cu126 (a CUDA 12.6 build) '
+     'are one release in two builds',
+     'pip uninstall -y torch torchvision && pip install torch==2.11.0 torchvision==0.26.0'),
+])
+def test_the_torch_pair_message_names_the_cause_and_a_fix_for_this_machine(
+        torch_version, vision, gpu, cause, fix):
+    import datasets
+    machine = 'this machine has an NVIDIA GPU' if gpu else 'this machine has no NVIDIA GPU'
+    assert datasets.mismatch_message(torch_version, vision, 'reason', gpu) == \
+        f'{cause} (reason); {machine}: {fix}'
 
 
 # ----------------------------------------------------------------------------- help texts

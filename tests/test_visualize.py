@@ -189,12 +189,17 @@ def test_curve_from_two_logs(tmp_path, capsys, monkeypatch):
     first = write_log(tmp_path / 'run_a' / 'log.jsonl', 2, 3,
                       extra=[{'type': 'note', 'text': 'not an epoch'}])
     write_log(tmp_path / 'run_b' / 'log.jsonl', 2, 4)
-    monkeypatch.chdir(tmp_path)            # the default --out is fig/curve.png under here
+    monkeypatch.chdir(tmp_path)     # the default --out is fig/curve-<run folders>.png here
     code, out, err = run(capsys, 'curve', '--log', first, tmp_path / 'run_b', '--published')
     assert code == 0, err
-    assert png_size(tmp_path / 'fig' / 'curve.png') == \
+    assert png_size(tmp_path / 'fig' / 'curve-run_a+run_b.png') == \
         tuple(round(vis.DPI * s) for s in vis.CURVE_SIZE_IN) == (900, 450)
-    assert 'fig/curve.png' in out
+    assert out.startswith('wrote fig/curve-run_a+run_b.png')
+    # Another run's curve lands on a file of its own; the same one again says it replaced it.
+    code, out, err = run(capsys, 'curve', '--log', first)
+    assert code == 0 and out.startswith('wrote fig/curve-run_a.png'), err
+    code, out, err = run(capsys, 'curve', '--log', first)
+    assert code == 0 and out.startswith('replaced fig/curve-run_a.png'), err
 
 
 def test_a_curve_without_labels_is_the_loss_sgd_minimised():

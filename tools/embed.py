@@ -52,6 +52,7 @@ from datasets import shown  # noqa: E402
 from datasets.decoding import read_files  # noqa: E402
 from lib.analysis import load_network  # noqa: E402
 from lib.build import image_reading, pick_device  # noqa: E402
+from lib.cli import plural  # noqa: E402
 from lib.console import reading_line  # noqa: E402
 from lib.core.knn import embed  # noqa: E402
 from lib.errors import UserError  # noqa: E402
@@ -334,8 +335,11 @@ def embed_command(argv):
         rows.close()
     labels = (f', labels of {len(images.classes)} classes' if images.labels is not None
               else '')
+    skipped = len(listed.paths) - features.shape[0]
+    left_out = f' ({plural(skipped, "unreadable file")} left out, named above)' if skipped \
+        else ''
     print(f'wrote {shown(args.out)}: {features.shape[0]} x {features.shape[1]} unit-length '
-          f'features, paths relative to {shown(args.images)}{labels}')
+          f'features, paths relative to {shown(args.images)}{labels}{left_out}')
 
 
 def main(argv=None):

@@ -3,9 +3,15 @@
     python -m tools.export --ckpt checkpoint/ckpt.t7 --split test --out test.npz
 
 Writes `features` (N x D float32: the network's eval-mode embeddings with the test transform,
-or with `--features bank` the memory bank, training split only), `labels` (N), `indexes` (N,
-each image's position in the full split, so subsets map back to files) and `classes`. For any
-folder of images, `python -m tools.embed` does the same.
+or with `--features bank` the memory bank, training split only), `indexes` (N, each image's
+position in the full split, so subsets map back to files), for image folders `paths` (N,
+relative to `root`), and for labelled data `labels` (N) and `classes`.
+
+`python -m tools.embed` embeds any folder the same way, with one difference for a folder's
+training split at a size other than its files': a run keeps its training images 8/7 larger (to
+crop from) and evaluates them resized from that, as export does, while embed resizes each file
+straight to the size; the two embeddings of one image then differ slightly (cosine about
+0.998). Test splits, and images already at the size, give the same features either way.
 """
 import os
 import sys
@@ -39,19 +45,34 @@ if __name__ == '__main__':
 # The engine, imported once the flags are known to be right (importing torch takes seconds).
 import numpy as np  # noqa: E402
 
-from lib.analysis import load_for_analysis  # noqa: E402
+from lib.analysis import labels_of, load_for_analysis  # noqa: E402
+from lib.errors import UserError  # noqa: E402
 from tools.embed import write_npz  # noqa: E402
 
 
 def export(argv):
     args = build_parser().parse_args(argv)
+    if args.split == 'test' and not labels_of(args.ckpt, args.data_root):   # before the data
+        raise UserError(f'{args.ckpt} was trained on unlabeled images: there is no test split '
+                        f'to export; --split train exports its training images')
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     features, labels = trained.embeddings(args.split, args.knn_features)
     image_set = trained.train if args.split == 'train' else trained.test
+    extra = {}
+    if image_set.paths is not None:             # image folders: rows map back to files
+        extra.update(paths=np.asarray(image_set.paths), root=os.path.abspath(image_set.root))
+    if image_set.labelled:
+        extra.update(labels=labels.cpu().numpy().astype(np.int64),
+                     classes=np.asarray(image_set.classes))
+    if args.split == 'train' and args.knn_features == 'network' and \
+            image_set.images.shape[1] != trained.config.image_size:
+        print(f'note: these are the run\'s view of its training images, kept '
+              f'{image_set.images.shape[1]} px and resized to {trained.config.image_size}; '
+              f'python -m tools.embed resizes the files straight to '
+              f'{trained.config.image_size} px, which moves each embedding slightly (cosine '
+              f'about 0.998)')
     write_npz(args.out, features=features.cpu().numpy().astype(np.float32),
-              labels=labels.cpu().numpy().astype(np.int64),
-              indexes=np.asarray(image_set.indexes, dtype=np.int64),
-              classes=np.asarray(image_set.classes))
+              indexes=np.asarray(image_set.indexes, dtype=np.int64), **extra)
     print(f'wrote {args.out}: {features.shape[0]} x {features.shape[1]} {args.knn_features} '
           f'features of the {args.split} split')
 

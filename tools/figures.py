@@ -94,14 +94,17 @@ def select_queries(num_test, count=DEFAULT_QUERIES, indexes=None, seed=0):
     return sorted(torch.randperm(num_test, generator=generator)[:count].tolist())
 
 
+UNLABELED_FIGURE = ('this figure shows test images and their classes; a run on unlabeled '
+                    'images has none (python -m tools.retrieve --figure draws its nearest '
+                    'images)')
+
+
 def check_same_test_set(checkpoints):
     """Figures put checkpoints side by side on the same test images: refuse mixed test sets,
     and runs without labels (no test split)."""
     for trained in checkpoints:
         if trained.test is None:
-            raise UserError('this figure shows test images and their classes; a run on '
-                            'unlabeled images has none (python -m tools.retrieve --figure draws '
-                            'its nearest images)')
+            raise UserError(UNLABELED_FIGURE)
     first = checkpoints[0].test
     for trained in checkpoints[1:]:
         if not np.array_equal(trained.test.indexes, first.indexes) or \
@@ -474,3 +477,11 @@ def curve_figure(logs, published=False):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return fig
+
+
+if __name__ == '__main__':
+    import sys
+    print('error: tools.figures is the library of the figures (import it in a notebook); their '
+          'command line is: python -m tools.visualize COMMAND, with COMMAND one of retrieval, '
+          'probabilities, embedding, curve', file=sys.stderr)
+    sys.exit(2)

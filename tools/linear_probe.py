@@ -112,9 +112,12 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
 
 
 def probe(argv):
-    from lib.analysis import load_for_analysis
+    from lib.analysis import labels_of, load_for_analysis
     from lib.errors import UserError
     args = build_parser().parse_args(argv)
+    if not labels_of(args.ckpt, args.data_root):       # said before the data is read
+        raise UserError('a linear probe needs labels, and this checkpoint was trained on '
+                        'unlabeled images')
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     if trained.test is None:
         raise UserError('a linear probe needs labels, and this checkpoint was trained on '

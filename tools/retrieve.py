@@ -214,15 +214,16 @@ def retrieve(argv):
     if os.path.isdir(args.gallery):
         listed = list_folder(args.gallery)
         if args.k > len(listed.paths):                           # before any embedding
-            raise UserError(f'--k {args.k} is more than the {len(listed.paths)} image files '
-                            f'of {shown(args.gallery)}')
+            raise UserError(f'--k {args.k} is more than the '
+                            f'{cli.plural(len(listed.paths), "image file")} of '
+                            f'{shown(args.gallery)}')
         gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print,
                                                 reading)
     else:
         gallery, features = gallery_from_npz(loaded, args.gallery, args.ckpt, device, print)
     if args.k > features.shape[0]:
-        raise UserError(f'--k {args.k} is more than the {features.shape[0]} images of the '
-                        f'gallery {shown(args.gallery)}')
+        raise UserError(f'--k {args.k} is more than the {features.shape[0]} readable images of '
+                        f'the gallery {shown(args.gallery)}')
     done = embed_files(loaded.net, '', [os.path.abspath(q) for q in args.query],
                        loaded.image_size, loaded.mean, loaded.std, device, reading=reading)
     if not done.kept:

@@ -1,4 +1,5 @@
-"""The figures' command line: one PNG per command (default `fig/<command>.png`).
+"""The figures' command line: one PNG per command (default `fig/<command>-<run folders>.png`,
+so the figures of other runs never land on one file; a file replaced is said so).
 
     python -m tools.visualize retrieval --ckpt and.t7 super-and.t7 --labels AND Super-AND
     python -m tools.visualize probabilities --ckpt checkpoint/ckpt.t7 --queries 4
@@ -51,7 +52,7 @@ def add_common_options(p, seed=True):
     p.add_argument('--out', default=None, metavar='PATH',
                    type=cli.output_file('.png', '.pdf', '.svg', '.jpg', '.jpeg'),
                    help=f'the figure to write, .png, .pdf, .svg or .jpg (default: '
-                        f'{DEFAULT_OUT_DIR}/<command>.png)')
+                        f'{DEFAULT_OUT_DIR}/<command>-<run folders>.png)')
 
 
 def build_parser():
@@ -129,8 +130,9 @@ if __name__ == '__main__':
 from PIL import Image  # noqa: E402
 
 from lib.errors import UserError  # noqa: E402
-from tools.figures import (DPI, check_same_test_set, curve_figure, embedding_figure,  # noqa: E402
-                      plt, probabilities_figure, retrieval_figure, select_queries)
+from tools.figures import (DPI, UNLABELED_FIGURE, check_same_test_set,  # noqa: E402
+                           curve_figure, embedding_figure, plt, probabilities_figure,
+                           retrieval_figure, select_queries)
 from lib.run_log import epoch_records, log_path  # noqa: E402
 
 
@@ -145,9 +147,12 @@ def labels_for(names, labels, what):
 
 def load_checkpoints(args):
     """Trained objects of --ckpt, and their labels."""
-    from lib.analysis import load_for_analysis
+    from lib.analysis import labels_of, load_for_analysis
     if args.labels is not None:
         labels_for(args.ckpt, args.labels, 'checkpoints')      # fail before the slow loading
+    for path in args.ckpt:
+        if not labels_of(path, args.data_root):
+            raise UserError(UNLABELED_FIGURE)
     checkpoints = []
     for path in args.ckpt:
         trained = load_for_analysis(path, args.data_root, args.subset, args.device)
@@ -201,12 +206,29 @@ def save(figure, kind, out):
         return written.size
 
 
+def default_out(args):
+    """fig/<command>-<runs>.png: each run named by its folder (the checkpoint's or the log's),
+    so the figures of other runs never land on one file."""
+    paths = args.log if args.command == 'curve' else args.ckpt
+    names = []
+    for path in paths:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        name = os.path.basename(os.path.normpath(folder)) or 'run'
+        names.append(name if args.command == 'curve' or os.path.basename(path) in (
+            'ckpt.t7', '') else f'{name}-{os.path.splitext(os.path.basename(path))[0]}')
+    joined = '+'.join(dict.fromkeys(names))
+    if len(joined) > 80:                        # many runs: their count, not their names
+        joined = f'{len(names)}-runs'
+    return os.path.join(DEFAULT_OUT_DIR, f'{args.command}-{joined}.png')
+
+
 def draw(argv):
     args = parse_args(argv)
-    out = args.out or os.path.join(DEFAULT_OUT_DIR, f'{args.command}.png')
+    out = args.out or default_out(args)
     figure, kind = run_command(args)
+    existed = os.path.exists(out)
     width, height = save(figure, kind, out)
-    print(f'wrote {out} ({width} x {height} px)')
+    print(f'{"replaced" if existed else "wrote"} {out} ({width} x {height} px)')
 
 
 def main(argv=None):
