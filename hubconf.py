@@ -13,7 +13,9 @@ resized and centre-cropped as runs read their test images.
 
 This project's packages have common names (`lib`, `models`, `datasets`: a user's own, or
 HuggingFace's `datasets`). The entry points import them only while they run, and leave the
-caller's modules of those names as they were.
+caller's modules of those names as they were. So a model they return is saved as its weights,
+`torch.save(model.state_dict(), path)`, and loaded into `torch.hub.load(...)`'s next model;
+pickling the whole module (`torch.save(model)`) would need those packages importable by name.
 """
 import contextlib
 import os

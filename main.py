@@ -29,7 +29,7 @@ from lib import build, console, resume  # noqa: E402
 from lib import checkpoint as ckpt  # noqa: E402
 from lib.config import log_folder, resolve  # noqa: E402
 from lib.core.schedules import Schedule, set_learning_rate  # noqa: E402
-from lib.distributed import close_world, init_world  # noqa: E402
+from lib.distributed import WorldError, close_world, init_world  # noqa: E402
 from lib.engine import NonFiniteLoss, run_epoch  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.fast_path import step_parts  # noqa: E402
@@ -44,7 +44,7 @@ def run(flags, world):
     reducer holds the process group) is released when this returns, so the group closes last."""
     say = console.Console(world.main)
     # ---------------------------------------------------------------- configuration
-    checkpoint = resume.open_checkpoint(flags, say)        # --resume or --init-from, else None
+    checkpoint = resume.open_checkpoint(flags, say, world)  # --resume/--init-from, else None
     config = resolve(flags, checkpoint and checkpoint.options, say,
                      checkpoint and checkpoint.model_dir)
     say.quiet = config.quiet
@@ -62,6 +62,7 @@ def run(flags, world):
     try:
         # ------------------------------------------------------------ data
         data = build.run_data(config, settings, world, say)
+        build.check_same_data(data, world)              # (on every node: the same images)
         # ------------------------------------------------------------ network, bank, anchors
         method = MethodState.build(config, len(data.train), settings.device)
         if checkpoint is not None:
@@ -215,7 +216,10 @@ def main(argv=None):
         flags = parse(argv)
     except SystemExit as exit_:        # -h, or a flag error already printed
         return exit_.code
-    world = init_world(flags.typed.get('device', 'auto'))
+    try:
+        world = init_world(flags.typed.get('device', 'auto'))
+    except WorldError as err:
+        return cli.one_line_error(err, f'error (rank {os.environ.get("RANK", "?")})')
     label = 'error' if world.size == 1 else f'error (rank {world.rank})'
     with signal_handlers_kept():        # (a run that fails leaves its stop handlers: below)
         code = cli.run(lambda _: run(flags, world), error_label=label)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError
-from .image_cache import PackWriter, size_rule
+from .image_cache import HELD_LOCKS, PackWriter, size_rule
 from .images import (ImageNotes, UnreadableImage, failure_reason, open_image, shown,
                      stored_size, to_rgb)
 
@@ -68,20 +68,17 @@ class Reading:
 @dataclass
 class ReadStats:
     """What reading cost: files asked for, found in the cache (`from_cache`, of which
-    `hashed` were read to find them), decoded, seconds, processes; the cache folder."""
+    `hashed` were read to find them), decoded, the seconds spent reading (not the caller's
+    time between files), the decoding processes; the cache folder read (None without one)
+    and whether what was decoded went into it (`cached`)."""
     files: int = 0
     from_cache: int = 0
     hashed: int = 0
     decoded: int = 0
     seconds: float = 0.0
     processes: int = 1
-    cache: str = None           # the cache folder, None without one
-
-    def add(self, other):
-        for name in ('files', 'from_cache', 'hashed', 'decoded', 'seconds'):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.processes = max(self.processes, other.processes)
-        self.cache = self.cache or other.cache
+    cache: str = None
+    cached: bool = False
 
 
 @dataclass
@@ -144,17 +141,41 @@ def decode_file(path, size, known=frozenset()):
             pixels = np.asarray(to_rgb(img, size, notes, path))
     except UnreadableImage as err:
         return 'unreadable', digest, None, None, failure_reason(err), notes.calls
+    except MemoryError:                  # the machine's, not the file's: stop, cache nothing
+        raise DecodingError(f'out of memory while decoding {shown(path)} ({len(data):,} bytes):'
+                            f' give fewer --workers, or free memory') from None
     return 'image', digest, header, pixels, None, notes.calls
 
 
 _KNOWN = frozenset()            # the digests the workers need not decode (set before forking)
 
 
-def _worker_starts(known):
+def _worker_starts(known, parent):
+    """In each worker: Ctrl-C is the main process's to answer; the cache's locks the main
+    process holds are not the worker's to keep (its copies of them closed); and the worker
+    ends with the main process (killed, it would otherwise wait for tasks for ever)."""
     global _KNOWN
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for descriptor in list(HELD_LOCKS):
+        try:
+            os.close(descriptor)
+        except OSError:
+            pass
+    _end_with_parent(parent)
     if known is not None:       # spawned: the set travels as an argument
         _KNOWN = known
+
+
+def _end_with_parent(parent):
+    """SIGKILL this process when its parent dies (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:                  # it died before prctl took effect
+        os._exit(1)
 
 
 def _decode_chunk(jobs):
@@ -189,7 +210,7 @@ def decoded_in_order(jobs, processes, known=frozenset()):
     fork = sys.platform.startswith('linux')
     _KNOWN = known              # forked workers find it here
     executor = ProcessPoolExecutor(processes, initializer=_worker_starts,
-                                   initargs=(None if fork else known,),
+                                   initargs=(None if fork else known, os.getpid()),
                                    mp_context=multiprocessing.get_context(
                                        'fork' if fork else 'spawn'))
     pending, finished = deque(), False
@@ -208,7 +229,8 @@ def decoded_in_order(jobs, processes, known=frozenset()):
                 results = pending.popleft().result()
             except BrokenProcessPool:
                 raise DecodingError(f'a process decoding images died (killed, or out of '
-                                    f'memory): give fewer --workers than {processes}') from None
+                                    f'memory?); {processes} were decoding at once: --workers '
+                                    f'N sets how many') from None
             task = next(tasks, None)
             if task is not None:
                 pending.append(executor.submit(_decode_chunk, task))
@@ -226,38 +248,61 @@ def read_files(paths, size, reading, notes=None, stats=None):
     `notes` (an ImageNotes) gets what each file gave, in order; `stats` (a ReadStats) what it
     cost. The cache's own lines (a folder that cannot be written, ...) are in its `notes`.
 
-    While it runs, the cache's fill lock of these files is held: another process reading the
-    same files (a second run, a torchrun rank) waits, then finds them in the cache."""
+    When some files are not in the cache, its fill lock of these files is held while they are
+    read: another process reading the same files (a second run, a torchrun rank) waits, then
+    finds them in the cache."""
     stats = stats if stats is not None else ReadStats()
-    started, cache = time.time(), reading.cache
     stats.files += len(paths)
+    reads = _reads(paths, size, reading, notes, stats)
     try:
-        if cache is None:
-            yield from _merged(paths, size, reading, notes, stats, [None] * len(paths),
-                               [None] * len(paths), None)
-            return
-        stats.cache = cache.root if cache.writable else None
-
-        def waiting():
-            if reading.say:
-                reading.say(f'waiting for another process that is reading these images into '
-                            f'the cache {shown(cache.root)}')
-        with cache.filling(size_rule(size), paths, waiting) as packs:
-            infos, known = [None] * len(paths), [None] * len(paths)
-            for i, path in enumerate(paths):
-                try:
-                    infos[i], known[i] = cache.identify(path)
-                except OSError:
-                    pass                        # said when it is read
-            yield from _merged(paths, size, reading, notes, stats, infos, known, packs)
-            cache.save_files()
+        while True:
+            started = time.time()
+            try:
+                read = next(reads)
+            except StopIteration:
+                return
+            finally:
+                stats.seconds += time.time() - started
+            yield read
     finally:
-        stats.seconds += time.time() - started
-        if cache is not None and not cache.writable:
-            stats.cache = None          # (said in the cache's note)
+        reads.close()
 
 
-def _merged(paths, size, reading, notes, stats, infos, known, packs):
+def _reads(paths, size, reading, notes, stats):
+    cache = reading.cache
+    if cache is None:
+        yield from _merged(paths, size, reading, notes, stats, [None] * len(paths),
+                           [None] * len(paths), None)
+        return
+    stats.cache, rule = cache.root, size_rule(size)
+
+    def identified():
+        infos, known, stat_time = [None] * len(paths), [None] * len(paths), time.time()
+        for i, path in enumerate(paths):
+            try:
+                infos[i], known[i] = cache.identify(path)
+            except OSError:
+                pass                            # said when it is read
+        return infos, known, stat_time
+    packs = cache.packs(rule)
+    infos, known, stat_time = identified()
+    if all(entry is not None and packs.lookup(entry[0]) is not None for entry in known):
+        yield from _merged(paths, size, reading, notes, stats, infos, known, packs, stat_time)
+        return
+
+    def waiting():
+        if reading.say:
+            reading.say(f'waiting for another process that is reading these images into the '
+                        f'cache {shown(cache.root)}')
+    with cache.filling(rule, paths, waiting) as (packs, waited):
+        if waited:                              # what the other process wrote
+            infos, known, stat_time = identified()
+        yield from _merged(paths, size, reading, notes, stats, infos, known, packs, stat_time)
+        cache.save_files()
+    stats.cached = cache.writable
+
+
+def _merged(paths, size, reading, notes, stats, infos, known, packs, stat_time=None):
     """The cached files and the decoded ones, in order; the decoded ones go into the cache."""
     def cached(i):
         return packs.lookup(known[i][0]) if packs is not None and known[i] else None
@@ -268,11 +313,10 @@ def _merged(paths, size, reading, notes, stats, infos, known, packs):
     stats.processes = max(stats.processes, processes)
     known_keys = frozenset(packs.where) | frozenset(packs.unreadable) if packs is not None \
         else frozenset()
-    decoded = decoded_in_order([(paths[i], size) for i in missing], processes, known_keys)
-    if reading.progress is not None and missing:
-        decoded = reading.progress(decoded, total=len(missing), desc='reading images',
-                                   unit='image')
-    decoded = iter(decoded)
+    pool = decoded_in_order([(paths[i], size) for i in missing], processes, known_keys)
+    bar = reading.progress(pool, total=len(missing), desc='reading images', unit='image') \
+        if reading.progress is not None and missing else pool
+    decoded = iter(bar)
     missing = set(missing)
 
     def replay(found, path):
@@ -285,7 +329,7 @@ def _merged(paths, size, reading, notes, stats, infos, known, packs):
         stats.from_cache += 1
         replay(found, path)
         if kind == 'unreadable':
-            return FileRead(i, path, digest, header, reason=what)
+            return FileRead(i, path, digest, reason=what)
         return FileRead(i, path, digest, header, place=what, packs=packs)
 
     try:
@@ -294,29 +338,28 @@ def _merged(paths, size, reading, notes, stats, infos, known, packs):
                 yield from_cache(i, path, *known[i], cached(i))
                 continue
             kind, digest, header, pixels, reason, found = next(decoded)
-            if kind == 'known' and packs.lookup(digest) is not None:
+            if kind == 'known':         # (in the packs: they only grow while a process reads)
                 stats.hashed += 1
-                if header is not None and infos[i] is not None:
-                    packs.cache.remember(infos[i], digest, header)
-                yield from_cache(i, path, digest, header, packs.lookup(digest))
+                entry = packs.lookup(digest)
+                if entry[0] == 'image' and header is not None and infos[i] is not None:
+                    packs.cache.remember(path, infos[i], digest, header, stat_time)
+                yield from_cache(i, path, digest, header, entry)
                 continue
-            if kind == 'known':         # (cannot happen: the packs only grow) decode it here
-                kind, digest, header, pixels, reason, found = decode_file(path, size)
             stats.decoded += 1
             replay(found, path)
             if writer is not None and kind == 'image':
                 writer.add(digest, pixels, found)
                 if infos[i] is not None:
-                    packs.cache.remember(infos[i], digest, header)
+                    packs.cache.remember(path, infos[i], digest, header, stat_time)
             elif writer is not None and kind == 'unreadable':
                 writer.add_unreadable(digest, reason, found)
             yield FileRead(i, path, digest, header, reason=reason, image=pixels)
     finally:
         if writer is not None:
             writer.close()
-        close = getattr(decoded, 'close', None)
-        if close is not None:
-            close()
+        pool.close()                    # (the pool's processes end here, not when collected)
+        if bar is not pool and hasattr(bar, 'close'):
+            bar.close()
 
 
 def header_sizes(paths, reading):

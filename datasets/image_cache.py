@@ -9,12 +9,13 @@ decodes a JPEG one level differently is another reader). What is read from the c
 therefore what a fresh decode of that file gives.
 
 Layout under the cache folder (default `$XDG_CACHE_HOME/super-and`, else
-`~/.cache/super-and`; `rm -r` it at any time to reclaim the space):
+`~/.cache/super-and`; `rm -r` it to reclaim the space whenever no run is reading from it: a
+run maps the packs, and its loader workers may open them again):
 
     images-r<READER_VERSION>-<reader hash>/
-        files.npz           the file index: (device, inode) -> size, mtime, ctime, SHA-1 and
-                            header size; a file whose size, mtime and ctime are unchanged is
-                            not read again (any write to a file changes its ctime)
+        files.npz           the file index: (device, inode) -> path, size, mtime, ctime,
+                            SHA-1 and header size; a file whose path, size, mtime and ctime
+                            are unchanged is not read again (any write changes its ctime)
         lock                held while the file index is merged or dead files are removed
         fill-NN.lock        held by the process reading one list of files; another process
                             that reads the same list waits for it (torchrun ranks), then
@@ -57,6 +58,7 @@ from .images import READER_VERSION, shown
 
 FORMAT = 'super-and-image-pack'
 FORMAT_VERSION = 1
+INDEX_VERSION = 2               # of files.npz (2: each entry keeps its path's digest)
 SEGMENT_BYTES = 256 << 20       # a pack is written when its rows reach this size ...
 SEGMENT_SECONDS = 30            # ... or this long after the last one: a kill loses no more
 STALE_SECONDS = 3600            # temporary files older than this belong to dead writers
@@ -78,8 +80,9 @@ def default_folder():
 
 def reader_id():
     """'r2-1a2b3c4d': READER_VERSION and a hash of the versions of the code that decodes."""
-    from PIL import __version__ as pillow, features
-    parts = [f'pillow={pillow}']
+    from PIL import Image, __version__ as pillow, features
+    # (the decompression-bomb limit decides which images are refused)
+    parts = [f'pillow={pillow}', f'max_pixels={Image.MAX_IMAGE_PIXELS}']
     for name in ('jpg', 'zlib', 'libtiff', 'webp', 'libjpeg_turbo', 'avif'):
         try:
             parts.append(f'{name}={features.version(name)}')
@@ -155,8 +158,9 @@ def _allow_open_files(count):
         pass
 
 
-class CacheUnwritable(Exception):
-    """A write to the cache failed; the message says why, in a phrase."""
+# The descriptors of the locks this process holds: a forked decoding worker closes its copies,
+# so that a worker outliving this process (killed) cannot keep a lock held.
+HELD_LOCKS = set()
 
 
 # ----------------------------------------------------------------------------- the packs
@@ -172,11 +176,14 @@ class Packs:
         self.where = {}              # SHA-1 -> (block, row)
         self.notes = {}              # (block, row) -> [(kind, detail), ...]
         self.unreadable = {}         # SHA-1 -> (reason, [(kind, detail), ...])
-        self._seen = set()           # manifest names already read (used or refused)
+        self._seen = set()           # manifest names read and used
+        self._refused = {}           # manifest name -> why it is not used (removed on repair)
 
     def scan(self, repair=False):
         """Read the manifests not read yet; with `repair` (the writer's lock held), remove
-        what is damaged or foreign, and temporary files of dead writers."""
+        what is damaged or foreign (found now or by an earlier scan), and the temporary files
+        of dead writers. A manifest that could not be read for a passing reason (too many
+        open files, say) is neither used nor removed: it is read again next time."""
         try:
             names = sorted(os.listdir(self.folder))
         except OSError:
@@ -189,13 +196,20 @@ class Packs:
                 if repair and self._older_than(path, now, STALE_SECONDS):
                     self._remove(path)
                 continue
-            if not name.endswith('.json') or name in self._seen:
-                if repair and not name.endswith(('.json', '.pack')):
+            if not name.endswith('.json'):
+                if not name.endswith('.pack'):
                     self._refuse(path, repair, 'a file that is not the cache\'s')
                 continue
-            self._seen.add(name)
-            problem = self._load(path)
-            if problem:
+            if name in self._refused:
+                self._refuse(path, repair, self._refused[name])
+                continue
+            if name in self._seen:
+                continue
+            problem, lasting = self._load(path)
+            if problem is None:
+                self._seen.add(name)
+            elif lasting:
+                self._refused[name] = problem
                 self._refuse(path, repair, problem)
         _allow_open_files(len(self.blocks))
 
@@ -211,6 +225,7 @@ class Packs:
                                         f'a file it cannot use ({shown(os.path.basename(path))}: '
                                         f'{problem}): its images are decoded again')
         if repair:
+            self._refused.pop(os.path.basename(path), None)
             self._remove(path)
             if path.endswith('.json'):
                 self._remove(path[:-5] + '.pack')
@@ -223,40 +238,47 @@ class Packs:
             pass
 
     def _load(self, manifest_path):
-        """Add the pack of a manifest; a phrase saying what is wrong with it, or None."""
+        """Add the pack of a manifest: (None, None), or (a phrase saying what is wrong with
+        it, whether that lasts: False for a failure to read that may pass)."""
         try:
             with open(manifest_path, 'rb') as f:
-                manifest = json.loads(f.read())
+                text = f.read()
+        except OSError as err:
+            return f'not readable now ({err.strerror or err})', False
+        try:
+            manifest = json.loads(text)
             if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
-                return 'not a manifest of this cache'
+                return 'not a manifest of this cache', True
             if manifest.get('version') != FORMAT_VERSION or \
                     manifest.get('reader') != self.cache.reader or \
                     manifest.get('rule') != self.rule:
-                return 'written by another version'
+                return 'written by another version', True
             rows, shape = int(manifest['rows']), tuple(int(v) for v in manifest['shape'])
             keys = bytes.fromhex(manifest['keys'])
             unreadable = manifest.get('unreadable', {})
             notes = manifest.get('notes', {})
             if len(shape) != 3 or shape[2] != 3 or min(shape) < 1 or len(keys) != 20 * rows:
-                return 'a manifest that does not add up'
-        except (OSError, ValueError, KeyError, TypeError):
-            return 'not a manifest of this cache'
+                return 'a manifest that does not add up', True
+        except (ValueError, KeyError, TypeError):
+            return 'not a manifest of this cache', True
         if rows:
             pack = manifest_path[:-5] + '.pack'
             try:
                 info = os.stat(pack)
-            except OSError:
-                return 'its pack is missing'
+            except FileNotFoundError:
+                return 'its pack is missing', True
+            except OSError as err:
+                return f'its pack is not readable now ({err.strerror or err})', False
             if info.st_size != rows * int(np.prod(shape)):
-                return 'a truncated pack'
+                return 'a truncated pack', True
             if _stat_record(info) != manifest.get('stat'):
                 # Not the very file its writer renamed into place (a copy, a replacement):
                 # read it whole and use it only if its checksum is right.
                 try:
                     if _crc_of_file(pack) != manifest.get('crc32'):
-                        return 'a pack whose checksum is wrong'
-                except OSError:
-                    return 'an unreadable pack'
+                        return 'a pack whose checksum is wrong', True
+                except OSError as err:
+                    return f'its pack is not readable now ({err.strerror or err})', False
             block = len(self.blocks)
             self.blocks.append(MappedArray(pack, rows, shape))
             self.shapes.append(shape)
@@ -266,7 +288,7 @@ class Packs:
                 self.notes[(block, int(row))] = [tuple(note) for note in found]
         for key, (reason, found) in unreadable.items():
             self.unreadable.setdefault(bytes.fromhex(key), (reason, [tuple(n) for n in found]))
-        return None
+        return None, None
 
     def add_memory_block(self, keys, arrays, notes):
         """Rows that could not be written: held in memory, found as the cached ones are."""
@@ -445,6 +467,7 @@ class ImageCache:
             self.write_failed(err)
             yield None
             return
+        HELD_LOCKS.add(descriptor)
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -456,6 +479,7 @@ class ImageCache:
                 state = 'waited'
             yield state
         finally:
+            HELD_LOCKS.discard(descriptor)
             os.close(descriptor)             # releases the lock
 
     @contextmanager
@@ -463,8 +487,8 @@ class ImageCache:
         """Held while this process reads `paths` for `rule` (FILL_SLOTS lock files, chosen by a
         hash of the list): a process that reads the same list waits here (`waiting()` is called
         once), then finds the images in the packs and the file index, both read again once
-        the lock is held. Lock files are never removed (a removed one could be held by two
-        processes at once)."""
+        the lock is held. Yields (packs, whether it waited). Lock files are never removed (a
+        removed one could be held by two processes at once)."""
         label = hashlib.sha1(rule.encode() + b'\0'.join(os.fsencode(os.path.abspath(p))
                                                          for p in paths)).digest()
         with self._locked(f'fill-{label[0] % FILL_SLOTS:02d}.lock', waiting) as held:
@@ -474,7 +498,7 @@ class ImageCache:
             if held:
                 with self._locked('lock'):
                     packs.scan(repair=True)
-            yield packs
+            yield packs, held == 'waited'
 
     # --------------------------------------------------------------- packs
     def packs(self, rule):
@@ -491,14 +515,14 @@ class ImageCache:
         path = os.path.join(self.folder, 'files.npz')
         try:
             with np.load(path, allow_pickle=False) as data:
-                if int(data['version']) != FORMAT_VERSION:
+                if int(data['version']) != INDEX_VERSION:
                     raise ValueError('another version')
                 ident, check = data['ident'], data['check']
-                digest, header = data['digest'], data['header']
+                digest, header, where = data['digest'], data['header'], data['path']
             for i in range(len(ident)):
                 found[(int(ident[i, 0]), int(ident[i, 1]))] = (
                     *(int(v) for v in check[i]), bytes(digest[i]), int(header[i, 0]),
-                    int(header[i, 1]))
+                    int(header[i, 1]), bytes(where[i]))
         except OSError:             # none yet, or a cache folder that could not be made
             pass
         except Exception:           # a damaged or foreign files.npz: rebuilt from scratch
@@ -507,26 +531,35 @@ class ImageCache:
                                             f'again to identify them')
         return found
 
+    @staticmethod
+    def _path_key(path):
+        """8 bytes of the SHA-1 of `path` made whole: an index entry is the file's at that
+        path only (file systems that number inodes as they meet files reuse numbers)."""
+        return hashlib.sha1(os.fsencode(os.path.abspath(path))).digest()[:8]
+
     def identify(self, path):
         """(stat, known) of the file at `path`: `known` = (SHA-1, (width, height)) when the file
-        index holds the file unchanged, else None. Raises OSError when it cannot be stat'ed."""
+        index holds the file unchanged (the same device, inode, path, size, mtime and ctime),
+        else None. Raises OSError when it cannot be stat'ed."""
         info = os.stat(path)
         if self._files is None:
             self._files = self._load_files()
         entry = self._files.get((info.st_dev, info.st_ino))
         if entry is not None and entry[:3] == (info.st_size, info.st_mtime_ns,
-                                              info.st_ctime_ns):
+                                              info.st_ctime_ns) \
+                and entry[6] == self._path_key(path):
             return info, (entry[3], (entry[4], entry[5]))
         return info, None
 
-    def remember(self, info, digest, header, now=None):
-        """Put a file's identity in the index (written by `save_files`): its stat taken before
-        it was read, its SHA-1 and its header size."""
-        now = time.time() if now is None else now
-        if now - max(info.st_mtime_ns, info.st_ctime_ns) / 1e9 < RACY_SECONDS:
+    def remember(self, path, info, digest, header, stat_time):
+        """Put a file's identity in the index (written by `save_files`): its stat `info`,
+        taken at `stat_time` before the file was read, its SHA-1 and its header size. A file
+        changed within RACY_SECONDS of that stat is left out (it may have changed again
+        within one tick of the file system's clock)."""
+        if stat_time - max(info.st_mtime_ns, info.st_ctime_ns) / 1e9 < RACY_SECONDS:
             return
         entry = (int(info.st_size), int(info.st_mtime_ns), int(info.st_ctime_ns), digest,
-                 int(header[0]), int(header[1]))
+                 int(header[0]), int(header[1]), self._path_key(path))
         self._new_files[(int(info.st_dev), int(info.st_ino))] = entry
         if self._files is not None:
             self._files[(int(info.st_dev), int(info.st_ino))] = entry
@@ -542,13 +575,16 @@ class ImageCache:
             merged = self._load_files()
             merged.update(self._new_files)
             keys = list(merged)
+
+            def joined(column, width):
+                return np.frombuffer(b''.join(merged[k][column] for k in keys),
+                                     dtype=np.uint8).reshape(-1, width)
             arrays = dict(
-                version=np.int64(FORMAT_VERSION),
+                version=np.int64(INDEX_VERSION),
                 ident=np.asarray(keys, dtype=np.uint64).reshape(-1, 2),
                 check=np.asarray([merged[k][:3] for k in keys], dtype=np.int64).reshape(-1, 3),
-                digest=np.frombuffer(b''.join(merged[k][3] for k in keys),
-                                     dtype=np.uint8).reshape(-1, 20),
-                header=np.asarray([merged[k][4:] for k in keys], dtype=np.int64).reshape(-1, 2))
+                digest=joined(3, 20), path=joined(6, 8),
+                header=np.asarray([merged[k][4:6] for k in keys], dtype=np.int64).reshape(-1, 2))
             try:
                 _write_atomically(os.path.join(self.folder, 'files.npz'),
                                   lambda f: np.savez(f, **arrays))
@@ -578,8 +614,3 @@ class ImageCache:
             except OSError as err:
                 self.write_failed(err)
         return value
-
-
-def open_cache(folder=None):
-    """The ImageCache at `folder` (default_folder() when None)."""
-    return ImageCache(folder)

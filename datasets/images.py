@@ -170,6 +170,8 @@ def open_image(source, notes=None, name=None):
     try:
         with _pillow_warnings(notes, name):
             return Image.open(io.BytesIO(data))
+    except MemoryError:         # the machine's state, not the file's: never "unreadable"
+        raise
     except Exception as err:    # Pillow's plugins raise many types; each means "not readable"
         raise UnreadableImage(unreadable_reason(err, data[:512])) from None
 
@@ -192,7 +194,7 @@ def to_rgb(img, size=None, notes=None, name=None, draft=True):
                 notes.add('orientation', name)
             file_format = img.format
             rgb = _eight_bit_rgb(ImageOps.exif_transpose(img), file_format, notes, name)
-    except UnreadableImage:
+    except (UnreadableImage, MemoryError):
         raise
     except Exception as err:    # Pillow's decoders raise many types; each means "not readable"
         reason = unreadable_reason(err)

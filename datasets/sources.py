@@ -71,7 +71,9 @@ class ImageSet:
             return 0
         known = self.targets >= 0
         count = int(known.sum())
-        assert known[:count].all(), 'labelled images come first'
+        if not known[:count].all():
+            raise ValueError('an ImageSet\'s labelled images must come before its unlabeled '
+                             'ones (target -1)')
         return count
 
     def subset(self, indices):

@@ -47,7 +47,10 @@ def image_file(folder, name):
         size = os.path.getsize(path)
     except OSError as err:
         raise DataError(f'cannot read STL-10 file {shown(path)}: {err.strerror}') from None
-    if size == 0 or size % IMAGE_BYTES:
+    if size == 0:
+        raise DataError(f'STL-10 file {shown(path)} is empty (0 bytes): a copy that did not '
+                        f'finish?')
+    if size % IMAGE_BYTES:
         raise DataError(f'STL-10 file {shown(path)} has {size:,} bytes, not a whole number of '
                         f'{IMAGE_BYTES:,}-byte 96 x 96 images: a truncated copy?')
     return MappedArray(path, size // IMAGE_BYTES, (3, SIDE, SIDE), order=STORED_ORDER)

@@ -38,8 +38,8 @@ class DeviceSettings:
 
     def arithmetic(self):
         """What `auto` chose that a resume must keep to equal the unbroken run: the pipeline
-        (its augmentations) and the precision (its rounding). Kept in checkpoints, with the
-        number of processes (lib/resume.py note_changed_arithmetic)."""
+        (its augmentations) and the precision (its rounding). Kept in checkpoints (main.py
+        adds the number of processes, for lib/resume.py note_changed_processes)."""
         return dict(pipeline=self.pipeline, precision=self.precision)
 
 
@@ -236,6 +236,9 @@ def run_data(opts, settings, world, say):
     pipeline = build_pipeline(opts, settings, train, test, mean, std, world)
     if settings.pipeline == 'gpu':
         say(console.device_data_line(pipeline))
+    elif opts.data_memory is not None:
+        say(f'note: --data-memory is the gpu pipeline\'s budget; the cpu pipeline reads each '
+            f'image from the image cache as it needs it')
     device = settings.device
     knn = labels = stats_rows = None
     if train.labelled:
@@ -259,6 +262,26 @@ def run_data(opts, settings, world, say):
     for warning in console.knn_warnings(opts, knn):
         say(warning)
     return RunData(train, test, mean, std, pipeline, knn, labels, stats_rows)
+
+
+def check_same_data(data, world):
+    """With several processes (on several machines each reads its own copy of the data):
+    every process's training and test images must be rank 0's (their fingerprints), else every
+    process stops with one line naming the ones that differ, before the first step."""
+    if world.size == 1:
+        return
+    everyone, differing = world.unlike_main(
+        (data.train.fingerprint, data.test.fingerprint if data.test is not None else None))
+    if differing:
+        rank = differing[0]
+        split = 'training' if everyone[rank][0] != everyone[0][0] else 'test'
+        index = 0 if split == 'training' else 1
+        others = ', '.join(world.where(r) for r in differing)
+        raise UserError(f'{others} {"reads" if len(differing) == 1 else "read"} other data than '
+                        f'{world.where(0)}: {split} images '
+                        f'{datasets.describe_fingerprint(everyone[rank][index])} against '
+                        f'{datasets.describe_fingerprint(everyone[0][index])}; every node needs '
+                        f'the same data under its --data-root')
 
 
 def evaluate(opts, method, data, world):

@@ -624,9 +624,16 @@ def check_data(state, fingerprint, path):
         return (f'note: {path} has no data fingerprint (a released or older checkpoint): '
                 f'that its bank belongs to these training images could not be checked')
     if stored != fingerprint:
+        what = ('the same number of images, of other content (a file changed, or one removed '
+                'and one added)' if stored.get('images') == fingerprint.get('images') else
+                f'{abs(fingerprint.get("images", 0) - stored.get("images", 0))} images '
+                f'{"more" if fingerprint.get("images", 0) > stored.get("images", 0) else "fewer"}')
         raise UserError(f'checkpoint {path} was trained on other data: it holds '
                         f'{describe_fingerprint(stored)}; --data-root gives '
-                        f'{describe_fingerprint(fingerprint)}')
+                        f'{describe_fingerprint(fingerprint)} ({what}); its memory bank has one '
+                        f'row per training image, in order, so it needs the data it was '
+                        f'trained on: put the folder back as it was, or give --data-root a '
+                        f'copy of it (a new run on the data as it is now starts afresh)')
     return None
 
 

@@ -50,33 +50,42 @@ def project_file(*parts):
 
 
 def launcher(processes=None):
-    """How main.py is started: 'python3', or torchrun with the options this run was started
-    with ('torchrun --nproc_per_node 2'); `processes` asks for a launcher of that many
-    processes on this machine instead."""
+    """How main.py is started: 'python3', or torchrun (or tools/launch.py) with the options
+    this run was started with ('torchrun --nproc_per_node 2'); `processes` asks for a launcher
+    of that many processes on this machine instead."""
     if processes is not None:
         return 'python3' if processes == 1 else f'torchrun --nproc_per_node {processes}'
     if 'TORCHELASTIC_RUN_ID' not in os.environ:
         return 'python3'
-    options = torchrun_options()
-    if options is None:
-        options = ['--nproc_per_node', os.environ.get('LOCAL_WORLD_SIZE', '1')]
-    return shlex.join(['torchrun', *options])
+    found = torchrun_options()
+    if found is None:
+        return shlex.join(['torchrun', '--nproc_per_node',
+                           os.environ.get('LOCAL_WORLD_SIZE', '1')])
+    program, options = found
+    return ' '.join([program, shlex.join(options)]) if options else program
 
 
 def torchrun_options():
-    """The options torchrun was given (between `torchrun` and the script), read from the
-    launcher's command line (this process's parent, on Linux); None when unknown."""
+    """(the launcher as typed here: 'torchrun', or 'python3 tools/launch.py' by a path that
+    works from the current folder; the options it was given, up to the script), read from
+    the launcher's command line (this process's parent, on Linux); None when unknown."""
     try:
         with open(f'/proc/{os.getppid()}/cmdline', 'rb') as f:
             words = [os.fsdecode(w) for w in f.read().split(b'\0') if w]
     except OSError:
         return None
     script = os.path.abspath(sys.argv[0])
+    ours = os.path.join(PROJECT, 'tools', 'launch.py')
     for start, word in enumerate(words):
         if os.path.basename(word) == 'torchrun' or word == 'torch.distributed.run':
-            for end in range(start + 1, len(words)):
-                if os.path.abspath(words[end]) == script:
-                    return words[start + 1:end]
+            program = 'torchrun'
+        elif os.path.abspath(word) == ours:
+            program = f'python3 {shlex.quote(project_file("tools", "launch.py"))}'
+        else:
+            continue
+        for end in range(start + 1, len(words)):
+            if os.path.abspath(words[end]) == script:
+                return program, words[start + 1:end]
     return None
 
 
@@ -147,35 +156,44 @@ def method_line(config):
 def report_reading(image_set, say):
     """The files that could not be read, named, the notes on how the others were read, and
     what reading them cost."""
-    for where, reason in image_set.skipped:
-        say(f'skipped {datasets.shown(where)}: {reason}')
-    if image_set.skipped:
-        say(f'skipped {plural(len(image_set.skipped), "unreadable file")}')
+    for line in skipped_lines(image_set.skipped):
+        say(line)
     for note in image_set.notes:
         say(note)
     if image_set.read_stats is not None and image_set.read_stats.files:
         say(reading_line(image_set.read_stats))
 
 
+def skipped_lines(skipped):
+    """'skipped PATH: REASON' for each (path, reason) of a file that could not be read, then
+    the count: what every command says of them."""
+    lines = [f'skipped {datasets.shown(where)}: {reason}' for where, reason in skipped]
+    return lines + ([f'skipped {plural(len(skipped), "unreadable file")}'] if skipped else [])
+
+
 def reading_line(stats):
     """'images: 60000 files read in 3.1 s, all from the image cache /root/.cache/super-and',
-    or how many were decoded, on how many processes, at what rate."""
-    where = f'the image cache {datasets.shown(stats.cache)}' if stats.cache else 'memory'
-
+    or how many were decoded, on how many processes, at what rate, and where to."""
     if not stats.decoded:
         return (f'images: {plural(stats.files, "file")} read in {stats.seconds:.1f} s, all from '
-                f'{where}')
+                f'the image cache {datasets.shown(stats.cache)}')
     rate = stats.decoded / max(stats.seconds, 1e-9)
+    where = f'the image cache {datasets.shown(stats.cache)}' if stats.cached else 'memory'
     found = f', {stats.from_cache} from the cache' if stats.from_cache else ''
     return (f'images: {plural(stats.files, "file")} read in {stats.seconds:.1f} s: '
             f'{stats.decoded} decoded on {plural(stats.processes, "process", "processes")} '
             f'({rate:.0f} images/s) into {where}{found}')
 
 
+def size_text(count):
+    """'4.7 MB', '7.86 GB': bytes in the unit that shows them."""
+    return f'{count / 2 ** 30:.2f} GB' if count >= 2 ** 30 else f'{count / 2 ** 20:.1f} MB'
+
+
 def device_data_line(pipeline):
     """Where the gpu pipeline keeps the images: on the device, or streamed to it."""
-    size = f'{pipeline.data_bytes / 2 ** 30:.2f} GB of images'
-    budget = (f'{pipeline.memory_budget / 2 ** 30:.1f} GB' if pipeline.memory_budget is not None
+    size = f'{size_text(pipeline.data_bytes)} of images'
+    budget = (size_text(pipeline.memory_budget) if pipeline.memory_budget is not None
               else 'no')
     if pipeline.resident:
         return f'data: {size} held on the device ({budget} budget, --data-memory)'
@@ -367,8 +385,8 @@ def lost_process_line(config, progress, world):
     else:
         held = (f'{last_path(config)} {continues_from(progress)}; continue with: '
                 f'{continue_command(config.model_dir)}')
-    return (f'{lost} of this run stopped (killed, or out of memory?), and this one cannot go '
-            f'on without it; {held}')
+    return (f'{lost} of this run stopped or stopped answering (killed, out of memory, or '
+            f'stuck?), and this one cannot go on without it; {held}')
 
 
 def lost_loader_line(config, progress, world):

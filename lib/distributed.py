@@ -9,6 +9,7 @@ counts are summed over ranks. Only rank 0 prints, logs and writes checkpoints.
 """
 import gc
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    places: list = None         # (node rank, host name) of every rank, with several processes
 
     @property
     def main(self):
@@ -85,6 +87,25 @@ class World:
         return torch.cat([parts[r, :share] for r in range(self.size - 1)]
                          + [parts[-1, :count - share * (self.size - 1)]])
 
+    def gather_objects(self, obj):
+        """Every rank's picklable `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, obj)
+        return everyone
+
+    def unlike_main(self, obj):
+        """(every rank's picklable `obj`, the ranks whose `obj` differs from rank 0's)."""
+        everyone = self.gather_objects(obj)
+        return everyone, [rank for rank, found in enumerate(everyone) if found != everyone[0]]
+
+    def where(self, rank=None):
+        """'rank 1 (node 1, host gpu-b)': a process named so that a person finds it."""
+        rank = self.rank if rank is None else rank
+        node, host = self.places[rank] if self.places else (0, 'this machine')
+        return f'rank {rank} (node {node}, host {host})'
+
     def share(self, obj):
         """Rank 0's picklable `obj`, on every rank."""
         if self.size == 1:
@@ -114,8 +135,13 @@ LOST_PEER_SIGNS = ('Connection closed by peer', 'Connection reset by peer', 'Bro
                    'connection refused', 'Connection refused')
 
 
+class WorldError(Exception):
+    """The processes could not form their group; the message is one line."""
+
+
 def init_world(device_choice):
-    """The World of this process: torchrun's environment, or a single process."""
+    """The World of this process: torchrun's environment, or a single process. Raises
+    WorldError (one line) when the group does not form: a process that never joins."""
     size = int(os.environ.get('WORLD_SIZE', '1'))
     if size == 1:
         return World()
@@ -123,8 +149,18 @@ def init_world(device_choice):
     cuda = device_choice != 'cpu' and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    return World(rank, size, local_rank)
+    try:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    except (RuntimeError, ValueError) as err:       # DistStoreError, a timeout, a refusal
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WorldError(f'the {size} processes of this run did not all join its group at '
+                         f'{os.environ.get("MASTER_ADDR")}:{os.environ.get("MASTER_PORT")} '
+                         f'({reason}): a process that never started, or a node that cannot '
+                         f'reach this one') from None
+    world = World(rank, size, local_rank)
+    node = int(os.environ.get('GROUP_RANK', os.environ.get('NODE_RANK', '0')))
+    world.places = world.gather_objects((node, socket.gethostname()))
+    return world
 
 
 def close_world(world, clean=True):

@@ -2,9 +2,10 @@
 run needs around it and the algorithm does not.
 
 Loss values stay on the device and are summed there, by name; an epoch reads them back once,
-at its end. Every CHECK_EVERY steps one small read catches a non-finite loss (NonFiniteLoss,
-with the first bad step) and, across processes, a stop request; a single process also honours
-a stop request at any step boundary, which costs no device read. Every SAMPLE_EVERY steps the
+at its end. Every CHECK_EVERY steps on a GPU (every step on the CPU, where a step is slow) one
+small read catches a non-finite loss (NonFiniteLoss, with the first bad step) and, across
+processes, a stop request, also at the epoch's end; a single process also honours a stop
+request at any step boundary, which costs no device read. Every SAMPLE_EVERY steps the
 losses are kept for TensorBoard.
 """
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ def run_epoch(parts: StepParts, batches, weights: dict, first_step=0, sums=None,
     totals = torch.tensor([float((sums or {}).get(name, 0.0)) for name in names], device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     step, stopped, kept = first_step, False, []
+    # Across processes a stop is agreed in a collective: every CHECK_EVERY steps on a GPU (a
+    # device read each), at every step on the CPU (where a step takes far longer than one).
+    if device.type != 'cuda':
+        check_every = 1
     for views, indexes in batches:
         if parts.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -81,7 +86,8 @@ def run_epoch(parts: StepParts, batches, weights: dict, first_step=0, sums=None,
             if _check(first_bad, stop_requested(), parts.world):
                 stopped = True
                 break
-    _check(first_bad, False, parts.world)
+    if not stopped and _check(first_bad, stop_requested(), parts.world):
+        stopped = True              # (asked for after the last check: stops at the epoch's end)
     if parts.world is not None:
         totals = parts.world.sum(totals) / world_size
     summed = dict(zip(names, totals.tolist()))

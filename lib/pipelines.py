@@ -110,8 +110,13 @@ class TensorPipeline:
         self.train_set, self.test_set, self.image_size = train_set, test_set, image_size
         self.num_train = len(train_set)
         self.num_test = len(test_set) if test_set is not None else 0
+        stored = train_set.images.shape[1:3]
+        # What the device holds: the training and test images, and when the training images
+        # are kept larger than the crops (folder data), their copy at the test size for the
+        # evaluations that embed them (train_eval_images).
         self.data_bytes = train_set.images.nbytes + (test_set.images.nbytes
-                                                     if test_set is not None else 0)
+                                                     if test_set is not None else 0) + \
+            (len(train_set) * 3 * image_size ** 2 if stored != (image_size, image_size) else 0)
         self.memory_budget = memory_budget
         self.resident = memory_budget is None or self.data_bytes <= memory_budget
         self.train_targets = torch.from_numpy(train_set.targets).to(self.device)
@@ -170,8 +175,12 @@ class TensorPipeline:
                 self._train_eval_images = self.train_images
             else:
                 from datasets.image_rows import chunks
-                self._train_eval_images = torch.cat([self._upload(self._fitted(chunk))
-                                                     for _, chunk in chunks(stored)])
+                side = self.image_size
+                fitted = torch.empty((len(stored), 3, side, side), dtype=torch.uint8,
+                                     device=self.device)
+                for start, chunk in chunks(stored):
+                    fitted[start:start + len(chunk)] = self._upload(self._fitted(chunk))
+                self._train_eval_images = fitted
         return self._train_eval_images
 
     @property

@@ -11,6 +11,7 @@ and may not change.
   (lib/checkpoint.py check_resume_position). Which options a resumed run takes from its
   checkpoint is declared with each option (lib/config.py).
 """
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -52,10 +53,41 @@ class Checkpoint:
         method.load(self.state, self.path)
 
 
-def open_checkpoint(flags, say):
+def open_checkpoint(flags, say, world=None):
     """The Checkpoint of --resume or --init-from (None for a fresh run), read and checked
     against the typed flags: a file that is one, that this run does not overwrite, that can
-    continue a run when --resume trains, and whose recipe the flags keep."""
+    continue a run when --resume trains, and whose recipe the flags keep. With several
+    processes (`world`: on several machines, each reads its own copy) they must all have the
+    same one: a process that cannot read it, or has another, stops every process with one
+    line naming it."""
+    if world is None or world.size == 1:
+        return _open_checkpoint(flags, say)
+    try:
+        checkpoint, problem = _open_checkpoint(flags, say), None
+    except UserError as err:
+        checkpoint, problem = None, str(err)
+    content = None
+    if checkpoint is not None:
+        digest = hashlib.sha1()
+        with open(checkpoint.path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 24), b''):
+                digest.update(block)
+        content = digest.hexdigest()[:16]
+    everyone, differing = world.unlike_main((problem, content))
+    needs = ('every node needs the same checkpoint in its --model_dir (a folder all nodes '
+             'share, or a copy of rank 0\'s)')
+    for rank, (problem, _) in enumerate(everyone):
+        if problem is not None:
+            raise UserError(f'{world.where(rank)} cannot resume: {problem}; {needs}')
+    if differing:
+        others = ', '.join(world.where(rank) for rank in differing)
+        raise UserError(f'the processes would resume different checkpoints: {others} '
+                        f'{"holds" if len(differing) == 1 else "hold"} another file than '
+                        f'{world.where(0)} (content {everyone[0][1]}); {needs}')
+    return checkpoint
+
+
+def _open_checkpoint(flags, say):
     typed = flags.typed
     model_dir = typed.get('model_dir', 'checkpoint/')
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):

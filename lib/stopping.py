@@ -56,7 +56,10 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                # An ignored signal stays ignored: `nohup` ignores SIGHUP so that closing the
+                # terminal does not stop the run, and a shell's background job ignores Ctrl-C.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -98,7 +101,11 @@ class StopSignals:
 
     @property
     def name(self):
-        return NAMES.get(self.received, 'nothing') if self.received is not None else 'nothing'
+        """The signal received ('SIGTERM'), or, when the processes agreed to stop on another
+        process's signal, saying so."""
+        if self.received is None:
+            return 'a stop signal to another process'
+        return NAMES.get(self.received, str(self.received))
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """Shared fixtures: a generated tiny image-folder dataset and ways to run main.py."""
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Ctrl-C as an interactive Python has it, however the tests were started (a shell's background
+# job starts with it ignored, and a run leaves an ignored signal ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The image cache of every run the tests start (in this process and in the ones it spawns) is
 # a folder of this session's, never the user's ~/.cache.

@@ -301,10 +301,11 @@ def test_a_damaged_or_foreign_cache_is_never_read_wrong(tmp_path, damage, monkey
     said = cache.take_notes()
     assert len(said) == (0 if damage.startswith('pack copied') else 1), said
     assert all(line.startswith('note: the ') for line in said)
-    # and once repaired, the next read maps everything
-    found, _, stats = read_all(paths, SIZE, Reading(datasets.ImageCache(cache_dir), 2))
+    # and once repaired, the next read maps everything, and has nothing to say
+    cache = datasets.ImageCache(cache_dir)
+    found, _, stats = read_all(paths, SIZE, Reading(cache, 2))
     assert_same_reads(found, expected)
-    assert stats.decoded == 1
+    assert stats.decoded == 1 and cache.take_notes() == []
 
 
 def test_another_reader_version_has_a_cache_of_its_own(tmp_path, monkeypatch):
@@ -458,7 +459,7 @@ def test_a_run_without_the_cache_or_streamed_equals_the_run_with_it(tmp_path, ru
                                          *UNBROKEN_FLAGS[pipeline], *extra))
     assert code == 0, err
     if '--data-memory' in extra:
-        assert 'exceed the 0.0 GB budget (--data-memory): each batch is read from the host' \
+        assert 'exceed the 0.0 MB budget (--data-memory): each batch is read from the host' \
             in out
     if '--no-cache' in extra:
         assert 'decoded on 1 process (' in out and 'images/s) into memory' in out
@@ -605,5 +606,75 @@ def test_a_decoding_process_that_dies_is_one_line(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGKILL)        # the out-of-memory killer, say
     monkeypatch.setattr(decoding, 'decode_file', killed)     # (the forked workers call it)
     with pytest.raises(datasets.DataError, match='a process decoding images died .killed, or '
-                                                 'out of memory.: give fewer --workers than 2'):
+                                                 'out of memory..; 2 were decoding at once: '
+                                                 '--workers N sets how many'):
         read_all(paths, SIZE, Reading(None, 2))
+
+
+SLOW_READER = '''
+import os, sys, time
+sys.path.insert(0, {root!r})
+from datasets import ImageCache, Reading
+from datasets.decoding import read_files
+for i, read in enumerate(read_files(sys.argv[2:], 40, Reading(ImageCache(sys.argv[1]), 2))):
+    if i == 0:
+        open(sys.argv[1] + '.started', 'w').close()
+    time.sleep(0.2)                     # a slow consumer: the pool waits with the lock held
+'''
+
+
+def test_a_reader_killed_mid_read_leaves_no_lock_held(tmp_path):
+    """Its decoding workers end with it (they would otherwise hold the fill lock they
+    inherited, and the next reader would wait for ever)."""
+    folder = tmp_path / 'photos'
+    os.makedirs(folder)
+    for i in range(40):
+        photo(folder / f'{i:02d}.png', 30, 30, i)
+    paths = sorted(str(p) for p in folder.iterdir())
+    cache_dir = tmp_path / 'cache'
+    proc = subprocess.Popen([sys.executable, '-c', SLOW_READER.format(root=ROOT),
+                             str(cache_dir), *paths])
+    deadline = time.time() + 60
+    while not os.path.exists(str(cache_dir) + '.started') and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    reader = subprocess.run([sys.executable, '-c', FILLER.format(root=ROOT), str(cache_dir),
+                             *paths], capture_output=True, text=True, timeout=120)
+    assert reader.returncode == 0, reader.stderr
+    assert json.loads(reader.stdout)['rows'] == [
+        hashlib.sha1(p.tobytes()).hexdigest() for p, _, _ in reference_read(paths, SIZE)[0]]
+
+
+def test_running_out_of_memory_is_no_reason_cached_against_a_file(tmp_path, monkeypatch):
+    paths = messy_folder(tmp_path / 'photos')
+    cache_dir = tmp_path / 'cache'
+    real = datasets.images._eight_bit_rgb
+
+    def out_of_memory(*args):
+        raise MemoryError
+    monkeypatch.setattr(datasets.images, '_eight_bit_rgb', out_of_memory)
+    with pytest.raises(datasets.DataError, match='out of memory while decoding .*: give fewer '
+                                                 '--workers, or free memory'):
+        read_all(paths, SIZE, Reading(datasets.ImageCache(cache_dir), 1))
+    monkeypatch.setattr(datasets.images, '_eight_bit_rgb', real)
+    found, _, _ = read_all(paths, SIZE, Reading(datasets.ImageCache(cache_dir), 1))
+    assert_same_reads(found, reference_read(paths, SIZE)[0])
+
+
+def test_the_file_index_is_keyed_by_path_too(tmp_path, monkeypatch):
+    """Some file systems number inodes as they meet files: an entry is used only for the path
+    it was made for (another path to the same inode is read and hashed again)."""
+    monkeypatch.setattr(image_cache, 'RACY_SECONDS', 0)
+    folder = tmp_path / 'photos'
+    os.makedirs(folder)
+    photo(folder / 'a.png', 30, 30, 1)
+    cache_dir = tmp_path / 'cache'
+    read_all([str(folder / 'a.png')], SIZE, Reading(datasets.ImageCache(cache_dir), 1))
+    _, _, stats = read_all([str(folder / 'a.png')], SIZE,
+                           Reading(datasets.ImageCache(cache_dir), 1))
+    assert (stats.from_cache, stats.hashed) == (1, 0)
+    os.link(folder / 'a.png', folder / 'b.png')
+    _, _, stats = read_all([str(folder / 'b.png')], SIZE,
+                           Reading(datasets.ImageCache(cache_dir), 1))
+    assert (stats.from_cache, stats.hashed, stats.decoded) == (1, 1, 0)

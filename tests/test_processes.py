@@ -96,8 +96,9 @@ def test_a_lost_process_is_one_line_saying_what_last_t7_holds(tiny_folder, tmp_p
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith('error (rank 0)')]
-    assert ours == [f'error (rank 0): process rank 1 (of 2) of this run stopped (killed, or out '
-                    f'of memory?), and this one cannot go on without it; {model_dir}/last.t7 '
+    assert ours == [f'error (rank 0): process rank 1 (of 2) of this run stopped or stopped '
+                    f'answering (killed, out of memory, or stuck?), and this one cannot go on '
+                    f'without it; {model_dir}/last.t7 '
                     f'continues from round 0 epoch 1; continue with: torchrun --standalone '
                     f'--nproc_per_node 2 main.py --model_dir {model_dir} --resume last.t7']
     assert '[rank0]: Traceback' not in proc.stderr
@@ -226,3 +227,55 @@ def test_printed_commands_work_from_the_folder_they_were_printed_in(tiny_folder,
                                '--help'], capture_output=True, text=True, cwd=elsewhere,
                               timeout=120)
         assert proc.returncode == 0 and 'usage:' in proc.stdout, proc.stderr
+
+
+NOHUP = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from lib.stopping import StopSignals, write_line
+signal.signal(signal.SIGHUP, signal.SIG_IGN)         # what nohup does
+with StopSignals(write_line) as stop:
+    os.kill(os.getpid(), signal.SIGHUP)
+print('stopped' if stop() else 'still running')
+'''
+
+
+def test_under_nohup_a_closed_terminal_does_not_stop_the_run():
+    proc = subprocess.run([sys.executable, '-c', NOHUP.format(root=ROOT)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == 'still running\n', proc.stderr
+
+
+RANK_SIGNALLED = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, os.path.join({root!r}, 'tests'))
+import lib.pipelines
+import main
+from conftest import _signalling
+if os.environ['RANK'] == {rank!r}:
+    for cls in (lib.pipelines.LoaderPipeline, lib.pipelines.TensorPipeline):
+        cls.train_batches = _signalling(cls.train_batches, signal.SIGTERM, (0, 0, 1))
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize('rank', ['0', '1'])
+def test_a_stop_signal_to_one_process_stops_all_at_the_next_step(tiny_folder, tmp_path, rank):
+    """Epochs of 5 steps (fewer than the GPU's 20 between checks): on the CPU every step is a
+    check, so the processes agree on the step after the signal, whichever got it."""
+    script = tmp_path / 'signalled.py'
+    script.write_text(RANK_SIGNALLED.format(root=ROOT, rank=rank))
+    model_dir = tmp_path / 'ck'
+    proc = subprocess.run([*TORCHRUN, str(script),
+                           *fast_args(tiny_folder, model_dir, *MECHANICS, '--rounds', '1',
+                                      '--epochs', '2', '--batch_size', '4', '--pipeline', 'gpu',
+                                      '--no-tensorboard')],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    who = 'SIGTERM' if rank == '0' else 'a stop signal to another process'
+    assert f'stopped by {who} at round 0 epoch 0 step 2: ' in proc.stdout
+    position = torch.load(model_dir / 'last.t7', weights_only=True)['next']
+    assert (position['round'], position['epoch'], position['step']) == (0, 0, 2)
+    (stop,) = records(model_dir, 'stop')
+    assert stop['signal'] == who and stop['step'] == 2

@@ -53,7 +53,7 @@ from datasets.decoding import read_files  # noqa: E402
 from lib.analysis import load_network  # noqa: E402
 from lib.build import image_reading, pick_device  # noqa: E402
 from lib.cli import plural  # noqa: E402
-from lib.console import reading_line  # noqa: E402
+from lib.console import reading_line, skipped_lines  # noqa: E402
 from lib.core.knn import embed  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.progress import progress_bar  # noqa: E402
@@ -136,6 +136,7 @@ class Embedded:
     skipped: list               # (path, reason) of the files that could not be read
     notes: list                 # what differed from the checkpoint's training images
     stats: object = None        # datasets.ReadStats: what reading the files cost
+    fingerprint: str = None     # file_fingerprint of the bytes read
 
 
 class ImageReader:
@@ -179,9 +180,10 @@ class ImageReader:
         found = self.read_notes.lines()
         size = self.image_size
         if self.resized:
-            found.append(f'note: {self.resized} of {self.count} images are not {size} x {size} '
-                         f'px: each is resized (shorter side) and centre-cropped to {size} px, '
-                         f'the checkpoint\'s image size')
+            verb = 'is' if self.count == 1 else 'are'
+            found.append(f'note: {self.resized} of {plural(self.count, "image")} {verb} not '
+                         f'{size} x {size} px: each is resized (shorter side) and centre-cropped '
+                         f'to {size} px, the checkpoint\'s image size')
         if self.count >= NORMALISATION_MIN_IMAGES:
             mean, std = self.channel_sums / self.count, self.std_sums / self.count
             if np.abs(mean - self.mean).max() > NORMALISATION_TOLERANCE or \
@@ -201,11 +203,12 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
     """Embed the images at `paths` (relative to `root`), read through `reading` (a
     datasets.Reading: processes and the image cache; default: this process, no cache) and
     streamed: a batch of images at a time is held, never the folder. Unreadable files are
-    skipped. `rows(features)`, when given, receives each batch's B x D features as they are
-    made (tools.embed writes them to disk)."""
+    skipped. With `rows` (a FeatureRows) each batch's B x D features go to disk as they are
+    made and the features returned are that file's, mapped; else they are kept in memory.
+    The Embedded's `fingerprint` is `file_fingerprint` of the bytes that were read."""
     reader = ImageReader(image_size, mean, std)
     reading = reading or datasets.Reading()
-    skipped, stats = [], datasets.ReadStats()
+    skipped, stats, digest = [], datasets.ReadStats(), hashlib.sha1()
     reads = read_files([os.path.join(root, path) for path in paths], image_size, reading,
                        reader.read_notes, stats)
 
@@ -213,6 +216,8 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
         images, positions = [], []
         with closing(reads):
             for read in reads:
+                digest.update(os.fsencode(paths[read.position]) + b'\0'
+                              + (read.digest or b'unreadable'))
                 if read.reason is not None:
                     skipped.append((paths[read.position], read.reason))
                 else:
@@ -230,25 +235,27 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
         batch_features, _ = embed(net, [(images, positions)])
         if rows is not None:
             rows(batch_features)
-        features.append(batch_features)
+        else:
+            features.append(batch_features)
         kept += positions.tolist()
-    features = torch.cat(features) if features else torch.zeros(0, 0, device=device)
+    if rows is not None:
+        features = torch.from_numpy(rows.written())
+    else:
+        features = torch.cat(features) if features else torch.zeros(0, 0, device=device)
     notes = reader.notes() + (reading.cache.take_notes() if reading.cache is not None else [])
-    return Embedded(features, kept, skipped, notes, stats)
+    return Embedded(features, kept, skipped, notes, stats, digest.hexdigest()[:16])
 
 
 def report_skipped(skipped, say=print):
-    """Each unreadable file named, then the count."""
-    for path, reason in skipped:
-        say(f'skipped {shown(path)}: cannot read it ({reason})')
-    if skipped:
-        noun = 'file' if len(skipped) == 1 else 'files'
-        say(f'skipped {len(skipped)} unreadable {noun}')
+    """Each unreadable file named, then the count (as main.py says them)."""
+    for line in skipped_lines(skipped):
+        say(line)
 
 
 def embed_folder(loaded, images, device, show=False, say=print, reading=None, rows=None):
-    """(ImageList of the images embedded, N x D features) of an ImageList, with the skipped
-    files, the notes and what reading cost said (see embed_files for `reading` and `rows`)."""
+    """(ImageList of the images embedded, N x D features, the fingerprint of the files read)
+    of an ImageList, with the skipped files, the notes and what reading cost said (see
+    embed_files for `reading` and `rows`)."""
     for note in images.notes:
         say(note)
     done = embed_files(loaded.net, images.root, images.paths, loaded.image_size, loaded.mean,
@@ -264,7 +271,7 @@ def embed_folder(loaded, images, device, show=False, say=print, reading=None, ro
     kept = ImageList(images.root, [images.paths[i] for i in done.kept],
                      images.labels[done.kept] if images.labels is not None else None,
                      images.classes)
-    return kept, done.features
+    return kept, done.features, done.fingerprint
 
 
 def write_npz(out, **arrays):
@@ -277,8 +284,8 @@ def write_npz(out, **arrays):
 
 class FeatureRows:
     """Features written to disk as they are made: a .npy file beside the output (`<out>.rows
-    .npy`), N x D float32 for at most `count` images, mapped rather than held. `close()`
-    removes it."""
+    .npy`), N x D float32 for at most `count` images, mapped rather than held, so the memory
+    of an embedding does not grow with the folder. `close()` removes it."""
 
     def __init__(self, out, count):
         self.path, self.count, self.filled, self.array = out + '.rows.npy', count, 0, None
@@ -293,6 +300,8 @@ class FeatureRows:
 
     def written(self):
         """The rows written so far (a view of the mapped file)."""
+        if self.array is None:
+            return np.zeros((0, 0), dtype=np.float32)
         return self.array[:self.filled]
 
     def close(self):
@@ -323,13 +332,12 @@ def embed_command(argv):
     if not args.quiet:
         print(f'embedding {len(listed.paths)} image files of {args.images} with {args.ckpt} '
               f'({device.type})', flush=True)
-    reading = image_reading(args, print)
     rows = FeatureRows(args.out, len(listed.paths))
     try:
-        images, features = embed_folder(loaded, listed, device, show=not args.quiet,
-                                        reading=reading, rows=rows)
-        fingerprint = file_fingerprint(args.images, listed.paths, reading.cache)
-        save_embeddings(args.out, images, rows.written(), loaded, args.ckpt,
+        images, features, fingerprint = embed_folder(
+            loaded, listed, device, show=not args.quiet, reading=image_reading(args, print),
+            rows=rows)
+        save_embeddings(args.out, images, features.numpy(), loaded, args.ckpt,
                         fingerprint=fingerprint, checkpoint_digest=checkpoint_digest(args.ckpt))
     finally:
         rows.close()

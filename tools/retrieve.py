@@ -96,8 +96,10 @@ def gallery_from_folder(loaded, images, checkpoint, device, say, reading=None):
                 f'{shown(cached)}')
             return (ImageList(images.root, [str(p) for p in data['paths']]),
                     torch.from_numpy(data['features']).to(device))
-    images, features = embed_folder(loaded, images, device, show=sys.stderr.isatty(), say=say,
-                                    reading=reading)
+    images, features, fingerprint = embed_folder(loaded, images, device,
+                                                 show=sys.stderr.isatty(), say=say,
+                                                 reading=reading)
+    cached = cache_path(checkpoint, fingerprint)    # (of the bytes read: safe if files changed)
     try:
         save_embeddings(cached, images, features, loaded, checkpoint, fingerprint=fingerprint,
                         checkpoint_digest=digest)
@@ -120,7 +122,7 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
     if reader_version(data) != datasets.READER_VERSION:
         say(f'note: {shown(path)} was embedded by an earlier version of the image reader, '
             f'which read EXIF-rotated photos sideways and clipped 16-bit images: embed it again '
-            f'with {tool_command("embed")}if the gallery holds such images')
+            f'with {tool_command("embed").rstrip()} if the gallery holds such images')
     made_by = str(data['checkpoint_digest']) if 'checkpoint_digest' in data else None
     if made_by is None:
         say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
