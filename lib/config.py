@@ -377,7 +377,9 @@ def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:
             if key not in RESUMED or key in flags.typed or \
                     (flags.typed.get('test_only') and key in HOW_IT_TRAINS):
                 continue
-            if value != values[key] and key not in (*COMPONENTS, 'mean', 'std'):
+            default = (datasets.FIXED_SIZE.get(stored.get('dataset'), 32) if key == 'image_size'
+                       else values[key])            # (the dataset's own size: no news)
+            if value != default and key not in (*COMPONENTS, 'mean', 'std'):
                 adopted.append(f'{key}={value}')    # (components: the method line; data: its)
             values[key] = value
         if adopted:
