@@ -32,8 +32,9 @@ if __name__ == '__main__':
 import torch  # noqa: E402
 
 from lib import fast_path  # noqa: E402
-from lib.build import build_optimizer, device_settings, loss_weights  # noqa: E402
+from lib.build import build_optimizer, device_settings  # noqa: E402
 from lib.config import defaults  # noqa: E402
+from lib.core.losses import loss_weights  # noqa: E402
 from lib.core.schedules import Schedule  # noqa: E402
 from lib.distributed import World  # noqa: E402
 from lib.engine import StepParts  # noqa: E402
@@ -65,7 +66,7 @@ def main():
     views = torch.randn(2 * args.batch_size, 3, 32, 32, generator=generator).to(settings.device)
     indexes = torch.randperm(args.images, generator=generator)[:args.batch_size]
     batch = (views, indexes.to(settings.device))
-    weights = loss_weights(config, Schedule(200).ue_weight(199))     # every loss weighs
+    weights = loss_weights(config, Schedule(200), 199)     # every loss weighs
     buffers = list(method.net.buffers())
     mode = 'reduce-overhead' if settings.cuda else 'default'
     print(f'{args.network}, {args.batch_size} images x 2 views on {settings.device}, torch '

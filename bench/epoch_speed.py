@@ -77,9 +77,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lib.build import (build_optimizer, build_pipeline, device_settings,  # noqa: E402
-                       load_data, loss_weights, normalisation)
+                       load_data, normalisation)
 from lib.config import defaults  # noqa: E402
 from lib.core.knn import KnnData, knn_evaluate  # noqa: E402
+from lib.core.losses import loss_weights  # noqa: E402
+from lib.core.schedules import Schedule  # noqa: E402
 from lib.core.step import train_step  # noqa: E402
 from lib.engine import run_epoch  # noqa: E402
 from lib.fast_path import step_parts  # noqa: E402
@@ -203,7 +205,7 @@ def main():
     if training:
         optimizer = build_optimizer(opts, net)
         parts, _ = step_parts(opts, settings, method, optimizer, World())
-        weights = loss_weights(opts, 0.0)
+        weights = loss_weights(opts, Schedule(opts.epochs, opts.schedule), 0)
         net.train()
         stream = endless_batches(pipeline)
         views, indexes = next(stream)

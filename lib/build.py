@@ -15,7 +15,6 @@ import datasets
 
 from . import console
 from .core.knn import KnnData, knn_evaluate
-from .core.losses import active_losses
 from .errors import UserError
 from .pipelines import LoaderPipeline, TensorPipeline
 from .progress import progress_bar
@@ -188,12 +187,6 @@ def sgd(params, fused, **settings):
         except (TypeError, RuntimeError):
             pass
     return torch.optim.SGD(params, **settings)
-
-
-def loss_weights(opts, ue_weight):
-    """{name: weight} of the losses the run takes: 1 each, the UE loss the schedule's weight
-    of this epoch (docs/ALGORITHM.md 5: total = AND + augmentation + weight * UE)."""
-    return {name: ue_weight if name == 'ue' else 1.0 for name in active_losses(opts)}
 
 
 # ----------------------------------------------------------------------------- the run's data

@@ -178,30 +178,26 @@ def stdout_is_closed():
 
 
 # ----------------------------------------------------------------------------- shared options
-def add_data_options(p, data_root_default=None):
-    """--data-root, --subset and --device, as every entry point reads them. The analysis
-    commands default --data-root and --subset to the checkpoint's (None here)."""
-    if data_root_default is not None:       # main.py
-        data_help = ('torchvision\'s files, an image-folder tree train/<class>/*, '
-                     'test/<class>/*, or (--dataset folder) a folder of unlabeled images '
-                     '(default: %(default)s)')
-    else:       # the analysis commands read the data the checkpoint was trained on
-        data_help = ('where the checkpoint\'s training data is, when it is no longer where '
-                     'the run read it: torchvision\'s files, an image-folder tree '
-                     'train/<class>/*, test/<class>/*, or the folder of unlabeled images '
-                     '(default: the checkpoint\'s)')
-    p.add_argument(*spellings('--data-root'), dest='data_root', default=data_root_default,
-                   metavar='DIR', help=data_help)
+SUBSET_HELP = 'seeded random subsets of N training and N test images'
+DEVICE_HELP = 'auto = CUDA when present'
+
+
+def add_data_options(p):
+    """--data-root, --subset and --device of the analysis commands, which read the data the
+    checkpoint was trained on (their defaults: the checkpoint's)."""
+    p.add_argument(*spellings('--data-root'), dest='data_root', default=None, metavar='DIR',
+                   help='where the checkpoint\'s training data is, when it is no longer where '
+                        'the run read it: torchvision\'s files, an image-folder tree '
+                        'train/<class>/*, test/<class>/*, or the folder of unlabeled images '
+                        '(default: the checkpoint\'s)')
     p.add_argument('--subset', default=None, type=POSITIVE_INT, metavar='N',
-                   help='seeded random subsets of N training and N test images (default: '
-                        + ('all' if data_root_default is not None else 'the checkpoint\'s')
-                        + ')')
+                   help=SUBSET_HELP + ' (default: the checkpoint\'s)')
     add_device_option(p)
 
 
 def add_device_option(p):
     p.add_argument('--device', default='auto', choices=DEVICES,
-                   help='auto = CUDA when present (default: %(default)s)')
+                   help=DEVICE_HELP + ' (default: %(default)s)')
 
 
 def add_reading_options(p):

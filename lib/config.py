@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, make_dataclass
 
 import datasets
 import models
@@ -119,8 +119,8 @@ OPTIONS = (
     option('--data-root', './data', 'torchvision\'s files, an image-folder tree '
            'train/<class>/*, test/<class>/*, or (--dataset folder) a folder of unlabeled '
            'images', metavar='DIR'),
-    option('--subset', None, 'seeded random subsets of N training and N test images (default: '
-           'all)', type=cli.POSITIVE_INT, metavar='N'),
+    option('--subset', None, cli.SUBSET_HELP + ' (default: all)', type=cli.POSITIVE_INT,
+           metavar='N'),
     option('--eval-root', None, 'with unlabeled training images: a labelled train/<class>/*, '
            'test/<class>/* tree to report kNN accuracy on (network embeddings)', metavar='DIR'),
     option('--knn-k', A['knn_k'], 'kNN neighbours voting', type=cli.POSITIVE_INT, metavar='K'),
@@ -156,7 +156,7 @@ OPTIONS = (
     # augmentations and an arithmetic rounds its own way, so a resume on another one is not
     # the unbroken run. `auto` stays `auto`, choosing for the machine the run continues on;
     # lib/resume.py says when that changes the pipeline or the arithmetic.)
-    option('--device', 'auto', 'auto = CUDA when present', resumed=False, choices=cli.DEVICES),
+    option('--device', 'auto', cli.DEVICE_HELP, resumed=False, choices=cli.DEVICES),
     option('--pipeline', 'auto', 'gpu: data and augmentation as batched tensors on the device; '
            'cpu: torchvision transforms in loader workers, as released; auto = gpu on CUDA, cpu '
            'otherwise', choices=('auto', 'gpu', 'cpu')),
@@ -258,68 +258,10 @@ def parse(argv=None) -> Flags:
 
 
 # ----------------------------------------------------------------------------- the run's config
-@dataclass(frozen=True)
-class RunConfig:
-    """Every option of a run, resolved (see the module's docstring). `typed` names the options
-    given as flags, `argv` the words typed; neither is stored with the run."""
-    dataset: str
-    network: str
-    method: str
-    sobel: bool
-    views: int
-    bank: bool
-    aug_loss: bool
-    aug_input: str
-    ue_loss: bool
-    flip: bool
-    nesterov: bool
-    rounds: int
-    image_size: int
-    stem: str
-    mean: tuple
-    std: tuple
-    low_dim: int
-    npc_t: float
-    npc_m: float
-    ANs_select_rate: float
-    ANs_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    epochs: int
-    schedule: str
-    batch_t: float
-    batch_m: float
-    batch_size: int
-    seed: int
-    data_root: str
-    subset: int
-    eval_root: str
-    knn_k: int
-    knn_sigma: float
-    knn_features: str
-    model_dir: str
-    resume: str
-    init_from: str
-    test_only: bool
-    stop_after: int
-    name: str
-    log_dir: str
-    tensorboard: bool
-    quiet: bool
-    device: str
-    pipeline: str
-    precision: str
-    eval_precision: str
-    compile: str
-    compile_check: str
-    workers: int
-    cache: bool
-    cache_dir: str
-    data_memory: float
-    sync_bn: bool
-    typed: frozenset = frozenset()
-    argv: tuple = ()
+class _RunConfig:
+    """Every option of a run, resolved (see the module's docstring): a field per entry of
+    OPTIONS, in its order. `typed` names the options given as flags, `argv` the words typed;
+    neither is stored with the run."""
 
     def record(self, mean=None, std=None) -> dict:
         """The options as checkpoints, config.json and log.jsonl keep them, with the
@@ -331,6 +273,13 @@ class RunConfig:
 
     def components(self) -> dict:
         return {name: getattr(self, name) for name in COMPONENTS}
+
+
+# Generated from OPTIONS, so that an option is declared once.
+RunConfig = make_dataclass(
+    'RunConfig', [(o.name, object) for o in OPTIONS] + [
+        ('typed', frozenset, field(default=frozenset())), ('argv', tuple, field(default=()))],
+    bases=(_RunConfig,), namespace={'__doc__': _RunConfig.__doc__}, frozen=True)
 
 
 def defaults(**overrides) -> RunConfig:
@@ -353,8 +302,7 @@ def _freeze(values, typed, argv):
             values[name] = tuple(values[name])
     if values.get('image_size') is None:        # the dataset's own size
         values['image_size'] = datasets.FIXED_SIZE.get(values.get('dataset'), 32)
-    known = {f.name for f in fields(RunConfig)} - {'typed', 'argv'}
-    return RunConfig(**{k: v for k, v in values.items() if k in known}, typed=typed, argv=argv)
+    return RunConfig(**{o.name: values[o.name] for o in OPTIONS}, typed=typed, argv=argv)
 
 
 def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:

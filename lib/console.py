@@ -11,7 +11,7 @@ import sys
 import datasets
 
 from .cli import plural
-from .core.losses import LOSSES
+from .core.losses import LOSSES, active_losses
 from .cpu_estimate import cpu_hours_estimate
 from .errors import UserError
 
@@ -237,37 +237,45 @@ def knn_warnings(config, knn):
     return found
 
 
-def schedule_line(schedule, base_lr, ue_loss=True):
-    """One line: the lr (and with `ue_loss` the UE weight) from the round's start and at each
-    change."""
+def schedule_line(schedule, base_lr, losses=('ue',)):
+    """One line: the lr, and the weight of each of `losses` (names) that follows a schedule,
+    from the round's start and at each change."""
     def changes(value):
-        steps = sorted({s for s in schedule.lr_steps + schedule.ue_steps
-                        if 0 < s < schedule.epochs})
         text, last = f'{value(0):g}', value(0)
-        for step in steps:
-            if value(step) != last:
-                text += f', {value(step):g} from epoch {step}'
-                last = value(step)
+        for epoch in range(1, schedule.epochs):
+            if value(epoch) != last:
+                text += f', {value(epoch):g} from epoch {epoch}'
+                last = value(epoch)
         return text
-    lr = changes(lambda epoch: schedule.learning_rate(base_lr, epoch))
-    ue = changes(lambda epoch: round(schedule.ue_weight(epoch), 10))
     origin = ('released, absolute epochs' if schedule.kind == 'released'
               else 'scaled to the round: 0.4, 0.6, 0.8 of it')
-    head = f'schedule per round of {plural(schedule.epochs, "epoch")} ({origin}): lr {lr}'
-    if not ue_loss:
-        return head
-    return head + f'; UE weight {ue}' + (' throughout' if ',' not in ue else '')
+    line = (f'schedule per round of {plural(schedule.epochs, "epoch")} ({origin}): lr '
+            + changes(lambda epoch: schedule.learning_rate(base_lr, epoch)))
+    for name in losses:
+        if LOSSES[name].weight is not None:
+            weight = changes(lambda epoch: round(LOSSES[name].weight(schedule, epoch), 10))
+            line += f'; {weight_title(name)} {weight}' + (' throughout' if ',' not in weight
+                                                          else '')
+    return line
+
+
+def weight_title(name):
+    """'UE weight': how the console names a loss's weight."""
+    return LOSSES[name].title.removesuffix(' loss') + ' weight'
 
 
 def announce(config, settings, world, schedule, data, log, compiled, say):
     """The lines that start training: the schedule, the compile mode and why (`compiled`, a
     fast_path.CompileReport), the run's shape and where it logs, and on a CPU an estimate of
     the time it takes when that is more than an hour."""
-    say(schedule_line(schedule, config.lr, config.ue_loss))
-    if config.ue_loss and not schedule.ue_ever_on():
-        say(f'warning: the UE loss is on, but its weight stays 0 in every epoch of these '
-            f'{config.epochs}-epoch rounds (--schedule {config.schedule}), so it trains '
-            f'nothing; use --schedule scaled or more --epochs')
+    losses = active_losses(config)
+    say(schedule_line(schedule, config.lr, losses))
+    for name in losses:
+        weight = LOSSES[name].weight
+        if weight is not None and not any(weight(schedule, e) for e in range(config.epochs)):
+            say(f'warning: the {LOSSES[name].title} is on, but its weight stays 0 in every '
+                f'epoch of these {config.epochs}-epoch rounds (--schedule {config.schedule}), '
+                f'so it trains nothing; use --schedule scaled or more --epochs')
     if compiled.asked != 'none':
         say(compiled.line())
     steps = data.pipeline.steps_per_epoch
@@ -309,8 +317,8 @@ def epoch_line(config, record):
                        for name, value in record['loss'].items())
     parts = [f"round {record['round']} epoch {record['epoch']:3d}/{config.epochs}",
              f"lr {record['lr']:.5f}"]
-    if 'ue_weight' in record:
-        parts.append(f"UE weight {record['ue_weight']:.1f}")
+    parts += [f'{weight_title(name)} {weight:.1f}' for name, weight
+              in record.get('weights', {}).items() if LOSSES[name].weight is not None]
     parts.append(losses)
     if 'knn_top1' in record:
         parts += [f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}%",

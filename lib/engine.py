@@ -1,5 +1,7 @@
-"""An epoch of training: lib.core.step.train_step over the epoch's batches, with what a long
-run needs around it and the algorithm does not.
+"""The loop of a run, read top to bottom: `train` (its rounds and epochs) -> `train_one_epoch`
+(an epoch, evaluated, saved and recorded) -> `run_epoch` (its steps) -> lib.core.step.train_step,
+with what a long run needs around the algorithm: checkpoints, records, stop signals, a
+non-finite loss, a lost process.
 
 Loss values stay on the device and are summed there, by name; an epoch reads them back once,
 at its end. Every CHECK_EVERY steps on a GPU (every step on the CPU, where a step is slow) one
@@ -8,15 +10,162 @@ processes, a stop request, also at the epoch's end; a single process also honour
 request at any step boundary, which costs no device read. Every SAMPLE_EVERY steps the
 losses are kept for TensorBoard.
 """
+import os
+import time
 from dataclasses import dataclass
 
 import torch
 
+from . import build, console, resume
+from . import checkpoint as ckpt
+from .config import log_folder
+from .core.losses import loss_weights
+from .core.schedules import Schedule, set_learning_rate
 from .core.step import local_batch, train_step
+from .errors import UserError
+from .method_state import MethodState
+from .progress import progress_bar
+from .run_log import RunLog, epoch_record
+from .stopping import StopSignals, silent, write_line
 
 CHECK_EVERY = 20        # steps between the reads that catch a NaN loss or (across processes) a
                         # stop request: one small device sync, not one per step
 SAMPLE_EVERY = 50       # steps between sampled loss records (TensorBoard)
+
+
+def train(config, settings, world, method, data, checkpoint, say):
+    """The rounds and epochs of a run: from its start, from --init-from's weights, or from
+    where its last.t7 stopped, in its folder (locked by `run`)."""
+    started = time.time()
+    # ---------------------------------------------------------------- records
+    writer = ckpt.CheckpointWriter()
+    log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
+                 enabled=world.main, after=writer.then)
+    # ---------------------------------------------------------------- optimizer, resume
+    optimizer = build.build_optimizer(config, method.net)
+    progress = resume.start(config, checkpoint, optimizer, method, world, say,
+                            evaluated=data.knn is not None)
+    schedule = Schedule(config.epochs, config.schedule)
+    epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
+    try:
+        # Signals are answered from here on, compiling included (a minute, on some machines).
+        # (The stop line is written by the signal handler: write_line, which a print it
+        # interrupts cannot collide with.)
+        with StopSignals(write_line if world.main else silent, world.size) as stop:
+            # -------------------------------------------------------- the fast path, checked
+            from .fast_path import step_parts
+            parts, compiled = step_parts(config, settings, method, optimizer, world,
+                                         data.pipeline, progress,
+                                         loss_weights(config, schedule, progress.epoch), say)
+            if world.size == 1 and stop():      # while compiling: nothing trained or written
+                # (several processes agree on a stop in the training loop, a few steps on)
+                say(console.stopped_before_training_line(config, stop.name, progress))
+                return
+            log.start(config.record(data.mean, data.std), data.train.fingerprint,
+                      settings.device, resumed_from=checkpoint.path if config.resume else None,
+                      compile=compiled.record(), data=data.record())
+            run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
+                      schedule, say, {**settings.arithmetic(), 'processes': world.size})
+            console.announce(config, settings, world, schedule, data, log, compiled, say)
+            # -------------------------------------------------------- the rounds and epochs
+            for round_index in range(first_round, config.rounds):
+                if resume.starts_round(config, progress, round_index, method):
+                    record = build.anchor_discovery(method, round_index, data.labels, world)
+                    say.progress(console.round_line(record))
+                    log.round(record, entropy=method.anchors.entropy)
+                for epoch in range(first_epoch if round_index == first_round else 0,
+                                   config.epochs):
+                    if not train_one_epoch(run, round_index, epoch, stop):
+                        return                  # a stop signal: last.t7 continues from it
+                    epochs_run += 1
+                    if config.stop_after and epochs_run >= config.stop_after and \
+                            (round_index, epoch) != (config.rounds - 1, config.epochs - 1):
+                        say(console.stopped_after_line(config, epochs_run))
+                        return
+    except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
+        writer.wait()
+        raise KeyboardInterrupt(console.interrupted_line(config, progress)) from None
+    except RuntimeError as err:     # another process died: one line, not the transport's wall
+        lost = console.lost_loader_line if 'DataLoader worker' in str(err) else \
+            console.lost_process_line if world.lost_peer(err) else None
+        if lost is None:
+            raise
+        writer.wait()
+        raise UserError(lost(config, progress, world)) from None
+    finally:
+        writer.wait()               # every checkpoint whole on disk before anything is said
+        log.close()
+    # ---------------------------------------------------------------- the end
+    for line in console.end_lines(config, progress, log.jsonl_path):
+        say(line)
+    log.end(progress, time.time() - started)
+
+
+@dataclass
+class Run:
+    """What the epochs of a run share."""
+    config: object              # lib.config.RunConfig
+    world: object               # lib.distributed.World
+    method: MethodState
+    data: object                # lib.build.RunData
+    optimizer: torch.optim.Optimizer
+    parts: object               # StepParts: the step as the fast path wrapped it
+    writer: object              # lib.checkpoint.CheckpointWriter
+    log: RunLog
+    progress: object            # lib.checkpoint.Progress
+    schedule: Schedule
+    say: object                 # lib.console.Console
+    trained_with: dict          # the pipeline and arithmetic `auto` chose: kept in checkpoints
+
+    def save(self, is_best, position):
+        """last.t7, continuing from `position`, and ckpt.t7 when `is_best` (rank 0 writes)."""
+        if self.world.main:
+            record = self.config.record(self.data.mean, self.data.std)
+            record['trained_with'] = self.trained_with
+            record['started_in'] = os.getcwd()      # (relative paths are relative to it)
+            ckpt.write(self.writer, self.config.model_dir, self.method, self.optimizer,
+                       self.progress, position, record, self.data.train.fingerprint, is_best)
+
+
+def train_one_epoch(run, round_index, epoch, stop):
+    """Train an epoch (from the step a stopped run left), evaluate, save and record it.
+    Returns False when a stop signal ended it early: last.t7 then continues from that step."""
+    config, progress, started = run.config, run.progress, time.time()
+    lr, weights = run.schedule.learning_rate(config.lr, epoch), \
+        loss_weights(config, run.schedule, epoch)
+    set_learning_rate(run.optimizer, lr)
+    first_step, sums = progress.step, progress.loss_sums
+    progress.step, progress.loss_sums = 0, None
+    batches = progress_bar(run.data.pipeline.train_batches(round_index, epoch, first_step),
+                           total=run.data.pipeline.steps_per_epoch, initial=first_step,
+                           desc=f'round {round_index} epoch {epoch}',
+                           enabled=not config.quiet and run.world.main)
+    try:
+        result = run_epoch(run.parts, batches, weights, first_step, sums, stop)
+    except NonFiniteLoss as bad:
+        run.writer.wait()               # the message names the last.t7 on disk
+        raise console.non_finite_loss(config, progress, round_index, epoch, bad.step) \
+            from None
+    if result.stopped:
+        progress.round, progress.epoch = round_index, epoch
+        run.save(False, dict(round=round_index, epoch=epoch, step=result.steps,
+                             loss_sums=result.sums))
+        run.log.stop(stop.name, round_index, epoch, result.steps,
+                     console.continue_command(config.model_dir))
+        run.writer.wait()
+        run.say(console.stopped_line(config, stop.name, round_index, epoch, result.steps))
+        return False
+    accuracy = build.evaluate(config, run.method, run.data, run.world)
+    is_best = progress.record(round_index, epoch, accuracy[0] if accuracy else None)
+    run.save(is_best, ckpt.following(round_index, epoch, config.epochs))
+    record = epoch_record(config, run.method, run.data, progress, round_index, epoch, lr,
+                          weights, result.losses, accuracy, run.world)
+    record['seconds'] = time.time() - started
+    run.log.steps(record['global_epoch'] * run.data.pipeline.steps_per_epoch, result.samples,
+                  lr)
+    run.log.epoch(record)
+    run.say.progress(console.epoch_line(config, record))
+    return True
 
 
 @dataclass

@@ -7,8 +7,8 @@ TensorBoard; and the reader of `log.jsonl`, for the analysis and comparison scri
   read (files decoded or from the image cache, seconds, processes) and where they are held;
 - `round`, at each anchor discovery: anchors (of entries), consistency (%, null without
   labels), the mean (anchor, neighbour) cosine, seconds;
-- `epoch`, after each epoch: round, epoch, global_epoch, lr, ue_weight (runs with a UE loss),
-  loss {name: mean}, knn_top1 / knn_top5 (%, runs with labels), best_top1, bank statistics
+- `epoch`, after each epoch: round, epoch, global_epoch, lr, weights {loss name: weight this
+  epoch}, loss {name: mean}, knn_top1 / knn_top5 (%, runs with labels), best_top1, bank statistics
   (runs without labels), seconds;
 - `stop`, when a signal (SIGTERM, SIGHUP, Ctrl-C) stopped the run at a step: the signal, round,
   epoch and step last.t7 continues from, and the command that continues it;
@@ -16,8 +16,8 @@ TensorBoard; and the reader of `log.jsonl`, for the analysis and comparison scri
 Accuracies are percentages. A record is appended once the checkpoints written before it are on
 disk (so no epoch is claimed that last.t7 cannot continue after), always on a line of its own;
 readers skip a line cut off by a kill, with a note naming it. TensorBoard (tensorboardX) gets,
-under `log_dir/name/`: sampled per-step losses and lr (`train/*`), per-epoch kNN, UE weight and
-seconds, and per round the anchor count, their consistency and a histogram of the bank
+under `log_dir/name/`: sampled per-step losses and lr (`train/*`), per-epoch kNN, loss weights
+and seconds, and per round the anchor count, their consistency and a histogram of the bank
 entropies. A missing tensorboardX only costs the TensorBoard part.
 """
 import json
@@ -105,9 +105,11 @@ class RunLog:
         if self.writer is not None:
             step = record['global_epoch']
             for key, tag in (('knn_top1', 'knn/top1'), ('knn_top5', 'knn/top5'),
-                             ('ue_weight', 'train/ue_weight'), ('seconds', 'time/epoch_seconds')):
+                             ('seconds', 'time/epoch_seconds')):
                 if record.get(key) is not None:
                     self.writer.add_scalar(tag, record[key], step)
+            for name, value in record['weights'].items():
+                self.writer.add_scalar(f'train/{name}_weight', value, step)
             for name, value in record['loss'].items():
                 self.writer.add_scalar(f'epoch/loss_{name}', value, step)
             for name, value in (record.get('bank') or {}).items():
@@ -147,16 +149,15 @@ class RunLog:
             self.writer.close()
 
 
-def epoch_record(config, method, data, progress, round_index, epoch, lr, ue_weight, losses,
+def epoch_record(config, method, data, progress, round_index, epoch, lr, weights, losses,
                  accuracy, world):
-    """What log.jsonl keeps of an epoch: the losses and weights the run has (`losses`: {name:
-    mean}), the kNN accuracy (`accuracy`: top-1, top-5 fractions), or without labels the
+    """What log.jsonl keeps of an epoch: the losses the run takes (`losses`: {name: mean})
+    and their `weights` ({name: weight} this epoch), the kNN accuracy (`accuracy`: top-1, top-5 fractions), or without labels the
     bank's statistics."""
     from .core.neighbourhoods import bank_statistics   # (torch: the log's readers do without)
     record = dict(round=round_index, epoch=epoch,
-                  global_epoch=round_index * config.epochs + epoch, lr=lr, loss=dict(losses))
-    if config.ue_loss:
-        record['ue_weight'] = ue_weight
+                  global_epoch=round_index * config.epochs + epoch, lr=lr,
+                  weights=dict(weights), loss=dict(losses))
     if accuracy is not None:
         record.update(knn_top1=100 * accuracy[0], knn_top5=100 * accuracy[1],
                       best_top1=100 * progress.best_acc)

@@ -61,16 +61,16 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     assert epochs_logged(run) == [(0, 0)]
 
     # A second Ctrl-C while the continued run works: out at once, saying what last.t7 holds.
-    import main
-    real_run_epoch = main.run_epoch
+    from lib import engine
+    real_run_epoch = engine.run_epoch
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(main, 'run_epoch', interrupted)
+    monkeypatch.setattr(engine, 'run_epoch', interrupted)
     code, out, err = run_main(*printed_command(out))
     assert code == 130
     assert 'checkpoint/stoptest/last.t7 continues from round 1 epoch 0' in err
-    monkeypatch.setattr(main, 'run_epoch', real_run_epoch)
+    monkeypatch.setattr(engine, 'run_epoch', real_run_epoch)
 
     code, out, err = run_main(*printed_command(err))
     assert code == 0, err

@@ -161,3 +161,31 @@ def test_checkpoint_errors(tiny_folder, tmp_path, run_main):
                 'npc': MemoryBank(128, 999, 0.1, 0.5).state_dict(), 'ANs_discovery': {},
                 'acc': 0.1, 'round': 0, 'epoch': 0}, tmp_path / 'big.t7')
     assert_user_error(run_main('--resume', 'big.t7', *base), 'bank of 999 x 128', 'needs 20')
+
+
+def test_an_option_is_declared_once(unbroken_run):
+    """Each entry of OPTIONS is a flag (both spellings, its default in the help), a field of the
+    frozen RunConfig in the same order, and a key of the options a checkpoint stores; a resume
+    takes back exactly the options declared resumed."""
+    from dataclasses import fields
+
+    from lib.checkpoint import stored_options
+    from lib.config import OPTIONS, RESUMED, Flags, RunConfig, build_parser, resolve
+    names = [o.name for o in OPTIONS]
+    assert [f.name for f in fields(RunConfig)] == names + ['typed', 'argv']
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != 'help'}
+    assert sorted(actions) == sorted(names)
+    for o in OPTIONS:
+        assert set(o.flags) <= set(actions[o.name].option_strings)
+        assert o.flags[0].lstrip('-').replace('-', '_') == o.name
+    stored = stored_options(unbroken_run('cpu'))
+    assert set(stored) == set(names)
+    config = resolve(Flags({}, ()), stored, say=lambda line: None)
+    defaults = {o.name: o.default for o in OPTIONS}
+    assert {'network', 'epochs', 'batch_size'} <= {n for n in RESUMED if stored[n] != defaults[n]}
+    assert {'model_dir', 'workers', 'device'} <= {n for n in names if n not in RESUMED and
+                                                  stored[n] != defaults[n]}
+    for name in names:
+        want = stored[name] if name in RESUMED else defaults[name]
+        if name not in ('mean', 'std'):     # (stored as lists)
+            assert getattr(config, name) == want, name

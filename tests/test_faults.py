@@ -186,11 +186,12 @@ FAILING_RANK = '''
 import os, sys
 sys.path.insert(0, {root!r})
 import main
+from lib import engine
 from lib.errors import UserError
 if os.environ['RANK'] == '1':
     def fail(*args, **kwargs):
         raise UserError('injected failure on rank 1')
-    main.run_epoch = fail
+    engine.run_epoch = fail
 sys.exit(main.main(sys.argv[1:]))
 '''
 

@@ -12,6 +12,7 @@ import torch
 import datasets
 import lib.checkpoint
 import main
+from lib import engine
 from conftest import MECHANICS, assert_same_training_state, fast_args, signal_at
 
 SMALL = ['--rounds', '2', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
@@ -127,7 +128,7 @@ def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_
     def progress_bar(iterable, **kwargs):
         bars.append(kwargs)
         return iterable
-    monkeypatch.setattr(main, 'progress_bar', progress_bar)
+    monkeypatch.setattr(engine, 'progress_bar', progress_bar)
     code, out, err = run_main(*command[2:], '--workers', '2')
     assert code == 0 and 'done:' in out, err
     assert (bars[0]['desc'], bars[0]['total'], bars[0]['initial']) == ('round 0 epoch 1', 10, 6)

@@ -445,12 +445,21 @@ def curve_metric(logs):
 
 def curve_values(records, metric):
     """The metric per epoch record; 'loss' is the objective SGD minimised that epoch, each
-    part (an epoch mean) times its weight: 1, the UE loss the epoch's `ue_weight` (an unweighted
-    sum would show the UE loss counting while its weight is still 0)."""
+    part (an epoch mean) times its weight that epoch (an unweighted sum would show the UE loss
+    counting while its weight is still 0)."""
     if metric == 'knn_top1':
         return [r['knn_top1'] for r in records]
-    return [sum(value * (r.get('ue_weight', 1.0) if name == 'ue' else 1.0)
-                for name, value in r['loss'].items()) for r in records]
+    return [sum(value * weights_of(r)[name] for name, value in r['loss'].items())
+            for r in records]
+
+
+def weights_of(record):
+    """{loss name: weight} of an epoch record; logs written before `weights` was recorded
+    kept only the UE loss's (`ue_weight`), the others weighing 1."""
+    if 'weights' in record:
+        return record['weights']
+    return {name: record.get('ue_weight', 1.0) if name == 'ue' else 1.0
+            for name in record['loss']}
 
 
 def curve_figure(logs, published=False):

@@ -7,8 +7,8 @@ augmentation loss (N for the released bank-logit rows, D for the feature variant
 All three take float32 logits; callers keep the bank and the softmaxes out of bf16.
 
 Adding a loss: write its function of a `StepTensors` and give it an entry in `LOSSES`, with the
-component flag that switches it on (lib/core/recipes.py); the step computes the losses a run
-has by name, and the recipe's weights say how they count.
+component flag that switches it on (lib/core/recipes.py) and, unless it counts 1 throughout,
+its weight schedule. The step, the epoch line, log.jsonl and the figures follow the table.
 """
 from dataclasses import dataclass
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .constants import UE_SELF_LOGIT
+from .schedules import Schedule
 
 
 def and_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -139,15 +140,16 @@ def ue_term(s: StepTensors) -> torch.Tensor:
 class Loss:
     term: object            # StepTensors -> 0-d tensor
     switch: str             # the component (flag) that switches it on
-    title: str              # how the console names it ('loss and 7.94' read as English)
+    title: str              # how the console names it ('AND loss 7.94'; a weight: 'UE weight')
+    weight: object = None   # (Schedule, epoch) -> its weight in that epoch; None: 1 throughout
 
 
 # name (its key in log.jsonl and checkpoints): the loss. In the order the step computes them,
-# which is also the order of the released total.
+# which is also the order of the released total: AND + aug + w(epoch) * UE (ALGORITHM.md 5).
 LOSSES = {
     'and': Loss(and_term, 'bank', 'AND loss'),
     'aug': Loss(aug_term, 'aug_loss', 'aug loss'),
-    'ue': Loss(ue_term, 'ue_loss', 'UE loss'),
+    'ue': Loss(ue_term, 'ue_loss', 'UE loss', weight=Schedule.ue_weight),
 }
 
 
@@ -157,3 +159,10 @@ def active_losses(components) -> list:
     get = components.get if isinstance(components, dict) else \
         (lambda name: getattr(components, name))
     return [name for name, loss in LOSSES.items() if get(loss.switch)]
+
+
+def loss_weights(components, schedule: Schedule, epoch: int) -> dict:
+    """{name: weight} in `epoch` of its round, for the losses these components take: what the
+    step multiplies each loss by before summing them."""
+    return {name: LOSSES[name].weight(schedule, epoch) if LOSSES[name].weight else 1.0
+            for name in active_losses(components)}

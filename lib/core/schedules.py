@@ -50,21 +50,11 @@ class Schedule:
     def learning_rate(self, base_lr: float, epoch: int) -> float:
         """base_lr, times 0.1 for every lr step reached (released: 0.03 to epoch 119, 0.003
         for 120-159, 0.0003 from 160)."""
-        if self.kind == 'released':
-            if epoch < LR_DECAY_START:
-                return base_lr
-            return base_lr * LR_DECAY_FACTOR ** ((epoch - LR_DECAY_START) // LR_DECAY_EVERY)
         return base_lr * LR_DECAY_FACTOR ** sum(epoch >= step for step in self.lr_steps)
 
     def ue_weight(self, epoch: int) -> float:
         """0.2 per UE step reached (released: 0.2 * (epoch // 80))."""
-        if self.kind == 'released':
-            return UE_WEIGHT_STEP * (epoch // UE_WEIGHT_EVERY)
         return UE_WEIGHT_STEP * sum(epoch >= step for step in self.ue_steps)
-
-    def ue_ever_on(self) -> bool:
-        """Whether the UE weight is above 0 in some epoch of the round."""
-        return any(self.ue_weight(epoch) > 0 for epoch in range(self.epochs))
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
