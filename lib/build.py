@@ -15,7 +15,9 @@ import datasets
 
 from . import console
 from .core.knn import KnnData, knn_evaluate
+from .distributed import cuda_wanted
 from .errors import UserError
+from .fast_path import compile_augmentation
 from .pipelines import LoaderPipeline, TensorPipeline
 from .progress import progress_bar
 
@@ -30,6 +32,7 @@ class DeviceSettings:
     pipeline: str       # 'gpu' (device tensors, batched augmentation) or 'cpu' (loader)
     precision: str      # training arithmetic: 'bf16' autocast or 'fp32'
     compile: str        # 'none', 'default' or 'reduce-overhead'
+    compile_why: str = 'as asked'       # or the default `auto` took
 
     @property
     def cuda(self):
@@ -46,24 +49,24 @@ def pick_device(choice, cuda_index=0):
     """The torch.device of --device auto|cuda|cpu (auto: CUDA when present)."""
     if choice == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda, but no CUDA device is available')
-    cuda = choice != 'cpu' and torch.cuda.is_available()
-    return torch.device(f'cuda:{cuda_index}' if cuda else 'cpu')
+    return torch.device(f'cuda:{cuda_index}' if cuda_wanted(choice) else 'cpu')
 
 
 def device_settings(opts, world=None):
-    """Resolve --device, --pipeline, --precision and --compile (`auto`: the fast path on CUDA,
-    the released arithmetic on the CPU). The options themselves are left as typed."""
+    """Resolve --device, --pipeline, --precision and --compile, the one place that settles
+    `auto`: the fast path on CUDA (its CUDA-graph-captured step is ~3x faster than eager bf16
+    at batch 128, docs/ALGORITHM.md 9), the released arithmetic on the CPU. Options stay typed."""
     device = pick_device(opts.device, world.local_rank if world is not None else 0)
     cuda = device.type == 'cuda'
     pick = (lambda value, on_cuda, on_cpu: value if value != 'auto'
             else on_cuda if cuda else on_cpu)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    # The CUDA-graph-captured step is ~3x faster than eager bf16 at batch 128
-    # (docs/ALGORITHM.md section 9).
     return DeviceSettings(device, pick(opts.pipeline, 'gpu', 'cpu'),
                           pick(opts.precision, 'bf16', 'fp32'),
-                          pick(opts.compile, 'reduce-overhead', 'none'))
+                          pick(opts.compile, 'reduce-overhead', 'none'),
+                          f'the default on {"CUDA" if cuda else "the CPU"}'
+                          if opts.compile == 'auto' else 'as asked')
 
 
 def image_reading(opts, say=None, show=False):
@@ -119,10 +122,8 @@ def normalisation(opts, train, cache=None):
     `cache`, an ImageCache, when given). A std that is not above 0 (a channel with one value
     in every training image, say) would divide by zero: a UserError naming the channel and
     --std."""
-    if opts.mean and opts.std:
-        computed_mean, computed_std = opts.mean, opts.std
-    else:
-        computed_mean, computed_std = datasets.mean_std(opts.dataset, train, cache)
+    computed_mean, computed_std = (opts.mean, opts.std) if opts.mean and opts.std else \
+        datasets.mean_std(opts.dataset, train, cache)
     mean, std = tuple(opts.mean or computed_mean), tuple(opts.std or computed_std)
     for channel, value in zip(CHANNELS, std):
         if not value > 0:           # also NaN
@@ -148,8 +149,9 @@ def build_pipeline(opts, settings, train, test, mean, std, world=None):
                   views=opts.views, batch_size=opts.batch_size, device=settings.device,
                   seed=opts.seed, flip=opts.flip, rank=rank, world_size=size)
     if settings.pipeline == 'gpu':
-        return TensorPipeline(compile_mode=settings.compile,
-                              memory_budget=data_memory_budget(opts, settings.device), **common)
+        return TensorPipeline(memory_budget=data_memory_budget(opts, settings.device),
+                              wrap_augment=lambda augment: compile_augmentation(
+                                  augment, settings.compile), **common)
     return LoaderPipeline(workers=opts.workers, **common)
 
 
@@ -162,10 +164,8 @@ def data_memory_budget(opts, device):
     DEVICE_DATA_SHARE of the device's memory (a GPU's, or this machine's for the CPU)."""
     if opts.data_memory is not None:
         return int(opts.data_memory * 2 ** 30)
-    if device.type == 'cuda':
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == 'cuda' \
+        else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     return int(DEVICE_DATA_SHARE * total)
 
 

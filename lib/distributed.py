@@ -139,6 +139,11 @@ class WorldError(Exception):
     """The processes could not form their group; the message is one line."""
 
 
+def cuda_wanted(device_choice):
+    """Whether --device auto|cuda|cpu runs on CUDA (auto: when present), for every process."""
+    return device_choice != 'cpu' and torch.cuda.is_available()
+
+
 def init_world(device_choice):
     """The World of this process: torchrun's environment, or a single process. Raises
     WorldError (one line) when the group does not form: a process that never joins."""
@@ -146,7 +151,7 @@ def init_world(device_choice):
     if size == 1:
         return World()
     rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
-    cuda = device_choice != 'cpu' and torch.cuda.is_available()
+    cuda = cuda_wanted(device_choice)
     if cuda:
         torch.cuda.set_device(local_rank)
     try:

@@ -20,7 +20,6 @@ from PIL import Image
 
 from datasets import AugmentedViews, Plain, fit_square, test_transform, train_transform
 
-from .fast_path import compile_augmentation
 from .stopping import ignore_interrupts
 
 TEST_BATCH_SIZE = 100           # evaluation batch, as released (no effect on the result)
@@ -101,7 +100,7 @@ class TensorPipeline:
     (pinned, asynchronously) and augmented there. Both give the same batches."""
 
     def __init__(self, train_set, test_set, mean, std, image_size, views, batch_size,
-                 device, seed, flip=True, color=True, compile_mode='none', rank=0,
+                 device, seed, flip=True, color=True, wrap_augment=None, rank=0,
                  world_size=1, memory_budget=None):
         from datasets.augment import NUM_UNIFORMS, BatchAugment
         self.device, self.seed = torch.device(device), seed
@@ -128,11 +127,9 @@ class TensorPipeline:
                 self.test_images = self._to_device(test_set.images)
         self._train_eval_images = None
         self.num_uniforms = NUM_UNIFORMS
-        # Compiled (fused into a few kernels) unless compile_mode is 'none'; every call is
-        # guarded: an error falls back to eager (lib/fast_path.py CallGuard).
-        self.augment = compile_augmentation(
-            BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device),
-            compile_mode)
+        augment = BatchAugment(image_size, mean, std, flip=flip, color=color).to(self.device)
+        # What augments: `augment`, or what `wrap_augment` makes of it (lib/build.py: compiled)
+        self.augment = wrap_augment(augment) if wrap_augment else augment
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         # Evaluation batches only bound memory (eval-mode BN): larger is faster on a GPU.
