@@ -31,13 +31,13 @@ if __name__ == '__main__':
 
 import torch  # noqa: E402
 
-from lib import fast_path  # noqa: E402
+from lib import agreement, fast_path  # noqa: E402
 from lib.build import build_optimizer, device_settings  # noqa: E402
 from lib.config import defaults  # noqa: E402
 from lib.core.losses import loss_weights  # noqa: E402
 from lib.core.schedules import Schedule  # noqa: E402
 from lib.distributed import World  # noqa: E402
-from lib.engine import StepParts  # noqa: E402
+from lib.fast_path import StepParts  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
 
 # A 200-epoch round of CIFAR-10 at batch 128: what the check's cost is compared with.
@@ -83,13 +83,13 @@ def main():
         started = time.time()
         compiled = parts_of(config, method, optimizer, precision, settings.cuda, mode)
         # As a run checks: with CUDA graphs CAPTURE_RUNS compiled runs, else one.
-        runs = fast_path.CAPTURE_RUNS if compiled.cuda_graphs else 1
-        first = fast_path.agreement(eager, compiled, batch, weights, buffers, runs)
+        runs = agreement.CAPTURE_RUNS if compiled.cuda_graphs else 1
+        first = agreement.agreement(eager, compiled, batch, weights, buffers, runs)
         compile_seconds = time.time() - started
         show(f'compiled against eager, {precision}', first)
-        check = fast_path.agreement(eager, compiled, batch, weights, buffers, runs)  # compiled
+        check = agreement.agreement(eager, compiled, batch, weights, buffers, runs)  # compiled
         started = time.time()
-        fast_path.agreement(eager, compiled, batch, weights, buffers, runs=1, compare=False)
+        agreement.agreement(eager, compiled, batch, weights, buffers, runs=1, compare=False)
         one_step = time.time() - started
         print(f'  {"":<46s} first check {compile_seconds:.1f} s (compiling), then '
               f'{check.seconds:.2f} s = {check.seconds / one_step:.1f} compiled steps; '
@@ -97,10 +97,10 @@ def main():
         torch._dynamo.reset()
     contiguous = parts_of(config, method, optimizer, 'fp32', False, 'none')
     channels_last = parts_of(config, method, optimizer, 'fp32', True, 'none')
-    show('two eager runs, contiguous / channels_last', fast_path.agreement(
+    show('two eager runs, contiguous / channels_last', agreement.agreement(
         contiguous, channels_last, batch, weights, buffers, runs=1))
     bf16 = parts_of(config, method, optimizer, 'bf16', settings.cuda, 'none')
-    show('eager bf16 against eager fp32', fast_path.agreement(contiguous, bf16, batch, weights,
+    show('eager bf16 against eager fp32', agreement.agreement(contiguous, bf16, batch, weights,
                                                                buffers, runs=1))
 
 

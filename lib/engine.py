@@ -21,8 +21,9 @@ from . import checkpoint as ckpt
 from .config import log_folder
 from .core.losses import loss_weights
 from .core.schedules import Schedule, set_learning_rate
-from .core.step import local_batch, train_step
+from .core.step import train_step
 from .errors import UserError
+from .fast_path import step_parts
 from .method_state import MethodState
 from .progress import progress_bar
 from .run_log import RunLog, epoch_record
@@ -53,7 +54,6 @@ def train(config, settings, world, method, data, checkpoint, say):
         # interrupts cannot collide with.)
         with StopSignals(write_line if world.main else silent, world.size) as stop:
             # -------------------------------------------------------- the fast path, checked
-            from .fast_path import step_parts
             parts, compiled = step_parts(config, settings, method, optimizer, world,
                                          data.pipeline, progress,
                                          loss_weights(config, schedule, progress.epoch), say)
@@ -109,7 +109,7 @@ class Run:
     method: MethodState
     data: object                # lib.build.RunData
     optimizer: torch.optim.Optimizer
-    parts: object               # StepParts: the step as the fast path wrapped it
+    parts: object               # lib.fast_path.StepParts: the step as wrapped
     writer: object              # lib.checkpoint.CheckpointWriter
     log: RunLog
     progress: object            # lib.checkpoint.Progress
@@ -168,19 +168,6 @@ def train_one_epoch(run, round_index, epoch, stop):
     return True
 
 
-@dataclass
-class StepParts:
-    """What a step touches, as the shell built and wrapped it (lib/build.py, lib/fast_path.py):
-    the network (autocast, channels_last, DDP, compile), the step's losses (compile), the
-    optimizer, and how the global batch is gathered."""
-    net: torch.nn.Module
-    step_losses: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    gather: object = local_batch
-    cuda_graphs: bool = False       # each step starts a new CUDA-graph generation
-    world: object = None            # lib.distributed.World; None: one process
-
-
 class NonFiniteLoss(Exception):
     """A step's loss was NaN or infinite; `step` is the first such step of the epoch."""
 
@@ -198,7 +185,7 @@ class EpochResult:
     stopped: bool       # a stop was requested: the epoch ends early, at `steps`
 
 
-def run_epoch(parts: StepParts, batches, weights: dict, first_step=0, sums=None,
+def run_epoch(parts, batches, weights: dict, first_step=0, sums=None,
               stop_requested=lambda: False, sample_every=SAMPLE_EVERY,
               check_every=CHECK_EVERY) -> EpochResult:
     """Run train_step over `batches` (the epoch from `first_step`, with the loss `sums` of the

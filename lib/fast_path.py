@@ -2,41 +2,32 @@
 lib/core/step.py computes (DDP, bf16 `Autocast` with channels_last, torch.compile of the network
 and the losses, CUDA graphs under 'reduce-overhead'; the SGD step and bank update stay eager),
 and its guards: before the first step the compiled step is checked against the eager one
-(`agreement`) and falls back one level (MODES) on an error or a disagreement (README, 'The fast
+(lib/agreement.py) and falls back one level (MODES) on an error or a disagreement (README, 'The fast
 path guards itself'). CUDA graphs' known failures are avoided: the training loop keeps copies of
 a step's outputs (pytorch#148439, lib/engine.py); the losses mutate nothing (pytorch#183313);
 every buffer the graphs use (bank, neighbour table, BatchNorm statistics) is allocated outside
-them (pytorch#192748), and the UE weight is a Python number applied outside.
+them (pytorch#192748), and the loss weights are Python numbers applied outside.
 """
 import logging
-import math
-import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
+from .agreement import CAPTURE_RUNS, Agreement, agreement
 from .core.losses import active_losses
-from .core.step import StepLosses, step_gradients
+from .core.step import StepLosses, local_batch
 from .distributed import sync_batchnorm
-from .engine import StepParts
 
 COMPILE = torch.compile             # what compiles (a test puts a faulty compiler here)
 if not torch.cuda.is_available():   # (inductor's C++ backend logs that no CUDA runtime is found)
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
 MODES = ('reduce-overhead', 'default', 'none')     # a fallback moves one to the right
-CAPTURE_RUNS = 3        # compiled runs of the check with CUDA graphs: warm-up, record, replay
 AFTER_FALLBACKS = 'after the fallbacks above'
 NO_GRAPHS = ' (without CUDA there are no CUDA graphs to capture: the same as default)'
 ONLY_LOSSES = "; only the losses: SyncBatchNorm breaks the network's graph at every layer"
 DISABLED = 'TORCH_COMPILE_DISABLE=1 in the environment makes torch.compile return the code as it is'
-
-# How far the compiled step may be from the eager one (both in the run's precision), from
-# bench/compile_check.py's figures (README, 'The agreement check'): a wrong step moves far more.
-LOSS_RTOL = 0.02
-GRAD_COSINE_MIN = 0.95
-GRAD_NORM_RTOL = 0.10
 
 
 def first_line(err):
@@ -99,75 +90,20 @@ def compile_disabled():
     return bool(torch._dynamo.config.disable)
 
 
-# ----------------------------------------------------------------------------- the check
-@dataclass
-class Agreement:
-    """The compiled step against the eager one, on one batch and state."""
-    losses: dict            # {name: (eager, compiled)}
-    grad_cosine: float      # of the two gradients, all trained weights together
-    grad_norm_ratio: float  # |compiled gradient| / |eager gradient|
-    seconds: float          # the eager run and the compiled runs, compilation included
-
-    def problems(self):
-        """What is beyond the tolerances, in words; nothing when the eager step is not finite
-        (no compiler's fault: the training loop's first step stops the run)."""
-        if not all(math.isfinite(eager) for eager, _ in self.losses.values()):
-            return []
-        found = [f'{name} loss {eager:.6g} eager, {compiled:.6g} compiled'
-                 for name, (eager, compiled) in self.losses.items()
-                 if not abs(compiled - eager) <= LOSS_RTOL * max(abs(eager), 1e-3)]
-        if not (self.grad_cosine >= GRAD_COSINE_MIN
-                and abs(self.grad_norm_ratio - 1) <= GRAD_NORM_RTOL):
-            found.append(f'gradients at cosine {self.grad_cosine:.6f} with norm ratio '
-                         f'{self.grad_norm_ratio:.4f} (compiled / eager)')
-        return found
-
-    def text(self):
-        losses = ', '.join(f'{name} {eager:.5g} / {compiled:.5g}'
-                           for name, (eager, compiled) in self.losses.items())
-        return (f'losses eager / compiled: {losses}; gradients cosine {self.grad_cosine:.6f}, '
-                f'norm ratio {self.grad_norm_ratio:.4f} ({self.seconds:.1f} s)')
-
-
-def agreement(eager, compiled, batch, weights, buffers, runs=CAPTURE_RUNS, compare=True):
-    """The Agreement of the `compiled` StepParts' last of `runs` runs with the `eager` ones'
-    (None without `compare`: no eager run) on `batch` = (views, indexes), each run from the same
-    state (`buffers` and gradients restored; no SGD step or bank update). An error is raised
-    with its `stage`: 'eager', 'compile and first run' or 'capture'."""
-    params = [p for group in eager.optimizer.param_groups for p in group['params']]
-    saved = [b.detach().clone() for b in buffers]
-    stages = [(eager, 'eager')] * compare + [(compiled, 'compile and first run')] + \
-        [(compiled, 'capture')] * (runs - 1)
-    started, results = time.time(), []
-    for parts, stage in stages:
-        try:
-            if parts.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            losses, _ = step_gradients(parts.net, parts.step_losses, parts.optimizer, *batch,
-                                       weights, parts.gather)
-            results.append(({name: float(loss.detach()) for name, loss in losses.items()},
-                            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                                       .reshape(-1).double() for p in params])))
-        except Exception as err:
-            err.stage = stage
-            raise
-        finally:
-            with torch.no_grad():
-                for buffer, value in zip(buffers, saved):
-                    buffer.copy_(value)
-            eager.optimizer.zero_grad(set_to_none=True)
-    if not compare:
-        return None
-    (eager_losses, eager_grad), (compiled_losses, compiled_grad) = results[0], results[-1]
-    norm, compiled_norm = float(eager_grad.norm()), float(compiled_grad.norm())
-    cosine = float(eager_grad @ compiled_grad) / (norm * compiled_norm) \
-        if norm > 0 and compiled_norm > 0 else float('nan')
-    return Agreement({name: (eager_losses[name], compiled_losses[name]) for name in eager_losses},
-                     cosine, compiled_norm / norm if norm > 0 else float('nan'),
-                     time.time() - started)
-
-
 # ----------------------------------------------------------------------------- the step's parts
+@dataclass
+class StepParts:
+    """What a step touches, as `step_parts` built and wrapped it: the network (autocast,
+    channels_last, DDP, compile), the step's losses (compile), the optimizer, and how the
+    global batch is gathered (one process: its own rows; nothing distributed on the path)."""
+    net: torch.nn.Module
+    step_losses: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    gather: object = local_batch
+    cuda_graphs: bool = False       # each step starts a new CUDA-graph generation
+    world: object = None            # lib.distributed.World; None: one process
+
+
 @dataclass
 class CompileReport:
     """Which compile mode a run trains with, and why: for its start-up line and log.jsonl."""
@@ -213,7 +149,9 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
     if settings.precision == 'bf16' or settings.cuda:
         net = Autocast(net, bf16=settings.precision == 'bf16', channels_last=settings.cuda)
     losses = step_losses_of(config, method)
-    eager = StepParts(net, losses, optimizer, world.gather_batch, False, world)
+    several = world if world.size > 1 else None
+    gather = world.gather_batch if several else local_batch
+    eager = StepParts(net, losses, optimizer, gather, False, several)
     report = CompileReport(settings.compile)
     if settings.compile == 'none' or compile_disabled():
         report.used = 'none'    # (settings without `compile_why`, a test's, were typed)
@@ -244,7 +182,7 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
                         torch._dynamo.mark_static_address(static)
             parts = StepParts(net if only_losses else COMPILE(net, mode=mode, dynamic=False),
                               COMPILE(losses, mode=mode, dynamic=False), optimizer,
-                              world.gather_batch, cuda_graphs, world)
+                              gather, cuda_graphs, several)
             if batch is not None:
                 found = agreement(eager, parts, batch, weights, list(method.net.buffers()),
                                   CAPTURE_RUNS if cuda_graphs else 1, compare=report.checked)

@@ -17,12 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lib.fast_path as fast_path
+from lib.agreement import Agreement, agreement
 from conftest import MECHANICS, ROOT, assert_same_training_state, fast_args, signal_at
 from lib.core.memory_bank import MemoryBank
 from lib.core.neighbourhoods import ANsDiscovery
 from lib.core.step import StepLosses, train_step
 from lib.distributed import World
-from lib.engine import StepParts, run_epoch
+from lib.engine import run_epoch
+from lib.fast_path import StepParts
 
 WEIGHTS = {'and': 1.0, 'aug': 1.0, 'ue': 0.4}
 
@@ -272,15 +274,15 @@ def test_the_check_names_its_stages_and_sees_a_wrong_gradient():
     batch = tiny_batch()
     # An error of the third compiled run is the capture's; of the eager step, nobody's compile.
     with pytest.raises(RuntimeError, match='capture failed') as raised:
-        fast_path.agreement(eager, parts_of(FailsOnCall(net, 3), bank, anchors, optimizer),
+        agreement(eager, parts_of(FailsOnCall(net, 3), bank, anchors, optimizer),
                             batch, WEIGHTS, buffers, runs=3)
     assert raised.value.stage == 'capture'
     with pytest.raises(RuntimeError) as raised:
-        fast_path.agreement(parts_of(FailsOnCall(net, 1), bank, anchors, optimizer), eager,
+        agreement(parts_of(FailsOnCall(net, 1), bank, anchors, optimizer), eager,
                             batch, WEIGHTS, buffers)
     assert raised.value.stage == 'eager'
     # The same losses with twice the gradient: the check says so.
-    found = fast_path.agreement(eager, parts_of(DoubleGradient(net), bank, anchors, optimizer),
+    found = agreement(eager, parts_of(DoubleGradient(net), bank, anchors, optimizer),
                                 batch, WEIGHTS, buffers)
     assert all(a == pytest.approx(b) for a, b in found.losses.values())
     assert found.grad_cosine == pytest.approx(1) and found.grad_norm_ratio == pytest.approx(2)
@@ -295,7 +297,7 @@ def test_the_check_names_its_stages_and_sees_a_wrong_gradient():
 
 def test_a_non_finite_eager_step_is_left_to_the_training_loop():
     nan = float('nan')
-    found = fast_path.Agreement({'and': (nan, nan), 'aug': (1.0, 1.0)}, nan, nan, 0.0)
+    found = Agreement({'and': (nan, nan), 'aug': (1.0, 1.0)}, nan, nan, 0.0)
     assert found.problems() == []
 
 

@@ -1,6 +1,5 @@
 """What a newcomer meets: commands that work from any folder, refusals before the work,
 counts and words that are true, export and embed that agree, help that guides."""
-import json
 import os
 import subprocess
 import sys

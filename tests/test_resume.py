@@ -11,7 +11,6 @@ import torch
 
 import datasets
 import lib.checkpoint
-import main
 from lib import engine
 from conftest import MECHANICS, assert_same_training_state, fast_args, signal_at
 
