@@ -21,7 +21,8 @@ from .constants import ALGORITHM, CHUNK_FLOATS
 KNN_K, KNN_SIGMA = ALGORITHM['knn_k'], ALGORITHM['knn_sigma']
 
 
-def _chunk_rows(num_keys: int) -> int:
+def rows_per_chunk(num_keys: int) -> int:
+    """Query rows per chunk of similarities against `num_keys` keys: CHUNK_FLOATS at most."""
     return max(1, CHUNK_FLOATS // max(num_keys, 1))
 
 
@@ -54,7 +55,7 @@ def class_scores(queries: torch.Tensor, train_features: torch.Tensor, train_labe
                  num_classes: int, k: int = KNN_K, sigma: float = KNN_SIGMA) -> torch.Tensor:
     """Q x C weighted-kNN class scores (`knn_scores`), the queries taken in chunks, so a
     whole Q x N similarity matrix is never held (ImageNet size: 1.3M columns)."""
-    chunk = _chunk_rows(train_features.shape[0])
+    chunk = rows_per_chunk(train_features.shape[0])
     return torch.cat([knn_scores(queries[start:start + chunk], train_features, train_labels,
                                  num_classes, k, sigma)
                       for start in range(0, queries.shape[0], chunk)])
@@ -84,14 +85,22 @@ def knn_correct(test_features: torch.Tensor, test_targets: torch.Tensor,
 
 
 @torch.no_grad()
-def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple:
-    """(Q x k similarities, Q x k positions in `keys`), most similar first: the retrieval's and
-    the figures' top-k. queries: Q x D, keys: N x D; unit rows make the dot product a cosine.
-    Taken in chunks of queries."""
-    chunk = _chunk_rows(keys.shape[0])
-    found = [(queries[start:start + chunk].float() @ keys.float().t()).topk(k, dim=1)
-             for start in range(0, queries.shape[0], chunk)]
-    return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
+def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude: torch.Tensor = None,
+            chunk: int = None) -> tuple:
+    """(Q x k similarities, Q x k positions in `keys`), most similar first: the retrieval's, the
+    figures' and the anchors' top-k. queries: Q x D, keys: N x D; unit rows make the dot
+    product a cosine. exclude: Q positions in `keys` never returned (a query's own entry: its
+    similarity is set to -inf). Taken in chunks of `chunk` queries (default: rows_per_chunk)."""
+    chunk = chunk or rows_per_chunk(keys.shape[0])
+    values, positions = [], []
+    for start in range(0, queries.shape[0], chunk):
+        similarities = queries[start:start + chunk].float() @ keys.float().t()
+        if exclude is not None:
+            similarities.scatter_(1, exclude[start:start + chunk, None], float('-inf'))
+        found = similarities.topk(k, dim=1)
+        values.append(found.values)
+        positions.append(found.indices)
+    return torch.cat(values), torch.cat(positions)
 
 
 # ----------------------------------------------------------------------------- embeddings

@@ -13,11 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .constants import CHUNK_FLOATS
-
-
-def default_chunk_rows(num_entries: int) -> int:
-    return max(1, CHUNK_FLOATS // num_entries)
+from .knn import nearest, rows_per_chunk
 
 
 @torch.no_grad()
@@ -29,7 +25,7 @@ def bank_entropy(memory: torch.Tensor, temperature: float, chunk_rows: int = Non
     memory: N x D -> N entropies (float32, nats), computed `chunk_rows` rows at a time; with
     `rows` (a long tensor of R entries) only theirs, R entropies.
     """
-    chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
+    chunk_rows = chunk_rows or rows_per_chunk(memory.shape[0])
     count = memory.shape[0] if rows is None else rows.shape[0]
     entropy = torch.empty(count, dtype=torch.float32, device=memory.device)
     for start in range(0, count, chunk_rows):
@@ -55,14 +51,7 @@ def nearest_other_entries(memory: torch.Tensor, rows: torch.Tensor, k: int,
     """
     if not 1 <= k < memory.shape[0]:
         raise ValueError(f'nearest_other_entries needs 1 <= k < N = {memory.shape[0]}, got {k}')
-    chunk_rows = chunk_rows or default_chunk_rows(memory.shape[0])
-    out = torch.empty(rows.shape[0], k, dtype=torch.long, device=memory.device)
-    for start in range(0, rows.shape[0], chunk_rows):
-        chunk = rows[start:start + chunk_rows]
-        sims = memory[chunk] @ memory.t()
-        sims.scatter_(1, chunk[:, None], float('-inf'))
-        out[start:start + chunk_rows] = sims.topk(k, dim=1).indices
-    return out
+    return nearest(memory[rows], memory, k, exclude=rows, chunk=chunk_rows)[1]
 
 
 @torch.no_grad()
