@@ -25,8 +25,9 @@ import os  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from lib import build, console, resume  # noqa: E402
+from lib import build, console, resume, run_folder  # noqa: E402
 from lib import checkpoint as ckpt  # noqa: E402
+from lib.checkpoint_writer import CheckpointWriter  # noqa: E402
 from lib.config import log_folder, resolve  # noqa: E402
 from lib.core.schedules import Schedule, set_learning_rate  # noqa: E402
 from lib.distributed import WorldError, close_world, init_world  # noqa: E402
@@ -57,7 +58,7 @@ def run(flags, world):
         resume.note_changed_processes(checkpoint, config, world, say)
     # ---------------------------------------------------------------- the run's folder
     # Taken before the data is read: a busy or unwritable folder is refused in seconds.
-    lock = ckpt.NoLock() if config.test_only else ckpt.take_model_dir(
+    lock = run_folder.RunLock() if config.test_only else run_folder.take_model_dir(
         config.model_dir, world, say, log_folder(config) if config.tensorboard else None)
     try:
         # ------------------------------------------------------------ data
@@ -71,7 +72,7 @@ def run(flags, world):
             top1, top5 = build.evaluate(config, method, data, world)
             say(console.test_only_line(checkpoint, top1, top5))
             return
-        ckpt.check_room(config.model_dir, method.checkpoint_bytes(), world)
+        run_folder.check_room(config.model_dir, method.checkpoint_bytes(), world)
         train(config, settings, world, method, data, checkpoint, say)
     finally:
         lock.release()
@@ -82,7 +83,7 @@ def train(config, settings, world, method, data, checkpoint, say):
     where its last.t7 stopped, in its folder (locked by `run`)."""
     started = time.time()
     # ---------------------------------------------------------------- records
-    writer = ckpt.CheckpointWriter()
+    writer = CheckpointWriter()
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
     # ---------------------------------------------------------------- optimizer, resume
@@ -153,7 +154,7 @@ class Run:
     data: build.RunData
     optimizer: object
     parts: object               # lib.engine.StepParts: the step as the fast path wrapped it
-    writer: ckpt.CheckpointWriter
+    writer: CheckpointWriter
     log: RunLog
     progress: ckpt.Progress
     schedule: Schedule
