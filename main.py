@@ -24,8 +24,7 @@ if __name__ == '__main__':
 
 import os  # noqa: E402
 
-from lib import build, console, resume  # noqa: E402
-from lib import checkpoint as ckpt  # noqa: E402
+from lib import build, console, resume, run_folder  # noqa: E402
 from lib.config import log_folder, resolve  # noqa: E402
 from lib.distributed import WorldError, close_world, init_world  # noqa: E402
 from lib.engine import train  # noqa: E402
@@ -51,7 +50,7 @@ def run(flags, world):
         resume.note_changed_processes(checkpoint, config, world, say)
     # ---------------------------------------------------------------- the run's folder
     # Taken before the data is read: a busy or unwritable folder is refused in seconds.
-    lock = ckpt.NoLock() if config.test_only else ckpt.take_model_dir(
+    lock = run_folder.RunLock() if config.test_only else run_folder.take_model_dir(
         config.model_dir, world, say, log_folder(config) if config.tensorboard else None)
     try:
         # ------------------------------------------------------------ data
@@ -65,7 +64,7 @@ def run(flags, world):
             top1, top5 = build.evaluate(config, method, data, world)
             say(console.test_only_line(checkpoint, top1, top5))
             return
-        ckpt.check_room(config.model_dir, method.checkpoint_bytes(), world)
+        run_folder.check_room(config.model_dir, method.checkpoint_bytes(), world)
         train(config, settings, world, method, data, checkpoint, say)
     finally:
         lock.release()

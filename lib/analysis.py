@@ -17,6 +17,7 @@ from .core.knn import KnnData, embed, training_features
 from .errors import UserError
 from .method_state import MethodState, clean_state_dict
 from .progress import progress_bar
+from .resume import check_data
 
 
 @dataclass
@@ -126,7 +127,7 @@ def load_trained(path, say=print, **overrides):
     settings = device_settings(config)
     reading = image_reading(config)
     train, test = load_data(config, reading=reading)
-    note = ckpt.check_data(state, train.fingerprint, path)
+    note = check_data(state, train.fingerprint, path)
     if note:
         say(note)
     for line in train.notes:

@@ -16,6 +16,7 @@ import datasets
 from datasets import DataError
 
 from .errors import UserError
+from .run_folder import BEST
 
 
 # ----------------------------------------------------------------------------- types
@@ -222,8 +223,8 @@ def add_quiet_option(p):
 
 def checkpoint_file(text):
     """An argparse type: a checkpoint file as typed, or a run's folder meaning its ckpt.t7
-    (lib/checkpoint.BEST: its best epoch), as main.py's --resume FOLDER --test_only reads it."""
-    return os.path.join(text, 'ckpt.t7') if os.path.isdir(text) else text
+    (its best epoch), as main.py's --resume FOLDER --test_only reads it."""
+    return os.path.join(text, BEST) if os.path.isdir(text) else text
 
 
 checkpoint_file.__name__ = 'a checkpoint'

@@ -14,8 +14,7 @@ from .cli import plural
 from .core.losses import LOSSES, active_losses
 from .cpu_estimate import cpu_hours_estimate
 from .errors import UserError
-
-LAST = 'last.t7'            # (lib/checkpoint.py's name of the file a run continues from)
+from .run_folder import BEST, LAST
 
 
 class Console:
@@ -423,7 +422,7 @@ def interrupted_line(config, progress):
 
 def end_lines(config, progress, log_path):
     """The lines of a finished run: its result, and which file holds what."""
-    best, last = os.path.join(config.model_dir, 'ckpt.t7'), last_path(config)
+    best, last = os.path.join(config.model_dir, BEST), last_path(config)
     rounds_epochs = f'{plural(config.rounds, "round")} x {plural(config.epochs, "epoch")}'
     if progress.best_acc is not None:
         return [f'done: best kNN top-1 {100 * progress.best_acc:.2f}% (round '

@@ -18,6 +18,7 @@ import torch
 
 from . import build, console, resume
 from . import checkpoint as ckpt
+from .checkpoint_writer import CheckpointWriter
 from .config import log_folder
 from .core.losses import loss_weights
 from .core.schedules import Schedule, set_learning_rate
@@ -39,7 +40,7 @@ def train(config, settings, world, method, data, checkpoint, say):
     where its last.t7 stopped, in its folder (locked by `run`)."""
     started = time.time()
     # ---------------------------------------------------------------- records
-    writer = ckpt.CheckpointWriter()
+    writer = CheckpointWriter()
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
     # ---------------------------------------------------------------- optimizer, resume
@@ -110,7 +111,7 @@ class Run:
     data: object                # lib.build.RunData
     optimizer: torch.optim.Optimizer
     parts: object               # lib.fast_path.StepParts: the step as wrapped
-    writer: object              # lib.checkpoint.CheckpointWriter
+    writer: CheckpointWriter
     log: RunLog
     progress: object            # lib.checkpoint.Progress
     schedule: Schedule

@@ -1,5 +1,4 @@
-"""The resume policy: what --resume and --init-from mean, and what a run that continues may
-and may not change.
+"""The resume policy: what --resume and --init-from mean, and what a continued run may change.
 
 - `--resume NAME` continues a run exactly from its last.t7 (optimizer, random states, the step
   it stopped at), in that checkpoint's folder unless --model_dir is typed; with --test_only any
@@ -8,21 +7,37 @@ and may not change.
   round, epoch 0, with a fresh optimizer and schedule; never over the file it starts from.
 - A resumed run keeps its recipe (a typed component that contradicts it is refused; more
   --rounds train on), its data (the fingerprint), and the meaning of its saved position
-  (lib/checkpoint.py check_resume_position). Which options a resumed run takes from its
-  checkpoint is declared with each option (lib/config.py).
+  (`check_resume_position`). Which options a resumed run takes from its checkpoint is
+  declared with each option (lib/config.py).
 """
 import hashlib
 import os
 from dataclasses import dataclass
 
+import torch
+
+from datasets import describe_fingerprint
+
 from . import checkpoint as ckpt
 from .cli import plural
+from .config import OPTIONS
 from .console import command, retyped, unused_folder
 from .core.recipes import COMPONENTS
 from .errors import UserError
+from .run_folder import BEST, LAST, refuse_file
 
 # What a resumed run may not change: its recipe (rounds may grow, to train on).
 RECIPE_OPTIONS = ('method',) + tuple(name for name in COMPONENTS if name != 'rounds')
+# The options that give last.t7's position its images: a step is `batch_size` images of the
+# epoch's shuffle, which `seed` draws; `epochs` numbers the epochs (log.jsonl's global_epoch)
+# and places them in the schedule. The number of processes (a step is the global batch),
+# --workers and --pipeline leave a step's images alone; the data fingerprint and the recipe
+# check refuse what would change the images themselves.
+POSITION_OPTIONS = ('batch_size', 'seed', 'epochs')
+MID_EPOCH_CHANGE = {
+    'batch_size': 'that step would count other images (some trained twice, some never)',
+    'seed': 'the epoch would be shuffled otherwise (some images trained twice, some never)',
+    'epochs': 'the epoch would change its schedule halfway'}
 
 
 @dataclass
@@ -44,22 +59,24 @@ class Checkpoint:
         takes its own; a new run from --init-from takes none (None), only the weights."""
         return self.config if self.resumed else None
 
+    @property
+    def trained_with(self):
+        """What `auto` chose for the run's last training, and on how many processes."""
+        return (self.state.get('config') or {}).get('trained_with') or {}
+
     def restore_method(self, method, fingerprint, say):
-        """The network, bank and anchors into `method`, once the checkpoint's data is known to
-        be this run's (a released file, without fingerprint, is said to be unchecked)."""
-        note = ckpt.check_data(self.state, fingerprint, self.path)
+        """The network, bank and anchors into `method`, once `check_data` let them."""
+        note = check_data(self.state, fingerprint, self.path)
         if note:
             say(note)
         method.load(self.state, self.path)
 
 
 def open_checkpoint(flags, say, world=None):
-    """The Checkpoint of --resume or --init-from (None for a fresh run), read and checked
-    against the typed flags: a file that is one, that this run does not overwrite, that can
-    continue a run when --resume trains, and whose recipe the flags keep. With several
-    processes (`world`: on several machines, each reads its own copy) they must all have the
-    same one: a process that cannot read it, or has another, stops every process with one
-    line naming it."""
+    """The Checkpoint of --resume or --init-from (None for a fresh run): a checkpoint, not
+    one this run overwrites, that can continue a run when --resume trains, whose recipe the
+    flags keep. Several processes (on several machines each reads its own copy) must have
+    the same one: else every process stops with one line naming those that differ."""
     if world is None or world.size == 1:
         return _open_checkpoint(flags, say)
     try:
@@ -89,17 +106,16 @@ def open_checkpoint(flags, say, world=None):
 
 def _open_checkpoint(flags, say):
     typed = flags.typed
-    model_dir = typed.get('model_dir', 'checkpoint/')
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise UserError(f'--model_dir {model_dir} is a file, not a folder')
+    model_dir = typed.get('model_dir', next(o.default for o in OPTIONS if o.name == 'model_dir'))
+    refuse_file(model_dir, '--model_dir')
     name = typed.get('resume') or typed.get('init_from')
     if not name:
         return None
     continuing = bool(typed.get('resume')) and not typed.get('test_only')
-    path = ckpt.resolve_path(model_dir, name, ckpt.LAST if continuing else ckpt.BEST)
+    path = ckpt.resolve_path(model_dir, name, LAST if continuing else BEST)
     state = ckpt.load(path)
     if typed.get('init_from') and os.path.abspath(path) in [os.path.abspath(os.path.join(
-            model_dir, written)) for written in (ckpt.BEST, ckpt.LAST)]:
+            model_dir, written)) for written in (BEST, LAST)]:
         elsewhere = retyped(flags.argv, {'--init-from': path,
                                          '--model_dir': unused_folder(model_dir)})
         raise UserError(f'--init-from {name} is {path}, a file this run would overwrite: '
@@ -107,7 +123,7 @@ def _open_checkpoint(flags, say):
     checkpoint = Checkpoint(path, state, resumed=bool(typed.get('resume')))
     if not checkpoint.resumed:
         return checkpoint
-    if continuing and not ckpt.can_continue(state):
+    if continuing and not {'optimizer', 'next'} <= set(state):     # weights only
         raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '
                         f'checkpoint), so --resume cannot continue a run from it; '
                         f'--init-from {path} starts a new run from its weights, bank and '
@@ -133,12 +149,83 @@ def refuse_recipe_change(typed, stored, path):
                             f'--model_dir, or one from its weights with --init-from {path}')
 
 
+def check_resume_position(state, options, path):
+    """Refuse (UserError) a resume of the last.t7 `state` whose `options` (now: a dict holding
+    POSITION_OPTIONS and `rounds`) would give its saved position other images or epochs;
+    returns the notes on what an allowed change does. Mid-epoch nothing may change; at a
+    boundary --batch_size and --seed may, and --epochs only in round 0 (later, the epochs
+    already logged would be renumbered)."""
+    stored, nxt = state.get('config') or {}, state['next']
+    changed = [(key, stored[key], options[key]) for key in POSITION_OPTIONS
+               if stored.get(key) is not None and options[key] != stored[key]]
+    rounds = options.get('rounds')      # None: the method's, resolved later
+    if not changed or (rounds is not None and nxt['round'] >= rounds):
+        return []                       # nothing changed, or finished: nothing is trained
+    new = ' '.join(f'--{key} {value}' for key, _, value in changed)
+    old = ' '.join(f'--{key} {value}' for key, value, _ in changed)
+    where = f'round {nxt["round"]} epoch {nxt["epoch"]}'
+    if nxt.get('step'):
+        why = ' and '.join(MID_EPOCH_CHANGE[key] for key, _, _ in changed)
+        raise UserError(f'{path} stopped inside {where}, after step {nxt["step"]} with {old}; '
+                        f'with {new} {why}, so this resume is refused: resume with {old} '
+                        f'--stop-after 1 to finish the epoch, then with {new}')
+    epochs = [value for key, _, value in changed if key == 'epochs']
+    if epochs and (nxt['round'] > 0 or nxt['epoch'] >= epochs[0]):
+        raise UserError(f'--epochs {epochs[0]} contradicts the run in {path}, now at {where} '
+                        f'of {stored["epochs"]}-epoch rounds: a resumed run keeps its round '
+                        f'length after round 0 (log.jsonl numbers its epochs by it) and never '
+                        f'skips the rest of a round; resume without --epochs, or start a new '
+                        f'run from its weights with --init-from')
+    return [f'note: {new} replaces the run\'s {old} from {where} on ({path} ends at an epoch '
+            f'boundary, so no image is skipped or trained twice); the run no longer equals one '
+            f'trained with {old} throughout']
+
+
+def repeated_epoch_note(path, progress):
+    """A note when the ckpt.t7 beside the last.t7 at `path` holds the epoch where `progress`
+    continues, or a later one: a run killed after writing ckpt.t7 and before last.t7 (written
+    in that order), whose epoch is now trained again. None otherwise."""
+    best = os.path.join(os.path.dirname(path), BEST)
+    if os.path.basename(path) != LAST or not os.path.isfile(best):
+        return None
+    try:            # mmap: only the two numbers are read, not the tensors
+        state = torch.load(best, map_location='cpu', weights_only=True, mmap=True)
+        held = (int(state['round']), int(state['epoch']))
+    except Exception:     # unreadable, or no position (a released file): nothing to say
+        return None
+    if held < (progress.round, progress.epoch):
+        return None
+    return (f'note: {best} holds round {held[0]} epoch {held[1]}, which {path} had not reached '
+            f'(the run was stopped between writing the two): training repeats from round '
+            f'{progress.round} epoch {progress.epoch}')
+
+
+def check_data(state, fingerprint, path):
+    """Refuse (UserError) a checkpoint whose bank belongs to other training data than
+    `fingerprint`; a note for a file without a fingerprint (a released one), else None."""
+    stored = state.get('fingerprint')
+    if stored is None:
+        return (f'note: {path} has no data fingerprint (a released or older checkpoint): '
+                f'that its bank belongs to these training images could not be checked')
+    if stored != fingerprint:
+        what = ('the same number of images, of other content (a file changed, or one removed '
+                'and one added)' if stored.get('images') == fingerprint.get('images') else
+                f'{abs(fingerprint.get("images", 0) - stored.get("images", 0))} images '
+                f'{"more" if fingerprint.get("images", 0) > stored.get("images", 0) else "fewer"}')
+        raise UserError(f'checkpoint {path} was trained on other data: it holds '
+                        f'{describe_fingerprint(stored)}; --data-root gives '
+                        f'{describe_fingerprint(fingerprint)} ({what}); its memory bank has one '
+                        f'row per training image, in order, so it needs the data it was '
+                        f'trained on: put the folder back as it was, or give --data-root a '
+                        f'copy of it (a new run on the data as it is now starts afresh)')
+    return None
+
+
 def note_changed_arithmetic(checkpoint, settings, say):
     """On --resume: one line when this machine trains the run on another pipeline or in
     another arithmetic than the run had (`auto` chose otherwise here): the continuation then
     differs from the unbroken run, and the line says what to type to keep it."""
-    before = (checkpoint.state.get('config') or {}).get('trained_with') or {}
-    now = settings.arithmetic()
+    before, now = checkpoint.trained_with, settings.arithmetic()
     changed = [name for name in now if before.get(name) not in (None, now[name])]
     if changed:
         was = ', '.join(f'{before[name]} {name}' for name in changed)
@@ -154,12 +241,12 @@ def note_changed_processes(checkpoint, config, world, say):
     of one global batch); without --sync-bn BatchNorm's statistics are each process's own
     share's, so the arithmetic changes; with it they are the global batch's, and only the
     order of floating-point sums over processes differs."""
-    before = ((checkpoint.state.get('config') or {}).get('trained_with') or {}).get('processes')
+    before = checkpoint.trained_with.get('processes')
     if before is None or before == world.size:
         return
     was, now = plural(before, 'process', 'processes'), plural(world.size, 'process',
                                                               'processes')
-    keep = command('--model_dir', config.model_dir, '--resume', ckpt.LAST, processes=before)
+    keep = command('--model_dir', config.model_dir, '--resume', LAST, processes=before)
     if config.sync_bn:
         say(f'note: this run last trained on {was}; here it continues on {now}; with --sync-bn '
             f'BatchNorm\'s statistics are the whole batch\'s either way, so it continues as '
@@ -171,9 +258,8 @@ def note_changed_processes(checkpoint, config, world, say):
 
 
 def nothing_to_train(config, checkpoint, say):
-    """Whether the run has nothing left to do: --resume of a finished run (said, and nothing
-    written). Refuses --init-from at or past --rounds, and a resume whose options would change
-    what its saved position means."""
+    """Whether the run has nothing left to do: --resume of a finished run (said). Refuses
+    --init-from at or past --rounds, and a resume that changes what its position means."""
     if checkpoint is None or config.test_only:
         return False
     if config.init_from:
@@ -183,7 +269,7 @@ def nothing_to_train(config, checkpoint, say):
                             f'{config.rounds} there is nothing left to train; with one more '
                             f'round: {retyped(config.argv, {"--rounds": str(start_round + 1)})}')
         return False
-    for note in ckpt.check_resume_position(checkpoint.state, config.record(), checkpoint.path):
+    for note in check_resume_position(checkpoint.state, config.record(), checkpoint.path):
         say(note)
     progress = ckpt.progress_of(checkpoint.state)
     if progress.round < config.rounds:
@@ -212,11 +298,13 @@ def start(config, checkpoint, optimizer, method, world, say, evaluated=True):
     if state.get('format', 1) < ckpt.LAST_FORMAT:
         say(f'note: {path} was written by an earlier version of this program (its loss sums '
             f'by position, not by name); it resumes as it is')
-    progress = ckpt.restore_training(state, optimizer)
+    optimizer.load_state_dict(state['optimizer'])
+    ckpt.set_rng_state(state.get('rng'))
+    progress = ckpt.progress_of(state)
     where = f' step {progress.step}' if progress.step else ''
     best = f' (best kNN top-1 so far: {progress.best_text()})' if evaluated else ''
     say(f'resuming at round {progress.round} epoch {progress.epoch}{where} from {path}{best}')
-    repeated = ckpt.repeated_epoch_note(path, progress) if world.main else None
+    repeated = repeated_epoch_note(path, progress) if world.main else None
     if repeated:
         say(repeated)
     return progress

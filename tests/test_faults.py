@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import lib.checkpoint
+import lib.checkpoint_writer
 import lib.core.losses
+import lib.run_folder
 from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
                       run_killed_at, signal_at)
 
@@ -175,7 +177,7 @@ def test_unwritable_model_dir_fails_at_start(tiny_folder, tmp_path, run_main):
 
 
 def test_full_disk_fails_at_start(tiny_folder, tmp_path, run_main, monkeypatch):
-    monkeypatch.setattr(lib.checkpoint.shutil, 'disk_usage',
+    monkeypatch.setattr(lib.run_folder.shutil, 'disk_usage',
                         lambda path: type('usage', (), {'free': 5 * 2**20})())
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--epochs', '1'))
     assert code == 2 and 'has 5 MiB free, but the checkpoints need about' in err
@@ -218,7 +220,7 @@ def test_checkpoints_are_written_in_the_background_as_whole_files(tmp_path, monk
     """submit returns before the file is written; the copy it writes is the state at submit
     time (training changes the tensors in place next); wait returns with the file whole."""
     import threading
-    writer = lib.checkpoint.CheckpointWriter()
+    writer = lib.checkpoint_writer.CheckpointWriter()
     started, release = threading.Event(), threading.Event()
     real_save = lib.checkpoint.save_atomic
 
@@ -244,7 +246,7 @@ def test_a_ctrl_c_that_interrupts_the_wait_leaves_the_write_whole(tmp_path, monk
     returns only once the file is whole. (With Thread.join the interrupted join marked the
     thread finished: the next wait returned at once, mid-write.)"""
     import threading
-    writer = lib.checkpoint.CheckpointWriter()
+    writer = lib.checkpoint_writer.CheckpointWriter()
     started = threading.Event()
     real_save = lib.checkpoint.save_atomic
 
@@ -272,7 +274,7 @@ def test_a_ctrl_c_that_interrupts_the_wait_leaves_the_write_whole(tmp_path, monk
 
 def test_a_writer_that_could_not_start_its_thread_is_not_left_busy(tmp_path, monkeypatch):
     import threading
-    writer = lib.checkpoint.CheckpointWriter()
+    writer = lib.checkpoint_writer.CheckpointWriter()
 
     def no_thread(self):
         raise RuntimeError("can't start new thread")
@@ -287,7 +289,7 @@ def test_a_writer_that_could_not_start_its_thread_is_not_left_busy(tmp_path, mon
 
 
 def test_a_failed_background_write_is_one_error_line(tmp_path):
-    writer = lib.checkpoint.CheckpointWriter()
+    writer = lib.checkpoint_writer.CheckpointWriter()
     writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'missing' / 'last.t7'))])
     with pytest.raises(lib.checkpoint.UserError, match='cannot write checkpoint .*last.t7'):
         writer.wait()

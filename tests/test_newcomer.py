@@ -54,7 +54,7 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
 # ----------------------------------------------------------------------------- 3. refuse first
 def test_a_busy_or_unwritable_run_folder_is_refused_before_the_data_is_read(tiny_folder,
                                                                             tmp_path, run_main):
-    from lib.run_lock import acquire
+    from lib.run_folder import acquire
     with acquire(str(tmp_path)):
         code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *SMALL))
     assert code == 2 and f'--model_dir {tmp_path} is in use by a live run' in err, err

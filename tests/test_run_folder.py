@@ -17,13 +17,16 @@ import pytest
 import torch
 
 import lib.checkpoint as ckpt
+import lib.run_folder
 import tools.export
 import lib.pipelines
 import lib.run_log
 import tools.visualize
 from conftest import MECHANICS, ROOT, fast_args
+from lib.checkpoint_writer import CheckpointWriter
 from lib.errors import UserError
-from lib.run_lock import acquire
+from lib.resume import check_resume_position, repeated_epoch_note
+from lib.run_folder import acquire, prepare_model_dir, space_needed
 
 MiB = 2**20
 STARTED = r'started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d'
@@ -47,7 +50,7 @@ def folder_bytes(folder):
 HOLD = '''
 import sys, time
 sys.path.insert(0, {root!r})
-from lib.run_lock import acquire
+from lib.run_folder import acquire
 lock = acquire({folder!r})
 print('ready', flush=True)
 time.sleep(600)
@@ -128,7 +131,7 @@ def test_start_up_removes_only_the_temporaries_of_dead_processes(tmp_path):
     dead, live = f'last.t7.tmp{ended.pid}', f'ckpt.t7.tmp{os.getpid()}'
     for name in (dead, live, 'notes.tmp1'):
         (tmp_path / name).write_bytes(b'partial')
-    lock = ckpt.prepare_model_dir(str(tmp_path), checkpoint_bytes=1)
+    lock = prepare_model_dir(str(tmp_path), checkpoint_bytes=1)
     lock.release()
     assert sorted(os.listdir(tmp_path)) == sorted([live, 'notes.tmp1', 'run.lock'])
 
@@ -227,19 +230,19 @@ OPTIONS = {'batch_size': 8, 'seed': 0, 'epochs': 4, 'rounds': 3}
 ])
 def test_a_changed_round_length_is_refused_where_it_renumbers_epochs(state, changes, refused):
     with pytest.raises(UserError, match=re.escape(refused)):
-        ckpt.check_resume_position(state, {**OPTIONS, **changes}, 'last.t7')
+        check_resume_position(state, {**OPTIONS, **changes}, 'last.t7')
 
 
 def test_what_a_resume_may_change_at_an_epoch_boundary():
-    assert ckpt.check_resume_position(last_t7(step=0), {**OPTIONS, 'epochs': 6, 'seed': 2},
-                                      'last.t7') == [
+    assert check_resume_position(last_t7(step=0), {**OPTIONS, 'epochs': 6, 'seed': 2},
+                                 'last.t7') == [
         "note: --seed 2 --epochs 6 replaces the run's --seed 0 --epochs 4 from round 0 epoch 1 "
         "on (last.t7 ends at an epoch boundary, so no image is skipped or trained twice); the "
         "run no longer equals one trained with --seed 0 --epochs 4 throughout"]
-    assert ckpt.check_resume_position(last_t7(step=5), OPTIONS, 'last.t7') == []
+    assert check_resume_position(last_t7(step=5), OPTIONS, 'last.t7') == []
     # A finished run trains nothing, so nothing is said (main.py says it is finished).
-    assert ckpt.check_resume_position(last_t7(step=0, round_index=3, epoch=0),
-                                      {**OPTIONS, 'batch_size': 4}, 'last.t7') == []
+    assert check_resume_position(last_t7(step=0, round_index=3, epoch=0),
+                                 {**OPTIONS, 'batch_size': 4}, 'last.t7') == []
 
 
 # ----------------------------------------------------------------------------- 3. torn lines
@@ -330,7 +333,7 @@ class Blocked:
 
 def test_the_epoch_record_waits_for_last_t7(tmp_path, monkeypatch):
     blocked = Blocked(monkeypatch)
-    writer = ckpt.CheckpointWriter()
+    writer = CheckpointWriter()
     log = lib.run_log.RunLog(str(tmp_path), after=writer.then)
     writer.submit([({'net': {}, 'npc': {}, 'round': 0, 'epoch': 0}, str(tmp_path / 'ckpt.t7')),
                    ({'net': {}, 'npc': {}, 'next': 1}, str(tmp_path / 'last.t7'))])
@@ -355,7 +358,7 @@ def test_a_failed_save_removes_its_temporary_and_logs_no_epoch(tmp_path, monkeyp
         except OSError:
             raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos')
     monkeypatch.setattr(ckpt.torch, 'save', disk_full)
-    writer = ckpt.CheckpointWriter()
+    writer = CheckpointWriter()
     log = lib.run_log.RunLog(str(tmp_path), after=writer.then)
     writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'last.t7'))])
     log.epoch({'round': 0, 'epoch': 1, 'global_epoch': 1, 'loss': {}})
@@ -369,11 +372,11 @@ def test_a_failed_save_removes_its_temporary_and_logs_no_epoch(tmp_path, monkeyp
 def test_a_resume_says_which_epoch_it_repeats(tmp_path):
     torch.save({'net': {}, 'npc': {}, 'round': 1, 'epoch': 2}, tmp_path / 'ckpt.t7')
     last = str(tmp_path / 'last.t7')
-    assert ckpt.repeated_epoch_note(last, ckpt.Progress(round=1, epoch=2)) == (
+    assert repeated_epoch_note(last, ckpt.Progress(round=1, epoch=2)) == (
         f'note: {tmp_path / "ckpt.t7"} holds round 1 epoch 2, which {last} had not reached (the '
         f'run was stopped between writing the two): training repeats from round 1 epoch 2')
-    assert ckpt.repeated_epoch_note(last, ckpt.Progress(round=1, epoch=3)) is None
-    assert ckpt.repeated_epoch_note(last, ckpt.Progress(round=2, epoch=0)) is None
+    assert repeated_epoch_note(last, ckpt.Progress(round=1, epoch=3)) is None
+    assert repeated_epoch_note(last, ckpt.Progress(round=2, epoch=0)) is None
 
 
 # ----------------------------------------------------------------------------- 5. free space
@@ -386,29 +389,29 @@ def test_free_space_counts_the_checkpoints_a_run_replaces(tmp_path, monkeypatch)
     """The issue's numbers: checkpoints of 180,000,000 bytes (171.7 MiB; 3 of them 515 MiB),
     442 MiB free. A stopped run's last.t7 and ckpt.t7 are replaced, so resuming needs one more
     file's room (172 MiB), not three."""
-    monkeypatch.setattr(ckpt.shutil, 'disk_usage',
+    monkeypatch.setattr(lib.run_folder.shutil, 'disk_usage',
                         lambda path: type('usage', (), {'free': 442 * MiB})())
     size = 180_000_000
     fresh = tmp_path / 'fresh'
     with pytest.raises(UserError, match=re.escape(
             f'--model_dir {fresh} has 442 MiB free, but the checkpoints need about 515 MiB more '
             f'(last.t7, ckpt.t7 and a temporary copy while writing)')):
-        ckpt.prepare_model_dir(str(fresh), size)
+        prepare_model_dir(str(fresh), size)
     stopped = tmp_path / 'stopped'
     stopped.mkdir()
     sparse(stopped / 'last.t7', size)
     sparse(stopped / 'ckpt.t7', size)
-    assert ckpt.space_needed(str(stopped), size) == (size, 2 * size)
-    ckpt.prepare_model_dir(str(stopped), size).release()
+    assert space_needed(str(stopped), size) == (size, 2 * size)
+    prepare_model_dir(str(stopped), size).release()
     # Only last.t7 there, at most one checkpoint's size counted: 515 - 172 = 343 MiB needed.
     (stopped / 'ckpt.t7').unlink()
     sparse(stopped / 'last.t7', 3 * size)
-    monkeypatch.setattr(ckpt.shutil, 'disk_usage',
+    monkeypatch.setattr(lib.run_folder.shutil, 'disk_usage',
                         lambda path: type('usage', (), {'free': 300 * MiB})())
     with pytest.raises(UserError, match=re.escape(
             'has 300 MiB free, but the checkpoints need about 343 MiB more (last.t7, ckpt.t7 '
             'and a temporary copy while writing; the 172 MiB of the checkpoints there, which '
             'they replace, already counted)')):
-        ckpt.prepare_model_dir(str(stopped), size)
+        prepare_model_dir(str(stopped), size)
     with acquire(stopped) as lock:                      # the failed check released its hold
         assert lock.held

@@ -133,6 +133,7 @@ from lib.errors import UserError  # noqa: E402
 from tools.figures import (DPI, UNLABELED_FIGURE, check_same_test_set,  # noqa: E402
                            curve_figure, embedding_figure, plt, probabilities_figure,
                            retrieval_figure, select_queries)
+from lib.run_folder import BEST  # noqa: E402
 from lib.run_log import epoch_records, log_path  # noqa: E402
 
 
@@ -215,7 +216,7 @@ def default_out(args):
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         name = os.path.basename(os.path.normpath(folder)) or 'run'
         names.append(name if args.command == 'curve' or os.path.basename(path) in (
-            'ckpt.t7', '') else f'{name}-{os.path.splitext(os.path.basename(path))[0]}')
+            BEST, '') else f'{name}-{os.path.splitext(os.path.basename(path))[0]}')
     joined = '+'.join(dict.fromkeys(names))
     if len(joined) > 80:                        # many runs: their count, not their names
         joined = f'{len(names)}-runs'
