@@ -1,4 +1,4 @@
-"""The figures behind the first-step check of the compiled step (lib/fast_path.py): how far the
+"""The figures behind the first-step check of the compiled step (lib/agreement.py): how far the
 compiled step is from the eager one in float32 and in bf16, how far two eager runs of one step
 already are (contiguous against channels_last memory), and what the check costs against one
 step and against a whole run.
@@ -36,7 +36,7 @@ from lib.build import build_optimizer, device_settings  # noqa: E402
 from lib.config import defaults  # noqa: E402
 from lib.core.losses import loss_weights  # noqa: E402
 from lib.core.schedules import Schedule  # noqa: E402
-from lib.distributed import World  # noqa: E402
+from lib.core.step import local_batch  # noqa: E402
 from lib.fast_path import StepParts  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
 
@@ -52,7 +52,7 @@ def parts_of(config, method, optimizer, precision, channels_last, compile_mode):
     if compile_mode != 'none':
         net = torch.compile(net, mode=compile_mode, dynamic=False)
         losses = torch.compile(losses, mode=compile_mode, dynamic=False)
-    return StepParts(net, losses, optimizer, World().gather_batch,
+    return StepParts(net, losses, optimizer, local_batch,
                      compile_mode == 'reduce-overhead' and config.device == 'cuda')
 
 

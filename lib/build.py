@@ -40,8 +40,8 @@ class DeviceSettings:
 
     def arithmetic(self):
         """What `auto` chose that a resume must keep to equal the unbroken run: the pipeline
-        (its augmentations) and the precision (its rounding). Kept in checkpoints (main.py
-        adds the number of processes, for lib/resume.py note_changed_processes)."""
+        (its augmentations) and the precision (its rounding). Kept in checkpoints (the loop,
+        lib/engine.py, adds the number of processes, for lib/resume.py note_changed_processes)."""
         return dict(pipeline=self.pipeline, precision=self.precision)
 
 

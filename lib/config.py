@@ -212,6 +212,7 @@ HELP_EXAMPLES = """examples:
   python3 main.py --resume checkpoint/quick --test_only               # kNN of its best epoch
   python3 main.py --dataset folder --data-root photos --model_dir checkpoint/photos
 The README has more (your own images, the figures, several GPUs)."""
+DEFAULTS = {o.name: o.default for o in OPTIONS}
 RESUMED = frozenset(o.name for o in OPTIONS if o.resumed)
 # Resumed to train on as the run trained; an evaluation (--test_only) chooses for this machine.
 HOW_IT_TRAINS = ('pipeline', 'precision', 'compile')
@@ -280,13 +281,14 @@ RunConfig = make_dataclass(
     'RunConfig', [(o.name, object) for o in OPTIONS] + [
         ('typed', frozenset, field(default=frozenset())), ('argv', tuple, field(default=()))],
     bases=(_RunConfig,), namespace={'__doc__': _RunConfig.__doc__}, frozen=True)
+RunConfig.__module__ = __name__     # (make_dataclass names another: pickle finds it here)
 
 
 def defaults(**overrides) -> RunConfig:
     """A RunConfig of the defaults (the method's recipe filling the components), `overrides`
     applied first: what the scripts (bench/, experiments/) and the analysis loading build on.
     Raises UserError for components that do not fit together."""
-    values = {o.name: o.default for o in OPTIONS}
+    values = dict(DEFAULTS)
     values.update(overrides)
     return _freeze(values, frozenset(), ())
 
@@ -314,7 +316,7 @@ def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:
     Raises:
         UserError: components that do not fit together.
     """
-    values = {o.name: o.default for o in OPTIONS}
+    values = dict(DEFAULTS)
     if stored:
         stored = dict(stored)
         if 'schedule' not in stored and 'schedule' not in flags.typed:

@@ -236,7 +236,7 @@ def knn_warnings(config, knn):
     return found
 
 
-def schedule_line(schedule, base_lr, losses=('ue',)):
+def schedule_line(schedule, base_lr, losses):
     """One line: the lr, and the weight of each of `losses` (names) that follows a schedule,
     from the round's start and at each change."""
     def changes(value):
@@ -252,7 +252,7 @@ def schedule_line(schedule, base_lr, losses=('ue',)):
             + changes(lambda epoch: schedule.learning_rate(base_lr, epoch)))
     for name in losses:
         if LOSSES[name].weight is not None:
-            weight = changes(lambda epoch: round(LOSSES[name].weight(schedule, epoch), 10))
+            weight = changes(lambda epoch: round(LOSSES[name].weight_at(schedule, epoch), 10))
             line += f'; {weight_title(name)} {weight}' + (' throughout' if ',' not in weight
                                                           else '')
     return line
@@ -270,8 +270,8 @@ def announce(config, settings, world, schedule, data, log, compiled, say):
     losses = active_losses(config)
     say(schedule_line(schedule, config.lr, losses))
     for name in losses:
-        weight = LOSSES[name].weight
-        if weight is not None and not any(weight(schedule, e) for e in range(config.epochs)):
+        if LOSSES[name].weight is not None and \
+                not any(LOSSES[name].weight_at(schedule, e) for e in range(config.epochs)):
             say(f'warning: the {LOSSES[name].title} is on, but its weight stays 0 in every '
                 f'epoch of these {config.epochs}-epoch rounds (--schedule {config.schedule}), '
                 f'so it trains nothing; use --schedule scaled or more --epochs')

@@ -154,9 +154,8 @@ def step_parts(config, settings, method, optimizer, world, pipeline=None, positi
     eager = StepParts(net, losses, optimizer, gather, False, several)
     report = CompileReport(settings.compile)
     if settings.compile == 'none' or compile_disabled():
-        report.used = 'none'    # (settings without `compile_why`, a test's, were typed)
-        report.why = getattr(settings, 'compile_why', 'as asked') \
-            if settings.compile == 'none' else DISABLED
+        report.used = 'none'
+        report.why = settings.compile_why if settings.compile == 'none' else DISABLED
         return eager, report
     report.checked = config.compile_check == 'on'
     only_losses = world.size > 1 and config.sync_bn

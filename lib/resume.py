@@ -20,7 +20,7 @@ from datasets import describe_fingerprint
 
 from . import checkpoint as ckpt
 from .cli import plural
-from .config import OPTIONS
+from .config import DEFAULTS
 from .console import command, retyped, unused_folder
 from .core.recipes import COMPONENTS
 from .errors import UserError
@@ -106,7 +106,7 @@ def open_checkpoint(flags, say, world=None):
 
 def _open_checkpoint(flags, say):
     typed = flags.typed
-    model_dir = typed.get('model_dir', next(o.default for o in OPTIONS if o.name == 'model_dir'))
+    model_dir = typed.get('model_dir', DEFAULTS['model_dir'])
     refuse_file(model_dir, '--model_dir')
     name = typed.get('resume') or typed.get('init_from')
     if not name:

@@ -100,7 +100,7 @@ class RunLog:
             self.writer.add_scalar('train/lr', lr, first_step + step)
 
     def epoch(self, record):
-        """One epoch: round, epoch, global_epoch, lr, loss{}, knn_top1/5 (%), ..."""
+        """One epoch: round, epoch, global_epoch, lr, weights{}, loss{}, knn_top1/5 (%), ..."""
         self._append({'type': 'epoch', **record})
         if self.writer is not None:
             step = record['global_epoch']
@@ -108,8 +108,10 @@ class RunLog:
                              ('seconds', 'time/epoch_seconds')):
                 if record.get(key) is not None:
                     self.writer.add_scalar(tag, record[key], step)
+            from .core.losses import LOSSES     # (torch: the log's readers do without)
             for name, value in record['weights'].items():
-                self.writer.add_scalar(f'train/{name}_weight', value, step)
+                if LOSSES[name].weight is not None:     # (the others weigh 1 throughout)
+                    self.writer.add_scalar(f'train/{name}_weight', value, step)
             for name, value in record['loss'].items():
                 self.writer.add_scalar(f'epoch/loss_{name}', value, step)
             for name, value in (record.get('bank') or {}).items():
@@ -152,8 +154,8 @@ class RunLog:
 def epoch_record(config, method, data, progress, round_index, epoch, lr, weights, losses,
                  accuracy, world):
     """What log.jsonl keeps of an epoch: the losses the run takes (`losses`: {name: mean})
-    and their `weights` ({name: weight} this epoch), the kNN accuracy (`accuracy`: top-1, top-5 fractions), or without labels the
-    bank's statistics."""
+    and their `weights` ({name: weight} this epoch), the kNN accuracy (`accuracy`: top-1,
+    top-5 fractions), or without labels the bank's statistics."""
     from .core.neighbourhoods import bank_statistics   # (torch: the log's readers do without)
     record = dict(round=round_index, epoch=epoch,
                   global_epoch=round_index * config.epochs + epoch, lr=lr,

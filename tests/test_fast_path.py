@@ -127,7 +127,8 @@ def test_the_step_parts_are_freed_without_the_garbage_collector():
     config = SimpleNamespace(bank=True, aug_loss=True, ue_loss=True, views=2,
                              aug_input='logits', batch_t=0.1, batch_m=1.0, sync_bn=False,
                              compile='none', compile_check='on')
-    settings = SimpleNamespace(precision='bf16', cuda=False, compile='none')
+    settings = SimpleNamespace(precision='bf16', cuda=False, compile='none',
+                               compile_why='as asked')
     method = SimpleNamespace(net=net, bank=bank, anchors=anchors)
     parts, _ = step_parts(config, settings, method, optimizer, World())
     ref = weakref.ref(net)

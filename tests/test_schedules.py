@@ -48,10 +48,10 @@ def test_released_schedule_in_a_short_round_never_weights_the_ue_loss():
     schedule = Schedule(10, 'released')
     assert all(schedule.ue_weight(e) == 0 for e in range(10))
     assert all(schedule.learning_rate(0.03, e) == 0.03 for e in range(10))
-    assert 'UE weight 0 throughout' in schedule_line(schedule, 0.03)
+    assert 'UE weight 0 throughout' in schedule_line(schedule, 0.03, ['and', 'aug', 'ue'])
 
 
 def test_describe_names_the_epochs():
-    text = schedule_line(Schedule(10), 0.03)
+    text = schedule_line(Schedule(10), 0.03, ['and', 'aug', 'ue'])
     assert 'lr 0.03, 0.003 from epoch 6, 0.0003 from epoch 8' in text
     assert 'UE weight 0, 0.2 from epoch 4, 0.4 from epoch 8' in text

@@ -143,6 +143,10 @@ class Loss:
     title: str              # how the console names it ('AND loss 7.94'; a weight: 'UE weight')
     weight: object = None   # (Schedule, epoch) -> its weight in that epoch; None: 1 throughout
 
+    def weight_at(self, schedule: Schedule, epoch: int) -> float:
+        """Its weight in `epoch` of a round of `schedule`."""
+        return self.weight(schedule, epoch) if self.weight is not None else 1.0
+
 
 # name (its key in log.jsonl and checkpoints): the loss. In the order the step computes them,
 # which is also the order of the released total: AND + aug + w(epoch) * UE (ALGORITHM.md 5).
@@ -164,5 +168,4 @@ def active_losses(components) -> list:
 def loss_weights(components, schedule: Schedule, epoch: int) -> dict:
     """{name: weight} in `epoch` of its round, for the losses these components take: what the
     step multiplies each loss by before summing them."""
-    return {name: LOSSES[name].weight(schedule, epoch) if LOSSES[name].weight else 1.0
-            for name in active_losses(components)}
+    return {name: LOSSES[name].weight_at(schedule, epoch) for name in active_losses(components)}
