@@ -36,6 +36,14 @@ def photo(path, width, height, seed, **save):
     Image.fromarray(pixels).save(path, **save)
 
 
+def photo_folder(folder, count, width, height):
+    """`count` photos 0.png, 1.png, ... of width x height in a new `folder`: their sorted paths."""
+    os.makedirs(folder)
+    for i in range(count):
+        photo(folder / f'{i}.png', width, height, i)
+    return sorted(str(p) for p in folder.iterdir())
+
+
 def messy_folder(root):
     """Files of every kind the reader has rules for, in nested folders: photos of several
     sizes and formats, an EXIF-rotated JPEG, 16-bit grey and colour PNGs, a transparent
@@ -120,10 +128,7 @@ def test_every_file_reads_as_the_one_process_reader_reads_it(tmp_path, size, wor
 def test_a_changed_added_or_removed_file_is_decoded_again_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(image_cache, 'RACY_SECONDS', 0)    # files made a moment ago count
     folder = tmp_path / 'photos'
-    os.makedirs(folder)
-    for i in range(8):
-        photo(folder / f'{i}.png', 50, 40, i)
-    paths = sorted(str(p) for p in folder.iterdir())
+    paths = photo_folder(folder, 8, 50, 40)
     cache_dir = tmp_path / 'cache'
 
     def read(paths):
@@ -203,11 +208,7 @@ for _ in read_files(paths, 40, Reading(ImageCache(os.environ['CACHE']), 1)):
 
 @pytest.mark.parametrize('where', ['mid-pack', 'mid-json', 'before-manifest'])
 def test_a_writer_killed_mid_write_leaves_nothing_that_is_read(tmp_path, where):
-    folder = tmp_path / 'photos'
-    os.makedirs(folder)
-    for i in range(6):
-        photo(folder / f'{i}.png', 50, 45, i)
-    paths = sorted(str(p) for p in folder.iterdir())
+    paths = photo_folder(tmp_path / 'photos', 6, 50, 45)
     cache_dir = tmp_path / 'cache'
     proc = subprocess.run([sys.executable, '-c', KILLED_WRITER.format(root=ROOT), where, *paths],
                           env={**os.environ, 'CACHE': str(cache_dir)}, capture_output=True,
@@ -626,11 +627,7 @@ for i, read in enumerate(read_files(sys.argv[2:], 40, Reading(ImageCache(sys.arg
 def test_a_reader_killed_mid_read_leaves_no_lock_held(tmp_path):
     """Its decoding workers end with it (they would otherwise hold the fill lock they
     inherited, and the next reader would wait for ever)."""
-    folder = tmp_path / 'photos'
-    os.makedirs(folder)
-    for i in range(40):
-        photo(folder / f'{i:02d}.png', 30, 30, i)
-    paths = sorted(str(p) for p in folder.iterdir())
+    paths = photo_folder(tmp_path / 'photos', 40, 30, 30)
     cache_dir = tmp_path / 'cache'
     proc = subprocess.Popen([sys.executable, '-c', SLOW_READER.format(root=ROOT),
                              str(cache_dir), *paths])
