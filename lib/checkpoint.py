@@ -12,6 +12,7 @@ of a part-done epoch) and `best`.
 Every write goes to a temporary file that is fsynced, then renamed over the old one: a run
 killed mid-write leaves the previous checkpoint whole. What a resume may do: lib/resume.py.
 """
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -171,6 +172,16 @@ def fsync_folder(folder):
         pass                        # some filesystems refuse a folder's fsync: nothing to gain
     finally:
         os.close(fd)
+
+
+def checkpoint_digest(path):
+    """The first 16 hex digits of the SHA-1 of a checkpoint file's bytes: the same file (the
+    same weights) on every process or machine, and for the embeddings made with it."""
+    digest = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- reading

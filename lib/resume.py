@@ -10,7 +10,6 @@
   (`check_resume_position`). Which options a resumed run takes from its checkpoint is
   declared with each option (lib/config.py).
 """
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -83,13 +82,7 @@ def open_checkpoint(flags, say, world=None):
         checkpoint, problem = _open_checkpoint(flags, say), None
     except UserError as err:
         checkpoint, problem = None, str(err)
-    content = None
-    if checkpoint is not None:
-        digest = hashlib.sha1()
-        with open(checkpoint.path, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 24), b''):
-                digest.update(block)
-        content = digest.hexdigest()[:16]
+    content = ckpt.checkpoint_digest(checkpoint.path) if checkpoint is not None else None
     everyone, differing = world.unlike_main((problem, content))
     needs = ('every node needs the same checkpoint in its --model_dir (a folder all nodes '
              'share, or a copy of rank 0\'s)')

@@ -52,6 +52,7 @@ from datasets import shown  # noqa: E402
 from datasets.decoding import read_files  # noqa: E402
 from lib.analysis import load_network  # noqa: E402
 from lib.build import image_reading, pick_device  # noqa: E402
+from lib.checkpoint import checkpoint_digest  # noqa: E402
 from lib.cli import plural  # noqa: E402
 from lib.console import reading_line, skipped_lines  # noqa: E402
 from lib.core.knn import embed  # noqa: E402
@@ -95,15 +96,6 @@ def list_folder(folder):
         raise UserError(f'{shown(folder)} holds no images '
                         f'({", ".join(datasets.IMAGE_EXTENSIONS)}), at any depth')
     return ImageList(folder, listing.paths, notes=listing.notes(folder))
-
-
-def checkpoint_digest(path):
-    """A digest of a checkpoint file: embeddings compare only with those of the same weights."""
-    digest = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def file_fingerprint(root, paths, cache=None):

@@ -58,8 +58,9 @@ from lib.analysis import load_network  # noqa: E402
 from lib.build import image_reading, pick_device  # noqa: E402
 from lib.console import tool_command  # noqa: E402
 from lib.core.knn import nearest  # noqa: E402
-from .embed import (ImageList, checkpoint_digest, embed_files, embed_folder,  # noqa: E402
-                    file_fingerprint, list_folder, report_skipped, save_embeddings)
+from lib.checkpoint import checkpoint_digest  # noqa: E402
+from .embed import (ImageList, embed_files, embed_folder, file_fingerprint,  # noqa: E402
+                    list_folder, report_skipped, save_embeddings)
 from lib.errors import UserError  # noqa: E402
 
 
