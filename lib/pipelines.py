@@ -135,14 +135,16 @@ class TensorPipeline:
         # Evaluation batches only bound memory (eval-mode BN): larger is faster on a GPU.
         self.eval_batch = EVAL_BATCH_GPU if self.device.type == 'cuda' else TEST_BATCH_SIZE
 
-    def _to_device(self, images):
+    def _to_device(self, images, fitted=False):
         """N x 3 x H x W uint8 on the device of N x H x W x 3 host images (an array or
-        ImageRows), copied a chunk at a time: the host never holds a second copy."""
+        ImageRows), copied a chunk at a time: the host never holds a second copy. `fitted`:
+        as the test transform sees them, image_size square (see train_eval_images)."""
         from datasets.image_rows import chunks
-        out = torch.empty((len(images), 3, *images.shape[1:3]), dtype=torch.uint8,
-                          device=self.device)
+        shape = (self.image_size, self.image_size) if fitted else images.shape[1:3]
+        out = torch.empty((len(images), 3, *shape), dtype=torch.uint8, device=self.device)
         for start, chunk in chunks(images):
-            out[start:start + len(chunk)] = self._upload(chunk)
+            out[start:start + len(chunk)] = self._upload(self._fitted(chunk) if fitted
+                                                         else chunk)
         return out
 
     def _upload(self, rows):
@@ -171,13 +173,7 @@ class TensorPipeline:
             if stored.shape[1:3] == (self.image_size, self.image_size):
                 self._train_eval_images = self.train_images
             else:
-                from datasets.image_rows import chunks
-                side = self.image_size
-                fitted = torch.empty((len(stored), 3, side, side), dtype=torch.uint8,
-                                     device=self.device)
-                for start, chunk in chunks(stored):
-                    fitted[start:start + len(chunk)] = self._upload(self._fitted(chunk))
-                self._train_eval_images = fitted
+                self._train_eval_images = self._to_device(stored, fitted=True)
         return self._train_eval_images
 
     @property
