@@ -317,7 +317,7 @@ def epoch_line(config, record):
     parts = [f"round {record['round']} epoch {record['epoch']:3d}/{config.epochs}",
              f"lr {record['lr']:.5f}"]
     parts += [f'{weight_title(name)} {weight:.1f}' for name, weight
-              in record.get('weights', {}).items() if LOSSES[name].weight is not None]
+              in record['weights'].items() if LOSSES[name].weight is not None]
     parts.append(losses)
     if 'knn_top1' in record:
         parts += [f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}%",
