@@ -382,27 +382,28 @@ def stopped_before_training_line(config, signal_name, progress):
             f'{continue_command(config.model_dir)}')
 
 
+def held_text(config, progress):
+    """What last.t7 holds and the command that continues it, or that there is none yet: how
+    the lines of a run that cannot go on end."""
+    if progress.resumes_at is None:
+        return 'no checkpoint had been written yet'
+    return (f'{last_path(config)} {continues_from(progress)}; continue with: '
+            f'{continue_command(config.model_dir)}')
+
+
 def lost_process_line(config, progress, world):
-    """Another process of the run is gone (killed, out of memory): this one cannot go on;
-    what last.t7 holds and the command that continues it."""
+    """Another process of the run is gone (killed, out of memory): this one cannot go on."""
     lost = (f'process rank {1 - world.rank} (of 2)' if world.size == 2
             else f'another of the {world.size} processes')
-    if progress.resumes_at is None:
-        held = 'no checkpoint had been written yet'
-    else:
-        held = (f'{last_path(config)} {continues_from(progress)}; continue with: '
-                f'{continue_command(config.model_dir)}')
     return (f'{lost} of this run stopped or stopped answering (killed, out of memory, or '
-            f'stuck?), and this one cannot go on without it; {held}')
+            f'stuck?), and this one cannot go on without it; {held_text(config, progress)}')
 
 
 def lost_loader_line(config, progress, world):
     """A data-loader worker process died (the kernel's out-of-memory killer, a kill)."""
-    held = 'no checkpoint had been written yet' if progress.resumes_at is None else (
-        f'{last_path(config)} {continues_from(progress)}; continue with: '
-        f'{continue_command(config.model_dir)}')
     return (f'a data-loader worker process was killed (out of memory? --workers '
-            f'{config.workers} starts that many; fewer take less memory); {held}')
+            f'{config.workers} starts that many; fewer take less memory); '
+            f'{held_text(config, progress)}')
 
 
 def stopped_after_line(config, epochs_run):

@@ -14,8 +14,8 @@ import lib.checkpoint
 import lib.checkpoint_writer
 import lib.core.losses
 import lib.run_folder
-from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
-                      run_killed_at, signal_at)
+from conftest import (MECHANICS, ROOT, TWO_PROCESS_FLAGS, UNBROKEN_FLAGS,
+                      assert_same_training_state, fast_args, run_killed_at, signal_at)
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -23,30 +23,23 @@ def epoch_records(model_dir):
     return [r for r in map(json.loads, open(model_dir / 'log.jsonl')) if r['type'] == 'epoch']
 
 
-def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, run_main):
+def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, run_main, two_process_run):
     """Same seed and global batch (16 images; 8 per process): the same losses, anchors, kNN
     and bank. The first step agrees to float32 rounding; after it the two runs drift apart
     slowly, because BatchNorm over 8 images per process makes float32 gradients
     ill-conditioned (even one process with channels_last differs from contiguous that much)."""
-    flags = ['--rounds', '2', '--epochs', '1', '--batch_size', '16', '--pipeline', 'gpu',
-             '--sync-bn', '--no-tensorboard', *MECHANICS]
-    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'one', *flags))
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'one', *TWO_PROCESS_FLAGS))
     assert code == 0, err
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         os.path.join(ROOT, 'main.py'), *fast_args(tiny_folder, tmp_path / 'two', *flags)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-        env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count('done: best kNN') == 1          # only rank 0 prints
-    assert '2 processes' in proc.stdout
-    one, two = epoch_records(tmp_path / 'one'), epoch_records(tmp_path / 'two')
+    two_dir, out = two_process_run
+    assert out.count('done: best kNN') == 1          # only rank 0 prints
+    assert '2 processes' in out
+    one, two = epoch_records(tmp_path / 'one'), epoch_records(two_dir)
     for name in ('and', 'aug', 'ue'):
         assert two[0]['loss'][name] == pytest.approx(one[0]['loss'][name], abs=1e-5)  # step 1
         assert two[1]['loss'][name] == pytest.approx(one[1]['loss'][name], rel=1e-3)  # step 2
     assert [r['knn_top1'] for r in two] == [r['knn_top1'] for r in one]
     a = torch.load(tmp_path / 'one' / 'last.t7', weights_only=True)
-    b = torch.load(tmp_path / 'two' / 'last.t7', weights_only=True)
+    b = torch.load(two_dir / 'last.t7', weights_only=True)
     assert torch.equal(a['ANs_discovery']['anchor_indexes'], b['ANs_discovery']['anchor_indexes'])
     assert torch.allclose(a['npc']['memory'], b['npc']['memory'], atol=5e-3)
     # One DataParallel-style prefix, as the released code saves, whatever wraps the network.

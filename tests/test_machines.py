@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from conftest import MECHANICS, ROOT, assert_same_training_state, fast_args
+from conftest import (MECHANICS, ROOT, TWO_PROCESS_FLAGS, assert_same_training_state,
+                      fast_args)
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 FLAGS = ['--rounds', '2', '--epochs', '1', '--batch_size', '8', '--pipeline', 'gpu',
@@ -41,18 +42,14 @@ def error_lines(results):
             if line.startswith('error (rank')]
 
 
-def test_two_nodes_train_as_two_processes_of_one_node(tiny_folder, tmp_path):
-    one_node = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-         os.path.join(ROOT, 'main.py'), *fast_args(tiny_folder, tmp_path / 'one', *FLAGS)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
-    results = two_nodes([fast_args(tiny_folder, tmp_path / 'two', *FLAGS)] * 2)
+def test_two_nodes_train_as_two_processes_of_one_node(tiny_folder, tmp_path, two_process_run):
+    results = two_nodes([fast_args(tiny_folder, tmp_path / 'two', *TWO_PROCESS_FLAGS)] * 2)
     for code, out, err in results:
         assert code == 0, err[-3000:]
     printed = [out for _, out, _ in results if 'done:' in out]
     assert len(printed) == 1 and '2 processes' in printed[0]     # rank 0 prints, one node
-    assert_same_training_state(torch.load(tmp_path / 'one' / 'last.t7', weights_only=True),
+    one_node, _ = two_process_run
+    assert_same_training_state(torch.load(one_node / 'last.t7', weights_only=True),
                                torch.load(tmp_path / 'two' / 'last.t7', weights_only=True))
 
 
@@ -92,12 +89,12 @@ def test_a_node_that_never_joins_ends_the_others_in_one_line(tiny_folder, tmp_pa
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'tools', 'launch.py'), '--nnodes', '2',
          '--nproc_per_node', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', endpoint,
-         '--rdzv-conf', 'join_timeout=5', os.path.join(ROOT, 'main.py'),
+         '--rdzv-conf', 'join_timeout=2', os.path.join(ROOT, 'main.py'),
          *fast_args(tiny_folder, tmp_path / 'run', *FLAGS)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f'error: not every node joined the run at {endpoint} within 5 s (2 asked for by '
+        f'error: not every node joined the run at {endpoint} within 2 s (2 asked for by '
         f'--nnodes): start this launcher on each node with the same --rdzv-endpoint and '
         f'--rdzv-id, or wait longer with --rdzv-conf join_timeout=SECONDS')
     assert 'Traceback' not in proc.stderr

@@ -14,21 +14,20 @@ from conftest import MECHANICS, ROOT, fast_args, write_image_folder
 SMALL = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', *MECHANICS]
 
 
-def run_in(folder, *argv, script='main.py'):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)],
-                          capture_output=True, text=True, cwd=folder, timeout=600)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 # ----------------------------------------------------------------------------- 2. any folder
 @pytest.mark.parametrize('recorded', [True, False])
 def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
-        tmp_path, recorded):
+        tmp_path, run_main, monkeypatch, recorded):
     """The run was started in proj/ with --data-root data; from elsewhere its checkpoint still
     finds its data: where the run recorded it started, or (older checkpoints) where its
-    folder says."""
+    folder says. (main.main in this process, in each folder in turn: that printed commands
+    work typed in another folder, test_processes runs as programs.)"""
     project = tmp_path / 'proj'
     write_image_folder(project / 'data')
+
+    def run_in(folder, *argv):
+        monkeypatch.chdir(folder)
+        return run_main(*argv)
     code, out, err = run_in(project, '--data-root', 'data', '--model_dir', 'checkpoint/quick',
                             '--batch_size', '8', '--workers', '0', '--device', 'cpu', '--rounds',
                             '2', '--epochs', '1', '--stop-after', '1', '--no-tensorboard',

@@ -34,30 +34,27 @@ def continue_line(out):
 def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny_folder,
                                                                             tmp_path,
                                                                             run_main):
-    flags = ['--rounds', '1', '--epochs', '2', '--batch_size', '16', '--pipeline', 'gpu',
+    """1 process, then 2 (torchrun), then 1 again: each change is said with the command that
+    keeps the count, and the 2-process leg's own lines name its launcher."""
+    flags = ['--rounds', '1', '--epochs', '3', '--batch_size', '16', '--pipeline', 'gpu',
              '--no-tensorboard', *MECHANICS]
-    one = tmp_path / 'one'
-    code, out, err = run_main(*fast_args(tiny_folder, one, *flags, '--stop-after', '1'))
+    run = tmp_path / 'run'
+    code, out, err = run_main(*fast_args(tiny_folder, run, *flags, '--stop-after', '1'))
     assert code == 0, err
     assert continue_line(out).startswith('python3 main.py ')
-    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'main.py'), '--model_dir', str(one),
-                           '--resume', 'last.t7', '--device', 'cpu', '--workers', '0'],
+    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'main.py'), '--model_dir', str(run),
+                           '--resume', 'last.t7', '--device', 'cpu', '--workers', '0',
+                           '--stop-after', '1'],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (note,) = [line for line in proc.stdout.splitlines() if 'processes' in line and
                line.startswith('note:')]
     assert note.startswith('note: this run last trained on 1 process; here it continues on 2 '
                            'processes, and without --sync-bn')
-    assert note.endswith(f'to keep it: python3 main.py --model_dir {one} --resume last.t7')
-    # and the other way: a 2-process run's own lines name its launcher
-    two = tmp_path / 'two'
-    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'main.py'),
-                           *fast_args(tiny_folder, two, *flags, '--stop-after', '1')],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert note.endswith(f'to keep it: python3 main.py --model_dir {run} --resume last.t7')
     assert continue_line(proc.stdout).startswith('torchrun --standalone --nproc_per_node 2 '
                                                  'main.py ')
-    code, out, err = run_main('--model_dir', two, '--resume', 'last.t7', '--device', 'cpu',
+    code, out, err = run_main('--model_dir', run, '--resume', 'last.t7', '--device', 'cpu',
                               '--workers', '0', '--sync-bn')
     assert code == 0, err
     assert 'note: this run last trained on 2 processes; here it continues on 1 process; with ' \
