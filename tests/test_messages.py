@@ -222,3 +222,19 @@ def test_both_spellings_of_every_flag():
     shown = ' '.join(build_parser().format_help().split())
     assert '--batch_size B, --batch-size B' in shown
     assert '--data-root DIR, --data_root DIR' in shown
+
+
+@pytest.mark.parametrize('resumes_at, held', [
+    (None, 'no checkpoint had been written yet'),
+    ((1, 2, 0), 'ck/last.t7 continues from round 1 epoch 2; continue with: python3 main.py '
+                '--model_dir ck --resume last.t7')])
+def test_a_lost_loader_worker_says_what_to_do_and_what_last_t7_holds(resumes_at, held,
+                                                                      monkeypatch):
+    from types import SimpleNamespace
+    from lib import console
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    line = console.lost_loader_line(SimpleNamespace(model_dir='ck', workers=3),
+                                    SimpleNamespace(resumes_at=resumes_at), None)
+    assert line == ('a data-loader worker process was killed (out of memory? --workers 3 starts '
+                    'that many; fewer take less memory); ' + held)
