@@ -6,10 +6,12 @@
 #                                # the released settings from epoch 0 to epoch FIRST-1
 #   bench/gpu_check.sh second    # the same run on to epoch FIRST+MORE-1 (--resume last.t7); then
 #                                # FP32 epochs of the released arithmetic (fp32, cpu pipeline,
-#                                # no compile) for the equality check
+#                                # no compile), to put next to the fast path's curve
 #
-# Every log is written to $OUT as it comes (a call cut short still reports); the run folders
-# are under $RUNS (git-ignored), which a warm machine keeps between the two calls.
+# The console output of each part goes to $OUT as it comes, each run's log.jsonl every 10 s;
+# the curves next to the published one follow at the end. The run folders are under $RUNS
+# (git-ignored), which a warm machine keeps between the calls; a call run again continues its
+# runs and never trains past its epochs.
 #   DATA   an unpacked CIFAR-10 image-folder copy (default: .devdata/cifar10-jpeg.tar.gz, unpacked)
 #   OUT    where the logs go (default /tmp/gpu_check)
 #   RUNS   the run folders (default checkpoint/gpu_check)
@@ -40,18 +42,79 @@ read -r -a BENCH_EXTRA <<< "${BENCH_EXTRA:-}"
 mkdir -p "$OUT" "$RUNS"
 if [ -z "${DATA:-}" ]; then
   DATA=/tmp/cifar10
-  [ -d "$DATA/train" ] || { mkdir -p "$DATA" && tar xzf .devdata/cifar10-jpeg.tar.gz -C "$DATA"; }
+  if [ ! -f "$DATA/.unpacked" ]; then         # (a call stopped while unpacking unpacks again)
+    rm -rf "$DATA" && mkdir -p "$DATA" && tar xzf .devdata/cifar10-jpeg.tar.gz -C "$DATA"
+    touch "$DATA/.unpacked"
+  fi
 fi
+
 # main.py at the released settings (its defaults), on the released absolute schedule.
 train() {
   python3 main.py --data-root "$DATA" --device "$DEVICE" --schedule released --no-tensorboard \
     "${EXTRA[@]}" "$@"
 }
 
+# The epochs run $1 ($RUNS/$1) has left before epoch $2 of round 0: all of them when it has not
+# started, else what its last.t7 says (so that a call run again never trains past epoch $2 - 1).
+left_to() {
+  if [ ! -f "$RUNS/$1/last.t7" ]; then
+    echo "$2"
+    return
+  fi
+  python3 -c '
+import sys, torch
+at = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["next"]
+print(max(0, int(sys.argv[2]) - at["epoch"]) if at["round"] == 0 else 0)' "$RUNS/$1/last.t7" "$2"
+}
+
+# Train run $1 to epoch $2 - 1 of round 0, continuing its last.t7 where there is one; the other
+# arguments go to main.py.
+train_to() {
+  local run=$1 target=$2 left resume=()
+  shift 2
+  left=$(left_to "$run" "$target")
+  if [ "$left" -le 0 ]; then
+    echo "$run: round 0 is already trained to epoch $((target - 1))"
+    return 0
+  fi
+  if [ -f "$RUNS/$run/last.t7" ]; then
+    resume=(--resume last.t7)
+  fi
+  train --model_dir "$RUNS/$run" "${resume[@]}" --stop-after "$left" "$@"
+}
+
+# Each run's log.jsonl into $OUT: every 10 s while the call runs (a call killed at its time
+# limit still brings its epochs back), and at its end with the curves next to the published one.
+copy_logs() {
+  for run in fast fp32; do
+    if [ -f "$RUNS/$run/log.jsonl" ]; then
+      cp "$RUNS/$run/log.jsonl" "$OUT/${run}_log.jsonl"
+    fi
+  done
+}
+(while sleep 10; do copy_logs; done) >/dev/null 2>&1 &
+COPIER=$!
+report() {
+  kill "$COPIER" 2>/dev/null || true
+  copy_logs
+  for run in fast fp32; do
+    if [ -f "$RUNS/$run/log.jsonl" ]; then
+      python3 bench/compare_curve.py "$RUNS/$run" 2>&1 | tee "$OUT/${run}_vs_published.md" \
+        || true
+    fi
+  done
+}
+trap report EXIT
+trap 'exit 143' TERM INT
+
 case "$STAGE" in
 first)
   # -------------------------------------------------------------- preflight (seconds)
-  python3 - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT/preflight.txt"
+  if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+      | tee "$OUT/gpu.txt"
+  fi
+  python3 - "$DEVICE" <<'PREFLIGHT' 2>&1 | tee "$OUT/preflight.txt"
 import platform, sys, time
 import torch, torchvision
 print('python', platform.python_version(), '| torch', torch.__version__, '| torchvision',
@@ -64,24 +127,22 @@ if sys.argv[1] == 'cuda':
     double = torch.compile(lambda x: (2 * x).sin())
     value = double(torch.ones(4, device='cuda')).sum().item()
     print(f'torch.compile on CUDA: {value:.4f} in {time.time() - started:.1f} s')
-EOF
+PREFLIGHT
   # -------------------------------------------------------------- the phase table
   python3 bench/epoch_speed.py --data-root "$DATA" --device "$DEVICE" \
     --steps "${BENCH_STEPS:-100}" "${BENCH_EXTRA[@]}" 2>&1 | tee "$OUT/epoch_speed.txt"
   # -------------------------------------------------------------- round 0, epochs 0 to FIRST-1
-  train --model_dir "$RUNS/fast" --stop-after "$FIRST" 2>&1 | tee "$OUT/round0_first.log"
+  train_to fast "$FIRST" 2>&1 | tee "$OUT/round0_first.log"
   ;;
 second)
   # -------------------------------------------------------------- round 0 on, then fp32
-  train --model_dir "$RUNS/fast" --resume last.t7 --stop-after "$MORE" 2>&1 \
-    | tee "$OUT/round0_more.log"
-  train --model_dir "$RUNS/fp32" --precision fp32 --pipeline cpu --compile none \
-    --workers "${WORKERS:-12}" --stop-after "$FP32" 2>&1 | tee "$OUT/fp32.log"
+  if [ -f "$RUNS/fast/last.t7" ]; then
+    train_to fast "$((FIRST + MORE))" 2>&1 | tee "$OUT/round0_more.log" \
+      || echo "the continued run failed (above); the fp32 run follows all the same"
+  else
+    echo "no $RUNS/fast/last.t7 to continue (a fresh machine?); the fp32 run follows"
+  fi
+  train_to fp32 "$FP32" --precision fp32 --pipeline cpu --compile none \
+    --workers "${WORKERS:-12}" 2>&1 | tee "$OUT/fp32.log"
   ;;
 esac
-for run in fast fp32; do
-  if [ -f "$RUNS/$run/log.jsonl" ]; then
-    cp "$RUNS/$run/log.jsonl" "$OUT/${run}_log.jsonl"
-    python3 bench/compare_curve.py "$RUNS/$run" | tee "$OUT/${run}_vs_published.md"
-  fi
-done

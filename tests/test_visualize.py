@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MECHANICS, fast_args
+from conftest import WITH_SOBEL, fast_args
 from tools import figures as vis
 from tools import visualize
 from lib.errors import UserError
@@ -26,7 +26,7 @@ def checkpoints(tiny_folder, tmp_path_factory):
     paths = {}
     for method in ('super-and', 'and'):
         model_dir = tmp_path_factory.mktemp(method)
-        code = main.main(fast_args(tiny_folder, model_dir, *MECHANICS, '--method', method,
+        code = main.main(fast_args(tiny_folder, model_dir, *WITH_SOBEL, '--method', method,
                                    '--epochs', '1', '--rounds', '1', '--quiet',
                                    '--no-tensorboard'))
         assert code == 0
