@@ -51,13 +51,6 @@ def fast_args(data_root, model_dir, *extra):
             *extra]
 
 
-def run_cli(*argv, timeout=600):
-    """main.py in a fresh interpreter: (exit code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 @pytest.fixture
 def run_main(capsys):
     """main.main in this process (faster than a subprocess): (exit code, stdout, stderr)."""

@@ -1,20 +1,25 @@
 """The benchmark scripts keep working on the CPU (their output is checked, never their times)."""
 import json
-import subprocess
+import os
+import runpy
 import sys
 
 from conftest import ROOT
 
 
-def run_script(*argv):
-    proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+def run_script(capsys, monkeypatch, script, *argv):
+    """bench/`script` as a program would run it (`__main__`, its argv), in this process (the
+    seconds of a fresh interpreter's imports saved): its stdout."""
+    monkeypatch.setattr(sys, 'argv', [script, *map(str, argv)])
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), capsys.readouterr().err
+    return capsys.readouterr().out
 
 
-def test_epoch_speed_runs_every_phase_on_cpu():
-    out = run_script('bench/epoch_speed.py', '--synthetic-n', 32, '--synthetic-test', 8,
+def test_epoch_speed_runs_every_phase_on_cpu(capsys, monkeypatch):
+    out = run_script(capsys, monkeypatch, 'bench/epoch_speed.py', '--synthetic-n', 32, '--synthetic-test', 8,
                      '--device', 'cpu', '--steps', 1, '--warmup', 0, '--batch_size', 4,
                      '--pipeline', 'gpu', '--network', 'alexnet')
     for label in ('augmentation', 'memory-bank update', 'forward + losses + backward',
@@ -23,24 +28,24 @@ def test_epoch_speed_runs_every_phase_on_cpu():
         assert label in out, out
 
 
-def test_epoch_speed_without_a_bank_and_with_100_classes():
+def test_epoch_speed_without_a_bank_and_with_100_classes(capsys, monkeypatch):
     """isif has no bank (no bank, knn or ans phase, no bank size line); the class count comes
     from the data, not a constant 10."""
-    out = run_script('bench/epoch_speed.py', '--synthetic-n', 16, '--synthetic-test', 4,
+    out = run_script(capsys, monkeypatch, 'bench/epoch_speed.py', '--synthetic-n', 16, '--synthetic-test', 4,
                      '--synthetic-classes', 100, '--device', 'cpu', '--steps', 1, '--warmup', 0,
                      '--batch_size', 4, '--pipeline', 'gpu', '--method', 'isif',
                      '--phases', 'aug,step')
     assert 'no memory bank' in out and 'memory bank (N x D' not in out
 
 
-def test_compare_curve_reads_the_log_records(tmp_path):
+def test_compare_curve_reads_the_log_records(tmp_path, capsys, monkeypatch):
     with open(tmp_path / 'log.jsonl', 'w') as log:
         log.write(json.dumps({'type': 'start', 'options': {}}) + '\n')
         for e in range(40):
             log.write(json.dumps({'type': 'epoch', 'round': 0, 'epoch': e, 'global_epoch': e,
                                   'loss': {'and': 1.0}, 'knn_top1': 20.0 + e,
                                   'seconds': 9.0 if e == 0 else 5.0}) + '\n')
-    out = run_script('bench/compare_curve.py', tmp_path)
+    out = run_script(capsys, monkeypatch, 'bench/compare_curve.py', tmp_path)
     assert '| 0 | 25.80 | 20.00 | -5.80 |' in out
     assert '| 39 | 69.64 | 59.00 | -10.64 |' in out
     assert 'first epoch 9.0 s' in out and 'median of the rest 5.00 s' in out

@@ -6,8 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import (UNBROKEN_FLAGS, assert_same_training_state, fast_args, run_cli,
-                      write_image_folder)
+from conftest import UNBROKEN_FLAGS, assert_same_training_state, fast_args, write_image_folder
 
 
 def percent(pattern, text):
@@ -16,8 +15,9 @@ def percent(pattern, text):
 
 # ----------------------------------------------------------------------------- end to end
 def test_train_two_rounds_then_test_only(tiny_folder, tmp_path, run_main):
-    """main.py as a program, in a fresh interpreter (and then --test_only in this one)."""
-    code, out, err = run_cli(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '1'))
+    """The default network (ResNet18 with the Sobel branch), trained and then evaluated. (main.py
+    as a program in a fresh interpreter: test_processes, test_as_typed.)"""
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '1'))
     assert code == 0, err
     epoch_lines = [l for l in out.splitlines() if l.startswith('round ') and '| lr' in l]
     assert len(epoch_lines) == 2
