@@ -70,8 +70,8 @@ def run_main(capsys):
 # network trains does not matter: the CIFAR AlexNet with batch norm and without the Sobel
 # branch, about a third of the seconds of ResNet18 per step on the CPU (the Sobel branch
 # doubles them). ResNet18 is tested elsewhere (the layout, the released loader, the end-to-end
-# run, the hub); so is the Sobel branch, and in the runs below that must equal another
-# exactly: the gpu pipeline's resumes and the one-node and two-node process runs.
+# run, the hub); so is the Sobel branch, also in the gpu pipeline's resumes below, which must
+# equal the unbroken run exactly, and under torchrun (test_processes' stop signals).
 MECHANICS = ['--network', 'alexnet', '--no-sobel']
 WITH_SOBEL = ['--network', 'alexnet']
 
@@ -144,7 +144,7 @@ def unbroken_run(tiny_folder, tmp_path_factory):
 
 # The flags of the 2-process run that one process and two nodes are compared with.
 TWO_PROCESS_FLAGS = ['--rounds', '2', '--epochs', '1', '--batch_size', '16', '--pipeline', 'gpu',
-                     '--sync-bn', '--no-tensorboard', *WITH_SOBEL]
+                     '--sync-bn', '--no-tensorboard', *MECHANICS]
 
 
 @pytest.fixture(scope='session')

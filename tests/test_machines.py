@@ -98,14 +98,3 @@ def test_a_node_that_never_joins_ends_the_others_in_one_line(tiny_folder, tmp_pa
         f'--nnodes): start this launcher on each node with the same --rdzv-endpoint and '
         f'--rdzv-id, or wait longer with --rdzv-conf join_timeout=SECONDS')
     assert 'Traceback' not in proc.stderr
-
-
-def test_a_run_started_by_the_launcher_prints_commands_with_it(tiny_folder, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, 'tools/launch.py', '--standalone', '--nproc_per_node', '2', 'main.py',
-         *fast_args(tiny_folder, tmp_path / 'run', *FLAGS[:2], '--epochs', '2', '--stop-after',
-                    '1', *FLAGS[4:])],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f'continue with: python3 tools/launch.py --standalone --nproc_per_node 2 main.py ' \
-           f'--model_dir {tmp_path}/run --resume last.t7' in proc.stdout

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
-                      signal_at)
+from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, WITH_SOBEL, assert_same_training_state,
+                      fast_args, signal_at)
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
             '2']
@@ -34,17 +34,18 @@ def continue_line(out):
 def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny_folder,
                                                                             tmp_path,
                                                                             run_main):
-    """1 process, then 2 (torchrun), then 1 again: each change is said with the command that
-    keeps the count, and the 2-process leg's own lines name its launcher."""
+    """1 process, then 2 (tools/launch.py, torchrun's one-line-error wrapper), then 1 again: each
+    change is said with the command that keeps the count, and the 2-process leg's own lines
+    name its launcher as it was typed (torchrun's own: the lost-process test below)."""
     flags = ['--rounds', '1', '--epochs', '3', '--batch_size', '16', '--pipeline', 'gpu',
              '--no-tensorboard', *MECHANICS]
     run = tmp_path / 'run'
     code, out, err = run_main(*fast_args(tiny_folder, run, *flags, '--stop-after', '1'))
     assert code == 0, err
     assert continue_line(out).startswith('python3 main.py ')
-    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'main.py'), '--model_dir', str(run),
-                           '--resume', 'last.t7', '--device', 'cpu', '--workers', '0',
-                           '--stop-after', '1'],
+    proc = subprocess.run([sys.executable, 'tools/launch.py', '--standalone', '--nproc_per_node',
+                           '2', 'main.py', '--model_dir', str(run), '--resume', 'last.t7',
+                           '--device', 'cpu', '--workers', '0', '--stop-after', '1'],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (note,) = [line for line in proc.stdout.splitlines() if 'processes' in line and
@@ -52,8 +53,8 @@ def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny
     assert note.startswith('note: this run last trained on 1 process; here it continues on 2 '
                            'processes, and without --sync-bn')
     assert note.endswith(f'to keep it: python3 main.py --model_dir {run} --resume last.t7')
-    assert continue_line(proc.stdout).startswith('torchrun --standalone --nproc_per_node 2 '
-                                                 'main.py ')
+    assert continue_line(proc.stdout) == f'python3 tools/launch.py --standalone --nproc_per_node 2 ' \
+        f'main.py --model_dir {run} --resume last.t7'
     code, out, err = run_main('--model_dir', run, '--resume', 'last.t7', '--device', 'cpu',
                               '--workers', '0', '--sync-bn')
     assert code == 0, err
@@ -204,15 +205,18 @@ def test_a_folder_that_cannot_be_written_is_refused_before_anything_is_left(tiny
 
 
 # ----------------------------------------------------------------------------- 8. commands
-def test_printed_commands_work_from_the_folder_they_were_printed_in(tiny_folder, tmp_path):
+def test_printed_commands_work_from_the_folder_they_were_printed_in(tiny_folder, tmp_path,
+                                                                   run_main, monkeypatch):
+    """A run started in another folder than the project's (here, in this process) prints the
+    command that continues it; typed as printed, in that folder, it is a program that works."""
     elsewhere = tmp_path / 'elsewhere'
     os.makedirs(elsewhere)
     main_py = os.path.join(ROOT, 'main.py')
-    proc = subprocess.run([sys.executable, main_py, *fast_args(
-        tiny_folder, 'run', '--rounds', '1', '--epochs', '2', '--stop-after', '1', *MECHANICS,
-        '--no-tensorboard')], capture_output=True, text=True, cwd=elsewhere, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    printed = continue_line(proc.stdout)
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_main(*fast_args(tiny_folder, 'run', '--rounds', '1', '--epochs', '2',
+                                         '--stop-after', '1', *MECHANICS, '--no-tensorboard'))
+    assert code == 0, err
+    printed = continue_line(out)
     assert printed == f'python3 {main_py} --model_dir run --resume last.t7'
     words = shlex.split(printed)
     proc = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True,
@@ -265,7 +269,7 @@ def test_a_stop_signal_to_one_process_stops_all_at_the_next_step(tiny_folder, tm
     script.write_text(RANK_SIGNALLED.format(root=ROOT, rank=rank))
     model_dir = tmp_path / 'ck'
     proc = subprocess.run([*TORCHRUN, str(script),
-                           *fast_args(tiny_folder, model_dir, *MECHANICS, '--rounds', '1',
+                           *fast_args(tiny_folder, model_dir, *WITH_SOBEL, '--rounds', '1',
                                       '--epochs', '2', '--batch_size', '4', '--pipeline', 'gpu',
                                       '--no-tensorboard')],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
