@@ -1,5 +1,7 @@
 """Shared fixtures: a generated tiny image-folder dataset and ways to run main.py."""
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +22,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The image cache of every run the tests start (in this process and in the ones it spawns) is
-# a folder of this session's, never the user's ~/.cache.
-os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='superand-test-cache-')
+# a folder of this session's, never the user's ~/.cache; removed when the session ends.
+CACHE_HOME = os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='superand-test-cache-')
+atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
 
 
 def write_image_folder(root, classes=10, train_per_class=2, test_per_class=1, size=32, seed=0):
