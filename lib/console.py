@@ -251,7 +251,7 @@ def schedule_line(schedule, base_lr, losses):
     line = (f'schedule per round of {plural(schedule.epochs, "epoch")} ({origin}): lr '
             + changes(lambda epoch: schedule.learning_rate(base_lr, epoch)))
     for name in losses:
-        if LOSSES[name].weight is not None:
+        if LOSSES[name].scheduled:
             weight = changes(lambda epoch: round(LOSSES[name].weight_at(schedule, epoch), 10))
             line += f'; {weight_title(name)} {weight}' + (' throughout' if ',' not in weight
                                                           else '')
@@ -270,7 +270,7 @@ def announce(config, settings, world, schedule, data, log, compiled, say):
     losses = active_losses(config)
     say(schedule_line(schedule, config.lr, losses))
     for name in losses:
-        if LOSSES[name].weight is not None and \
+        if LOSSES[name].scheduled and \
                 not any(LOSSES[name].weight_at(schedule, e) for e in range(config.epochs)):
             say(f'warning: the {LOSSES[name].title} is on, but its weight stays 0 in every '
                 f'epoch of these {config.epochs}-epoch rounds (--schedule {config.schedule}), '
@@ -317,7 +317,7 @@ def epoch_line(config, record):
     parts = [f"round {record['round']} epoch {record['epoch']:3d}/{config.epochs}",
              f"lr {record['lr']:.5f}"]
     parts += [f'{weight_title(name)} {weight:.1f}' for name, weight
-              in record['weights'].items() if LOSSES[name].weight is not None]
+              in record['weights'].items() if LOSSES[name].scheduled]
     parts.append(losses)
     if 'knn_top1' in record:
         parts += [f"kNN top-1 {record['knn_top1']:.2f}% top-5 {record['knn_top5']:.2f}%",

@@ -110,7 +110,7 @@ class RunLog:
                     self.writer.add_scalar(tag, record[key], step)
             from .core.losses import LOSSES     # (torch: the log's readers do without)
             for name, value in record['weights'].items():
-                if LOSSES[name].weight is not None:     # (the others weigh 1 throughout)
+                if LOSSES[name].scheduled:      # (the others weigh 1 throughout)
                     self.writer.add_scalar(f'train/{name}_weight', value, step)
             for name, value in record['loss'].items():
                 self.writer.add_scalar(f'epoch/loss_{name}', value, step)

@@ -143,9 +143,14 @@ class Loss:
     title: str              # how the console names it ('AND loss 7.94'; a weight: 'UE weight')
     weight: object = None   # (Schedule, epoch) -> its weight in that epoch; None: 1 throughout
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether its weight follows a schedule (else it weighs 1 throughout)."""
+        return self.weight is not None
+
     def weight_at(self, schedule: Schedule, epoch: int) -> float:
         """Its weight in `epoch` of a round of `schedule`."""
-        return self.weight(schedule, epoch) if self.weight is not None else 1.0
+        return self.weight(schedule, epoch) if self.scheduled else 1.0
 
 
 # name (its key in log.jsonl and checkpoints): the loss. In the order the step computes them,
