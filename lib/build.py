@@ -230,8 +230,8 @@ def run_data(opts, settings, world, say):
     if settings.pipeline == 'gpu':
         say(console.device_data_line(pipeline))
     elif opts.data_memory is not None:
-        say(f'note: --data-memory is the gpu pipeline\'s budget; the cpu pipeline reads each '
-            f'image from the image cache as it needs it')
+        say('note: --data-memory is the gpu pipeline\'s budget; the cpu pipeline reads each '
+            'image from the image cache as it needs it')
     device = settings.device
     knn = labels = stats_rows = None
     if train.labelled:
