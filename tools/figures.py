@@ -449,8 +449,11 @@ def curve_values(records, metric):
     counting while its weight is still 0)."""
     if metric == 'knn_top1':
         return [r['knn_top1'] for r in records]
-    return [sum(value * weights_of(r)[name] for name, value in r['loss'].items())
-            for r in records]
+    totals = []
+    for record in records:
+        weights = weights_of(record)
+        totals.append(sum(value * weights[name] for name, value in record['loss'].items()))
+    return totals
 
 
 def weights_of(record):
