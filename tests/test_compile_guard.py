@@ -275,15 +275,15 @@ def test_the_check_names_its_stages_and_sees_a_wrong_gradient():
     # An error of the third compiled run is the capture's; of the eager step, nobody's compile.
     with pytest.raises(RuntimeError, match='capture failed') as raised:
         agreement(eager, parts_of(FailsOnCall(net, 3), bank, anchors, optimizer),
-                            batch, WEIGHTS, buffers, runs=3)
+                  batch, WEIGHTS, buffers, runs=3)
     assert raised.value.stage == 'capture'
     with pytest.raises(RuntimeError) as raised:
         agreement(parts_of(FailsOnCall(net, 1), bank, anchors, optimizer), eager,
-                            batch, WEIGHTS, buffers)
+                  batch, WEIGHTS, buffers)
     assert raised.value.stage == 'eager'
     # The same losses with twice the gradient: the check says so.
     found = agreement(eager, parts_of(DoubleGradient(net), bank, anchors, optimizer),
-                                batch, WEIGHTS, buffers)
+                      batch, WEIGHTS, buffers)
     assert all(a == pytest.approx(b) for a, b in found.losses.values())
     assert found.grad_cosine == pytest.approx(1) and found.grad_norm_ratio == pytest.approx(2)
     assert found.problems() == ['gradients at cosine 1.000000 with norm ratio 2.0000 '

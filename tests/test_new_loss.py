@@ -2,12 +2,11 @@
 its switch and its weight schedule), and a run trains with it. The step weighs it by its own
 schedule, the schedule line, the epoch lines and log.jsonl show it and its weight, a stopped run
 resumes with it, and the curve figure counts it."""
-import json
-
 import torch
 
 from conftest import MECHANICS, assert_same_training_state, fast_args
 from lib.core.losses import LOSSES, Loss
+from lib.run_log import epoch_records
 from tools.figures import curve_values
 
 
@@ -22,11 +21,6 @@ def spread_weight(schedule, epoch):
 
 
 FLAGS = ['--rounds', '1', '--epochs', '2', '--pipeline', 'cpu', '--no-tensorboard', *MECHANICS]
-
-
-def epoch_records(model_dir):
-    with open(model_dir / 'log.jsonl') as f:
-        return [r for r in map(json.loads, f) if r['type'] == 'epoch']
 
 
 def test_a_loss_added_as_one_entry_trains_with_its_own_weight(tiny_folder, tmp_path,
