@@ -5,6 +5,7 @@ weights, and the kNN evaluation of the run's data.
 `main.py`, `bench/`, `experiments/` and the analysis loading (lib/analysis.py) all build through
 here, so they train and evaluate the same thing.
 """
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -289,14 +290,16 @@ def evaluate(opts, method, data, world):
 
 def anchor_discovery(method, round_index, labels, world):
     """Discover this round's anchors (MethodState.discover_anchors); returns the round's
-    record: how many, the (anchor, neighbour) label consistency (% or None without labels),
-    their mean cosine in the bank, seconds."""
+    record: how many, the (anchor, neighbour) label consistency (%, None without labelled
+    pairs), their mean cosine in the bank (None without anchors), seconds."""
     started = time.time()
     method.discover_anchors(round_index, labels, world)
     anchors = method.anchors
+    consistency = 100 * float(anchors.consistency) if labels is not None else math.nan
+    similarity = anchors.neighbour_similarity(method.bank.memory)
     return dict(round=round_index, anchors=anchors.num_anchors, entries=anchors.num_entries,
-                consistency=None if labels is None else 100 * float(anchors.consistency),
-                neighbour_similarity=anchors.neighbour_similarity(method.bank.memory),
+                consistency=consistency if math.isfinite(consistency) else None,
+                neighbour_similarity=similarity if math.isfinite(similarity) else None,
                 seconds=time.time() - started)
 
 

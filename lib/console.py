@@ -301,7 +301,9 @@ def announce(config, settings, world, schedule, data, log, compiled, say):
 def round_line(record):
     """The line of an anchor discovery (`build.anchor_discovery`'s record)."""
     count, entries = record['anchors'], record['entries']
-    if record['consistency'] is not None:
+    if count == 0:
+        detail = 'so no (anchor, neighbour) pairs yet'
+    elif record['consistency'] is not None:
         detail = (f'label consistency of (anchor, neighbour) pairs '
                   f'{record["consistency"]:.2f}%')
     else:

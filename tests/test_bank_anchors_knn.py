@@ -112,6 +112,31 @@ def test_neighbours_exclude_self_even_for_duplicates():
     assert torch.equal(ans.neighbour_table[ans.anchor_indexes], ans.neighbours)
 
 
+@pytest.mark.parametrize('chunk_rows', [1, 3, 7, None])
+def test_neighbours_taken_in_chunks_match_a_whole_ranking(chunk_rows):
+    memory = unit_bank(23, 6, 7)
+    ans = ANsDiscovery(23, 0.25, 3)
+    ans.update(3, memory, 0.1, chunk_rows=chunk_rows)     # 17 anchors: chunks that do not divide
+    sims = memory.double() @ memory.double().t()
+    sims.fill_diagonal_(-math.inf)
+    expected = sims[ans.anchor_indexes].argsort(dim=1, descending=True)[:, :3]
+    assert torch.equal(ans.neighbours, expected)
+
+
+def test_a_round_without_anchors_has_no_neighbours_and_no_consistency():
+    ans = ANsDiscovery(10, 0.05, 2)                     # int(10 * 0.05 * 1) = 0 anchors
+    consistency = ans.update(1, unit_bank(10, 4, 1), 0.1, labels=torch.arange(10) % 3)
+    assert ans.num_anchors == 0 and ans.neighbours.shape == (0, 2)
+    assert (ans.neighbour_table == -1).all() and ans.position.tolist() == list(range(-1, -11, -1))
+    assert math.isnan(float(consistency))               # no pair to judge: not 0%
+
+
+def test_consistency_without_labelled_pairs_is_nan():
+    ans = ANsDiscovery(6, 0.5, 1)
+    consistency = ans.update(1, unit_bank(6, 4, 2), 0.1, labels=torch.full((6,), -1))
+    assert ans.num_anchors == 3 and math.isnan(float(consistency))
+
+
 def test_consistency_hand_worked():
     # Two tight pairs (0,1) and (2,3), labels agree in the first pair only.
     memory = F.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [-1.0, 0.0], [-0.99, -0.1]]),

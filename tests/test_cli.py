@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import UNBROKEN_FLAGS, assert_same_training_state, fast_args, write_image_folder
+from conftest import (MECHANICS, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
+                      write_image_folder)
 
 
 def percent(pattern, text):
@@ -53,6 +54,25 @@ def test_checkpoint_contents(tiny_folder, tmp_path, run_main):
     assert {'optimizer', 'rng', 'next', 'best', 'config'} <= set(last)
     assert last['next'] == {'round': 1, 'epoch': 0, 'step': 0}
     assert torch.equal(last['npc']['memory'], best['npc']['memory'])
+
+
+def test_a_round_without_anchors_says_so_and_logs_null(tiny_folder, tmp_path, run_main):
+    """int(20 images x 0.04 x round 1) = 0 anchors: the round trains on, its line says there
+    are no pairs, and its record has no consistency or cosine (null, not 0% or NaN, which
+    strict JSON readers refuse)."""
+    import json
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '1',
+                                         '--ANs_select_rate', '0.04', *MECHANICS))
+    assert code == 0, err
+    assert 'round 1: 0 anchors (0.0% of 20), so no (anchor, neighbour) pairs yet' in out
+
+    def refuse(constant):
+        raise AssertionError(f'{constant} in log.jsonl')
+    records = [json.loads(line, parse_constant=refuse)
+               for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    [anchors] = [r for r in records if r['type'] == 'round']
+    assert (anchors['anchors'], anchors['consistency'], anchors['neighbour_similarity']) == \
+        (0, None, None)
 
 
 # Each pipeline resumes once: inside a round on one, at a round's start (anchors found again)

@@ -93,7 +93,7 @@ def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude: torch.Te
     similarity is set to -inf). Taken in chunks of `chunk` queries (default: rows_per_chunk)."""
     chunk = chunk or rows_per_chunk(keys.shape[0])
     values, positions = [], []
-    for start in range(0, queries.shape[0], chunk):
+    for start in range(0, queries.shape[0], chunk) or [0]:    # (no queries: Q = 0 results)
         similarities = queries[start:start + chunk].float() @ keys.float().t()
         if exclude is not None:
             similarities.scatter_(1, exclude[start:start + chunk, None], float('-inf'))

@@ -44,14 +44,18 @@ def nearest_other_entries(memory: torch.Tensor, rows: torch.Tensor, k: int,
     long), most similar first.
 
     Similarity is the dot product of bank rows (cosine, the rows being unit vectors once
-    trained); the entry itself is excluded by setting its own similarity to -inf.
+    trained); the entry itself is excluded by setting its own similarity to -inf. The rows
+    are gathered `chunk_rows` at a time: with every entry an anchor (the last round), a
+    gather of them all would be a second copy of the bank.
 
     Raises:
         ValueError: k not below the number of entries (there are N - 1 others).
     """
     if not 1 <= k < memory.shape[0]:
         raise ValueError(f'nearest_other_entries needs 1 <= k < N = {memory.shape[0]}, got {k}')
-    return nearest(memory[rows], memory, k, exclude=rows, chunk=chunk_rows)[1]
+    chunk_rows = chunk_rows or rows_per_chunk(memory.shape[0])
+    return torch.cat([nearest(memory[part], memory, k, exclude=part)[1]
+                      for part in rows.split(chunk_rows)])
 
 
 @torch.no_grad()
@@ -115,7 +119,7 @@ class ANsDiscovery(nn.Module):
 
         `labels` (N), if given, are used only for the diagnostic `consistency`: the share of
         (anchor, neighbour) pairs with the same true label, among the pairs whose labels are
-        known (>= 0).
+        known (>= 0); nan when there is no such pair (no anchors yet, or none labeled).
         """
         n = self.num_entries
         self.entropy = bank_entropy(memory, temperature, chunk_rows)
@@ -129,12 +133,12 @@ class ANsDiscovery(nn.Module):
         self.instance_indexes = torch.nonzero(~is_anchor).view(-1)
         self.position = position
         self.neighbours = nearest_other_entries(memory, anchors, self.ans_size, chunk_rows)
-        if labels is not None and num > 0:
+        if labels is not None:
             # Pairs with an unlabeled image (label -1: STL-10's unlabeled split) say nothing.
             first, second = labels[anchors][:, None], labels[self.neighbours]
             known = (first >= 0) & (second >= 0)
             same = (first == second) & known
-            self.consistency = same.sum().float() / known.sum().clamp(min=1)
+            self.consistency = same.sum().float() / known.sum()    # 0 / 0: nan, not 0%
         self.fill_neighbour_table()
         return self.consistency
 
