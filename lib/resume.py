@@ -69,6 +69,12 @@ class Checkpoint:
         if note:
             say(note)
         method.load(self.state, self.path)
+        anchors = method.anchors
+        if anchors is not None and anchors.num_anchors and \
+                anchors.neighbours.shape[1] != anchors.ans_size:
+            say(f'note: the {plural(anchors.num_anchors, "anchor")} of {self.path} have '
+                f'{plural(anchors.neighbours.shape[1], "neighbour")} each; --ANs_size '
+                f'{anchors.ans_size} applies from the next anchor discovery')
 
 
 def open_checkpoint(flags, say, world=None):

@@ -137,6 +137,30 @@ def test_consistency_without_labelled_pairs_is_nan():
     assert ans.num_anchors == 3 and math.isnan(float(consistency))
 
 
+def test_loaded_neighbours_keep_their_width_and_ans_size_applies_from_the_next_round():
+    """A checkpoint found its anchors with 1 neighbour; a run with ans_size 3 uses them as
+    they are in that round and finds 3 per anchor at its next discovery (as the released code,
+    whose update uses its own ANs_size)."""
+    memory = unit_bank(20, 6, 3)
+    saved = ANsDiscovery(20, 0.25, 1)
+    saved.update(1, memory, 0.1)
+    ans = ANsDiscovery(20, 0.25, 3)
+    ans.load_state_dict(saved.state_dict())
+    assert ans.ans_size == 3 and ans.neighbours.shape == (5, 1)
+    assert torch.equal(ans.neighbour_table, saved.neighbour_table)
+    ans.update(2, memory, 0.1)
+    assert ans.neighbours.shape == (10, 3) and ans.neighbour_table.shape == (20, 3)
+
+
+def test_released_state_before_round_one_loads():
+    """The released code starts `neighbours` as an empty 1-D list."""
+    state = ANsDiscovery(8, 0.5, 2).state_dict()
+    state['neighbours'] = torch.zeros(0, dtype=torch.long)
+    ans = ANsDiscovery(8, 0.5, 2)
+    ans.load_state_dict(state)
+    assert ans.neighbours.shape == (0, 2) and (ans.neighbour_table == -1).all()
+
+
 def test_consistency_hand_worked():
     # Two tight pairs (0,1) and (2,3), labels agree in the first pair only.
     memory = F.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [-1.0, 0.0], [-0.99, -0.1]]),

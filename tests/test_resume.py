@@ -70,6 +70,22 @@ def test_init_from_takes_the_weights_not_the_options(tiny_folder, tmp_path, run_
     assert 'holds alexnet' in err and 'builds resnet18' in err and '--network' in err
 
 
+def test_a_typed_ANs_size_applies_from_the_next_discovery(tiny_folder, tmp_path, run_main):
+    """Anchors taken from a checkpoint keep the neighbours they were found with (1 each);
+    the new run's --ANs_size 3 is said and used at its next discovery, as its log records."""
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'first', *SMALL))
+    assert code == 0, err
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from',
+                                         tmp_path / 'first' / 'last.t7', *SMALL,
+                                         '--rounds', '3', '--ANs_size', '3'))
+    assert code == 0, err
+    assert (f'note: the 5 anchors of {tmp_path / "first" / "last.t7"} have 1 neighbour each; '
+            f'--ANs_size 3 applies from the next anchor discovery') in out
+    state = torch.load(tmp_path / 'second' / 'last.t7', weights_only=True)
+    assert state['round'] == 2 and state['config']['ANs_size'] == 3
+    assert state['ANs_discovery']['neighbours'].shape == (10, 3)
+
+
 def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '2', '--epochs', '2',
                                        '--stop-after', '1', '--no-tensorboard', '--quiet',

@@ -173,7 +173,9 @@ class ANsDiscovery(nn.Module):
 
     def fill_neighbour_table(self):
         # In place where the shape allows: a captured CUDA graph keeps reading this tensor.
-        shape = (self.num_entries, self.ans_size)
+        # As wide as the round's neighbours, which a checkpoint may have found with another
+        # ans_size (that of this run applies from the next update).
+        shape = (self.num_entries, self.neighbours.shape[1])
         if tuple(self.neighbour_table.shape) != shape:
             self.neighbour_table = torch.empty(shape, dtype=torch.long,
                                                device=self.position.device)
@@ -188,6 +190,6 @@ class ANsDiscovery(nn.Module):
                 stored = state_dict[prefix + name]
                 setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.neighbours.dim() == 2 and self.num_anchors:
-            self.ans_size = self.neighbours.shape[1]
+        if self.neighbours.dim() == 1:      # the released file's empty list, before round 1
+            self.neighbours = self.neighbours.view(0, self.ans_size)
         self.fill_neighbour_table()
