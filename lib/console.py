@@ -348,7 +348,8 @@ def last_path(config):
 
 
 def non_finite_loss(config, progress, round_index, epoch, step):
-    """The UserError of a NaN or infinite loss (once the checkpoint it names is on disk)."""
+    """The UserError of a NaN or infinite loss at `step`, or (`step` None) of weights, BatchNorm
+    statistics or bank entries that became so (once the checkpoint it names is on disk)."""
     lower = f'{config.lr / 10:g}'
     saved = progress.saved
     if saved:
@@ -358,8 +359,10 @@ def non_finite_loss(config, progress, round_index, epoch, step):
     else:
         kept = (f'no checkpoint had been written yet; a lower learning rate may help: '
                 f'{retyped(config.argv, {"--lr": lower})}')
-    return UserError(f'non-finite loss (NaN or infinite) at round {round_index} epoch {epoch} '
-                     f'step {step}: stopped; {kept}')
+    what = (f'non-finite loss (NaN or infinite) at round {round_index} epoch {epoch} step '
+            f'{step}' if step is not None else f'non-finite weights, BatchNorm statistics or '
+            f'bank entries (NaN or infinite) after round {round_index} epoch {epoch}')
+    return UserError(f'{what}: stopped; {kept}')
 
 
 def stopped_line(config, signal_name, round_index, epoch, steps):

@@ -143,6 +143,8 @@ def train_one_epoch(run, round_index, epoch, stop):
                            enabled=not config.quiet and run.world.main)
     try:
         result = run_epoch(run.parts, batches, weights, first_step, sums, stop)
+        if not run.method.finite(run.world):    # never saved, evaluated or called the best
+            raise NonFiniteLoss(None)
     except NonFiniteLoss as bad:
         run.writer.wait()               # the message names the last.t7 on disk
         raise console.non_finite_loss(config, progress, round_index, epoch, bad.step) \
@@ -170,7 +172,8 @@ def train_one_epoch(run, round_index, epoch, stop):
 
 
 class NonFiniteLoss(Exception):
-    """A step's loss was NaN or infinite; `step` is the first such step of the epoch."""
+    """A step's loss was NaN or infinite; `step` is the first such step of the epoch (None:
+    the losses were finite, the weights, statistics or bank are not)."""
 
     def __init__(self, step):
         super().__init__(f'non-finite loss at step {step}')

@@ -13,6 +13,7 @@ import torch
 import lib.checkpoint
 import lib.checkpoint_writer
 import lib.core.losses
+import lib.engine
 import lib.run_folder
 from conftest import (MECHANICS, ROOT, TWO_PROCESS_FLAGS, UNBROKEN_FLAGS,
                       assert_same_training_state, fast_args, run_killed_at, signal_at)
@@ -130,6 +131,33 @@ def test_sigterm_to_the_process_group_stops_once_with_loader_workers(tiny_folder
     assert proc.stdout.count('SIGTERM: stopping at the next step') == 1, proc.stdout
     assert 'stopped by SIGTERM at round 0 epoch 0 step 3' in proc.stdout
     assert 'killed' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_overflowing_batchnorm_statistics_stop_before_the_epoch_is_saved(tiny_folder, tmp_path,
+                                                                         run_main, monkeypatch):
+    """Finite losses, but running statistics that overflowed (a huge --lr): the epoch is not
+    evaluated, saved or called the best; last.t7 keeps the epoch before."""
+    real_run_epoch, calls = lib.engine.run_epoch, []
+
+    def overflowing(parts, *args, **kwargs):    # epoch 1's statistics become infinite
+        result = real_run_epoch(parts, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            bn = next(m for m in parts.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float('inf'))
+        return result
+    monkeypatch.setattr(lib.engine, 'run_epoch', overflowing)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '3'))
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(
+        'error: non-finite weights, BatchNorm statistics or bank entries (NaN or infinite) '
+        'after round 0 epoch 1: stopped; ')
+    assert 'last good epoch (round 0 epoch 0)' in err
+    for name in ('last.t7', 'ckpt.t7'):
+        state = torch.load(tmp_path / name, weights_only=True)
+        assert (state['round'], state['epoch']) == (0, 0)
+        assert all(torch.isfinite(t).all() for t in state['net'].values() if t.is_floating_point())
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
