@@ -273,10 +273,15 @@ def nothing_to_train(config, checkpoint, say):
     progress = ckpt.progress_of(checkpoint.state)
     if progress.round < config.rounds:
         return False
+    # Counted from the checkpoint, not from a typed --rounds that asks for fewer.
+    trained, own = progress.round, checkpoint.config.get('rounds') or progress.round
     best = f'; best kNN top-1 {progress.best_text()}' if progress.best_acc is not None else ''
-    say(f'{checkpoint.path}: the run already finished ({plural(config.rounds, "round")} x '
-        f'{plural(config.epochs, "epoch")}{best}); nothing to do; more rounds would train on: '
-        f'{retyped(config.argv, {"--rounds": str(config.rounds + 1)})}')
+    where = ('the run already finished' if own <= trained else
+             f'--rounds {config.rounds} asks for no more than the run has trained')
+    say(f'{checkpoint.path}: {where} ({trained} of {plural(own, "round")} x '
+        f'{plural(config.epochs, "epoch")} trained{best}); nothing to do; more rounds would '
+        f'train on: '
+        f'{retyped(config.argv, {"--rounds": str(max(own, trained + 1))})}')
     return True
 
 
