@@ -25,8 +25,10 @@ from .core.recipes import COMPONENTS
 from .errors import UserError
 from .run_folder import BEST, LAST, refuse_file
 
-# What a resumed run may not change: its recipe (rounds may grow, to train on).
-RECIPE_OPTIONS = ('method',) + tuple(name for name in COMPONENTS if name != 'rounds')
+# What a resumed run may not change: its recipe (rounds may grow, to train on), and what its
+# network and bank have seen of each image (its size and normalisation).
+RECIPE_OPTIONS = ('method',) + tuple(name for name in COMPONENTS if name != 'rounds') + (
+    'image_size', 'mean', 'std')
 # The options that give last.t7's position its images: a step is `batch_size` images of the
 # epoch's shuffle, which `seed` draws; `epochs` numbers the epochs (log.jsonl's global_epoch)
 # and places them in the schedule. The number of processes (a step is the global batch),
@@ -141,11 +143,13 @@ def refuse_recipe_change(typed, stored, path):
     for key in RECIPE_OPTIONS:
         if key in typed and stored.get(key) is not None and typed[key] != stored[key]:
             value, name = typed[key], key.replace('_', '-')
+            words = lambda v: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v
             flag = (f'--{name}' if value else f'--no-{name}') if isinstance(value, bool) \
-                else f'--{name} {value}'
-            raise UserError(f'{flag} contradicts the run in {path} ({key} = {stored[key]}): a '
-                            f'resumed run keeps its recipe; start a new run in another '
-                            f'--model_dir, or one from its weights with --init-from {path}')
+                else f'--{name} {words(value)}'
+            raise UserError(f'{flag} contradicts the run in {path} ({key} = '
+                            f'{words(stored[key])}): a resumed run keeps its recipe, image size '
+                            f'and normalisation; start a new run in another --model_dir, or '
+                            f'one from its weights with --init-from {path}')
 
 
 def check_resume_position(state, options, path):

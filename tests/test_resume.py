@@ -92,7 +92,10 @@ def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
                                        *MECHANICS))
     assert code == 0, err
     for flags, needle in ((['--method', 'and'], '--method and contradicts'),
-                          (['--no-ue-loss'], '--no-ue-loss contradicts')):
+                          (['--no-ue-loss'], '--no-ue-loss contradicts'),
+                          (['--image-size', '16'], '--image-size 16 contradicts the run in '),
+                          (['--image-size', '16', '--test_only'], '(image_size = 32)'),
+                          (['--mean', '0.5', '0.5', '0.5'], '--mean 0.5 0.5 0.5 contradicts')):
         code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, *flags)
         assert code == 2 and needle in err, err
     stored = torch.load(tmp_path / 'last.t7', weights_only=True)['config']
