@@ -205,23 +205,33 @@ def repeated_epoch_note(path, progress):
 
 def check_data(state, fingerprint, path):
     """Refuse (UserError) a checkpoint whose bank belongs to other training data than
-    `fingerprint`; a note for a file without a fingerprint (a released one), else None."""
+    `fingerprint`; a note for a file without a fingerprint (a released one) or for the same
+    images labelled otherwise (the labels only score), else None."""
     stored = state.get('fingerprint')
     if stored is None:
         return (f'note: {path} has no data fingerprint (a released or older checkpoint): '
                 f'that its bank belongs to these training images could not be checked')
-    if stored != fingerprint:
+    if stored == fingerprint:
+        return None
+    same_images = all(stored.get(k) == fingerprint.get(k) for k in ('images', 'content'))
+    if same_images:         # the bank's rows are these images, in order
+        return (f'note: {path} was trained on these images in this order with other labels '
+                f'({describe_fingerprint(stored)}); its bank fits them, and the labels now '
+                f'given only score the kNN accuracy')
+    before, now = stored.get('images', 0), fingerprint.get('images', 0)
+    subset = (state.get('config') or {}).get('subset')
+    if before == now:
         what = ('the same number of images, of other content (a file changed, or one removed '
-                'and one added)' if stored.get('images') == fingerprint.get('images') else
-                f'{abs(fingerprint.get("images", 0) - stored.get("images", 0))} images '
-                f'{"more" if fingerprint.get("images", 0) > stored.get("images", 0) else "fewer"}')
-        raise UserError(f'checkpoint {path} was trained on other data: it holds '
-                        f'{describe_fingerprint(stored)}; --data-root gives '
-                        f'{describe_fingerprint(fingerprint)} ({what}); its memory bank has one '
-                        f'row per training image, in order, so it needs the data it was '
-                        f'trained on: put the folder back as it was, or give --data-root a '
-                        f'copy of it (a new run on the data as it is now starts afresh)')
-    return None
+                'and one added); put the folder back as it was, or give --data-root a copy of it')
+    else:
+        what = (f'{abs(now - before)} images {"more" if now > before else "fewer"}; give the '
+                f'--data-root it was trained on, '
+                + (f'with --subset {subset}' if subset else 'without --subset'))
+    raise UserError(f'checkpoint {path} was trained on other data: it holds '
+                    f'{describe_fingerprint(stored)}; --data-root gives '
+                    f'{describe_fingerprint(fingerprint)} ({what}); its memory bank has one '
+                    f'row per training image, in order, so it needs the data it was trained on '
+                    f'(a new run on the data as it is now starts afresh)')
 
 
 def note_changed_arithmetic(checkpoint, settings, say):

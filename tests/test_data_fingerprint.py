@@ -1,13 +1,14 @@
 """A checkpoint is never scored against other data in silence: the training data's
 fingerprint is stored in every checkpoint and checked on --resume, --init-from and by the
 analysis commands."""
+import os
 import re
 
 import numpy as np
 import torch
 
 import datasets
-from conftest import fast_args, write_image_folder
+from conftest import MECHANICS, fast_args, write_image_folder
 
 
 def test_fingerprint_tells_data_sets_apart(tmp_path):
@@ -44,10 +45,37 @@ def test_test_only_on_other_images_is_refused(tiny_folder, tmp_path, run_main):
     assert len(line) == 1 and 'Traceback' not in err
     found = re.findall(r'content (files:[0-9a-f]{16})', line[0])
     assert 'was trained on other data' in line[0] and len(found) == 2 and found[0] != found[1]
+    # Fewer images because of a typed --subset: said, with the run's own.
+    code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
+                              tmp_path / 'run', '--subset', '6', '--workers', '0')
+    assert code == 2 and '(14 images fewer; give the --data-root it was trained on, without ' \
+        '--subset)' in err, err
     # The same data passes, also when --data-root is left to the checkpoint.
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
                               tmp_path / 'run', '--workers', '0')
     assert code == 0 and 'top-1' in out, err
+
+
+def test_the_same_images_labelled_are_scored_with_a_note(tiny_folder, tmp_path, run_main):
+    """Trained on the images as one unlabeled folder, evaluated on them as a class tree in
+    the same order: the bank fits (only the labels differ), so it is scored, with a note."""
+    import shutil
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    train = os.path.join(tiny_folder, 'train')
+    for name in sorted(os.listdir(train)):             # class_00-0000.png...: the tree's order
+        for image in sorted(os.listdir(os.path.join(train, name))):
+            shutil.copy(os.path.join(train, name, image), flat / f'{name}-{image}')
+    code, _, err = run_main(*fast_args(flat, tmp_path / 'run', '--dataset', 'folder', '--rounds',
+                                       '1', '--epochs', '1', '--no-tensorboard', '--quiet',
+                                       *MECHANICS))
+    assert code == 0, err
+    code, out, err = run_main('--resume', 'last.t7', '--test_only', '--model_dir',
+                              tmp_path / 'run', '--data-root', tiny_folder, '--workers', '0')
+    assert code == 0, err
+    assert re.search(r'note: \S+last\.t7 was trained on these images in this order with other '
+                     r'labels \(20 images, labels none, ', out), out
+    assert 'top-1' in out
 
 
 def test_a_checkpoint_without_fingerprint_is_accepted_with_a_note(tiny_folder, tmp_path,
