@@ -91,11 +91,13 @@ def load_data(opts, root=None, reading=None):
                                         subset=opts.subset, seed=opts.seed,
                                         image_size=opts.image_size,
                                         reading=reading or image_reading(opts))
-    if opts.ANs_size >= len(train):
-        raise UserError(f'--ANs_size {opts.ANs_size} needs more than {len(train)} training images')
-    if opts.batch_size > len(train) and not opts.test_only:
+    if opts.test_only:
+        return train, test
+    if opts.batch_size > len(train):
         raise UserError(f'--batch_size {opts.batch_size} is larger than the {len(train)} '
                         f'training images')
+    if opts.bank and opts.rounds > 1 and opts.ANs_size >= len(train):   # (anchors to find)
+        raise UserError(f'--ANs_size {opts.ANs_size} needs more than {len(train)} training images')
     return train, test
 
 

@@ -226,6 +226,9 @@ def knn_warnings(config, knn):
     if knn is None:
         return []
     found, count = [], len(knn.train_labels)
+    if 'knn_features' in config.typed and config.knn_features == 'bank' and not config.bank:
+        found.append('note: this run has no memory bank, so the kNN compares with the '
+                     'network\'s embeddings of the training images (--knn-features network)')
     if knn.num_classes < 2:
         found.append(f'warning: {plural(knn.num_classes, "class", "classes")}: every kNN vote '
                      f'goes to it, so the accuracy means nothing')

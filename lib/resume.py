@@ -308,10 +308,12 @@ def start(config, checkpoint, optimizer, method, world, say, evaluated=True):
     state, path = checkpoint.state, checkpoint.path
     if config.init_from:
         start_round = int(state.get('round') or 0)
-        anchors = method.anchors.num_anchors if method.anchors is not None else 0
+        taken = ['weights'] + (['bank'] if method.bank is not None else []) + (
+            [plural(method.anchors.num_anchors, 'anchor')] if method.anchors is not None else [])
         say(f'initialised from {path} (round {state.get("round")} epoch {state.get("epoch")}): '
-            f'weights, bank and {plural(anchors, "anchor")} taken; optimizer and schedule '
-            f'fresh; training starts at round {start_round} epoch 0')
+            f'{" and ".join([", ".join(taken[:-1]), taken[-1]]) if taken[1:] else taken[0]} '
+            f'taken; optimizer and schedule fresh; '
+            f'training starts at round {start_round} epoch 0')
         return ckpt.Progress(round=start_round)
     if state.get('format', 1) < ckpt.LAST_FORMAT:
         say(f'note: {path} was written by an earlier version of this program (its loss sums '

@@ -125,6 +125,19 @@ def assert_user_error(result, *needles):
         assert needle in err, err
 
 
+def test_size_checks_name_what_does_not_fit(tiny_folder, tmp_path, run_main):
+    # One image: the batch does not fit; with one round there are no anchors to check.
+    assert_user_error(run_main(*fast_args(tiny_folder, tmp_path / 'one', '--subset', '1',
+                                          '--rounds', '1', *MECHANICS)),
+                      '--batch_size 8 is larger than the 1 training images')
+    assert_user_error(run_main(*fast_args(tiny_folder, tmp_path / 'two', '--rounds', '2',
+                                          '--ANs_size', '20', *MECHANICS)),
+                      '--ANs_size 20 needs more than 20 training images')
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'three', '--rounds', '1',
+                                       '--epochs', '1', '--ANs_size', '20', *MECHANICS))
+    assert code == 0, err
+
+
 @pytest.mark.parametrize('flags, needle', [
     (['--dataset', 'mnist'], '--dataset'),
     (['--network', 'vgg'], '--network'),

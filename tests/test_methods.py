@@ -49,8 +49,11 @@ def test_single_flags_override_a_recipe():
 
 @pytest.mark.parametrize('argv, needle', [
     (('--method', 'super-and', '--views', '1'), 'two views'),
-    (('--method', 'isif', '--ue-loss'), 'UE loss'),
-    (('--method', 'isif', '--rounds', '3'), '--rounds 1'),
+    (('--method', 'isif', '--ue-loss'), 'UE loss .* which --method isif leaves out: add '
+                                        '--no-ue-loss$'),
+    (('--method', 'isif', '--rounds', '3'), 'which --method isif leaves out: use --rounds 1$'),
+    (('--no-bank',), 'which --no-bank leaves out: add --no-ue-loss or drop --no-bank$'),
+    (('--no-bank', '--no-ue-loss', '--rounds', '2'), 'which --no-bank leaves out: use --rounds'),
     (('--method', 'lemniscate', '--no-bank'), 'nothing is trained'),
 ])
 def test_incompatible_components_are_refused(argv, needle):
@@ -90,9 +93,15 @@ def test_isif_knn_uses_recomputed_features(tiny_folder, tmp_path, run_main, monk
         seen.append(features.shape[0])
         return features, targets
     monkeypatch.setattr(lib.core.knn, 'embed', spy)
-    code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'isif', '--epochs', '1'))
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--method', 'isif', '--epochs',
+                                         '1', '--knn-features', 'bank'))
     assert code == 0, err
     assert seen == [20, 10]          # the 20 training images re-embedded, then the 10 test
+    assert 'note: this run has no memory bank, so the kNN compares with the network' in out
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'more', '--method', 'isif',
+                                         '--epochs', '1', '--init-from', tmp_path / 'ckpt.t7'))
+    assert code == 0, err
+    assert '(round 0 epoch 0): weights taken; optimizer and schedule fresh' in out
 
 
 # ----------------------------------------------------------------------------- datasets

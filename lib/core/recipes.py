@@ -61,9 +61,12 @@ def components_of(method: str, given: dict) -> dict:
         raise RecipeError('the augmentation loss compares two views of each image: use '
                           '--views 2 or --no-aug-loss')
     if not chosen['bank']:
+        # Name what left the bank out: the flag if typed, else the recipe.
+        why = '--no-bank' if given.get('bank') is not None else f'--method {method}'
         if chosen['ue_loss']:
-            raise RecipeError('the UE loss is taken over the memory bank: drop --no-bank or '
-                              'add --no-ue-loss')
+            raise RecipeError(f'the UE loss is taken over the memory bank, which {why} leaves '
+                              f'out: add --no-ue-loss' + (' or drop --no-bank' if
+                                                          why == '--no-bank' else ''))
         if not chosen['aug_loss']:
             raise RecipeError('without the bank and the augmentation loss nothing is trained')
         if chosen['aug_input'] == 'logits':
@@ -71,6 +74,6 @@ def components_of(method: str, given: dict) -> dict:
                 raise RecipeError('--aug-input logits needs the memory bank')
             chosen['aug_input'] = 'features'    # the recipe's logits: there are none
         if chosen['rounds'] > 1:
-            raise RecipeError('rounds add anchors from the memory bank: --no-bank needs '
-                              '--rounds 1')
+            raise RecipeError(f'rounds add anchors from the memory bank, which {why} leaves '
+                              f'out: use --rounds 1')
     return chosen
