@@ -251,7 +251,7 @@ def run_data(opts, settings, world, say):
     if knn is None and opts.test_only:
         raise UserError('these training images have no labels, so there is no kNN accuracy: '
                         'give --eval-root DIR, a labelled train/<class>/*, test/<class>/* tree')
-    if knn is None:
+    if not train.labelled:      # (with --eval-root too: the accuracy adds to them)
         generator = torch.Generator().manual_seed(opts.seed)
         rows = torch.randperm(len(train), generator=generator)[:BANK_STATS_ROWS]
         stats_rows = rows.sort().values.to(device)

@@ -155,7 +155,7 @@ def epoch_record(config, method, data, progress, round_index, epoch, lr, weights
                  accuracy, world):
     """What log.jsonl keeps of an epoch: the losses the run takes (`losses`: {name: mean})
     and their `weights` ({name: weight} this epoch), the kNN accuracy (`accuracy`: top-1,
-    top-5 fractions), or without labels the bank's statistics."""
+    top-5 fractions), and without labels the bank's statistics."""
     from .core.neighbourhoods import bank_statistics   # (torch: the log's readers do without)
     record = dict(round=round_index, epoch=epoch,
                   global_epoch=round_index * config.epochs + epoch, lr=lr,
@@ -163,7 +163,7 @@ def epoch_record(config, method, data, progress, round_index, epoch, lr, weights
     if accuracy is not None:
         record.update(knn_top1=100 * accuracy[0], knn_top5=100 * accuracy[1],
                       best_top1=100 * progress.best_acc)
-    elif method.bank is not None and world.main:
+    if data.stats_rows is not None and method.bank is not None and world.main:
         record['bank'] = bank_statistics(method.bank.memory, method.bank.temperature,
                                          data.stats_rows)
         if method.anchors is not None and method.anchors.num_anchors:

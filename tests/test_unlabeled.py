@@ -89,6 +89,21 @@ def test_eval_root_adds_knn_and_test_only_needs_it(flat_run, tiny_folder, run_ma
     assert re.search(r'top-1 \d+\.\d\d% top-5', out)
 
 
+def test_training_with_eval_root_keeps_the_bank_statistics(tiny_folder, tmp_path, run_main):
+    """--eval-root adds a kNN accuracy to the epochs of an unlabeled run: its record and
+    line keep the bank's statistics besides."""
+    root = write_flat_folder(tmp_path / 'flat')
+    code, out, err = run_main(*fast_args(root, tmp_path / 'run', *MECHANICS, '--dataset',
+                                         'folder', '--rounds', '1', '--epochs', '1',
+                                         '--batch_size', '4', '--no-tensorboard', '--eval-root',
+                                         tiny_folder, '--knn-k', '5'))
+    assert code == 0, err
+    [epoch] = [r for r in records(tmp_path / 'run') if r['type'] == 'epoch']
+    assert 0 <= epoch['knn_top1'] <= 100 and set(epoch['bank']) >= {'entropy_mean',
+                                                                      'nearest_similarity'}
+    assert re.search(r'kNN top-1 \d+\.\d\d% .* \| bank entropy \d', out), out
+
+
 def test_embed_writes_unit_rows_and_relative_paths(flat_run, tiny_folder, tmp_path, capsys):
     root, model_dir = flat_run
     out = tmp_path / 'flat.npz'
