@@ -71,6 +71,13 @@ class Checkpoint:
         if note:
             say(note)
         method.load(self.state, self.path)
+        held = (self.state.get('npc') or {}).get('params')
+        if method.bank is not None and held is not None:
+            now = (method.bank.temperature, method.bank.momentum)
+            if any(abs(float(a) - b) > 1e-6 for a, b in zip(held.tolist(), now)):
+                say(f'note: {self.path} was trained with --npc_t {float(held[0]):g} --npc_m '
+                    f'{float(held[1]):g}; this run goes on with --npc_t {now[0]:g} --npc_m '
+                    f'{now[1]:g}')
         anchors = method.anchors
         if anchors is not None and anchors.num_anchors and \
                 anchors.neighbours.shape[1] != anchors.ans_size:

@@ -171,6 +171,16 @@ def test_consistency_hand_worked():
     assert float(consistency) == pytest.approx(0.5)
 
 
+def test_a_loaded_bank_keeps_its_own_temperature_and_momentum():
+    saved = MemoryBank(4, 3, 0.1, 0.5, generator=torch.Generator().manual_seed(2))
+    bank = MemoryBank(4, 3, 0.2, 0.9)
+    bank.load_state_dict(saved.state_dict())
+    assert torch.equal(bank.memory, saved.memory)
+    assert (bank.temperature, bank.momentum) == (0.2, 0.9)
+    assert bank.params.tolist() == pytest.approx([0.2, 0.9])        # as its checkpoints say
+    assert torch.equal(bank.logits(saved.memory), saved.memory @ saved.memory.t() / 0.2)
+
+
 def test_anchor_state_round_trips_through_state_dict():
     memory = unit_bank(30, 6, 5)
     ans = ANsDiscovery(30, 0.25, 1)

@@ -8,6 +8,7 @@ import shlex
 import signal
 
 import numpy as np
+import pytest
 import torch
 
 import datasets
@@ -70,20 +71,26 @@ def test_init_from_takes_the_weights_not_the_options(tiny_folder, tmp_path, run_
     assert 'holds alexnet' in err and 'builds resnet18' in err and '--network' in err
 
 
-def test_a_typed_ANs_size_applies_from_the_next_discovery(tiny_folder, tmp_path, run_main):
-    """Anchors taken from a checkpoint keep the neighbours they were found with (1 each);
-    the new run's --ANs_size 3 is said and used at its next discovery, as its log records."""
+def test_typed_bank_and_anchor_options_apply_to_a_run_from_a_checkpoint(tiny_folder, tmp_path,
+                                                                         run_main):
+    """A checkpoint's bank and anchors are taken, its T, m and neighbourhood size are not:
+    the new run's --npc_t and --npc_m apply at once, its --ANs_size at its next discovery
+    (anchors taken keep the neighbours they were found with), each said, as the log records."""
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'first', *SMALL))
     assert code == 0, err
-    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from',
-                                         tmp_path / 'first' / 'last.t7', *SMALL,
-                                         '--rounds', '3', '--ANs_size', '3'))
+    source = tmp_path / 'first' / 'last.t7'
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from', source,
+                                         *SMALL, '--rounds', '3', '--ANs_size', '3', '--npc_t',
+                                         '0.2', '--npc_m', '0.25'))
     assert code == 0, err
-    assert (f'note: the 5 anchors of {tmp_path / "first" / "last.t7"} have 1 neighbour each; '
-            f'--ANs_size 3 applies from the next anchor discovery') in out
+    assert (f'note: the 5 anchors of {source} have 1 neighbour each; --ANs_size 3 applies from '
+            f'the next anchor discovery') in out
+    assert (f'note: {source} was trained with --npc_t 0.1 --npc_m 0.5; this run goes on with '
+            f'--npc_t 0.2 --npc_m 0.25') in out
     state = torch.load(tmp_path / 'second' / 'last.t7', weights_only=True)
     assert state['round'] == 2 and state['config']['ANs_size'] == 3
     assert state['ANs_discovery']['neighbours'].shape == (10, 3)
+    assert state['npc']['params'].tolist() == pytest.approx([0.2, 0.25])
 
 
 def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):

@@ -58,5 +58,7 @@ class MemoryBank(nn.Module):
         self.memory.index_copy_(0, indexes, F.normalize(mixed, dim=1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The rows are loaded; T and m stay this bank's (the run's options, which its records
+        # name), not those a checkpoint was trained with.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.temperature, self.momentum = (float(v) for v in self.params.tolist())
+        self.params.copy_(torch.tensor([self.temperature, self.momentum]))
