@@ -326,6 +326,9 @@ def start(config, checkpoint, optimizer, method, world, say, evaluated=True):
         say(f'note: {path} was written by an earlier version of this program (its loss sums '
             f'by position, not by name); it resumes as it is')
     optimizer.load_state_dict(state['optimizer'])
+    for group in optimizer.param_groups:    # the run's options (its records say), not the file's
+        group.update(momentum=config.momentum, weight_decay=config.weight_decay,
+                     nesterov=config.nesterov and config.momentum > 0)
     ckpt.set_rng_state(state.get('rng'))
     progress = ckpt.progress_of(state)
     where = f' step {progress.step}' if progress.step else ''

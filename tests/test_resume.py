@@ -108,10 +108,15 @@ def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
     stored = torch.load(tmp_path / 'last.t7', weights_only=True)['config']
     assert stored['method'] == 'super-and' and stored['ue_loss'] is True
     # Typing the stored value is fine; --data-root, --batch_size... come from the checkpoint.
+    # A typed momentum and weight decay replace the optimizer file's, as the records say.
     code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--method',
-                              'super-and', '--workers', '0')
+                              'super-and', '--workers', '0', '--momentum', '0.8', '--wd', '0.001')
     assert code == 0, err
     assert not (tmp_path / 'runs').exists()          # --no-tensorboard kept
+    state = torch.load(tmp_path / 'last.t7', weights_only=True)
+    [group] = state['optimizer']['param_groups']
+    assert (group['momentum'], group['weight_decay']) == (0.8, 0.001)
+    assert (state['config']['momentum'], state['config']['weight_decay']) == (0.8, 0.001)
 
 
 def test_a_finished_run_is_left_alone(tiny_folder, tmp_path, run_main):
