@@ -95,13 +95,13 @@ class MethodState:
                                 f'images, this run has {self.anchors.num_entries}')
             self.anchors.load_state_dict(state['ANs_discovery'])
 
-    def finite(self, world):
-        """Whether every weight, BatchNorm statistic and bank entry is finite on every process
-        (the loss can stay finite while running statistics overflow)."""
+    def finite(self, world=None):
+        """Whether every weight, BatchNorm statistic and bank entry is finite (on every process
+        of `world`): the loss can stay finite while running statistics overflow."""
         tensors = [t for t in self.net.state_dict().values() if t.is_floating_point()]
         tensors += [self.bank.memory] if self.bank is not None else []
         bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float()
-        return world.sum(bad).item() == 0
+        return (world.sum(bad) if world is not None else bad).item() == 0
 
     def checkpoint_bytes(self):
         """Bytes of a last.t7: the network, one SGD momentum buffer per trained weight, the

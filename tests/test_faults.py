@@ -158,6 +158,13 @@ def test_overflowing_batchnorm_statistics_stop_before_the_epoch_is_saved(tiny_fo
         state = torch.load(tmp_path / name, weights_only=True)
         assert (state['round'], state['epoch']) == (0, 0)
         assert all(torch.isfinite(t).all() for t in state['net'].values() if t.is_floating_point())
+    # Such a checkpoint (an older program's) is not scored: its accuracy would mean nothing.
+    state['net'][next(k for k in state['net'] if k.endswith('running_var'))].fill_(float('inf'))
+    torch.save(state, tmp_path / 'overflowed.t7')
+    code, out, err = run_main('--resume', 'overflowed.t7', '--test_only', '--model_dir', tmp_path,
+                              '--data-root', tiny_folder, '--workers', '0')
+    assert code == 2 and 'top-1' not in out
+    assert 'overflowed.t7 holds non-finite (NaN or infinite) weights, BatchNorm statistics' in err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
