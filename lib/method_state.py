@@ -31,6 +31,15 @@ def clean_state_dict(state_dict):
     return cleaned
 
 
+def refuse_non_finite(tensors, path):
+    """UserError when any of `tensors` (a checkpoint's, as loaded) holds a NaN or infinity:
+    what is trained, scored or embedded from it would mean nothing."""
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+        raise UserError(f'checkpoint {path} holds non-finite (NaN or infinite) weights, '
+                        f'BatchNorm statistics or bank entries: nothing can be trained, scored '
+                        f'or embedded from it')
+
+
 @dataclass
 class MethodState:
     net: torch.nn.Module
@@ -94,14 +103,15 @@ class MethodState:
                 raise UserError(f'checkpoint {path} has anchors for {positions.shape[0]} '
                                 f'images, this run has {self.anchors.num_entries}')
             self.anchors.load_state_dict(state['ANs_discovery'])
+        refuse_non_finite([*weights.values(), *([memory] if memory is not None else [])], path)
 
-    def finite(self, world=None):
-        """Whether every weight, BatchNorm statistic and bank entry is finite (on every process
-        of `world`): the loss can stay finite while running statistics overflow."""
+    def finite(self, world):
+        """Whether every weight, BatchNorm statistic and bank entry is finite on every process
+        (the loss can stay finite while running statistics overflow): one device read."""
         tensors = [t for t in self.net.state_dict().values() if t.is_floating_point()]
         tensors += [self.bank.memory] if self.bank is not None else []
         bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float()
-        return (world.sum(bad) if world is not None else bad).item() == 0
+        return world.sum(bad).item() == 0
 
     def checkpoint_bytes(self):
         """Bytes of a last.t7: the network, one SGD momentum buffer per trained weight, the

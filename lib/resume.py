@@ -71,10 +71,6 @@ class Checkpoint:
         if note:
             say(note)
         method.load(self.state, self.path)
-        if not method.finite():
-            raise UserError(f'checkpoint {self.path} holds non-finite (NaN or infinite) weights, '
-                            f'BatchNorm statistics or bank entries: nothing can be trained or '
-                            f'scored from it')
         held = (self.state.get('npc') or {}).get('params')
         if method.bank is not None and held is not None:
             now = (method.bank.temperature, method.bank.momentum)

@@ -134,7 +134,8 @@ def test_sigterm_to_the_process_group_stops_once_with_loader_workers(tiny_folder
 
 
 def test_overflowing_batchnorm_statistics_stop_before_the_epoch_is_saved(tiny_folder, tmp_path,
-                                                                         run_main, monkeypatch):
+                                                                         run_main, monkeypatch,
+                                                                         capsys):
     """Finite losses, but running statistics that overflowed (a huge --lr): the epoch is not
     evaluated, saved or called the best; last.t7 keeps the epoch before."""
     real_run_epoch, calls = lib.engine.run_epoch, []
@@ -165,6 +166,10 @@ def test_overflowing_batchnorm_statistics_stop_before_the_epoch_is_saved(tiny_fo
                               '--data-root', tiny_folder, '--workers', '0')
     assert code == 2 and 'top-1' not in out
     assert 'overflowed.t7 holds non-finite (NaN or infinite) weights, BatchNorm statistics' in err
+    from tools import embed                 # (the network alone, as torch.hub loads it)
+    assert embed.main(['--ckpt', str(tmp_path / 'overflowed.t7'), '--images', tiny_folder,
+                       '--out', str(tmp_path / 'x.npz'), '--device', 'cpu']) == 2
+    assert 'overflowed.t7 holds non-finite' in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path,
