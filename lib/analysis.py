@@ -15,7 +15,7 @@ from .config import RunConfig, defaults
 from .core.constants import ALGORITHM
 from .core.knn import KnnData, embed, training_features
 from .errors import UserError
-from .method_state import MethodState, clean_state_dict
+from .method_state import MethodState, clean_state_dict, refuse_non_finite
 from .progress import progress_bar
 from .resume import check_data
 
@@ -54,6 +54,7 @@ def load_network(path=None, device='cpu', network=None, low_dim=None, sobel=None
         except RuntimeError:
             raise UserError(f'checkpoint {path} holds {models.describe_weights(weights)}, which '
                             f'this program cannot build') from None
+        refuse_non_finite(weights.values(), path)
     mean, std = datasets.MEAN_STD.get(config.get('dataset'), datasets.MEAN_STD['cifar10'])
     return LoadedNetwork(net.to(device).eval(), tuple(config.get('mean') or mean),
                          tuple(config.get('std') or std), image_size, config)
