@@ -165,7 +165,8 @@ def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None
     select = None
     if subset is not None:
         def select(split, count):
-            return random_subset_indices(count, subset, seed + (split == 'test'))
+            # (modulo: torch takes seeds below 2**64, and the largest --seed is 2**64 - 1)
+            return random_subset_indices(count, subset, (seed + (split == 'test')) % 2 ** 64)
     if os.path.isfile(root):
         holder = os.path.dirname(root) or '.'
         raise DataError(f'--data-root {shown(root)} is a file, not a folder: give the folder '

@@ -114,7 +114,8 @@ OPTIONS = (
     option('--batch_size', A['batch_size'], 'images per step, two views each', metavar='B',
            type=cli.checked(int, lambda v: v >= 2, 'an integer >= 2')),
     option('--seed', A['seed'], 'random seed of initialisation, data order and augmentation',
-           type=int),
+           type=cli.checked(int, lambda v: 0 <= v < 2 ** 64,      # (what torch takes)
+                            'an integer from 0 to 2**64 - 1')),
     # ------------------------------------------------------------------ data and evaluation
     option('--data-root', './data', 'torchvision\'s files, an image-folder tree '
            'train/<class>/*, test/<class>/*, or (--dataset folder) a folder of unlabeled '
@@ -145,7 +146,9 @@ OPTIONS = (
            'checkpoints written; the run prints the command that continues it',
            resumed=False, type=cli.POSITIVE_INT, metavar='EPOCHS'),
     option('--name', None, 'run name, the TensorBoard folder log_dir/name (default: '
-           'method-dataset-network-date-time)'),
+           'method-dataset-network-date-time)',     # (a path could lead out of --log-dir)
+           type=cli.checked(str, lambda v: v not in ('', '.', '..') and os.sep not in v,
+                            'a folder name (not empty, . or .., no /)')),
     option('--log-dir', 'runs', 'TensorBoard root', metavar='DIR'),
     option('--tensorboard', True, 'write TensorBoard events (log.jsonl is always written)',
            **ON_OFF),
@@ -214,6 +217,10 @@ HELP_EXAMPLES = """examples:
 The README has more (your own images, the figures, several GPUs)."""
 DEFAULTS = {o.name: o.default for o in OPTIONS}
 RESUMED = frozenset(o.name for o in OPTIONS if o.resumed)
+# Where and how this machine runs a run, kept by no checkpoint: a continue command repeats them as
+# typed (it sets the rest of the options that are not resumed itself).
+MACHINE = frozenset(o.name for o in OPTIONS if not o.resumed) - {
+    'model_dir', 'resume', 'init_from', 'test_only', 'stop_after'}
 # Resumed to train on as the run trained; an evaluation (--test_only) chooses for this machine.
 HOW_IT_TRAINS = ('pipeline', 'precision', 'compile')
 
@@ -256,6 +263,18 @@ def parse(argv=None) -> Flags:
     if typed.get('resume') and typed.get('init_from'):
         parser.error('--resume continues a run and --init-from starts a new one: give one')
     return Flags(typed, tuple(str(a) for a in (sys.argv[1:] if argv is None else argv)))
+
+
+def machine_words(argv):
+    """The words of `argv` (as typed) that give MACHINE options, with their values."""
+    actions = build_parser()._option_string_actions
+    kept, value = [], False
+    for word in argv:
+        action = actions.get(word.split('=', 1)[0])
+        if value or (action is not None and action.dest in MACHINE):
+            kept.append(word)
+            value = not value and action.nargs != 0 and '=' not in word
+    return kept
 
 
 # ----------------------------------------------------------------------------- the run's config

@@ -6,11 +6,13 @@ checkpoint's whole path, and works as printed from the folder it was run in.
 """
 import os
 import shlex
+import shutil
 import sys
 
 import datasets
 
 from .cli import plural
+from .config import machine_words
 from .core.losses import LOSSES, active_losses
 from .cpu_estimate import cpu_hours_estimate
 from .errors import UserError
@@ -48,14 +50,24 @@ def project_file(*parts):
     return path if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
 
 
+def python():
+    """How a command names this interpreter: python3 where that finds this very one on PATH,
+    else its whole path. The same file is not enough: a venv's python3 is a link to the
+    system's, which runs without the venv's packages; the venv is the link's folder."""
+    found, folder = shutil.which('python3'), os.path.dirname(sys.executable)
+    same = found is not None and os.path.samefile(found, sys.executable) and \
+        os.path.realpath(os.path.dirname(found)) == os.path.realpath(folder)
+    return 'python3' if same else shlex.quote(sys.executable)
+
+
 def launcher(processes=None):
-    """How main.py is started: 'python3', or torchrun (or tools/launch.py) with the options
+    """How main.py is started: python(), or torchrun (or tools/launch.py) with the options
     this run was started with ('torchrun --nproc_per_node 2'); `processes` asks for a launcher
     of that many processes on this machine instead."""
     if processes is not None:
-        return 'python3' if processes == 1 else f'torchrun --nproc_per_node {processes}'
+        return python() if processes == 1 else f'torchrun --nproc_per_node {processes}'
     if 'TORCHELASTIC_RUN_ID' not in os.environ:
-        return 'python3'
+        return python()
     found = torchrun_options()
     if found is None:
         return shlex.join(['torchrun', '--nproc_per_node',
@@ -79,7 +91,7 @@ def torchrun_options():
         if os.path.basename(word) == 'torchrun' or word == 'torch.distributed.run':
             program = 'torchrun'
         elif os.path.abspath(word) == ours:
-            program = f'python3 {shlex.quote(project_file("tools", "launch.py"))}'
+            program = f'{python()} {shlex.quote(project_file("tools", "launch.py"))}'
         else:
             continue
         for end in range(start + 1, len(words)):
@@ -97,16 +109,17 @@ def command(*argv, processes=None):
 
 def tool_command(name, *argv):
     """The command of tools/<name>.py with `argv`, as it works typed in the current folder:
-    `python -m tools.<name>` in the project folder, the script's path elsewhere."""
-    if os.path.abspath(os.getcwd()) == PROJECT:
-        return f'python -m tools.{name} ' + shlex.join(str(a) for a in argv)
-    return (f'python3 {shlex.quote(project_file("tools", name + ".py"))} '
-            + shlex.join(str(a) for a in argv))
+    `-m tools.<name>` in the project folder, the script's path elsewhere."""
+    program = (f'-m tools.{name}' if os.path.abspath(os.getcwd()) == PROJECT
+               else shlex.quote(project_file('tools', name + '.py')))
+    return f'{python()} {program} ' + shlex.join(str(a) for a in argv)
 
 
-def continue_command(model_dir, *more):
-    """The command that continues the run in `model_dir` from its last.t7."""
-    return command('--model_dir', model_dir, '--resume', LAST, *more)
+def continue_command(model_dir, *more, argv=()):
+    """The command that continues the run in `model_dir` from its last.t7, repeating what
+    `argv` (the words typed) says of this machine (--cache-dir, --workers: no checkpoint
+    keeps them)."""
+    return command('--model_dir', model_dir, '--resume', LAST, *machine_words(argv), *more)
 
 
 def retyped(argv, changes):
@@ -358,7 +371,7 @@ def non_finite_loss(config, progress, round_index, epoch, step):
     if saved:
         kept = (f'{last_path(config)} still holds the last good epoch (round {saved[0]} epoch '
                 f'{saved[1]}); a lower learning rate may help: '
-                f'{continue_command(config.model_dir, "--lr", lower)}')
+                f'{continue_command(config.model_dir, "--lr", lower, argv=config.argv)}')
     else:
         kept = (f'no checkpoint had been written yet; a lower learning rate may help: '
                 f'{retyped(config.argv, {"--lr": lower})}')
@@ -371,7 +384,7 @@ def non_finite_loss(config, progress, round_index, epoch, step):
 def stopped_line(config, signal_name, round_index, epoch, steps):
     return (f'stopped by {signal_name} at round {round_index} epoch {epoch} step {steps}: '
             f'{last_path(config)} written; continue with: '
-            f'{continue_command(config.model_dir)}')
+            f'{continue_command(config.model_dir, argv=config.argv)}')
 
 
 def continues_from(progress):
@@ -387,7 +400,7 @@ def stopped_before_training_line(config, signal_name, progress):
                 f'trained, nothing written')
     return (f'stopped by {signal_name} before the first step (while compiling): '
             f'{last_path(config)} still {continues_from(progress)}; continue with: '
-            f'{continue_command(config.model_dir)}')
+            f'{continue_command(config.model_dir, argv=config.argv)}')
 
 
 def held_text(config, progress):
@@ -396,7 +409,7 @@ def held_text(config, progress):
     if progress.resumes_at is None:
         return 'no checkpoint had been written yet'
     return (f'{last_path(config)} {continues_from(progress)}; continue with: '
-            f'{continue_command(config.model_dir)}')
+            f'{continue_command(config.model_dir, argv=config.argv)}')
 
 
 def lost_process_line(config, progress, world):
@@ -416,7 +429,7 @@ def lost_loader_line(config, progress, world):
 
 def stopped_after_line(config, epochs_run):
     return (f'stopping after {plural(epochs_run, "epoch")} (--stop-after); continue with: '
-            f'{continue_command(config.model_dir)}')
+            f'{continue_command(config.model_dir, argv=config.argv)}')
 
 
 def interrupted_line(config, progress):
@@ -425,7 +438,7 @@ def interrupted_line(config, progress):
         held = 'no checkpoint was written yet'
     else:
         held = (f'{last_path(config)} {continues_from(progress)}: '
-                f'{continue_command(config.model_dir)}')
+                f'{continue_command(config.model_dir, argv=config.argv)}')
     return f'interrupted: stopped at once (a second Ctrl-C); {held}'
 
 

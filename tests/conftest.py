@@ -1,6 +1,7 @@
 """Shared fixtures: a generated tiny image-folder dataset and ways to run main.py."""
 import atexit
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,22 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 # a folder of this session's, never the user's ~/.cache; removed when the session ends.
 CACHE_HOME = os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='superand-test-cache-')
 atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
+
+
+def printed_python():
+    """How the commands the program prints should name this interpreter, asked of the python3
+    on PATH itself: python3 where it is this Python with these packages, else this one's whole
+    path (CI runs <venv>/bin/python -m pytest without the venv on PATH)."""
+    ask = 'import sys; print((sys.prefix, sys.version))'
+    try:
+        there = subprocess.run(['python3', '-c', ask], capture_output=True, text=True,
+                               timeout=120).stdout.strip()
+    except OSError:                 # no python3 on PATH
+        there = None
+    return 'python3' if there == str((sys.prefix, sys.version)) else shlex.quote(sys.executable)
+
+
+PYTHON = printed_python()
 
 
 def write_image_folder(root, classes=10, train_per_class=2, test_per_class=1, size=32, seed=0):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MECHANICS, ROOT, fast_args
+from conftest import MECHANICS, PYTHON, ROOT, fast_args
 from lib import checkpoint as ckpt
 from lib.errors import UserError
 
@@ -19,7 +19,7 @@ from lib.errors import UserError
 def main_program():
     """main.py's command as the program prints it from the current folder."""
     from lib.console import project_file
-    return f'python3 {project_file("main.py")}'
+    return f'{PYTHON} {project_file("main.py")}'
 
 
 def printed_command(text, program=None):
@@ -53,7 +53,7 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
 
     code, out, err = run_main(*fast_args(tiny_folder, run, *MECHANICS, '--rounds', '2',
                                          '--epochs', '1', '--stop-after', '1',
-                                         '--no-tensorboard'))
+                                         '--no-tensorboard', '--cache-dir', 'my-cache'))
     assert code == 0, err
     assert 'logs in checkpoint/stoptest/log.jsonl' in out and '//' not in out
     assert f'continue with: {main_program()} --model_dir checkpoint/stoptest/ --resume ' \
@@ -75,6 +75,8 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     code, out, err = run_main(*printed_command(err))
     assert code == 0, err
     assert 'resuming at round 1 epoch 0 from checkpoint/stoptest/last.t7' in out
+    # Each continued in the image cache the first run was given (no checkpoint keeps it).
+    assert re.search(r'^images: .* the image cache \S*my-cache$', out, re.M), out
     assert epochs_logged(run) == [(0, 0), (1, 0)]
     # The end names the run's files: the best epoch's, the last one's, the log.
     files = re.search(r'files: (\S+) holds the best epoch \(round (\d) epoch (\d)\), (\S+) the '
@@ -122,6 +124,39 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     for name, data in decoy.items():
         assert (tmp_path / 'checkpoint' / name).read_bytes() == data
     assert sorted(os.listdir('checkpoint')) == ['last.t7', 'log.jsonl', 'stoptest', 'stoptest-2']
+
+
+def test_a_printed_command_names_python3_only_where_that_is_this_python(tmp_path,
+                                                                       monkeypatch):
+    """A venv's python run by its path, the venv not on PATH: a python3 there that is the
+    same file (a venv's python3 is a link to the system's) runs without the venv's packages,
+    so the command names this interpreter's path, which has them. With this interpreter's
+    folder first on PATH, python3 is this one: the command says python3."""
+    from types import SimpleNamespace
+    from lib import console
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    elsewhere = tmp_path / 'bin'
+    elsewhere.mkdir()
+    os.symlink(os.path.realpath(sys.executable), elsewhere / 'python3')
+    config = SimpleNamespace(model_dir='ck', argv=())
+
+    def printed():
+        return shlex.split(console.stopped_after_line(config, 1).split('continue with: ')[1])
+    monkeypatch.setenv('PATH', str(elsewhere))
+    words = printed()
+    assert words[:2] == [sys.executable, 'main.py']
+    proc = subprocess.run([words[0], '-c', 'import torch, PIL, torchvision'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    folder = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(folder, 'python3')):
+        pytest.skip(f'{folder} holds no python3')
+    monkeypatch.setenv('PATH', folder + os.pathsep + str(elsewhere))
+    assert printed()[:2] == ['python3', 'main.py']
+    ask = 'import sys; print(sys.prefix)'
+    assert subprocess.run(['python3', '-c', ask], capture_output=True, text=True,
+                          timeout=120).stdout.strip() == sys.prefix
 
 
 # ----------------------------------------------------------------------------- --resume NAME

@@ -16,7 +16,7 @@ import lib.core.losses
 import lib.engine
 import lib.run_folder
 from conftest import (MECHANICS, ROOT, TWO_PROCESS_FLAGS, UNBROKEN_FLAGS,
-                      assert_same_training_state, fast_args, run_killed_at, signal_at)
+                      PYTHON, assert_same_training_state, fast_args, run_killed_at, signal_at)
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -192,8 +192,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, t
     assert torch.isfinite(state['npc']['memory']).all()
     # The command it suggests continues this run from there with a tenth of the lr.
     monkeypatch.setattr(lib.core.losses, 'ue_loss', real_ue_loss)
-    command = shlex.split(err[err.index('python3 main.py'):].splitlines()[0])
-    assert command[:2] == ['python3', 'main.py']
+    command = shlex.split(err[err.index(f'{PYTHON} main.py'):].splitlines()[0])
+    assert command[:2] == [*shlex.split(PYTHON), 'main.py']
     code, out, err = run_main(*command[2:])
     assert code == 0, err
     assert f'resuming at round 0 epoch 1 from {tmp_path / "last.t7"}' in out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from conftest import ROOT, fast_args, write_image_folder
+from conftest import PYTHON, ROOT, fast_args, write_image_folder
 from lib import cli
 from lib.core.memory_bank import MemoryBank
 from lib.stopping import StopSignals
@@ -224,17 +224,61 @@ def test_both_spellings_of_every_flag():
     assert '--data-root DIR, --data_root DIR' in shown
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--seed', '-1'], '--seed: -1 is not an integer from 0 to 2**64 - 1'),
+    (['--seed', str(2 ** 64)], f'--seed: {2 ** 64} is not an integer from 0 to 2**64 - 1'),
+    (['--name', 'a/../../../b'], '--name: a/../../../b is not a folder name (not empty, . or '
+                                 '.., no /)'),
+    (['--name', '..'], '--name: .. is not a folder name (not empty, . or .., no /)'),
+    (['--name', ''], '--name:  is not a folder name (not empty, . or .., no /)'),
+])
+def test_a_seed_torch_cannot_take_and_a_name_that_is_a_path_are_refused_at_once(argv, message,
+                                                                              run_main):
+    """Answered when the flags are read, as any flag error is: not a traceback once the run
+    has started, nor TensorBoard events outside --log-dir."""
+    assert run_main(*argv) == (2, '', f'error: argument {message}\n')
+
+
+def test_the_ends_of_the_seed_range_and_a_plain_name_are_taken():
+    import torch
+    from lib.config import parse
+    for seed in (0, 2 ** 64 - 1):
+        assert parse(['--seed', str(seed), '--name', 'run.2-b']).typed == \
+            {'seed': seed, 'name': 'run.2-b'}
+        torch.manual_seed(seed)                 # (what the run does with it)
+
+
+def test_a_continue_command_repeats_what_was_typed_of_this_machine(monkeypatch):
+    """The options no checkpoint keeps (the image cache, the processes, the device...) as
+    typed, in either spelling; not those the command sets itself, nor what the checkpoint
+    keeps."""
+    from types import SimpleNamespace
+    from lib import console
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    argv = ('--data-root', 'd', '--cache-dir', 'my cache', '--no-cache', '--workers=0', '--lr',
+            '0.1', '--stop-after', '2', '--model_dir', 'x', '--quiet', '--data_memory', '2',
+            '--device', 'cpu', '--eval-precision', 'bf16', '--compile-check', 'off', '--seed',
+            '3')
+    line = console.stopped_after_line(SimpleNamespace(model_dir='ck', argv=argv), 2)
+    assert line == (f"stopping after 2 epochs (--stop-after); continue with: {PYTHON} main.py "
+                    f"--model_dir ck --resume last.t7 --cache-dir 'my cache' --no-cache "
+                    f"--workers=0 --quiet --data_memory 2 --device cpu --eval-precision bf16 "
+                    f"--compile-check off")
+
+
 @pytest.mark.parametrize('resumes_at, held', [
     (None, 'no checkpoint had been written yet'),
-    ((1, 2, 0), 'ck/last.t7 continues from round 1 epoch 2; continue with: python3 main.py '
-                '--model_dir ck --resume last.t7')])
+    ((1, 2, 0), f'ck/last.t7 continues from round 1 epoch 2; continue with: {PYTHON} main.py '
+                f'--model_dir ck --resume last.t7 --workers 3')])
 def test_a_lost_loader_worker_says_what_to_do_and_what_last_t7_holds(resumes_at, held,
                                                                       monkeypatch):
     from types import SimpleNamespace
     from lib import console
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
-    line = console.lost_loader_line(SimpleNamespace(model_dir='ck', workers=3),
+    line = console.lost_loader_line(SimpleNamespace(model_dir='ck', workers=3,
+                                                    argv=('--lr', '1', '--workers', '3')),
                                     SimpleNamespace(resumes_at=resumes_at), None)
     assert line == ('a data-loader worker process was killed (out of memory? --workers 3 starts '
                     'that many; fewer take less memory); ' + held)

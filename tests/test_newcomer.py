@@ -117,7 +117,8 @@ def test_counts_say_what_was_read_and_what_was_not(unlabeled_run, tmp_path, caps
     (lone / 'only.jpg').write_bytes(b'broken')
     assert retrieve.main(['--ckpt', str(run), '--gallery', str(lone), '--query',
                           str(folder / '00.png'), '--k', '10', '--device', 'cpu']) == 2
-    assert 'error: --k 10 is more than the 1 image file of ' in capsys.readouterr().err
+    assert capsys.readouterr().err == f'error: {lone} holds no readable image (1 file could ' \
+        f'not be read)\n'
     code, out, err = run_main('--model_dir', run, '--resume', 'last.t7', '--workers', '0')
     assert code == 0, err
     assert 'resuming at round 0 epoch 1 from' in out and 'best kNN' not in out

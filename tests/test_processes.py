@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (MECHANICS, ROOT, UNBROKEN_FLAGS, WITH_SOBEL, assert_same_training_state,
-                      fast_args, signal_at)
+from conftest import (MECHANICS, PYTHON, ROOT, UNBROKEN_FLAGS, WITH_SOBEL,
+                      assert_same_training_state, fast_args, signal_at)
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
             '2']
@@ -42,7 +42,7 @@ def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny
     run = tmp_path / 'run'
     code, out, err = run_main(*fast_args(tiny_folder, run, *flags, '--stop-after', '1'))
     assert code == 0, err
-    assert continue_line(out).startswith('python3 main.py ')
+    assert continue_line(out).startswith(f'{PYTHON} main.py ')
     proc = subprocess.run([sys.executable, 'tools/launch.py', '--standalone', '--nproc_per_node',
                            '2', 'main.py', '--model_dir', str(run), '--resume', 'last.t7',
                            '--device', 'cpu', '--workers', '0', '--stop-after', '1'],
@@ -52,9 +52,9 @@ def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny
                line.startswith('note:')]
     assert note.startswith('note: this run last trained on 1 process; here it continues on 2 '
                            'processes, and without --sync-bn')
-    assert note.endswith(f'to keep it: python3 main.py --model_dir {run} --resume last.t7')
-    assert continue_line(proc.stdout) == f'python3 tools/launch.py --standalone --nproc_per_node 2 ' \
-        f'main.py --model_dir {run} --resume last.t7'
+    assert note.endswith(f'to keep it: {PYTHON} main.py --model_dir {run} --resume last.t7')
+    assert continue_line(proc.stdout) == f'{PYTHON} tools/launch.py --standalone ' \
+        f'--nproc_per_node 2 main.py --model_dir {run} --resume last.t7 --device cpu --workers 0'
     code, out, err = run_main('--model_dir', run, '--resume', 'last.t7', '--device', 'cpu',
                               '--workers', '0', '--sync-bn')
     assert code == 0, err
@@ -98,7 +98,8 @@ def test_a_lost_process_is_one_line_saying_what_last_t7_holds(tiny_folder, tmp_p
                     f'answering (killed, out of memory, or stuck?), and this one cannot go on '
                     f'without it; {model_dir}/last.t7 '
                     f'continues from round 0 epoch 1; continue with: torchrun --standalone '
-                    f'--nproc_per_node 2 main.py --model_dir {model_dir} --resume last.t7']
+                    f'--nproc_per_node 2 main.py --model_dir {model_dir} --resume last.t7 '
+                    f'--workers 0 --device cpu']
     assert '[rank0]: Traceback' not in proc.stderr
     assert 'after writing last.t7' not in proc.stdout        # no promise it could not keep
     assert torch.load(model_dir / 'last.t7', weights_only=True)['next']['epoch'] == 1
@@ -136,7 +137,7 @@ def test_sighup_stops_at_a_step_like_sigterm_and_resumes_exactly(tiny_folder, tm
     assert 'SIGHUP: stopping at the next step, after writing last.t7' in out
     (stop,) = records(tmp_path, 'stop')
     assert (stop['signal'], stop['round'], stop['epoch'], stop['step']) == ('SIGHUP', 0, 1, 1)
-    assert stop['continue_with'] == f'python3 main.py --model_dir {tmp_path} --resume last.t7'
+    assert stop['continue_with'] == f'{PYTHON} main.py --model_dir {tmp_path} --resume last.t7'
     code, out, err = run_main('--model_dir', tmp_path, '--resume', 'last.t7', '--workers', '0',
                               '--pipeline', 'cpu')
     assert code == 0, err
@@ -217,7 +218,8 @@ def test_printed_commands_work_from_the_folder_they_were_printed_in(tiny_folder,
                                          '--stop-after', '1', *MECHANICS, '--no-tensorboard'))
     assert code == 0, err
     printed = continue_line(out)
-    assert printed == f'python3 {main_py} --model_dir run --resume last.t7'
+    assert printed == f'{PYTHON} {main_py} --model_dir run --resume last.t7 --workers 0 ' \
+        '--device cpu'
     words = shlex.split(printed)
     proc = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True,
                           cwd=elsewhere, timeout=600)

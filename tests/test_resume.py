@@ -14,7 +14,7 @@ import torch
 import datasets
 import lib.checkpoint
 from lib import engine
-from conftest import MECHANICS, assert_same_training_state, fast_args, signal_at
+from conftest import MECHANICS, PYTHON, assert_same_training_state, fast_args, signal_at
 
 SMALL = ['--rounds', '2', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
 
@@ -159,7 +159,7 @@ def test_cpu_pipeline_resumes_exactly_after_a_signal_mid_epoch(tiny_folder, tmp_
     assert 'stopped by SIGTERM at round 0 epoch 1 step 6' in out and 'done:' not in out
     # The command it prints, run as printed; its progress bar counts on from the step.
     command = shlex.split(out.split('continue with: ')[1].splitlines()[0])
-    assert command[:2] == ['python3', 'main.py']
+    assert command[:2] == [*shlex.split(PYTHON), 'main.py']
     bars = []
 
     def progress_bar(iterable, **kwargs):

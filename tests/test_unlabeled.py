@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MECHANICS, fast_args
+from conftest import MECHANICS, PYTHON, fast_args
 from tools import embed, retrieve
 
 
@@ -171,11 +171,11 @@ def test_bad_inputs(flat_run, tmp_path, capsys):
     one_line_error(capsys, 'query image', 'does not exist')
     assert retrieve.main(['--ckpt', ckpt, '--gallery', root, '--query', query, '--k',
                           '13']) == 2
-    one_line_error(capsys, '--k 13 is more than the 12 image files')
+    one_line_error(capsys, '--k 13 is more than the 12 readable images')
 
 
 def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, tmp_path,
-                                                                      capsys):
+                                                                      capsys, monkeypatch):
     root, model_dir = flat_run
     gallery = write_flat_folder(tmp_path / 'gallery', count=6, size=48, seed=3)
     (tmp_path / 'gallery' / 'bad.png').write_bytes(b'\x89PNG broken')
@@ -207,10 +207,22 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
                           str(tmp_path / 'foreign.npz'), *query]) == 2
     line = one_line_error(capsys, 'was embedded with another checkpoint')
     # The command it gives embeds the gallery again, with this checkpoint, as printed.
-    command = shlex.split(line[line.index('python -m tools.embed'):])
-    assert command[:3] == ['python', '-m', 'tools.embed']
+    command = shlex.split(line[line.index(f'{PYTHON} -m tools.embed'):])
+    assert command[:3] == [*shlex.split(PYTHON), '-m', 'tools.embed']
     assert embed.main(command[3:]) == 0
     capsys.readouterr()
     assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
                           str(tmp_path / 'foreign.npz'), *query]) == 0
     assert re.search(r'\n\s+1\s+1\.0000\s+img01\.png', capsys.readouterr().out)
+    # Too large a --k is said with the count of the gallery's readable images (6 of its 8
+    # files), however large; an unreadable query is named as it was typed.
+    monkeypatch.chdir(tmp_path)
+    ask = ['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery', 'gallery', '--query',
+           'gallery/img01.png']
+    for k in ('7', '9'):
+        assert retrieve.main([*ask, '--k', k]) == 2
+        one_line_error(capsys, f'--k {k} is more than the 6 readable images of the gallery '
+                               f'gallery')
+    assert retrieve.main([*ask, 'gallery/bad.png', '--k', '2']) == 0
+    printed = capsys.readouterr().out
+    assert 'query gallery/img01.png\n' in printed and 'skipped gallery/bad.png: ' in printed

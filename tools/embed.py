@@ -254,8 +254,8 @@ def embed_folder(loaded, images, device, show=False, say=print, reading=None, ro
                        loaded.std, device, show, reading=reading, rows=rows)
     report_skipped(done.skipped, say)
     if not done.kept:
-        raise UserError(f'{shown(images.root)} holds no readable image ({len(done.skipped)} '
-                        f'files could not be read)')
+        raise UserError(f'{shown(images.root)} holds no readable image '
+                        f'({plural(len(done.skipped), "file")} could not be read)')
     for note in done.notes:
         say(note)
     if show:

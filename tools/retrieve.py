@@ -215,20 +215,18 @@ def retrieve(argv):
     loaded = load_network(args.ckpt, device)
     reading = image_reading(args, print)
     if os.path.isdir(args.gallery):
-        listed = list_folder(args.gallery)
-        if args.k > len(listed.paths):                           # before any embedding
-            raise UserError(f'--k {args.k} is more than the '
-                            f'{cli.plural(len(listed.paths), "image file")} of '
-                            f'{shown(args.gallery)}')
-        gallery, features = gallery_from_folder(loaded, listed, args.ckpt, device, print,
-                                                reading)
+        gallery, features = gallery_from_folder(loaded, list_folder(args.gallery), args.ckpt,
+                                                device, print, reading)
     else:
         gallery, features = gallery_from_npz(loaded, args.gallery, args.ckpt, device, print)
+    # (Checked once the gallery is embedded, not on its files: which are readable is known
+    # only then, and the embeddings are cached for the next command.)
     if args.k > features.shape[0]:
-        raise UserError(f'--k {args.k} is more than the {features.shape[0]} readable images of '
-                        f'the gallery {shown(args.gallery)}')
-    done = embed_files(loaded.net, '', [os.path.abspath(q) for q in args.query],
-                       loaded.image_size, loaded.mean, loaded.std, device, reading=reading)
+        raise UserError(f'--k {args.k} is more than the '
+                        f'{cli.plural(features.shape[0], "readable image")} of the gallery '
+                        f'{shown(args.gallery)}')
+    done = embed_files(loaded.net, '', args.query, loaded.image_size, loaded.mean, loaded.std,
+                       device, reading=reading)
     if not done.kept:
         report_skipped(done.skipped)
         raise UserError('no query image could be read')
