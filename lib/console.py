@@ -115,11 +115,11 @@ def tool_command(name, *argv):
     return f'{python()} {program} ' + shlex.join(str(a) for a in argv)
 
 
-def continue_command(model_dir, *more, argv=()):
-    """The command that continues the run in `model_dir` from its last.t7, repeating what
-    `argv` (the words typed) says of this machine (--cache-dir, --workers: no checkpoint
-    keeps them)."""
-    return command('--model_dir', model_dir, '--resume', LAST, *machine_words(argv), *more)
+def continue_command(config, *more, processes=None):
+    """The command that continues the run of `config` from its last.t7, repeating what was
+    typed of this machine (--cache-dir, --workers: no checkpoint keeps them)."""
+    return command('--model_dir', config.model_dir, '--resume', LAST,
+                   *machine_words(config.argv), *more, processes=processes)
 
 
 def retyped(argv, changes):
@@ -371,7 +371,7 @@ def non_finite_loss(config, progress, round_index, epoch, step):
     if saved:
         kept = (f'{last_path(config)} still holds the last good epoch (round {saved[0]} epoch '
                 f'{saved[1]}); a lower learning rate may help: '
-                f'{continue_command(config.model_dir, "--lr", lower, argv=config.argv)}')
+                f'{continue_command(config, "--lr", lower)}')
     else:
         kept = (f'no checkpoint had been written yet; a lower learning rate may help: '
                 f'{retyped(config.argv, {"--lr": lower})}')
@@ -384,7 +384,7 @@ def non_finite_loss(config, progress, round_index, epoch, step):
 def stopped_line(config, signal_name, round_index, epoch, steps):
     return (f'stopped by {signal_name} at round {round_index} epoch {epoch} step {steps}: '
             f'{last_path(config)} written; continue with: '
-            f'{continue_command(config.model_dir, argv=config.argv)}')
+            f'{continue_command(config)}')
 
 
 def continues_from(progress):
@@ -400,7 +400,7 @@ def stopped_before_training_line(config, signal_name, progress):
                 f'trained, nothing written')
     return (f'stopped by {signal_name} before the first step (while compiling): '
             f'{last_path(config)} still {continues_from(progress)}; continue with: '
-            f'{continue_command(config.model_dir, argv=config.argv)}')
+            f'{continue_command(config)}')
 
 
 def held_text(config, progress):
@@ -409,7 +409,7 @@ def held_text(config, progress):
     if progress.resumes_at is None:
         return 'no checkpoint had been written yet'
     return (f'{last_path(config)} {continues_from(progress)}; continue with: '
-            f'{continue_command(config.model_dir, argv=config.argv)}')
+            f'{continue_command(config)}')
 
 
 def lost_process_line(config, progress, world):
@@ -429,7 +429,7 @@ def lost_loader_line(config, progress, world):
 
 def stopped_after_line(config, epochs_run):
     return (f'stopping after {plural(epochs_run, "epoch")} (--stop-after); continue with: '
-            f'{continue_command(config.model_dir, argv=config.argv)}')
+            f'{continue_command(config)}')
 
 
 def interrupted_line(config, progress):
@@ -438,7 +438,7 @@ def interrupted_line(config, progress):
         held = 'no checkpoint was written yet'
     else:
         held = (f'{last_path(config)} {continues_from(progress)}: '
-                f'{continue_command(config.model_dir, argv=config.argv)}')
+                f'{continue_command(config)}')
     return f'interrupted: stopped at once (a second Ctrl-C); {held}'
 
 

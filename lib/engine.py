@@ -154,7 +154,7 @@ def train_one_epoch(run, round_index, epoch, stop):
         run.save(False, dict(round=round_index, epoch=epoch, step=result.steps,
                              loss_sums=result.sums))
         run.log.stop(stop.name, round_index, epoch, result.steps,
-                     console.continue_command(config.model_dir))
+                     console.continue_command(config))
         run.writer.wait()
         run.say(console.stopped_line(config, stop.name, round_index, epoch, result.steps))
         return False

@@ -20,7 +20,7 @@ from datasets import describe_fingerprint
 from . import checkpoint as ckpt
 from .cli import plural
 from .config import DEFAULTS
-from .console import command, retyped, unused_folder
+from .console import command, continue_command, retyped, unused_folder
 from .core.recipes import COMPONENTS
 from .errors import UserError
 from .run_folder import BEST, LAST, refuse_file
@@ -266,7 +266,7 @@ def note_changed_processes(checkpoint, config, world, say):
         return
     was, now = plural(before, 'process', 'processes'), plural(world.size, 'process',
                                                               'processes')
-    keep = command('--model_dir', config.model_dir, '--resume', LAST, processes=before)
+    keep = continue_command(config, processes=before)
     if config.sync_bn:
         say(f'note: this run last trained on {was}; here it continues on {now}; with --sync-bn '
             f'BatchNorm\'s statistics are the whole batch\'s either way, so it continues as '

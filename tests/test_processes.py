@@ -52,7 +52,8 @@ def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny
                line.startswith('note:')]
     assert note.startswith('note: this run last trained on 1 process; here it continues on 2 '
                            'processes, and without --sync-bn')
-    assert note.endswith(f'to keep it: {PYTHON} main.py --model_dir {run} --resume last.t7')
+    assert note.endswith(f'to keep it: {PYTHON} main.py --model_dir {run} --resume last.t7 '
+                         f'--device cpu --workers 0')
     assert continue_line(proc.stdout) == f'{PYTHON} tools/launch.py --standalone ' \
         f'--nproc_per_node 2 main.py --model_dir {run} --resume last.t7 --device cpu --workers 0'
     code, out, err = run_main('--model_dir', run, '--resume', 'last.t7', '--device', 'cpu',
@@ -137,7 +138,8 @@ def test_sighup_stops_at_a_step_like_sigterm_and_resumes_exactly(tiny_folder, tm
     assert 'SIGHUP: stopping at the next step, after writing last.t7' in out
     (stop,) = records(tmp_path, 'stop')
     assert (stop['signal'], stop['round'], stop['epoch'], stop['step']) == ('SIGHUP', 0, 1, 1)
-    assert stop['continue_with'] == f'{PYTHON} main.py --model_dir {tmp_path} --resume last.t7'
+    assert stop['continue_with'] == (f'{PYTHON} main.py --model_dir {tmp_path} --resume last.t7 '
+                                     f'--workers 0 --device cpu')     # (as typed: fast_args)
     code, out, err = run_main('--model_dir', tmp_path, '--resume', 'last.t7', '--workers', '0',
                               '--pipeline', 'cpu')
     assert code == 0, err
