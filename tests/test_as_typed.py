@@ -388,3 +388,14 @@ def test_visualize_without_a_command_lists_them(capsys):
     assert all(len(line.split()) > 3 for line in err if line.startswith('  '))   # a line each
     assert err[-1] == ('error: no command given: choose one of retrieval, probabilities, '
                        'embedding, curve')
+
+
+@pytest.mark.parametrize('program', ['main.py', os.path.join('tools', 'embed.py')])
+def test_a_python_without_the_requirements_says_so_in_one_line(program):
+    """`-S`: no site-packages, as the system's python3 beside a virtual environment."""
+    proc = subprocess.run([sys.executable, '-S', program, '--help'], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr == (f'error: this Python ({sys.executable}) has no numpy, pillow, torch, '
+                           f'torchvision, tqdm: install the requirements into it (pip install -r '
+                           f'requirements.txt), or run the Python that has them\n')
