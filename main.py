@@ -49,9 +49,11 @@ def run(flags, world):
         resume.note_changed_arithmetic(checkpoint, settings, say)
         resume.note_changed_processes(checkpoint, config, world, say)
     # ---------------------------------------------------------------- the run's folder
-    # Taken before the data is read: a busy or unwritable folder is refused in seconds.
+    # Taken before the data is read: a busy or unwritable folder, or one holding another run,
+    # is refused in seconds.
     lock = run_folder.RunLock() if config.test_only else run_folder.take_model_dir(
-        config.model_dir, world, say, log_folder(config) if config.tensorboard else None)
+        config.model_dir, world, say, log_folder(config) if config.tensorboard else None,
+        refuse=lambda: resume.refuse_another_run(config, checkpoint))
     try:
         # ------------------------------------------------------------ data
         data = build.run_data(config, settings, world, say)

@@ -99,8 +99,11 @@ def run_one(spec, args):
                '--model_dir', folder, *shlex.split(args.extra)]
     print(f'== {spec}: {" ".join(command[1:])}', flush=True)
     start = time.time()
-    if os.path.exists(os.path.join(folder, 'log.jsonl')):
-        os.remove(os.path.join(folder, 'log.jsonl'))       # this run's records only
+    # The spec's new run replaces its last one, records included (main.py refuses a folder
+    # that holds a run, so its files go first).
+    for name in ('log.jsonl', 'last.t7', 'ckpt.t7'):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
     with open(os.path.join(folder, 'console.txt'), 'w') as console:
         # The console is shown as it comes and kept for reading; the table uses the records.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

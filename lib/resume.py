@@ -24,6 +24,7 @@ from .console import command, continue_command, retyped, unused_folder
 from .core.recipes import COMPONENTS
 from .errors import UserError
 from .run_folder import BEST, LAST, refuse_file
+from .run_log import LOG_NAME, RECORD_START
 
 # What a resumed run may not change: its recipe (rounds may grow, to train on), and what its
 # network and bank have seen of each image (its size and normalisation).
@@ -157,6 +158,49 @@ def refuse_recipe_change(typed, stored, path):
                             f'{words(stored[key])}): a resumed run keeps its recipe, image size '
                             f'and normalisation; start a new run in another --model_dir, or '
                             f'one from its weights with --init-from {path}')
+
+
+def refuse_another_run(config, checkpoint):
+    """Refuse (UserError) to train into a --model_dir that holds another run: a new run, or a
+    run resumed from another folder, would overwrite its checkpoints and add its records to
+    that run's log.jsonl (one curve of two runs). A folder not yet trained in is taken."""
+    folder = config.model_dir
+    if checkpoint is not None and config.resume and os.path.samefile(
+            os.path.dirname(checkpoint.path) or '.', folder):
+        return                          # the run continues in its own folder
+    held = held_run(folder)
+    if held is None:
+        return
+    moved = {} if checkpoint is None else \
+        {'--resume' if config.resume else '--init-from': checkpoint.path}
+    elsewhere = retyped(config.argv, {**moved, '--model_dir': unused_folder(folder)})
+    if config.resume:
+        home = retyped(config.argv, {**moved,
+                                     '--model_dir': os.path.dirname(checkpoint.path) or '.'})
+        raise UserError(f'--model_dir {folder} holds another run ({held}), which continuing '
+                        f'{checkpoint.path} there would overwrite: continue it in its own '
+                        f'folder: {home}, or in an unused one: {elsewhere}')
+    there = f'continue it: {continue_command(folder)}; or ' if held.startswith(LAST + ' at') \
+        else ''                         # (an unreadable last.t7 continues nothing)
+    raise UserError(f'--model_dir {folder} holds a run ({held}), which this new run would '
+                    f'overwrite: {there}start this run in an unused folder: {elsewhere}')
+
+
+def held_run(folder):
+    """What `folder` holds of a run that trained ('last.t7 at round 1 epoch 0'), else None. A
+    log.jsonl without an epoch record (a run that ended before its first) is not one."""
+    for name in (LAST, BEST):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:        # mmap: only the two numbers are read, not the tensors
+                state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+                return f'{name} at round {int(state["round"])} epoch {int(state["epoch"])}'
+            except Exception:       # unreadable, or no position (a released file)
+                return name
+    if not os.path.isfile(os.path.join(folder, LOG_NAME)):
+        return None
+    with open(os.path.join(folder, LOG_NAME), errors='replace') as log:
+        return f'{LOG_NAME} of trained epochs' if RECORD_START + '"epoch"' in log.read() else None
 
 
 def check_resume_position(state, options, path):

@@ -5,7 +5,8 @@ commands name the files while they parse their flags.
 One live run: `run.lock`, flock'ed by the run that writes there (training, on rank 0). Not a
 pid file: the kernel releases an flock however its process dies, so a killed run's folder is
 never locked, with no guessing from a pid that may since be another process's. The file is
-never deleted (a second run could lock an unlinked copy); its text only names the live run.
+kept (its text only names the live run), except by a run that recorded nothing: that one takes
+back what it made (`RunLock.release`), and a run that then locks the unlinked file tries again.
 """
 import errno
 import json
@@ -21,6 +22,7 @@ except ImportError:           # not on Windows: no lock there, said once at star
     fcntl = None
 
 from .errors import UserError
+from .run_log import LOG_NAME
 
 BEST, LAST = 'ckpt.t7', 'last.t7'       # the best kNN epoch; where the run continues from
 LOCK_NAME = 'run.lock'
@@ -37,6 +39,7 @@ class RunLock:
     """The lock of one model folder, held until `release` (or the process's end). `note` is a
     line to print when the folder could not be locked (no file locks there). RunLock() holds
     nothing: what --test_only and the processes other than rank 0 hold."""
+    made, before = (), None         # prepare_model_dir's: what `release` may take back
 
     def __init__(self, path=None, handle=None, note=None):
         self.path, self._handle, self.note = path, handle, note
@@ -46,6 +49,18 @@ class RunLock:
         return self._handle is not None
 
     def release(self):
+        """Unlock. A run that recorded nothing (refused, failed or interrupted before its first
+        checkpoint or log record) removes the files and empty folders it made, nothing else."""
+        if self.before is not None:
+            before, self.before, now = self.before, None, footprint(os.path.dirname(self.path))
+            if all(now.get(name) == before.get(name) for name in (LOG_NAME, LAST, BEST)):
+                # run.lock and config.json where new, removed while locked (a run waiting on
+                # the lock then finds it unlinked and locks anew: `acquire`)
+                for name in set(now) - set(before):
+                    try:
+                        os.remove(os.path.join(os.path.dirname(self.path), name))
+                    except OSError:
+                        pass
         if self._handle is not None:
             handle, self._handle = self._handle, None
             try:
@@ -53,6 +68,8 @@ class RunLock:
             except OSError:
                 pass
             handle.close()          # closing the last descriptor releases the flock
+        for folder in self.made:
+            remove_made(folder)
 
     def __enter__(self):
         return self
@@ -82,12 +99,30 @@ def acquire(model_dir):
         handle.close()
         raise UserError(f'--model_dir {model_dir} is in use by a live run ({holder}): wait for '
                         f'it to end or stop it, or give this run another --model_dir') from None
+    if os.fstat(handle.fileno()).st_nlink == 0:     # its refused holder removed it (and the
+        handle.close()                              # folder, if it made it): lock anew
+        os.makedirs(model_dir, exist_ok=True)
+        return acquire(model_dir)
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
                              'started': time.strftime('%Y-%m-%d %H:%M:%S')}) + '\n')
     handle.flush()
     return RunLock(path, handle)
+
+
+def footprint(model_dir):
+    """{name: (inode, size, modified)} of the files in `model_dir` that a run writes."""
+    names = (LOG_NAME, LAST, BEST, 'config.json', LOCK_NAME)
+    return {name: (stat.st_ino, stat.st_size, stat.st_mtime_ns) for name in names
+            if (stat := _stat(os.path.join(model_dir, name)))}
+
+
+def _stat(path):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def describe_holder(text):
@@ -154,21 +189,27 @@ def remove_made(made):
             pass
 
 
-def prepare_model_dir(model_dir, checkpoint_bytes=None, log_folder=None):
-    """Make `model_dir` (and the TensorBoard `log_folder`) a writable folder, lock it, remove
-    the temporaries of dead runs, and check its room for checkpoints of `checkpoint_bytes`
-    (None: `check_room` does, later). A refusal leaves no folder it made. Returns the lock."""
-    made = writable_folder(log_folder, '--log-dir') if log_folder else None
+def prepare_model_dir(model_dir, checkpoint_bytes=None, log_folder=None, refuse=None):
+    """Make `model_dir` (and the TensorBoard `log_folder`) a writable folder, lock it, call
+    `refuse` (a check that may raise), remove the temporaries of dead runs, and check its room
+    for checkpoints of `checkpoint_bytes` (None: `check_room` does, later). A refusal leaves
+    nothing it made, and so does the run it returns the lock of if it records nothing."""
     lock = RunLock()                # (holds nothing until acquired)
+    made = lock.made = []
     try:
-        writable_folder(model_dir, '--model_dir')
+        if log_folder:
+            made.append(writable_folder(log_folder, '--log-dir'))
+        made.append(writable_folder(model_dir, '--model_dir'))
+        before = footprint(model_dir)
         lock = acquire(model_dir)
+        lock.made, lock.before = made, before
+        if refuse is not None:
+            refuse()
         remove_dead_temporaries(model_dir)
         if checkpoint_bytes is not None:
             check_free_space(model_dir, checkpoint_bytes)
     except BaseException:
         lock.release()
-        remove_made(made)
         raise
     return lock
 
@@ -188,10 +229,10 @@ def on_rank_0(world, check):
     return result
 
 
-def take_model_dir(model_dir, world, say, log_folder=None):
+def take_model_dir(model_dir, world, say, log_folder=None, refuse=None):
     """`prepare_model_dir` on rank 0: its RunLock (its note said), a RunLock() elsewhere."""
-    lock = on_rank_0(world, lambda: prepare_model_dir(model_dir, log_folder=log_folder)) \
-        or RunLock()
+    lock = on_rank_0(world, lambda: prepare_model_dir(model_dir, log_folder=log_folder,
+                                                      refuse=refuse)) or RunLock()
     if lock.note:
         say(lock.note)
     return lock

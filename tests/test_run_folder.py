@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections import Counter
 import pytest
 import torch
 
+import lib.build
 import lib.checkpoint as ckpt
 import lib.run_folder
 import tools.export
@@ -132,9 +134,114 @@ def test_start_up_removes_only_the_temporaries_of_dead_processes(tmp_path):
     for name in (dead, live, 'notes.tmp1'):
         (tmp_path / name).write_bytes(b'partial')
     lock = prepare_model_dir(str(tmp_path), checkpoint_bytes=1)
-    lock.release()
-    assert sorted(os.listdir(tmp_path)) == sorted([live, 'notes.tmp1', 'run.lock'])
+    lock.release()                  # (having recorded nothing: its run.lock taken back)
+    assert sorted(os.listdir(tmp_path)) == sorted([live, 'notes.tmp1'])
 
+
+
+
+def test_a_run_that_locks_a_removed_run_lock_locks_the_new_one(tmp_path, monkeypatch):
+    """A refused run takes its new run.lock back; a second run that opened that file before
+    and locks it once freed holds a file no later run sees: it locks the folder's anew."""
+    first = prepare_model_dir(str(tmp_path / 'ck'))
+    flock = lib.run_folder.fcntl.flock
+
+    def after_the_first_is_refused(fd, operation):
+        first.release()             # (recorded nothing: run.lock removed)
+        monkeypatch.setattr(lib.run_folder.fcntl, 'flock', flock)
+        return flock(fd, operation)
+    monkeypatch.setattr(lib.run_folder.fcntl, 'flock', after_the_first_is_refused)
+    with acquire(tmp_path / 'ck') as second:
+        held = os.fstat(second._handle.fileno())
+        assert (held.st_ino, held.st_nlink) == (os.stat(tmp_path / 'ck' / 'run.lock').st_ino, 1)
+
+# ----------------------------------------------------------------------------- one run a folder
+QUICK = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
+
+
+def suggested(line):
+    """The argv of each main.py command an error line suggests (run from the project)."""
+    return [shlex.split(words) for words in
+            re.findall(r'python3 main\.py (.+?)(?=, or |; or |$)', line)]
+
+
+def test_a_new_run_is_refused_where_a_run_trained(tiny_folder, tmp_path, run_main, monkeypatch):
+    """A fresh run or an --init-from into a folder that holds a run would overwrite its
+    checkpoints and splice its log: refused, naming what is there, the folder untouched, and
+    both commands printed work. A run that ended before its first epoch (a log of a start
+    record, a stale run.lock and config.json) does not hold the folder."""
+    monkeypatch.chdir(ROOT)
+    quick = tmp_path / 'quick'
+    assert run_main(*fast_args(tiny_folder, quick, *QUICK))[0] == 0
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'ckpt.t7').write_bytes((quick / 'ckpt.t7').read_bytes())
+    before = folder_bytes(quick)
+    lines = [one_error_line(run_main(*fast_args(tiny_folder, quick, *QUICK, *more)),
+                            f'--model_dir {quick} holds a run (last.t7 at round 0 epoch 0)')
+             for more in ((), ('--init-from', tmp_path / 'other', '--rounds', '2'))]
+    assert folder_bytes(quick) == before
+    go_on, elsewhere = suggested(lines[0])
+    assert go_on == ['--model_dir', str(quick), '--resume', 'last.t7']
+    code, out, err = run_main(*go_on)
+    assert code == 0 and 'already finished' in out, err
+    code, _, err = run_main(*elsewhere)
+    assert code == 0 and (tmp_path / 'quick-2' / 'last.t7').exists(), err
+    assert folder_bytes(quick) == before
+    ended = tmp_path / 'ended'
+    ended.mkdir()
+    (ended / 'log.jsonl').write_text('{"type": "start", "options": {}}\n')
+    (ended / 'config.json').write_text('{}')
+    (ended / 'run.lock').write_text('')
+    code, _, err = run_main(*fast_args(tiny_folder, ended, *QUICK))
+    assert code == 0 and (ended / 'last.t7').exists(), err
+
+
+def test_a_run_resumed_into_another_runs_folder_is_refused(tiny_folder, tmp_path, run_main,
+                                                           monkeypatch):
+    """--resume of one run with --model_dir of another, finished one: refused, that folder
+    untouched; continued in its own folder or in an unused (new) one, it trains."""
+    monkeypatch.chdir(ROOT)
+    quick, photos = tmp_path / 'quick', tmp_path / 'photos'
+    assert run_main(*fast_args(tiny_folder, quick, *QUICK))[0] == 0
+    assert run_main(*fast_args(tiny_folder, photos, *QUICK, '--rounds', '2',
+                               '--stop-after', '1'))[0] == 0
+    before = folder_bytes(quick)
+    line = one_error_line(run_main('--resume', photos, '--model_dir', quick, '--workers', '0'),
+                          f'--model_dir {quick} holds another run (last.t7 at round 0 epoch 0)')
+    assert folder_bytes(quick) == before
+    home, elsewhere = suggested(line)
+    assert elsewhere[-2:] == ['--model_dir', str(tmp_path / 'quick-2')]
+    for argv, folder in ((elsewhere, tmp_path / 'quick-2'), (home, photos)):
+        code, out, err = run_main(*argv)
+        assert code == 0 and f'{folder / "last.t7"} the last (round 1 epoch 0)' in out, err
+    assert folder_bytes(quick) == before
+
+
+@pytest.mark.parametrize('refused', ['no images', 'Ctrl-C while reading'])
+def test_a_run_ended_before_its_first_record_leaves_nothing_it_made(tmp_path, run_main,
+                                                                    monkeypatch, refused):
+    """No model dir, run.lock or TensorBoard folder of its own left behind; a folder that was
+    there keeps what it held."""
+    (tmp_path / 'empty').mkdir()
+    if refused != 'no images':
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(lib.build, 'run_data', interrupted)
+    flags = ['--dataset', 'folder', '--data-root', tmp_path / 'empty', '--workers', '0',
+             '--log-dir', tmp_path / 'runs', *MECHANICS]
+    code, _, err = run_main(*flags, '--model_dir', tmp_path / 'new' / 'ck1')
+    assert code == (2 if refused == 'no images' else 130), err
+    assert sorted(os.listdir(tmp_path)) == ['empty']
+    kept = tmp_path / 'kept'
+    (kept / 'runs').mkdir(parents=True)
+    for name, text in (('notes.txt', 'mine'), ('config.json', '{}'), ('run.lock', '')):
+        (kept / name).write_text(text)
+    before = folder_bytes(kept)
+    code, _, err = run_main(*flags, '--model_dir', kept, '--name', 'kept', '--log-dir',
+                            kept / 'runs')
+    assert code in (2, 130) and folder_bytes(kept) == before, err
+    assert sorted(os.listdir(kept)) == ['config.json', 'notes.txt', 'run.lock', 'runs']
+    assert os.listdir(kept / 'runs') == []
 
 # ----------------------------------------------------------------------------- 2. positions
 @pytest.fixture
