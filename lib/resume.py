@@ -174,14 +174,17 @@ def refuse_another_run(config, checkpoint):
     moved = {} if checkpoint is None else \
         {'--resume' if config.resume else '--init-from': checkpoint.path}
     elsewhere = retyped(config.argv, {**moved, '--model_dir': unused_folder(folder)})
+    # (the run held there is continued by its last.t7, if readable: maybe this very command's
+    # continuation, typed again)
+    there = f'continue it: {continue_command(config)}; or ' if held.startswith(LAST + ' at') \
+        else ''
     if config.resume:
         home = retyped(config.argv, {**moved,
                                      '--model_dir': os.path.dirname(checkpoint.path) or '.'})
-        raise UserError(f'--model_dir {folder} holds another run ({held}), which continuing '
-                        f'{checkpoint.path} there would overwrite: continue it in its own '
-                        f'folder: {home}, or in an unused one: {elsewhere}')
-    there = f'continue it: {continue_command(folder)}; or ' if held.startswith(LAST + ' at') \
-        else ''                         # (an unreadable last.t7 continues nothing)
+        raise UserError(f'--model_dir {folder} holds a run ({held}), which continuing '
+                        f'{checkpoint.path} there would overwrite: {there}continue '
+                        f'{checkpoint.path} in its own folder: {home}, or in an unused one: '
+                        f'{elsewhere}')
     raise UserError(f'--model_dir {folder} holds a run ({held}), which this new run would '
                     f'overwrite: {there}start this run in an unused folder: {elsewhere}')
 

@@ -24,7 +24,7 @@ import tools.export
 import lib.pipelines
 import lib.run_log
 import tools.visualize
-from conftest import MECHANICS, ROOT, fast_args
+from conftest import MECHANICS, PYTHON, ROOT, fast_args
 from lib.checkpoint_writer import CheckpointWriter
 from lib.errors import UserError
 from lib.resume import check_resume_position, repeated_epoch_note
@@ -162,7 +162,7 @@ QUICK = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHA
 def suggested(line):
     """The argv of each main.py command an error line suggests (run from the project)."""
     return [shlex.split(words) for words in
-            re.findall(r'python3 main\.py (.+?)(?=, or |; or |$)', line)]
+            re.findall(re.escape(PYTHON) + r' main\.py (.+?)(?=, or |; or |$)', line)]
 
 
 def test_a_new_run_is_refused_where_a_run_trained(tiny_folder, tmp_path, run_main, monkeypatch):
@@ -181,7 +181,8 @@ def test_a_new_run_is_refused_where_a_run_trained(tiny_folder, tmp_path, run_mai
              for more in ((), ('--init-from', tmp_path / 'other', '--rounds', '2'))]
     assert folder_bytes(quick) == before
     go_on, elsewhere = suggested(lines[0])
-    assert go_on == ['--model_dir', str(quick), '--resume', 'last.t7']
+    assert go_on[:8] == ['--model_dir', str(quick), '--resume', 'last.t7', '--workers', '0',
+                         '--device', 'cpu']         # (and what was typed of this machine)
     code, out, err = run_main(*go_on)
     assert code == 0 and 'already finished' in out, err
     code, _, err = run_main(*elsewhere)
@@ -207,13 +208,17 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(tiny_folder, tmp_path
                                '--stop-after', '1'))[0] == 0
     before = folder_bytes(quick)
     line = one_error_line(run_main('--resume', photos, '--model_dir', quick, '--workers', '0'),
-                          f'--model_dir {quick} holds another run (last.t7 at round 0 epoch 0)')
+                          f'--model_dir {quick} holds a run (last.t7 at round 0 epoch 0)')
     assert folder_bytes(quick) == before
-    home, elsewhere = suggested(line)
+    there, home, elsewhere = suggested(line)
+    assert there == ['--model_dir', str(quick), '--resume', 'last.t7', '--workers', '0']
     assert elsewhere[-2:] == ['--model_dir', str(tmp_path / 'quick-2')]
     for argv, folder in ((elsewhere, tmp_path / 'quick-2'), (home, photos)):
         code, out, err = run_main(*argv)
         assert code == 0 and f'{folder / "last.t7"} the last (round 1 epoch 0)' in out, err
+        if folder != photos:    # typed again: its folder holds its continuation, offered first
+            line = one_error_line(run_main(*argv), f'--model_dir {folder} holds a run')
+            assert suggested(line)[0][:4] == ['--model_dir', str(folder), '--resume', 'last.t7']
     assert folder_bytes(quick) == before
 
 
