@@ -146,8 +146,9 @@ def test_a_printed_command_names_python3_only_where_that_is_this_python(tmp_path
     monkeypatch.setenv('PATH', str(elsewhere))
     words = printed()
     assert words[:2] == [sys.executable, 'main.py']
-    proc = subprocess.run([words[0], '-c', 'import torch, PIL, torchvision'],
-                          capture_output=True, text=True, timeout=120)
+    finds = ('import importlib.util as u, sys; '            # (found, not imported: seconds)
+             'sys.exit(any(u.find_spec(m) is None for m in ("torch", "PIL", "torchvision")))')
+    proc = subprocess.run([words[0], '-c', finds], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     folder = os.path.dirname(sys.executable)
     if not os.path.isfile(os.path.join(folder, 'python3')):
