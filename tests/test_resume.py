@@ -30,23 +30,36 @@ def test_resume_of_a_weights_only_checkpoint_is_refused(tiny_folder, tmp_path, r
 
 
 def test_init_from_starts_a_new_run_from_the_weights(tiny_folder, tmp_path, run_main):
+    """A new run from a checkpoint's weights, bank and anchors, at its round. Its T, m and
+    neighbourhood size are not taken: the new run's --npc_t and --npc_m apply at once, its
+    --ANs_size at its next discovery (anchors taken keep the neighbours they were found with),
+    each said, as the log records."""
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'first', *SMALL))
     assert code == 0, err
-    source = torch.load(tmp_path / 'first' / 'ckpt.t7', weights_only=True)
-    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from',
-                                         tmp_path / 'first' / 'ckpt.t7', '--rounds', '3',
-                                         '--epochs', '1', '--no-tensorboard', *MECHANICS))
+    path = tmp_path / 'first' / 'last.t7'
+    source = torch.load(path, weights_only=True)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from', path,
+                                         '--rounds', '3', '--epochs', '1', '--no-tensorboard',
+                                         '--ANs_size', '3', '--npc_t', '0.2', '--npc_m', '0.25',
+                                         *MECHANICS))
     assert code == 0, err
     start = [line for line in out.splitlines() if line.startswith('initialised from')]
     assert len(start) == 1
     assert (f"(round {source['round']} epoch {source['epoch']}): weights, bank and "
-            f"{len(source['ANs_discovery']['anchor_indexes'])} anchor") in start[0]
+            f"{len(source['ANs_discovery']['anchor_indexes'])} anchors") in start[0]
     assert f"training starts at round {source['round']} epoch 0" in start[0]
     rounds_trained = [int(line.split()[1]) for line in out.splitlines()
                       if line.startswith('round ') and '| lr' in line]
-    assert rounds_trained == list(range(source['round'], 3))
+    assert rounds_trained == list(range(source['round'], 3)) == [1, 2]
+    assert (f'note: the 5 anchors of {path} have 1 neighbour each; --ANs_size 3 applies from '
+            f'the next anchor discovery') in out
+    assert (f'note: {path} was trained with --npc_t 0.1 --npc_m 0.5; this run goes on with '
+            f'--npc_t 0.2 --npc_m 0.25') in out
     state = torch.load(tmp_path / 'second' / 'last.t7', weights_only=True)
     assert state['optimizer']['state']                    # a new optimizer that has stepped
+    assert state['round'] == 2 and state['config']['ANs_size'] == 3
+    assert state['ANs_discovery']['neighbours'].shape == (10, 3)
+    assert state['npc']['params'].tolist() == pytest.approx([0.2, 0.25])
 
 
 def test_init_from_takes_the_weights_not_the_options(tiny_folder, tmp_path, run_main):
@@ -69,28 +82,6 @@ def test_init_from_takes_the_weights_not_the_options(tiny_folder, tmp_path, run_
                                          tmp_path / 'first' / 'ckpt.t7', '--rounds', '3'))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert 'holds alexnet' in err and 'builds resnet18' in err and '--network' in err
-
-
-def test_typed_bank_and_anchor_options_apply_to_a_run_from_a_checkpoint(tiny_folder, tmp_path,
-                                                                         run_main):
-    """A checkpoint's bank and anchors are taken, its T, m and neighbourhood size are not:
-    the new run's --npc_t and --npc_m apply at once, its --ANs_size at its next discovery
-    (anchors taken keep the neighbours they were found with), each said, as the log records."""
-    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'first', *SMALL))
-    assert code == 0, err
-    source = tmp_path / 'first' / 'last.t7'
-    code, out, err = run_main(*fast_args(tiny_folder, tmp_path / 'second', '--init-from', source,
-                                         *SMALL, '--rounds', '3', '--ANs_size', '3', '--npc_t',
-                                         '0.2', '--npc_m', '0.25'))
-    assert code == 0, err
-    assert (f'note: the 5 anchors of {source} have 1 neighbour each; --ANs_size 3 applies from '
-            f'the next anchor discovery') in out
-    assert (f'note: {source} was trained with --npc_t 0.1 --npc_m 0.5; this run goes on with '
-            f'--npc_t 0.2 --npc_m 0.25') in out
-    state = torch.load(tmp_path / 'second' / 'last.t7', weights_only=True)
-    assert state['round'] == 2 and state['config']['ANs_size'] == 3
-    assert state['ANs_discovery']['neighbours'].shape == (10, 3)
-    assert state['npc']['params'].tolist() == pytest.approx([0.2, 0.25])
 
 
 def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
