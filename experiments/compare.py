@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lib import cli  # noqa: E402
+from lib import cli, run_folder  # noqa: E402
 from lib.config import OPTIONS  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.core.recipes import RECIPES  # noqa: E402
@@ -100,10 +100,11 @@ def run_one(spec, args):
     print(f'== {spec}: {" ".join(command[1:])}', flush=True)
     start = time.time()
     # The spec's new run replaces its last one, records included (main.py refuses a folder
-    # that holds a run, so its files go first).
-    for name in ('log.jsonl', 'last.t7', 'ckpt.t7'):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
+    # that holds a run, so its files go first), unless that run is live: its lock refuses.
+    with run_folder.acquire(folder):
+        for name in ('log.jsonl', 'last.t7', 'ckpt.t7'):
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
     with open(os.path.join(folder, 'console.txt'), 'w') as console:
         # The console is shown as it comes and kept for reading; the table uses the records.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

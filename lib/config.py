@@ -146,9 +146,9 @@ OPTIONS = (
            'checkpoints written; the run prints the command that continues it',
            resumed=False, type=cli.POSITIVE_INT, metavar='EPOCHS'),
     option('--name', None, 'run name, the TensorBoard folder log_dir/name (default: '
-           'method-dataset-network-date-time)',     # (a path could lead out of --log-dir)
-           type=cli.checked(str, lambda v: v not in ('', '.', '..') and os.sep not in v,
-                            'a folder name (not empty, . or .., no /)')),
+           'method-dataset-network-date-time)',     # (sweep/lr0.1 nests; .. would lead out)
+           type=cli.checked(str, lambda v: v.strip('/') and not os.path.isabs(v) and '..' not in
+                            v.split('/'), 'a folder under --log-dir (not empty or absolute, no ..)')),
     option('--log-dir', 'runs', 'TensorBoard root', metavar='DIR'),
     option('--tensorboard', True, 'write TensorBoard events (log.jsonl is always written)',
            **ON_OFF),

@@ -154,10 +154,16 @@ def refuse_recipe_change(typed, stored, path):
             words = lambda v: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v
             flag = (f'--{name}' if value else f'--no-{name}') if isinstance(value, bool) \
                 else f'--{name} {words(value)}'
+            why = (f'a resumed run keeps its recipe, image size and normalisation; start a new '
+                   f'run in another --model_dir, or one from its weights with --init-from {path}')
+            if typed.get('test_only') and key in ('image_size', 'mean', 'std'):
+                if typed.get('knn_features') == 'network':
+                    continue            # both sides embedded with it: a scoring of its own
+                why = (f'its bank holds the embeddings of the images as they were, so the test '
+                       f'images would be scored against others; --knn-features network embeds '
+                       f'both sides with {flag}')
             raise UserError(f'{flag} contradicts the run in {path} ({key} = '
-                            f'{words(stored[key])}): a resumed run keeps its recipe, image size '
-                            f'and normalisation; start a new run in another --model_dir, or '
-                            f'one from its weights with --init-from {path}')
+                            f'{words(stored[key])}): {why}')
 
 
 def refuse_another_run(config, checkpoint):
@@ -202,8 +208,12 @@ def held_run(folder):
                 return name
     if not os.path.isfile(os.path.join(folder, LOG_NAME)):
         return None
-    with open(os.path.join(folder, LOG_NAME), errors='replace') as log:
-        return f'{LOG_NAME} of trained epochs' if RECORD_START + '"epoch"' in log.read() else None
+    try:
+        with open(os.path.join(folder, LOG_NAME), errors='replace') as log:
+            trained = RECORD_START + '"epoch"' in log.read()
+    except OSError:                 # unreadable: it may hold a run
+        return LOG_NAME
+    return f'{LOG_NAME} of trained epochs' if trained else None
 
 
 def check_resume_position(state, options, path):

@@ -51,9 +51,11 @@ class RunLock:
     def release(self):
         """Unlock. A run that recorded nothing (refused, failed or interrupted before its first
         checkpoint or log record) removes the files and empty folders it made, nothing else."""
+        recorded = False
         if self.before is not None:
             before, self.before, now = self.before, None, footprint(os.path.dirname(self.path))
-            if all(now.get(name) == before.get(name) for name in (LOG_NAME, LAST, BEST)):
+            recorded = any(now.get(name) != before.get(name) for name in (LOG_NAME, LAST, BEST))
+            if not recorded:
                 # run.lock and config.json where new, removed while locked (a run waiting on
                 # the lock then finds it unlinked and locks anew: `acquire`)
                 for name in set(now) - set(before):
@@ -68,8 +70,9 @@ class RunLock:
             except OSError:
                 pass
             handle.close()          # closing the last descriptor releases the flock
-        for folder in self.made:
-            remove_made(folder)
+        made, self.made = self.made, ()
+        for folders in made if not recorded else ():
+            remove_made(folders)
 
     def __enter__(self):
         return self
@@ -86,7 +89,11 @@ def acquire(model_dir):
     unlocked = f'so a second run in {model_dir} at the same time is not refused'
     if fcntl is None:
         return RunLock(path, note=f'note: this system has no file locks, {unlocked}')
-    handle = open(path, 'a+')
+    try:
+        handle = open(path, 'a+')
+    except FileNotFoundError:       # a refused run removed the folder it made meanwhile
+        os.makedirs(model_dir, exist_ok=True)
+        return acquire(model_dir)
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -160,12 +167,13 @@ def refuse_file(folder, flag):
 
 def writable_folder(folder, flag):
     """Make `folder` (what `flag` names) if it is missing and check that it can be written
-    (a UserError if not). Returns the outermost folder it made (None: none), for
-    `remove_made` to take back."""
+    (a UserError if not). Returns the folders it made, innermost first, for `remove_made` to
+    take back."""
     refuse_file(folder, flag)
-    made, path = None, os.path.abspath(folder)
+    made, path = [], os.path.abspath(folder)
     while not os.path.exists(path):
-        made, path = path, os.path.dirname(path)
+        made.append(path)
+        path = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f'.write-test-{os.getpid()}')
@@ -179,14 +187,13 @@ def writable_folder(folder, flag):
 
 
 def remove_made(made):
-    """Remove the folders `writable_folder` made, where they are still empty."""
-    if made is None:
-        return
-    for folder, _, _ in sorted(os.walk(made), key=lambda entry: -len(entry[0])):
+    """Remove the folders `writable_folder` made (innermost first) while they are empty: never
+    a folder it did not make, nor one something was put in."""
+    for folder in made:
         try:
             os.rmdir(folder)
         except OSError:
-            pass
+            return
 
 
 def prepare_model_dir(model_dir, checkpoint_bytes=None, log_folder=None, refuse=None):
@@ -223,6 +230,9 @@ def on_rank_0(world, check):
             result = check()
         except UserError as err:
             problem = str(err)
+        except Exception:           # a bug: its traceback here, and the others do not wait
+            world.share('rank 0 failed while preparing --model_dir (its traceback says why)')
+            raise
     problem = world.share(problem)
     if problem:
         raise UserError(problem)

@@ -227,10 +227,12 @@ def test_both_spellings_of_every_flag():
 @pytest.mark.parametrize('argv, message', [
     (['--seed', '-1'], '--seed: -1 is not an integer from 0 to 2**64 - 1'),
     (['--seed', str(2 ** 64)], f'--seed: {2 ** 64} is not an integer from 0 to 2**64 - 1'),
-    (['--name', 'a/../../../b'], '--name: a/../../../b is not a folder name (not empty, . or '
-                                 '.., no /)'),
-    (['--name', '..'], '--name: .. is not a folder name (not empty, . or .., no /)'),
-    (['--name', ''], '--name:  is not a folder name (not empty, . or .., no /)'),
+    (['--name', 'a/../../../b'], '--name: a/../../../b is not a folder under --log-dir (not '
+                                 'empty or absolute, no ..)'),
+    (['--name', '..'], '--name: .. is not a folder under --log-dir (not empty or absolute, no ..)'),
+    (['--name', ''], '--name:  is not a folder under --log-dir (not empty or absolute, no ..)'),
+    (['--name', '/tmp/x'], '--name: /tmp/x is not a folder under --log-dir (not empty or '
+                           'absolute, no ..)'),
 ])
 def test_a_seed_torch_cannot_take_and_a_name_that_is_a_path_are_refused_at_once(argv, message,
                                                                               run_main):
@@ -243,8 +245,8 @@ def test_the_ends_of_the_seed_range_and_a_plain_name_are_taken():
     import torch
     from lib.config import parse
     for seed in (0, 2 ** 64 - 1):
-        assert parse(['--seed', str(seed), '--name', 'run.2-b']).typed == \
-            {'seed': seed, 'name': 'run.2-b'}
+        assert parse(['--seed', str(seed), '--name', 'sweep/run.2-b']).typed == \
+            {'seed': seed, 'name': 'sweep/run.2-b'}         # (nested under --log-dir)
         torch.manual_seed(seed)                 # (what the run does with it)
 
 

@@ -92,7 +92,9 @@ def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
     for flags, needle in ((['--method', 'and'], '--method and contradicts'),
                           (['--no-ue-loss'], '--no-ue-loss contradicts'),
                           (['--image-size', '16'], '--image-size 16 contradicts the run in '),
-                          (['--image-size', '16', '--test_only'], '(image_size = 32)'),
+                          (['--image-size', '16', '--test_only'],
+                           '(image_size = 32): its bank holds the embeddings of the images as '
+                           'they were'),
                           (['--mean', '0.5', '0.5', '0.5'], '--mean 0.5 0.5 0.5 contradicts')):
         code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, *flags)
         assert code == 2 and needle in err, err
@@ -108,6 +110,11 @@ def test_a_resumed_run_keeps_its_recipe(tiny_folder, tmp_path, run_main):
     [group] = state['optimizer']['param_groups']
     assert (group['momentum'], group['weight_decay']) == (0.8, 0.001)
     assert (state['config']['momentum'], state['config']['weight_decay']) == (0.8, 0.001)
+    # Scored with another normalisation of both sides: an evaluation of its own.
+    code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--test_only',
+                              '--mean', '0.5', '0.5', '0.5', '--knn-features', 'network',
+                              '--workers', '0')
+    assert code == 0 and 'top-1' in out, err
 
 
 def test_a_finished_run_is_left_alone(tiny_folder, tmp_path, run_main):

@@ -222,6 +222,23 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(tiny_folder, tmp_path
     assert folder_bytes(quick) == before
 
 
+def test_a_run_that_trained_keeps_its_folders_and_takes_back_none_it_did_not_make(
+        tiny_folder, tmp_path, run_main, monkeypatch):
+    """A run in a folder it made (np/run, np new) keeps it; a folder another made beside it
+    meanwhile (np/other, empty) is left alone."""
+    import main
+    real_train = main.train
+
+    def train_and_make_a_sibling(*args, **kwargs):
+        (tmp_path / 'np' / 'other').mkdir()
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(main, 'train', train_and_make_a_sibling)
+    code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'np' / 'run', *QUICK))
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / 'np')) == ['other', 'run']
+    assert (tmp_path / 'np' / 'run' / 'last.t7').exists()
+
+
 @pytest.mark.parametrize('refused', ['no images', 'Ctrl-C while reading'])
 def test_a_run_ended_before_its_first_record_leaves_nothing_it_made(tmp_path, run_main,
                                                                     monkeypatch, refused):
