@@ -391,11 +391,15 @@ def test_visualize_without_a_command_lists_them(capsys):
                        'embedding, curve')
 
 
-@pytest.mark.parametrize('program', ['main.py', os.path.join('tools', 'embed.py')])
-def test_a_python_without_the_requirements_says_so_in_one_line(program):
-    """`-S`: no site-packages, as the system's python3 beside a virtual environment."""
+@pytest.mark.parametrize('program', ['main.py', os.path.join('tools', 'embed.py'),
+                                     os.path.join('linked', 'main.py')])
+def test_a_python_without_the_requirements_says_so_in_one_line(program, tmp_path):
+    """`-S`: no site-packages, as the system's python3 beside a virtual environment; also
+    for the project reached through a link."""
+    os.symlink(ROOT, tmp_path / 'linked')
     proc = subprocess.run([sys.executable, '-S', program, '--help'], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+                          text=True, cwd=tmp_path if program.startswith('linked') else ROOT,
+                          timeout=60)
     assert proc.returncode == 2 and proc.stdout == ''
     assert proc.stderr == (f'error: this Python ({sys.executable}) has no numpy, pillow, torch, '
                            f'torchvision, tqdm: install the requirements into it (pip install -r '

@@ -189,6 +189,24 @@ def test_stem_follows_image_size():
     assert models.build_network('resnet18', stem='cifar').conv1.kernel_size == (3, 3)
 
 
+def test_compare_leaves_the_files_of_a_live_run_alone(tiny_folder, tmp_path):
+    """A spec's folder whose run is live (its run.lock held): refused, its files kept."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from lib.run_folder import acquire
+    folder = tmp_path / 'and_cifar10_alexnet_2'
+    folder.mkdir()
+    (folder / 'last.t7').write_bytes(b'live')
+    with acquire(folder):
+        proc = subprocess.run(
+            [sys.executable, 'experiments/compare.py', '--runs', 'and:cifar10:alexnet:2',
+             '--data-root', tiny_folder, '--work-dir', tmp_path, '--out', tmp_path / 't.md'],
+            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 2 and 'is in use by a live run' in proc.stderr, proc.stderr
+    assert (folder / 'last.t7').read_bytes() == b'live'
+
+
 def test_compare_script_writes_a_table(tiny_folder, tmp_path):
     import subprocess
     import sys

@@ -544,3 +544,41 @@ def test_free_space_counts_the_checkpoints_a_run_replaces(tmp_path, monkeypatch)
         prepare_model_dir(str(stopped), size)
     with acquire(stopped) as lock:                      # the failed check released its hold
         assert lock.held
+
+
+def test_a_folder_removed_before_its_lock_is_made_again_and_locked(tmp_path):
+    """Between making a folder and locking it, a refused run beside it may have taken it back."""
+    from lib.run_folder import acquire
+    with acquire(tmp_path / 'gone') as lock:
+        assert lock.held and (tmp_path / 'gone' / 'run.lock').exists()
+
+
+def test_a_bug_on_rank_0_preparing_the_folder_does_not_leave_the_others_waiting():
+    """Rank 0 shares a line with the others (who stop with it) before its traceback."""
+    from lib.run_folder import on_rank_0
+    shared = []
+
+    class Rank0:
+        main = True
+
+        def share(self, problem):
+            shared.append(problem)
+            return problem
+
+    def bug():
+        raise ValueError('a bug')
+    with pytest.raises(ValueError, match='a bug'):
+        on_rank_0(Rank0(), bug)
+    assert shared == ['rank 0 failed while preparing --model_dir (its traceback says why)']
+
+
+def test_an_unreadable_log_counts_as_a_held_run(tmp_path, monkeypatch):
+    import lib.resume
+
+    def unreadable(*args, **kwargs):                    # (root reads any file it may not)
+        raise PermissionError(13, 'Permission denied')
+    (tmp_path / 'log.jsonl').write_text('{"type": "start"}\n')
+    monkeypatch.setattr(lib.resume, 'open', unreadable, raising=False)
+    assert lib.resume.held_run(tmp_path) == 'log.jsonl'
+    monkeypatch.undo()
+    assert lib.resume.held_run(tmp_path) is None        # (readable: a start record only)
