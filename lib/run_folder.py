@@ -59,6 +59,9 @@ class RunLock:
                 # run.lock and config.json where new, removed while locked (a run waiting on
                 # the lock then finds it unlinked and locks anew: `acquire`)
                 for name in set(now) - set(before):
+                    if name == LOCK_NAME and not (self.held and same_file(self._handle,
+                                                                          self.path)):
+                        continue        # (another run's lock now: never removed)
                     try:
                         os.remove(os.path.join(os.path.dirname(self.path), name))
                     except OSError:
@@ -106,8 +109,8 @@ def acquire(model_dir):
         handle.close()
         raise UserError(f'--model_dir {model_dir} is in use by a live run ({holder}): wait for '
                         f'it to end or stop it, or give this run another --model_dir') from None
-    if os.fstat(handle.fileno()).st_nlink == 0:     # its refused holder removed it (and the
-        handle.close()                              # folder, if it made it): lock anew
+    if not same_file(handle, path):     # its refused holder removed it (and the folder, if
+        handle.close()                  # it made it) before this lock: lock the new one
         os.makedirs(model_dir, exist_ok=True)
         return acquire(model_dir)
     handle.seek(0)
@@ -116,6 +119,13 @@ def acquire(model_dir):
                              'started': time.strftime('%Y-%m-%d %H:%M:%S')}) + '\n')
     handle.flush()
     return RunLock(path, handle)
+
+
+def same_file(handle, path):
+    """Whether the open `handle` is the file at `path` now (by inode, not by the link count,
+    which NFS keeps at 1 for a removed file still open)."""
+    held, now = os.fstat(handle.fileno()), _stat(path)
+    return now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 def footprint(model_dir):

@@ -155,6 +155,25 @@ def test_a_run_that_locks_a_removed_run_lock_locks_the_new_one(tmp_path, monkeyp
         held = os.fstat(second._handle.fileno())
         assert (held.st_ino, held.st_nlink) == (os.stat(tmp_path / 'ck' / 'run.lock').st_ino, 1)
 
+
+def test_a_lock_on_a_file_no_longer_at_run_lock_is_taken_anew(tmp_path, monkeypatch):
+    """As on NFS, where a removed file still open keeps a link: the lock is judged by the
+    file at run.lock now (its inode), not by the link count."""
+    folder = tmp_path / 'ck'
+    folder.mkdir()
+    flock = lib.run_folder.fcntl.flock
+
+    def replaced_meanwhile(fd, operation):
+        os.link(folder / 'run.lock', tmp_path / 'still-linked')        # (nlink stays 1)
+        (tmp_path / 'new').write_text('')
+        os.replace(tmp_path / 'new', folder / 'run.lock')
+        monkeypatch.setattr(lib.run_folder.fcntl, 'flock', flock)
+        return flock(fd, operation)
+    monkeypatch.setattr(lib.run_folder.fcntl, 'flock', replaced_meanwhile)
+    with acquire(folder) as lock:
+        assert os.fstat(lock._handle.fileno()).st_ino == os.stat(folder / 'run.lock').st_ino
+
+
 # ----------------------------------------------------------------------------- one run a folder
 QUICK = ['--rounds', '1', '--epochs', '1', '--no-tensorboard', '--quiet', *MECHANICS]
 
