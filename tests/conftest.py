@@ -23,9 +23,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The image cache of every run the tests start (in this process and in the ones it spawns) is
-# a folder of this session's, never the user's ~/.cache; removed when the session ends.
-CACHE_HOME = os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='superand-test-cache-')
-atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
+# a folder of this session's, never the user's ~/.cache; removed when the session ends. A
+# spawned script that imports this file (run_killed_at's) keeps the session's: one of its own
+# would outlive its SIGKILL.
+CACHE_PREFIX = 'superand-test-cache-'
+if os.path.basename(os.environ.get('XDG_CACHE_HOME', '')).startswith(CACHE_PREFIX):
+    CACHE_HOME = os.environ['XDG_CACHE_HOME']
+else:
+    CACHE_HOME = os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix=CACHE_PREFIX)
+    atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
 
 
 def printed_python():
