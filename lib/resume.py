@@ -201,11 +201,8 @@ def held_run(folder):
     for name in (LAST, BEST):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            try:        # mmap: only the two numbers are read, not the tensors
-                state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-                return f'{name} at round {int(state["round"])} epoch {int(state["epoch"])}'
-            except Exception:       # unreadable, or no position (a released file)
-                return name
+            held = saved_position(path)     # (None: unreadable, or a released file)
+            return name if held is None else f'{name} at round {held[0]} epoch {held[1]}'
     if not os.path.isfile(os.path.join(folder, LOG_NAME)):
         return None
     try:
@@ -248,6 +245,16 @@ def check_resume_position(state, options, path):
             f'trained with {old} throughout']
 
 
+def saved_position(path):
+    """(round, epoch) of the checkpoint at `path`, reading only those two numbers (mmap: not
+    the tensors); None when it is unreadable or has none (a released file)."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        return int(state['round']), int(state['epoch'])
+    except Exception:
+        return None
+
+
 def repeated_epoch_note(path, progress):
     """A note when the ckpt.t7 beside the last.t7 at `path` holds the epoch where `progress`
     continues, or a later one: a run killed after writing ckpt.t7 and before last.t7 (written
@@ -255,12 +262,8 @@ def repeated_epoch_note(path, progress):
     best = os.path.join(os.path.dirname(path), BEST)
     if os.path.basename(path) != LAST or not os.path.isfile(best):
         return None
-    try:            # mmap: only the two numbers are read, not the tensors
-        state = torch.load(best, map_location='cpu', weights_only=True, mmap=True)
-        held = (int(state['round']), int(state['epoch']))
-    except Exception:     # unreadable, or no position (a released file): nothing to say
-        return None
-    if held < (progress.round, progress.epoch):
+    held = saved_position(best)
+    if held is None or held < (progress.round, progress.epoch):
         return None
     return (f'note: {best} holds round {held[0]} epoch {held[1]}, which {path} had not reached '
             f'(the run was stopped between writing the two): training repeats from round '
