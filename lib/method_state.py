@@ -31,10 +31,17 @@ def clean_state_dict(state_dict):
     return cleaned
 
 
+def non_finite(tensors):
+    """1.0 when any floating-point tensor of `tensors` holds a NaN or infinity, else 0.0 (a
+    0-d float tensor, so that it can be summed over processes and read once)."""
+    found = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return torch.stack(found).any().float() if found else torch.zeros(())
+
+
 def refuse_non_finite(tensors, path):
     """UserError when any of `tensors` (a checkpoint's, as loaded) holds a NaN or infinity:
     what is trained, scored or embedded from it would mean nothing."""
-    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+    if non_finite(tensors).item():
         raise UserError(f'checkpoint {path} holds non-finite (NaN or infinite) weights, '
                         f'BatchNorm statistics or bank entries: nothing can be trained, scored '
                         f'or embedded from it')
@@ -108,10 +115,9 @@ class MethodState:
     def finite(self, world):
         """Whether every weight, BatchNorm statistic and bank entry is finite on every process
         (the loss can stay finite while running statistics overflow): one device read."""
-        tensors = [t for t in self.net.state_dict().values() if t.is_floating_point()]
-        tensors += [self.bank.memory] if self.bank is not None else []
-        bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().float()
-        return world.sum(bad).item() == 0
+        tensors = [*self.net.state_dict().values(),
+                   *([self.bank.memory] if self.bank is not None else [])]
+        return world.sum(non_finite(tensors)).item() == 0
 
     def checkpoint_bytes(self):
         """Bytes of a last.t7: the network, one SGD momentum buffer per trained weight, the
