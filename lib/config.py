@@ -265,15 +265,17 @@ def parse(argv=None) -> Flags:
     return Flags(typed, tuple(str(a) for a in (sys.argv[1:] if argv is None else argv)))
 
 
-def machine_words(argv):
-    """The words of `argv` (as typed) that give MACHINE options, with their values."""
+def typed_words(argv, names):
+    """The words of `argv` (as typed) that give the options `names`, each flag in the spelling
+    or alias it was typed in (`-r`, `--wd`, `--flag=value`) with the values after it."""
     actions = build_parser()._option_string_actions
-    kept, value = [], False
+    kept, taking = [], False
     for word in argv:
         action = actions.get(word.split('=', 1)[0])
-        if value or (action is not None and action.dest in MACHINE):
+        if action is not None:
+            taking = action.dest in names
+        if taking:
             kept.append(word)
-            value = not value and action.nargs != 0 and '=' not in word
     return kept
 
 

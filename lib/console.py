@@ -12,7 +12,7 @@ import sys
 import datasets
 
 from .cli import plural
-from .config import machine_words
+from .config import DEFAULTS, MACHINE, typed_words
 from .core.losses import LOSSES, active_losses
 from .cpu_estimate import cpu_hours_estimate
 from .errors import UserError
@@ -119,23 +119,14 @@ def continue_command(config, *more, processes=None):
     """The command that continues the run of `config` from its last.t7, repeating what was
     typed of this machine (--cache-dir, --workers: no checkpoint keeps them)."""
     return command('--model_dir', config.model_dir, '--resume', LAST,
-                   *machine_words(config.argv), *more, processes=processes)
+                   *typed_words(config.argv, MACHINE), *more, processes=processes)
 
 
 def retyped(argv, changes):
-    """The command as the user typed it (`argv`), with the flags of `changes` ({'--rounds':
-    '3'}) given these values instead (in either spelling they were typed): what an error
-    suggests."""
-    spellings = {spelling for flag in changes
-                 for spelling in (flag.replace('_', '-'), '--' + flag[2:].replace('-', '_'))}
-    kept, skip = [], False
-    for word in argv:
-        if skip:                            # the value of a flag that changes
-            skip = False
-        elif word.split('=', 1)[0] in spellings:
-            skip = '=' not in word
-        else:
-            kept.append(word)
+    """The command as the user typed it (`argv`), with the options of `changes` ({'--rounds':
+    '3'}) given these values instead (however they were typed): what an error suggests."""
+    changed = {flag[2:].replace('-', '_') for flag in changes}
+    kept = typed_words(argv, set(DEFAULTS) - changed)
     for flag, value in changes.items():
         kept += [flag, value]
     return command(*kept)

@@ -182,8 +182,8 @@ def refuse_another_run(config, checkpoint):
     elsewhere = retyped(config.argv, {**moved, '--model_dir': unused_folder(folder)})
     # (the run held there is continued by its last.t7, if readable: maybe this very command's
     # continuation, typed again)
-    there = f'continue it: {continue_command(config)}; or ' if held.startswith(LAST + ' at') \
-        else ''
+    there = f'continue it: {continue_command(config)}; or ' \
+        if held.startswith(LAST + ' at') and not held.endswith('finished') else ''
     if config.resume:
         home = retyped(config.argv, {**moved,
                                      '--model_dir': os.path.dirname(checkpoint.path) or '.'})
@@ -202,7 +202,8 @@ def held_run(folder):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             held = saved_position(path)     # (None: unreadable, or a released file)
-            return name if held is None else f'{name} at round {held[0]} epoch {held[1]}'
+            return name if held is None else \
+                f'{name} at round {held[0]} epoch {held[1]}' + (', finished' * held[2])
     if not os.path.isfile(os.path.join(folder, LOG_NAME)):
         return None
     try:
@@ -246,11 +247,14 @@ def check_resume_position(state, options, path):
 
 
 def saved_position(path):
-    """(round, epoch) of the checkpoint at `path`, reading only those two numbers (mmap: not
-    the tensors); None when it is unreadable or has none (a released file)."""
+    """(round, epoch, finished) of the checkpoint at `path`, reading no tensor (mmap):
+    `finished` when it is a last.t7 whose run trained all its rounds; None when it is
+    unreadable or has no position (a released file)."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        return int(state['round']), int(state['epoch'])
+        rounds = (state.get('config') or {}).get('rounds')
+        finished = 'next' in state and rounds is not None and state['next']['round'] >= rounds
+        return int(state['round']), int(state['epoch']), finished
     except Exception:
         return None
 
@@ -263,7 +267,7 @@ def repeated_epoch_note(path, progress):
     if os.path.basename(path) != LAST or not os.path.isfile(best):
         return None
     held = saved_position(best)
-    if held is None or held < (progress.round, progress.epoch):
+    if held is None or held[:2] < (progress.round, progress.epoch):
         return None
     return (f'note: {best} holds round {held[0]} epoch {held[1]}, which {path} had not reached '
             f'(the run was stopped between writing the two): training repeats from round '

@@ -269,6 +269,21 @@ def test_a_continue_command_repeats_what_was_typed_of_this_machine(monkeypatch):
                     f"--compile-check off")
 
 
+def test_a_suggested_command_replaces_an_option_however_it_was_typed(monkeypatch):
+    """What an error suggests (`retyped`) is the command as typed with the named options
+    replaced, whether they were typed as aliases (-r), with '=' or in the other spelling, and
+    with every other word kept, values with several words (--mean R G B) included."""
+    from lib import console
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    argv = ('-r', 'last.t7', '--wd=0.001', '--mean', '0.5', '-0.25', '0.5', '--model-dir', 'a',
+            '--no-sobel', '--rounds', '2', '--ANs-size=3')
+    assert console.retyped(argv, {'--resume': 'b/last.t7', '--model_dir': 'b',
+                                  '--rounds': '3'}) == (
+        f'{PYTHON} main.py --wd=0.001 --mean 0.5 -0.25 0.5 --no-sobel --ANs-size=3 '
+        f'--resume b/last.t7 --model_dir b --rounds 3')
+
+
 @pytest.mark.parametrize('resumes_at, held', [
     (None, 'no checkpoint had been written yet'),
     ((1, 2, 0), f'ck/last.t7 continues from round 1 epoch 2; continue with: {PYTHON} main.py '

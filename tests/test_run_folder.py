@@ -196,14 +196,11 @@ def test_a_new_run_is_refused_where_a_run_trained(tiny_folder, tmp_path, run_mai
     (tmp_path / 'other' / 'ckpt.t7').write_bytes((quick / 'ckpt.t7').read_bytes())
     before = folder_bytes(quick)
     lines = [one_error_line(run_main(*fast_args(tiny_folder, quick, *QUICK, *more)),
-                            f'--model_dir {quick} holds a run (last.t7 at round 0 epoch 0)')
+                            f'--model_dir {quick} holds a run (last.t7 at round 0 epoch 0, '
+                            f'finished)')
              for more in ((), ('--init-from', tmp_path / 'other', '--rounds', '2'))]
     assert folder_bytes(quick) == before
-    go_on, elsewhere = suggested(lines[0])
-    assert go_on[:8] == ['--model_dir', str(quick), '--resume', 'last.t7', '--workers', '0',
-                         '--device', 'cpu']         # (and what was typed of this machine)
-    code, out, err = run_main(*go_on)
-    assert code == 0 and 'already finished' in out, err
+    (elsewhere,) = suggested(lines[0])          # (a finished run: nothing to continue)
     code, _, err = run_main(*elsewhere)
     assert code == 0 and (tmp_path / 'quick-2' / 'last.t7').exists(), err
     assert folder_bytes(quick) == before
@@ -227,17 +224,25 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(tiny_folder, tmp_path
                                '--stop-after', '1'))[0] == 0
     before = folder_bytes(quick)
     line = one_error_line(run_main('--resume', photos, '--model_dir', quick, '--workers', '0'),
-                          f'--model_dir {quick} holds a run (last.t7 at round 0 epoch 0)')
+                          f'--model_dir {quick} holds a run (last.t7 at round 0 epoch 0, '
+                          f'finished)')
     assert folder_bytes(quick) == before
-    there, home, elsewhere = suggested(line)
-    assert there == ['--model_dir', str(quick), '--resume', 'last.t7', '--workers', '0']
+    home, elsewhere = suggested(line)           # (quick's run finished: nothing to continue)
     assert elsewhere[-2:] == ['--model_dir', str(tmp_path / 'quick-2')]
+    # A new run where a run stopped halfway: continuing that run is offered first, as the
+    # continue command of this run's words of this machine.
+    line = one_error_line(run_main(*fast_args(tiny_folder, photos, *QUICK)),
+                          f'--model_dir {photos} holds a run (last.t7 at round 0 epoch 0)')
+    assert suggested(line)[0][:8] == ['--model_dir', str(photos), '--resume', 'last.t7',
+                                      '--workers', '0', '--device', 'cpu']
     for argv, folder in ((elsewhere, tmp_path / 'quick-2'), (home, photos)):
         code, out, err = run_main(*argv)
         assert code == 0 and f'{folder / "last.t7"} the last (round 1 epoch 0)' in out, err
-        if folder != photos:    # typed again: its folder holds its continuation, offered first
-            line = one_error_line(run_main(*argv), f'--model_dir {folder} holds a run')
-            assert suggested(line)[0][:4] == ['--model_dir', str(folder), '--resume', 'last.t7']
+        if folder != photos:    # typed again: its folder holds its finished continuation
+            line = one_error_line(run_main(*argv), f'--model_dir {folder} holds a run '
+                                                   f'(last.t7 at round 1 epoch 0, finished)')
+            assert [words[-2:] for words in suggested(line)] == [
+                ['--model_dir', str(photos)], ['--model_dir', str(tmp_path / 'quick-2-2')]]
     assert folder_bytes(quick) == before
 
 
