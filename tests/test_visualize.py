@@ -104,6 +104,25 @@ def test_retrieval_frames_exactly_the_wrong_retrievals_red(checkpoints, loaded, 
     assert colours_seen == {BLUE, GRAY, RED}        # both kinds of retrieval were checked
 
 
+def test_names_the_font_cannot_draw_are_written_as_code_points(recwarn):
+    """A file or class name in a script the figures' font lacks (CJK) is written as its code
+    points, not as empty boxes; what the font has (Ü, Cyrillic) is written as it is."""
+    import matplotlib.pyplot as plt
+    assert vis.figure_text('写真Ü.png') == '\\u5199\\u771fÜ.png'
+    assert vis.figure_text('кот') == 'кот'
+    assert vis.figure_text(b'caf\xe9'.decode(errors='surrogateescape')) == 'caf\\xe9'
+
+    def missing_glyphs(title):
+        recwarn.clear()
+        fig, ax = plt.subplots()
+        ax.set_title(title)
+        fig.canvas.draw()
+        plt.close(fig)
+        return [w for w in recwarn if 'missing from font' in str(w.message)]
+    assert missing_glyphs('写真')                   # (what matplotlib does with the raw name)
+    assert not missing_glyphs(vis.figure_text('写真'))
+
+
 def test_select_queries_is_seeded_and_checked():
     assert vis.select_queries(10, 4, seed=1) == vis.select_queries(10, 4, seed=1)
     assert vis.select_queries(10, 4, seed=1) != vis.select_queries(10, 4, seed=2)

@@ -36,6 +36,7 @@ matplotlib.use('Agg')    # files only: no display needed, and the same pixels ev
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from datasets import shown  # noqa: E402
@@ -193,10 +194,26 @@ def frame_colour(query_class, retrieved_class):
     return SAME_CLASS_FRAME if retrieved_class == query_class else OTHER_CLASS_FRAME
 
 
+# Every figure writes its text in DejaVu Sans, the font matplotlib ships (the same glyphs on
+# every machine). It covers Latin, Greek and Cyrillic; a character it has no glyph for (CJK,
+# say) would be drawn as an empty box, so a name shows it as its code point instead
+# (写真.jpg as \u5199\u771f.jpg), which still tells files apart.
+FONT_PATH = font_manager.findfont(font_manager.FontProperties(family='DejaVu Sans'))
+GLYPHS = frozenset(ft2font.FT2Font(FONT_PATH).get_charmap())     # code points it can draw
+
+
+def figure_text(name):
+    """A file, folder or run name as the figures write it: undecodable bytes as \\xNN
+    (datasets.shown), characters without a glyph in FONT_PATH as \\uNNNN or \\UNNNNNNNN."""
+    return ''.join(c if ord(c) in GLYPHS else
+                   f'\\u{ord(c):04x}' if ord(c) <= 0xFFFF else f'\\U{ord(c):08x}'
+                   for c in shown(name))
+
+
 def _font(size):
     try:
-        return ImageFont.load_default(size=size)     # scalable when Pillow has FreeType
-    except (TypeError, OSError, ImportError):
+        return ImageFont.truetype(FONT_PATH, size)
+    except (OSError, ImportError):                  # a Pillow without FreeType
         return ImageFont.load_default()
 
 
@@ -241,7 +258,7 @@ def draw_retrieval(rows, cell=CELL, frame=FRAME, label_width=LABEL_WIDTH):
             height = getattr(font, 'size', DETAIL_FONT_PX) + 4
             if y + height > bottom:      # small cells: keep the text inside its row
                 break
-            draw.text((x, y), _fit(draw, shown(text), font, text_width), fill=TEXT, font=font)
+            draw.text((x, y), _fit(draw, figure_text(text), font, text_width), fill=TEXT, font=font)
             y += height
     return canvas
 
@@ -324,7 +341,7 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
     check_same_test_set(checkpoints)
     probabilities = [knn_probabilities(t, query_indexes, source) for t in checkpoints]
     test = checkpoints[0].test
-    classes = [shown(name) for name in test.classes]    # any folder name the OS allows
+    classes = [figure_text(name) for name in test.classes]    # any folder name the OS allows
     num_q, num_c = len(query_indexes), len(checkpoints)
     width, height = probabilities_size(num_q, num_c)
     fig, axes = plt.subplots(
@@ -337,7 +354,7 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
         thumb.imshow(test.images[index], interpolation='nearest')
         thumb.set_title(f'test #{index}\n{classes[true]}', fontsize=8)
         thumb.axis('off')
-        for c, label in enumerate(map(shown, labels)):
+        for c, label in enumerate(map(figure_text, labels)):
             ax, p = axes[q, c + 1], probabilities[c][q]
             top = int(np.argmax(p))
             ax.bar(range(len(classes)), p, color=bar_colours(p, true), width=0.8)
@@ -412,8 +429,8 @@ def embedding_figure(checkpoints, labels, method='tsne', seed=0, perplexity=TSNE
         for cls, name in enumerate(test.classes):
             mask = targets == cls
             ax.scatter(xy[mask, 0], xy[mask, 1], s=marker, color=colours[cls],
-                       label=shown(name), linewidths=0)
-        ax.set_title(f'{shown(label)} ({method}, {len(chosen)} test images)', fontsize=10)
+                       label=figure_text(name), linewidths=0)
+        ax.set_title(f'{figure_text(label)} ({method}, {len(chosen)} test images)', fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(test.classes) <= MAX_CLASS_NAMES:
@@ -473,7 +490,7 @@ def curve_figure(logs, published=False):
     fig, ax = plt.subplots(figsize=CURVE_SIZE_IN, dpi=DPI, layout='constrained')
     for label, records in logs:
         line, = ax.plot([r['global_epoch'] for r in records], curve_values(records, metric),
-                        marker='.' if len(records) <= 50 else None, label=shown(label))
+                        marker='.' if len(records) <= 50 else None, label=figure_text(label))
         for x in round_starts(records):
             ax.axvline(x, color=line.get_color(), linestyle='--', linewidth=0.8, alpha=0.6)
     if published and metric == 'knn_top1':
