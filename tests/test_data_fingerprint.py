@@ -35,7 +35,8 @@ def test_fingerprint_tells_data_sets_apart(tmp_path):
 
 def test_test_only_on_other_images_is_refused(tiny_folder, tmp_path, run_main):
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', '--rounds', '1',
-                                       '--epochs', '1', '--no-tensorboard', '--quiet'))
+                                       '--epochs', '1', '--no-tensorboard', '--quiet',
+                                       *MECHANICS))
     assert code == 0, err
     other = write_image_folder(tmp_path / 'other', seed=5)   # 20 images, same names and labels
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
@@ -96,7 +97,8 @@ def test_a_checkpoint_without_fingerprint_is_accepted_with_a_note(tiny_folder, t
 def test_analysis_commands_check_the_data(tiny_folder, tmp_path, run_main, capsys):
     from tools import export
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path / 'run', '--rounds', '1',
-                                       '--epochs', '1', '--no-tensorboard', '--quiet'))
+                                       '--epochs', '1', '--no-tensorboard', '--quiet',
+                                       *MECHANICS))
     assert code == 0, err
     other = write_image_folder(tmp_path / 'other', seed=5)
     code = export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--data-root', other,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fast_args
+from conftest import MECHANICS, fast_args
 from lib.analysis import load_trained
 from tools.linear_probe import train_linear_probe
 
@@ -136,7 +136,7 @@ def test_json_log_and_tensorboard_events(trained_run):
 
 def test_no_tensorboard_flag(tiny_folder, tmp_path, run_main):
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '1',
-                                       '--no-tensorboard', '--quiet'))
+                                       '--no-tensorboard', '--quiet', *MECHANICS))
     assert code == 0, err
     assert not (tmp_path / 'runs').exists()
     records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]

@@ -202,7 +202,8 @@ def test_an_older_last_t7_resumes_on_its_own_schedule_without_sentinels(tiny_fol
     """Files written before --schedule existed trained on the absolute schedule, and stored
     -1 for "no best yet": resumed, they keep that schedule and print no -100%."""
     code, _, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '3',
-                                       '--stop-after', '1', '--quiet', '--no-tensorboard'))
+                                       '--stop-after', '1', '--quiet', '--no-tensorboard',
+                                       *MECHANICS))
     assert code == 0, err
     state = torch.load(tmp_path / 'last.t7', weights_only=True)
     del state['config']['schedule']

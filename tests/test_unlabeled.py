@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MECHANICS, PYTHON, fast_args
+from conftest import DISCRIMINATIVE, MECHANICS, PYTHON, fast_args
 from tools import embed, retrieve
 
 
@@ -31,8 +31,9 @@ def flat_run(tmp_path_factory):
     import main
     root = write_flat_folder(tmp_path_factory.mktemp('flat'))
     model_dir = tmp_path_factory.mktemp('flat_run')
-    code = main.main(fast_args(root, model_dir, *MECHANICS, '--dataset', 'folder', '--rounds',
-                               '2', '--epochs', '1', '--batch_size', '4', '--no-tensorboard'))
+    code = main.main(fast_args(root, model_dir, *DISCRIMINATIVE, '--dataset', 'folder',
+                               '--rounds', '2', '--epochs', '1', '--batch_size', '4',
+                               '--no-tensorboard'))
     assert code == 0
     return root, model_dir
 
