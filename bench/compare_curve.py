@@ -32,10 +32,10 @@ def compare(argv):
                   f'{ours[epoch] - published:+.2f} |')
     if seconds:
         rest = sorted(seconds[1:])
-        steady = rest[len(rest) // 2] if rest else seconds[0]
-        print(f'\n{len(seconds)} epochs, {sum(seconds):.0f} s in all; first epoch '
-              f'{seconds[0]:.1f} s (compilation), median of the rest {steady:.2f} s '
-              f'(training + kNN)')
+        steady = (f', median of the rest {rest[len(rest) // 2]:.2f} s (training + kNN)'
+                  if rest else '')
+        print(f'\n{cli.plural(len(seconds), "epoch")}, {sum(seconds):.0f} s in all; first '
+              f'epoch {seconds[0]:.1f} s (compilation){steady}')
 
 
 def main(argv=None):
