@@ -267,11 +267,13 @@ def parse(argv=None) -> Flags:
 
 def typed_words(argv, names):
     """The words of `argv` (as typed) that give the options `names`, each flag in the spelling
-    or alias it was typed in (`-r`, `--wd`, `--flag=value`) with the values after it."""
+    or alias it was typed in (`-r`, `--wd`, `--flag=value`, `-rNAME`) with the values after it."""
     actions = build_parser()._option_string_actions
     kept, taking = [], False
     for word in argv:
         action = actions.get(word.split('=', 1)[0])
+        if action is None and word[:1] == '-' and word[1:2] not in ('-', ''):
+            action = actions.get(word[:2])      # a short flag with its value attached
         if action is not None:
             taking = action.dest in names
         if taking:

@@ -273,6 +273,7 @@ def test_a_suggested_command_replaces_an_option_however_it_was_typed(monkeypatch
     """What an error suggests (`retyped`) is the command as typed with the named options
     replaced, whether they were typed as aliases (-r), with '=' or in the other spelling, and
     with every other word kept, values with several words (--mean R G B) included."""
+    from types import SimpleNamespace
     from lib import console
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
@@ -282,6 +283,16 @@ def test_a_suggested_command_replaces_an_option_however_it_was_typed(monkeypatch
                                   '--rounds': '3'}) == (
         f'{PYTHON} main.py --wd=0.001 --mean 0.5 -0.25 0.5 --no-sobel --ANs-size=3 '
         f'--resume b/last.t7 --model_dir b --rounds 3')
+    # -rNAME (argparse's short flag with its value attached) is a flag, not a value of the one
+    # before it: replaced when --resume is, kept when another option is, never repeated as a
+    # word of this machine.
+    argv = ('--workers', '0', '-rlong/last.t7', '--rounds', '1', '--device', 'cpu')
+    assert console.retyped(argv, {'--rounds': '2'}) == \
+        f'{PYTHON} main.py --workers 0 -rlong/last.t7 --device cpu --rounds 2'
+    assert console.retyped(argv, {'--resume': 'x.t7'}) == \
+        f'{PYTHON} main.py --workers 0 --rounds 1 --device cpu --resume x.t7'
+    assert console.continue_command(SimpleNamespace(model_dir='b', argv=argv)) == \
+        f'{PYTHON} main.py --model_dir b --resume last.t7 --workers 0 --device cpu'
 
 
 @pytest.mark.parametrize('resumes_at, held', [

@@ -123,6 +123,45 @@ def test_names_the_font_cannot_draw_are_written_as_code_points(recwarn):
     assert not missing_glyphs(vis.figure_text('写真'))
 
 
+def test_names_cut_to_fit_keep_their_ends_and_whole_escapes():
+    """A name too long for the retrieval grid's label strip keeps its start and its end (where
+    photo_0001.jpg and photo_0002.jpg differ), and never half an escape."""
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(Image.new('RGB', (10, 10)))
+    font = vis._font(13)
+    fitted = [vis._fit(draw, vis.figure_text(name), font, 120)
+              for name in ('写真_0001.jpg', '写真_0002.jpg', 'holiday_by_the_sea_0001.jpg')]
+    assert fitted[0].startswith('\\u5199') and '…' in fitted[0]
+    assert fitted[0].endswith('1.jpg') and fitted[1].endswith('2.jpg')
+    assert fitted[2].startswith('holi') and fitted[2].endswith('1.jpg')
+    for text in fitted:
+        assert draw.textlength(text, font=font) <= 120
+        # every backslash left starts a whole \uNNNN escape
+        assert all(text[i + 1:i + 6].startswith('u') and len(text[i + 2:i + 6]) == 4
+                   and all(c in '0123456789abcdef' for c in text[i + 2:i + 6])
+                   for i, c in enumerate(text) if c == '\\')
+
+
+def test_names_with_dollars_or_a_leading_underscore_reach_the_plots():
+    """matplotlib reads $...$ as mathematics (a name like price_$5_$ would end the figure) and
+    leaves labels that start with _ out of legends: names are plotted as they are."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    for name in ('price_$5_$', '_run', 'run'):
+        ax.plot([0, 1], [0, 1], label=vis.plot_label(name))
+    ax.set_title(vis.plot_label('price_$5_$'))
+    legend = ax.legend()
+    fig.canvas.draw()
+    assert [t.get_text().strip() for t in legend.get_texts()] == ['price_\\$5_\\$', '_run', 'run']
+    assert ax.title.get_text() == 'price_\\$5_\\$'
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.set_title('price_$5_$')                      # (the raw name)
+    with pytest.raises(ValueError):
+        fig.canvas.draw()
+    plt.close(fig)
+
+
 def test_select_queries_is_seeded_and_checked():
     assert vis.select_queries(10, 4, seed=1) == vis.select_queries(10, 4, seed=1)
     assert vis.select_queries(10, 4, seed=1) != vis.select_queries(10, 4, seed=2)

@@ -29,6 +29,7 @@ the network in eval mode with the test transform, in float32; the training side 
 bank (`bank`, the default and the released protocol) or the network's embeddings of the
 training images (`network`; runs without a bank always use those).
 """
+import re
 from dataclasses import dataclass
 
 import matplotlib
@@ -194,12 +195,13 @@ def frame_colour(query_class, retrieved_class):
     return SAME_CLASS_FRAME if retrieved_class == query_class else OTHER_CLASS_FRAME
 
 
-# Every figure writes its text in DejaVu Sans, the font matplotlib ships (the same glyphs on
-# every machine). It covers Latin, Greek and Cyrillic; a character it has no glyph for (CJK,
-# say) would be drawn as an empty box, so a name shows it as its code point instead
-# (写真.jpg as \u5199\u771f.jpg), which still tells files apart.
-FONT_PATH = font_manager.findfont(font_manager.FontProperties(family='DejaVu Sans'))
+# Every figure writes its text in the font matplotlib is configured with: DejaVu Sans, which it
+# ships, unless a matplotlibrc says otherwise. DejaVu Sans covers Latin, Greek and Cyrillic; a
+# character the font has no glyph for (CJK, say) would be drawn as an empty box, so a name
+# shows it as its code point instead (写真.jpg as \u5199\u771f.jpg).
+FONT_PATH = font_manager.findfont(font_manager.FontProperties())
 GLYPHS = frozenset(ft2font.FT2Font(FONT_PATH).get_charmap())     # code points it can draw
+ESCAPE = re.compile(r'\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})')
 
 
 def figure_text(name):
@@ -210,6 +212,13 @@ def figure_text(name):
                    for c in shown(name))
 
 
+def plot_label(name):
+    """`figure_text` for matplotlib, which would read $...$ as mathematics (and fail on $5_$)
+    and leaves labels that start with _ out of a legend."""
+    text = figure_text(name).replace('$', r'\$')
+    return ' ' + text if text.startswith('_') else text
+
+
 def _font(size):
     try:
         return ImageFont.truetype(FONT_PATH, size)
@@ -218,12 +227,33 @@ def _font(size):
 
 
 def _fit(draw, text, font, width):
-    """`text`, cut with an ellipsis where it would overflow `width` pixels."""
+    """`text`, its middle replaced by an ellipsis where it would overflow `width` pixels: the
+    start and the end of a name stay (photo_0001.jpg and photo_0002.jpg differ at the end),
+    and an escape (\\u5199) is kept or left out whole."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + '…', font=font) > width:
-        text = text[:-1]
-    return text + '…'
+    units = [piece for escape, plain in _units(text) for piece in ([escape] if escape else plain)]
+    head, tail = units[:len(units) // 2], units[len(units) // 2:]
+    length = lambda part: draw.textlength(''.join(part), font=font)   # noqa: E731
+    while head or tail:             # the wider side gives up its innermost unit
+        if head and length(head) >= length(tail):
+            head.pop()
+        else:
+            tail.pop(0)
+        fitted = ''.join(head) + '…' + ''.join(tail)
+        if draw.textlength(fitted, font=font) <= width:
+            return fitted
+    return '…'
+
+
+def _units(text):
+    """(escape, '') for each escape of `text` and ('', plain text) between them."""
+    position = 0
+    for match in ESCAPE.finditer(text):
+        yield '', text[position:match.start()]
+        yield match.group(), ''
+        position = match.end()
+    yield '', text[position:]
 
 
 def _paste_tile(canvas, image, box, colour, cell):
@@ -341,7 +371,7 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
     check_same_test_set(checkpoints)
     probabilities = [knn_probabilities(t, query_indexes, source) for t in checkpoints]
     test = checkpoints[0].test
-    classes = [figure_text(name) for name in test.classes]    # any folder name the OS allows
+    classes = [plot_label(name) for name in test.classes]    # any folder name the OS allows
     num_q, num_c = len(query_indexes), len(checkpoints)
     width, height = probabilities_size(num_q, num_c)
     fig, axes = plt.subplots(
@@ -354,7 +384,7 @@ def probabilities_figure(checkpoints, labels, query_indexes, source='bank'):
         thumb.imshow(test.images[index], interpolation='nearest')
         thumb.set_title(f'test #{index}\n{classes[true]}', fontsize=8)
         thumb.axis('off')
-        for c, label in enumerate(map(figure_text, labels)):
+        for c, label in enumerate(map(plot_label, labels)):
             ax, p = axes[q, c + 1], probabilities[c][q]
             top = int(np.argmax(p))
             ax.bar(range(len(classes)), p, color=bar_colours(p, true), width=0.8)
@@ -429,8 +459,8 @@ def embedding_figure(checkpoints, labels, method='tsne', seed=0, perplexity=TSNE
         for cls, name in enumerate(test.classes):
             mask = targets == cls
             ax.scatter(xy[mask, 0], xy[mask, 1], s=marker, color=colours[cls],
-                       label=figure_text(name), linewidths=0)
-        ax.set_title(f'{figure_text(label)} ({method}, {len(chosen)} test images)', fontsize=10)
+                       label=plot_label(name), linewidths=0)
+        ax.set_title(f'{plot_label(label)} ({method}, {len(chosen)} test images)', fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(test.classes) <= MAX_CLASS_NAMES:
@@ -490,7 +520,7 @@ def curve_figure(logs, published=False):
     fig, ax = plt.subplots(figsize=CURVE_SIZE_IN, dpi=DPI, layout='constrained')
     for label, records in logs:
         line, = ax.plot([r['global_epoch'] for r in records], curve_values(records, metric),
-                        marker='.' if len(records) <= 50 else None, label=figure_text(label))
+                        marker='.' if len(records) <= 50 else None, label=plot_label(label))
         for x in round_starts(records):
             ax.axvline(x, color=line.get_color(), linestyle='--', linewidth=0.8, alpha=0.6)
     if published and metric == 'knn_top1':
