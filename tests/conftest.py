@@ -100,8 +100,9 @@ def run_main(capsys):
 # Sobel branch (PyTorch 2.14.1). ResNet18 is tested elsewhere (the layout, the
 # released loader, the end-to-end run, the hub); so is the Sobel branch, also in the gpu
 # pipeline's resumes below, which must equal the unbroken run exactly, and under torchrun
-# (test_processes' stop signals). Tests whose numbers need embeddings that tell images apart,
-# or float32 sums that agree across processes, train the CIFAR stem (DISCRIMINATIVE).
+# (test_processes' stop signals). Its embeddings of the tiny images are nearly all alike
+# (cosine ~1), so a test of embeddings, retrieval, kNN votes or anchors, or of float32 sums that
+# agree across processes, trains the CIFAR stem (DISCRIMINATIVE) or a ResNet18.
 MECHANICS = ['--network', 'alexnet', '--no-sobel', '--stem', 'imagenet']
 WITH_SOBEL = ['--network', 'alexnet', '--stem', 'imagenet']
 DISCRIMINATIVE = ['--network', 'alexnet', '--no-sobel', '--stem', 'cifar']
