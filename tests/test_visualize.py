@@ -196,6 +196,21 @@ def test_probabilities_png_and_values(checkpoints, loaded, tiny_folder, tmp_path
     assert p.shape == (2, 10) and np.allclose(p.sum(1), 1) and (p >= 0).all()
 
 
+def test_runs_of_one_method_are_labelled_by_their_folders(checkpoints, tiny_folder, tmp_path):
+    """Without --labels, each panel is labelled by its method, and runs of the same method by
+    their folders too: two panels are never titled alike."""
+    import shutil
+    other = tmp_path / 'other'
+    other.mkdir()
+    shutil.copy(checkpoints['super-and'], other / 'ckpt.t7')
+    args = visualize.parse_args(['probabilities', '--ckpt', checkpoints['super-and'],
+                                 str(other / 'ckpt.t7'), checkpoints['and'], '--data-root',
+                                 tiny_folder, '--device', 'cpu'])
+    _, labels = visualize.load_checkpoints(args)
+    folder = os.path.basename(os.path.dirname(checkpoints['super-and']))
+    assert labels == [f'super-and ({folder})', 'super-and (other)', 'and']
+
+
 # ----------------------------------------------------------------------------- embedding
 def test_embedding_png(checkpoints, tiny_folder, tmp_path, capsys):
     out = tmp_path / 'embedding.png'

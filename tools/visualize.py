@@ -31,7 +31,8 @@ COMMANDS = {
 def add_checkpoint_options(p):
     cli.add_checkpoint_option(p, many=True)
     p.add_argument('--labels', nargs='+', default=None,
-                   help='one label per checkpoint (default: each checkpoint\'s method)')
+                   help='one label per checkpoint (default: each checkpoint\'s method, with '
+                        'its run\'s folder where two share a method)')
     cli.add_data_options(p)
 
 
@@ -163,8 +164,10 @@ def load_checkpoints(args):
         print(f'{path}: {trained.config.method}, {data}'
               + ('' if trained.bank is not None else ' (no memory bank: network features)'))
         checkpoints.append(trained)
-    return checkpoints, labels_for([t.config.method for t in checkpoints], args.labels,
-                                   'checkpoints')
+    methods = [t.config.method for t in checkpoints]
+    named = [method if methods.count(method) == 1 else f'{method} ({run})'   # (told apart)
+             for method, run in zip(methods, run_names(args.ckpt))]
+    return checkpoints, labels_for(named, args.labels, 'checkpoints')
 
 
 def queries_of(args, checkpoints):
@@ -207,16 +210,23 @@ def save(figure, kind, out):
         return written.size
 
 
-def default_out(args):
-    """fig/<command>-<runs>.png: each run named by its folder (the checkpoint's or the log's),
-    so the figures of other runs never land on one file."""
-    paths = args.log if args.command == 'curve' else args.ckpt
+def run_names(paths, logs=False):
+    """Each run of `paths` named by its folder (the checkpoint's or the log's); a checkpoint
+    other than its folder's ckpt.t7 with its own name added (run-last)."""
     names = []
     for path in paths:
         folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         name = os.path.basename(os.path.normpath(folder)) or 'run'
-        names.append(name if args.command == 'curve' or os.path.basename(path) in (
-            BEST, '') else f'{name}-{os.path.splitext(os.path.basename(path))[0]}')
+        names.append(name if logs or os.path.basename(path) in (BEST, '') else
+                     f'{name}-{os.path.splitext(os.path.basename(path))[0]}')
+    return names
+
+
+def default_out(args):
+    """fig/<command>-<runs>.png (`run_names`), so the figures of other runs never land on one
+    file."""
+    names = run_names(args.log if args.command == 'curve' else args.ckpt,
+                      logs=args.command == 'curve')
     joined = '+'.join(dict.fromkeys(names))
     if len(joined) > 80:                        # many runs: their count, not their names
         joined = f'{len(names)}-runs'
