@@ -363,10 +363,14 @@ def nothing_to_train(config, checkpoint, say):
     best = f'; best kNN top-1 {progress.best_text()}' if progress.best_acc is not None else ''
     where = ('the run already finished' if own <= trained else
              f'--rounds {config.rounds} asks for no more than the run has trained')
+    more = {'--rounds': str(max(own, trained + 1))}
+    home = os.path.dirname(checkpoint.path) or '.'
+    if os.path.isdir(config.model_dir) and not os.path.samefile(home, config.model_dir) and \
+            held_run(config.model_dir) is not None:
+        more['--model_dir'] = home          # (not into another run's folder: the run's own)
     say(f'{checkpoint.path}: {where} ({trained} of {plural(own, "round")} x '
         f'{plural(config.epochs, "epoch")} trained{best}); nothing to do; more rounds would '
-        f'train on: '
-        f'{retyped(config.argv, {"--rounds": str(max(own, trained + 1))})}')
+        f'train on: {retyped(config.argv, more)}')
     return True
 
 

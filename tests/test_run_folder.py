@@ -244,6 +244,15 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(tiny_folder, tmp_path
             assert [words[-2:] for words in suggested(line)] == [
                 ['--model_dir', str(photos)], ['--model_dir', str(tmp_path / 'quick-2-2')]]
     assert folder_bytes(quick) == before
+    # A finished run typed into another run's folder: nothing to do there, and the command
+    # that trains it on continues it in its own folder, not over the other run.
+    code, out, err = run_main('--resume', photos, '--model_dir', quick, '--workers', '0')
+    assert code == 0 and 'already finished' in out, err
+    (more,) = suggested(next(line for line in out.splitlines() if 'more rounds' in line))
+    assert more[-4:] == ['--rounds', '3', '--model_dir', str(photos)]
+    code, out, err = run_main(*more)
+    assert code == 0 and f'{photos / "last.t7"} the last (round 2 epoch 0)' in out, err
+    assert folder_bytes(quick) == before
 
 
 def test_a_run_that_trained_keeps_its_folders_and_takes_back_none_it_did_not_make(
