@@ -29,7 +29,7 @@ from lib.config import log_folder, resolve  # noqa: E402
 from lib.distributed import WorldError, close_world, init_world  # noqa: E402
 from lib.engine import train  # noqa: E402
 from lib.method_state import MethodState  # noqa: E402
-from lib.stopping import signal_handlers_kept  # noqa: E402
+from lib.stopping import signal_handlers_kept, stopped_at_once  # noqa: E402
 
 
 def run(flags, world):
@@ -82,7 +82,8 @@ def main(argv=None):
     except WorldError as err:
         return cli.one_line_error(err, f'error (rank {os.environ.get("RANK", "?")})')
     label = 'error' if world.size == 1 else f'error (rank {world.rank})'
-    with signal_handlers_kept():        # (a run that fails leaves its stop handlers: below)
+    # (a run that fails leaves its stop handlers: put back below)
+    with signal_handlers_kept(), stopped_at_once():
         code = cli.run(lambda _: run(flags, world), error_label=label)
     close_world(world, clean=code == 0)
     return code

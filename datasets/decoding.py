@@ -151,11 +151,15 @@ _KNOWN = frozenset()            # the digests the workers need not decode (set b
 
 
 def _worker_starts(known, parent):
-    """In each worker: Ctrl-C is the main process's to answer; the cache's locks the main
-    process holds are not the worker's to keep (its copies of them closed); and the worker
-    ends with the main process (killed, it would otherwise wait for tasks for ever)."""
+    """In each worker: Ctrl-C is the main process's to answer, and SIGTERM and SIGHUP end the
+    worker whatever handler it inherited by fork (the main process ends its workers with
+    SIGTERM); the cache's locks the main process holds are not the worker's to keep (its
+    copies of them closed); and the worker ends with the main process (killed, it would
+    otherwise wait for tasks for ever)."""
     global _KNOWN
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_DFL)
     for descriptor in list(HELD_LOCKS):
         try:
             os.close(descriptor)

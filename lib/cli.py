@@ -158,7 +158,7 @@ def run(main_body, argv=None, error_label='error', interrupted='interrupted'):
         return one_line_error(err, error_label)
     except KeyboardInterrupt as err:      # its message, where the raiser gave one
         print(str(err) or interrupted, file=sys.stderr, flush=True)
-        return 130
+        return getattr(err, 'exit_code', 130)
     except BrokenPipeError:
         if not stdout_is_closed():
             raise                   # another pipe (a worker's, a socket's): a bug to show

@@ -108,6 +108,37 @@ class StopSignals:
         return NAMES.get(self.received, str(self.received))
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A stop signal before training (or in an evaluation): out at once as from Ctrl-C, with
+    a line and the signal's exit code (128 + its number)."""
+
+    def __init__(self, signum):
+        super().__init__(f'stopped by {NAMES[signum]}: nothing was trained or written')
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def stopped_at_once():
+    """SIGTERM and SIGHUP end the start-up (checkpoint, data, network) and an evaluation as
+    Ctrl-C does: StoppedAtOnce, whose line is said and whose run takes back the folder it
+    made, where their default action killed the process and left its run.lock. Training
+    answers them itself (StopSignals, which puts these handlers back after it)."""
+    def stop(signum, frame):
+        if signum == signal.SIGHUP:
+            detach_from_terminal()
+        raise StoppedAtOnce(signum)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is not signal.SIG_IGN:     # (nohup's SIGHUP stays ignored)
+                previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def signal_handlers_kept():
     """The stop signals' handlers as they were, put back on the way out: a run that fails

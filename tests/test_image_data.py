@@ -624,6 +624,31 @@ for i, read in enumerate(read_files(sys.argv[2:], 40, Reading(ImageCache(sys.arg
 '''
 
 
+def _stop_signals_are_default():
+    return [signal.getsignal(s) is signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGHUP)]
+
+
+def test_a_decoding_process_ends_at_sigterm_whatever_handler_it_inherited():
+    """The run answers SIGTERM and SIGHUP with handlers of its own, which a forked decoding
+    process inherits: there they would turn the SIGTERM that ends it into an error of one task,
+    and it would go on decoding. Each decoding process takes the default action back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from datasets import decoding
+
+    def raise_(signum, frame):
+        raise KeyboardInterrupt
+    previous = {s: signal.signal(s, raise_) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with ProcessPoolExecutor(1, initializer=decoding._worker_starts,
+                                 initargs=(None, os.getpid()),
+                                 mp_context=multiprocessing.get_context('fork')) as pool:
+            assert pool.submit(_stop_signals_are_default).result() == [True, True]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def test_a_reader_killed_mid_read_leaves_no_lock_held(tmp_path):
     """Its decoding workers end with it (they would otherwise hold the fill lock they
     inherited, and the next reader would wait for ever)."""

@@ -127,6 +127,56 @@ def test_a_share_of_one_image_per_process_is_refused():
                    World(1, 2))
 
 
+# main.py that receives `signal` before it reads its images, or (`decoding`) once the first
+# images came back from the processes that decode them, which are then busy with the next
+# (each task takes 0.3 s).
+SIGNAL_BEFORE_TRAINING = '''
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import datasets.decoding, lib.build, main
+read, decode = lib.build.load_data, datasets.decoding.decoded_in_order
+chunk = datasets.decoding._decode_chunk
+def slow_chunk(jobs):
+    time.sleep(0.3)
+    return chunk(jobs)
+datasets.decoding._decode_chunk = slow_chunk
+def load_data(*args, **kwargs):
+    if not {decoding!r}:
+        os.kill(os.getpid(), signal.{signal})
+    return read(*args, **kwargs)
+def decoded_in_order(*args, **kwargs):
+    for index, image in enumerate(decode(*args, **kwargs)):
+        if index == 1:
+            os.kill(os.getpid(), signal.{signal})
+        yield image
+lib.build.load_data, datasets.decoding.decoded_in_order = load_data, decoded_in_order
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize('signum, decoding', [(signal.SIGHUP, False), (signal.SIGTERM, True)])
+def test_a_stop_signal_before_training_quits_at_once_and_leaves_no_folder(tiny_folder, tmp_path,
+                                                                          signum, decoding):
+    """Where the default action killed the run silently and left its run.lock: one line, the
+    signal's exit code, the folder the run made taken back, and the processes decoding images
+    ended (they inherit the run's handlers by fork: left to them, the run waited on them)."""
+    name = signal.Signals(signum).name
+    script = tmp_path / 'signalled.py'
+    script.write_text(SIGNAL_BEFORE_TRAINING.format(root=ROOT, signal=name, decoding=decoding))
+    model_dir = tmp_path / 'new' / 'run'
+    proc = subprocess.run([sys.executable, str(script),
+                           *fast_args(tiny_folder, model_dir, *MECHANICS, '--rounds', '1',
+                                      '--epochs', '1', '--no-tensorboard'),
+                           *(['--workers', '2', '--no-cache'] if decoding else [])],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          start_new_session=True)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f'stopped by {name}: nothing was trained or written'
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'new').exists()
+
+
 # ----------------------------------------------------------------------------- 4. SIGHUP
 def test_sighup_stops_at_a_step_like_sigterm_and_resumes_exactly(tiny_folder, tmp_path,
                                                                   run_main, monkeypatch,
