@@ -96,6 +96,16 @@ def torchvision_build():
     return installed('torchvision')
 
 
+def installed(package):
+    """The installed version of `package` from its metadata, without importing it ('unknown'
+    when none is found)."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return 'unknown'
+
+
 def nvidia_gpu():
     """Whether this machine has an NVIDIA GPU (its driver is loaded)."""
     return os.path.isdir('/proc/driver/nvidia') or shutil.which('nvidia-smi') is not None

@@ -23,7 +23,7 @@ from .errors import DataError
 from .folders import (FolderError, describe_class_difference, list_class_tree,
                       list_images)
 from .image_cache import size_rule
-from .image_rows import ImageRows, pixel_digest, take
+from .image_rows import pixel_digest, take
 from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, failure_reason, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data

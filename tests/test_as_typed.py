@@ -272,6 +272,17 @@ def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
             f'{int(minor) + 15}.{patch}+cpu --index-url https://download.pytorch.org/whl/cpu\n')
 
 
+def test_a_torchvision_whose_version_file_cannot_be_read_is_named_by_its_metadata(monkeypatch):
+    """The mismatch message names torchvision's version from its version.py; without one (a
+    broken install), from the installed package's metadata."""
+    import importlib.metadata
+    import importlib.util
+    import datasets
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+    assert datasets.torchvision_build() == importlib.metadata.version('torchvision')
+    assert datasets.installed('no-such-package-here') == 'unknown'
+
+
 @pytest.mark.parametrize('torch_version, vision, gpu, cause, fix', [
     ('2.13.0+cpu', '0.28.0+cu128', False,
      'torch 2.13.0+cpu (a CPU build) and torchvision 0.28.0+cu128 (a CUDA 12.8 build) are one '
