@@ -249,8 +249,9 @@ def load(path):
 def stored_options(state, path=None):
     """The options the checkpoint's run had ({} for a released file), in today's words (before
     --knn-features took 'network' it was 'recompute'); data folders relative to where the run
-    started given whole when not found from here (`path`, the checkpoint's, tells where runs
-    started that did not record it)."""
+    started given whole when not found from here, and its TensorBoard folder whole when it
+    continues from another folder (`path`, the checkpoint's, tells where runs started that did
+    not record it)."""
     stored = dict(state.get('config') or {})
     stored.pop('trained_with', None)            # what `auto` chose then: not an option
     started_in = stored.pop('started_in', None) or started_folder(path, stored.get('model_dir'))
@@ -261,6 +262,10 @@ def stored_options(state, path=None):
         if value and started_in and not os.path.isabs(value) and not os.path.exists(value) \
                 and os.path.exists(os.path.join(started_in, value)):
             stored[key] = os.path.normpath(os.path.join(started_in, value))
+    log_dir = stored.get('log_dir')     # (where the run's TensorBoard events already are)
+    if log_dir and started_in and not os.path.isabs(log_dir) and \
+            os.path.realpath(started_in) != os.path.realpath(os.getcwd()):
+        stored['log_dir'] = os.path.normpath(os.path.join(started_in, log_dir))
     return stored
 
 

@@ -30,8 +30,7 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
         return run_main(*argv)
     code, out, err = run_in(project, '--data-root', 'data', '--model_dir', 'checkpoint/quick',
                             '--batch_size', '8', '--workers', '0', '--device', 'cpu', '--rounds',
-                            '2', '--epochs', '1', '--stop-after', '1', '--no-tensorboard',
-                            *MECHANICS)
+                            '2', '--epochs', '1', '--stop-after', '1', *MECHANICS)
     assert code == 0, err
     if not recorded:
         for name in ('ckpt.t7', 'last.t7'):
@@ -48,6 +47,10 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
                             '--workers', '0')
     assert code == 0, err
     assert 'resuming at round 1 epoch 0' in out and 'done:' in out
+    # Its TensorBoard events go on in the one folder under proj/runs, not in a new elsewhere/runs.
+    (events,) = os.listdir(project / 'runs')
+    assert f'logs in {project}/checkpoint/quick/log.jsonl and {project}/runs/{events}' in out
+    assert os.listdir(project / 'runs' / events) and not (elsewhere / 'runs').exists()
 
 
 # ----------------------------------------------------------------------------- 3. refuse first
