@@ -214,12 +214,13 @@ def held_run(folder):
     return f'{LOG_NAME} of trained epochs' if trained else None
 
 
-def check_resume_position(state, options, path):
+def check_resume_position(state, options, path, argv=None):
     """Refuse (UserError) a resume of the last.t7 `state` whose `options` (now: a dict holding
     POSITION_OPTIONS and `rounds`) would give its saved position other images or epochs;
     returns the notes on what an allowed change does. Mid-epoch nothing may change; at a
     boundary --batch_size and --seed may, and --epochs only in round 0 (later, the epochs
-    already logged would be renumbered)."""
+    already logged would be renumbered). `argv`: the words typed, for the commands the
+    refusal names."""
     stored, nxt = state.get('config') or {}, state['next']
     changed = [(key, stored[key], options[key]) for key in POSITION_OPTIONS
                if stored.get(key) is not None and options[key] != stored[key]]
@@ -231,9 +232,14 @@ def check_resume_position(state, options, path):
     where = f'round {nxt["round"]} epoch {nxt["epoch"]}'
     if nxt.get('step'):
         why = ' and '.join(MID_EPOCH_CHANGE[key] for key, _, _ in changed)
+        how = f'resume with {old} --stop-after 1 to finish the epoch, then with {new}'
+        if argv is not None:
+            finish = retyped(argv, {**{f'--{key}': str(value) for key, value, _ in changed},
+                                    '--stop-after': '1'})
+            how = f'finish the epoch with {old}: {finish}; then resume with {new}: ' \
+                f'{command(*argv)}'
         raise UserError(f'{path} stopped inside {where}, after step {nxt["step"]} with {old}; '
-                        f'with {new} {why}, so this resume is refused: resume with {old} '
-                        f'--stop-after 1 to finish the epoch, then with {new}')
+                        f'with {new} {why}, so this resume is refused: {how}')
     epochs = [value for key, _, value in changed if key == 'epochs']
     if epochs and (nxt['round'] > 0 or nxt['epoch'] >= epochs[0]):
         raise UserError(f'--epochs {epochs[0]} contradicts the run in {path}, now at {where} '
@@ -353,7 +359,8 @@ def nothing_to_train(config, checkpoint, say):
                             f'{config.rounds} there is nothing left to train; with one more '
                             f'round: {retyped(config.argv, {"--rounds": str(start_round + 1)})}')
         return False
-    for note in check_resume_position(checkpoint.state, config.record(), checkpoint.path):
+    for note in check_resume_position(checkpoint.state, config.record(), checkpoint.path,
+                                      config.argv):
         say(note)
     progress = ckpt.progress_of(checkpoint.state)
     if progress.round < config.rounds:
@@ -363,6 +370,8 @@ def nothing_to_train(config, checkpoint, say):
     best = f'; best kNN top-1 {progress.best_text()}' if progress.best_acc is not None else ''
     where = ('the run already finished' if own <= trained else
              f'--rounds {config.rounds} asks for no more than the run has trained')
+    if own <= trained and config.rounds < trained:
+        where += f', and --rounds {config.rounds} is fewer rounds than it trained'
     more = {'--rounds': str(max(own, trained + 1))}
     home = os.path.dirname(checkpoint.path) or '.'
     if os.path.isdir(config.model_dir) and not os.path.samefile(home, config.model_dir) and \

@@ -128,7 +128,8 @@ def test_a_finished_run_is_left_alone(tiny_folder, tmp_path, run_main):
     # suggested trains one more round than it holds.
     code, out, err = run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--rounds', '1')
     assert code == 0, err
-    assert 'already finished (2 of 2 rounds x 1 epoch trained; best kNN top-1' in out
+    assert 'already finished, and --rounds 1 is fewer rounds than it trained (2 of 2 rounds ' \
+        'x 1 epoch trained; best kNN top-1' in out
     assert out.rstrip().endswith(f"--resume last.t7 --model_dir {tmp_path} --rounds 3")
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 

@@ -338,11 +338,15 @@ def test_a_resume_mid_epoch_keeps_the_batch_size_and_seed(tiny_folder, tmp_path,
     assert drawn == {(0, 0): 8}
     assert torch.load(tmp_path / 'last.t7', weights_only=True)['next']['step'] == 1
     before = folder_bytes(tmp_path)
-    one_error_line(run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--batch_size', '4'),
-                   f'{tmp_path / "last.t7"} stopped inside round 0 epoch 0, after step 1 with '
-                   f'--batch_size 8; with --batch_size 4 that step would count other images',
-                   'resume with --batch_size 8 --stop-after 1 to finish the epoch, then with '
-                   '--batch_size 4')
+    typed = ('--resume', 'last.t7', '--model_dir', str(tmp_path), '--batch_size', '4')
+    line = one_error_line(run_main(*typed),
+                          f'{tmp_path / "last.t7"} stopped inside round 0 epoch 0, after step 1 '
+                          f'with --batch_size 8; with --batch_size 4 that step would count other '
+                          f'images')
+    finish, then = [shlex.split(words) for words in re.findall(
+        re.escape(PYTHON) + r' main\.py (.+?)(?=; then |$)', line)]
+    assert finish == ['--resume', 'last.t7', '--model_dir', str(tmp_path), '--batch_size', '8',
+                      '--stop-after', '1'] and then == list(typed)
     one_error_line(run_main('--resume', 'last.t7', '--model_dir', tmp_path, '--seed', '3'),
                    'after step 1 with --seed 5; with --seed 3 the epoch would be shuffled '
                    'otherwise')

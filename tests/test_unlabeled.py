@@ -160,6 +160,10 @@ def test_bad_inputs(flat_run, tmp_path, capsys):
     assert embed.main(['--ckpt', ckpt, '--images', str(tmp_path / 'empty'), '--out',
                        str(tmp_path / 'x.npz')]) == 2
     one_line_error(capsys, 'holds no images')
+    image = os.path.join(root, 'img01.png')           # an image where a folder is asked for
+    assert embed.main(['--ckpt', ckpt, '--images', image, '--out', str(tmp_path / 'x.npz')]) == 2
+    one_line_error(capsys, f'{image} is a file, not a folder: give the folder that holds the '
+                           f'images (such as {root})')
     broken = tmp_path / 'broken'
     broken.mkdir()
     (broken / 'a.jpg').write_bytes(b'not a jpeg')

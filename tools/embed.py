@@ -82,6 +82,9 @@ class ImageList:
 def list_folder(folder):
     """The ImageList of `folder` (datasets.folders: any depth, hidden entries ignored, each
     real file once), or a UserError if there is none or it holds no images."""
+    if os.path.isfile(folder):
+        raise UserError(f'{shown(folder)} is a file, not a folder: give the folder that holds '
+                        f'the images (such as {shown(os.path.dirname(folder) or ".")})')
     if not os.path.isdir(folder):
         raise UserError(f'no folder at {shown(folder)}')
     if datasets.is_class_tree(folder):          # labels, read as runs read a class tree
@@ -333,8 +336,8 @@ def embed_command(argv):
                         fingerprint=fingerprint, checkpoint_digest=checkpoint_digest(args.ckpt))
     finally:
         rows.close()
-    labels = (f', labels of {len(images.classes)} classes' if images.labels is not None
-              else '')
+    labels = (f', labels of {plural(len(images.classes), "class", "classes")}'
+              if images.labels is not None else '')
     skipped = len(listed.paths) - features.shape[0]
     left_out = f' ({plural(skipped, "unreadable file")} left out, named above)' if skipped \
         else ''

@@ -124,8 +124,9 @@ def probe(argv):
                         'unlabeled images')
     if not args.quiet:
         print(f'linear probe of {args.ckpt}: embedding {trained.train.num_labelled} training and '
-              f'{len(trained.test)} test images ({trained.device.type}), then {args.epochs} '
-              f'epochs of SGD on the {args.layer} features', flush=True)
+              f'{len(trained.test)} test images ({trained.device.type}), then '
+              f'{cli.plural(args.epochs, "epoch")} of SGD on the {args.layer} features',
+              flush=True)
     show = not args.quiet
     torch.manual_seed(args.seed)
     train_x, train_y = probe_features(trained, 'train', args.layer, show)
@@ -134,8 +135,9 @@ def probe(argv):
                                 args.epochs, args.lr, args.batch_size, args.weight_decay,
                                 args.seed, show)
     print(f'linear probe on {args.layer} features ({train_x.shape[1]}-d, {len(train_x)} train / '
-          f'{len(test_x)} test images, {args.epochs} epochs): test top-1 {result["top1"]:.2f}% '
-          f'top-5 {result["top5"]:.2f}% (train top-1 {result["train_top1"]:.2f}%)')
+          f'{len(test_x)} test images, {cli.plural(args.epochs, "epoch")}): test top-1 '
+          f'{result["top1"]:.2f}% top-5 {result["top5"]:.2f}% (train top-1 '
+          f'{result["train_top1"]:.2f}%)')
 
 
 def main(argv=None):
