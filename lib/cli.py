@@ -84,15 +84,27 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault('allow_abbrev', False)
         super().__init__(*args, **kwargs)
+        self._words = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = list(sys.argv[1:] if args is None else args)     # (for `error`)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        if message.startswith('unrecognized arguments:'):
-            for word in message.split(':', 1)[1].split():
-                close = difflib.get_close_matches(word.split('=')[0],
-                                                  self._option_string_actions, n=1)
-                if word.startswith('--') and close:
-                    message += f' (did you mean {close[0]}?)'
-                    break
+        # A mistyped flag: named with the one meant, also where argparse first misses a
+        # required flag (--image for --images: "the following arguments are required").
+        unknown = message.split(':', 1)[1].split() \
+            if message.startswith('unrecognized arguments:') else \
+            [word for word in self._words if word.startswith('--') and
+             word.split('=')[0] not in self._option_string_actions] \
+            if message.startswith('the following arguments are required:') else []
+        for word in unknown:
+            close = difflib.get_close_matches(word.split('=')[0],
+                                              self._option_string_actions, n=1)
+            if word.startswith('--') and close:
+                message += f' ({word.split("=")[0]}: did you mean {close[0]}?)' \
+                    if message.startswith('the following') else f' (did you mean {close[0]}?)'
+                break
         raise SystemExit(one_line_error(message))
 
 

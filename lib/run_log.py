@@ -203,6 +203,12 @@ def read_records(path, note=None):
     path = log_path(path)
     if not os.path.isfile(path):
         raise UserError(f'no training log at {path} (main.py writes model_dir/{LOG_NAME})')
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if head == b'PK' or head[:1] == b'\x80':     # a zip archive or a pickle: torch.save's
+        raise UserError(f'{path} is a checkpoint (or another binary file), not a training log: '
+                        f'give the run\'s folder ({os.path.dirname(path) or "."}), which holds '
+                        f'its {LOG_NAME}')
     note = note or (lambda text: print(text, file=sys.stderr, flush=True))
     records, torn = [], []
     with open(path, errors='replace') as f:

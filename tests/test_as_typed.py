@@ -246,6 +246,15 @@ def test_a_flag_is_taken_only_whole_and_a_close_one_is_named(argv, needle, capsy
         len(err.splitlines()) == 1, err
 
 
+def test_a_mistyped_required_flag_is_named_with_the_one_meant(capsys):
+    """argparse reports a missing required flag before an unknown one: --image for --images
+    would only say that --images is required."""
+    from tools import embed
+    assert embed.main(['--ckpt', 'x.t7', '--image', 'photos', '--out', 'x.npz']) == 2
+    assert capsys.readouterr().err == ('error: the following arguments are required: --images '
+                                       '(--image: did you mean --images?)\n')
+
+
 def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
     """A torchvision built for another torch fails at import (simulated here by a package
     that raises what the real mismatch raises): one line, exit code 2, naming both versions

@@ -338,3 +338,11 @@ def test_log_without_epoch_records_is_an_error(tmp_path, capsys):
     code, _, err = run(capsys, 'curve', '--log', tmp_path / 'missing', '--out',
                        tmp_path / 'c.png')
     assert code == 2 and err.startswith('error: no training log at')
+
+
+def test_a_checkpoint_given_as_a_log_names_its_folder(checkpoints, tmp_path, capsys):
+    code, _, err = run(capsys, 'curve', '--log', checkpoints['and'], '--out', tmp_path / 'c.png')
+    folder = os.path.dirname(checkpoints['and'])
+    assert code == 2 and err.strip() == (
+        f'error: {checkpoints["and"]} is a checkpoint (or another binary file), not a training '
+        f'log: give the run\'s folder ({folder}), which holds its log.jsonl')
