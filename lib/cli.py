@@ -98,9 +98,12 @@ class Parser(argparse.ArgumentParser):
             [word for word in self._words if word.startswith('--') and
              word.split('=')[0] not in self._option_string_actions] \
             if message.startswith('the following arguments are required:') else []
+        known = list(self._option_string_actions) + [   # (and the subcommand's typed)
+            flag for action in self._actions if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items() if name in self._words
+            for flag in sub._option_string_actions]
         for word in unknown:
-            close = difflib.get_close_matches(word.split('=')[0],
-                                              self._option_string_actions, n=1)
+            close = difflib.get_close_matches(word.split('=')[0], known, n=1)
             if word.startswith('--') and close:
                 message += f' ({word.split("=")[0]}: did you mean {close[0]}?)' \
                     if message.startswith('the following') else f' (did you mean {close[0]}?)'

@@ -253,6 +253,10 @@ def test_a_mistyped_required_flag_is_named_with_the_one_meant(capsys):
     assert embed.main(['--ckpt', 'x.t7', '--image', 'photos', '--out', 'x.npz']) == 2
     assert capsys.readouterr().err == ('error: the following arguments are required: --images '
                                        '(--image: did you mean --images?)\n')
+    from tools import visualize        # a flag of a subcommand, which the top parser reports
+    assert visualize.main(['retrieval', '--ckpt', 'x.t7', '--labelz', 'a']) == 2
+    assert capsys.readouterr().err == ('error: unrecognized arguments: --labelz a (did you mean '
+                                       '--labels?)\n')
 
 
 def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path):
