@@ -62,6 +62,15 @@ class Checkpoint:
         return self.config if self.resumed else None
 
     @property
+    def folder(self):
+        """The folder the checkpoint is in: its run's."""
+        return os.path.dirname(self.path) or '.'
+
+    def in_its_folder(self, model_dir):
+        """Whether `model_dir` (an existing folder) is the checkpoint's own."""
+        return os.path.samefile(self.folder, model_dir)
+
+    @property
     def trained_with(self):
         """What `auto` chose for the run's last training, and on how many processes."""
         return (self.state.get('config') or {}).get('trained_with') or {}
@@ -139,9 +148,9 @@ def _open_checkpoint(flags, say):
                         f'anchors (in another --model_dir); to evaluate it: '
                         f'{command(*flags.argv, "--test_only")}')
     if continuing and 'model_dir' not in typed and \
-            os.path.abspath(os.path.dirname(path)) != os.path.abspath(model_dir):
+            os.path.abspath(checkpoint.folder) != os.path.abspath(model_dir):
         # A run continues in its own folder, not in the default one (another run's).
-        checkpoint.model_dir = os.path.dirname(path) or '.'
+        checkpoint.model_dir = checkpoint.folder
         say(f'continuing the run in {checkpoint.model_dir}, the folder of {path}')
     refuse_recipe_change(typed, checkpoint.config, path)
     return checkpoint
@@ -171,22 +180,20 @@ def refuse_another_run(config, checkpoint):
     run resumed from another folder, would overwrite its checkpoints and add its records to
     that run's log.jsonl (one curve of two runs). A folder not yet trained in is taken."""
     folder = config.model_dir
-    if checkpoint is not None and config.resume and os.path.samefile(
-            os.path.dirname(checkpoint.path) or '.', folder):
+    if checkpoint is not None and config.resume and checkpoint.in_its_folder(folder):
         return                          # the run continues in its own folder
     held = held_run(folder)
     if held is None:
         return
+    held, continuable = held
     moved = {} if checkpoint is None else \
         {'--resume' if config.resume else '--init-from': checkpoint.path}
     elsewhere = retyped(config.argv, {**moved, '--model_dir': unused_folder(folder)})
     # (the run held there is continued by its last.t7, if readable: maybe this very command's
     # continuation, typed again)
-    there = f'continue it: {continue_command(config)}; or ' \
-        if held.startswith(LAST + ' at') and not held.endswith('finished') else ''
+    there = f'continue it: {continue_command(config)}; or ' if continuable else ''
     if config.resume:
-        home = retyped(config.argv, {**moved,
-                                     '--model_dir': os.path.dirname(checkpoint.path) or '.'})
+        home = retyped(config.argv, {**moved, '--model_dir': checkpoint.folder})
         raise UserError(f'--model_dir {folder} holds a run ({held}), which continuing '
                         f'{checkpoint.path} there would overwrite: {there}continue '
                         f'{checkpoint.path} in its own folder: {home}, or in an unused one: '
@@ -196,25 +203,28 @@ def refuse_another_run(config, checkpoint):
 
 
 def held_run(folder):
-    """What `folder` holds of a run that trained ('last.t7 at round 1 epoch 0'), else None. A
-    log.jsonl without an epoch record (a run that ended before its first) is not one."""
+    """(what `folder` holds of a run that trained, 'last.t7 at round 1 epoch 0'; whether its
+    last.t7 can continue it: readable and not finished), else None. A log.jsonl without an
+    epoch record (a run that ended before its first) is not one."""
     for name in (LAST, BEST):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             held = saved_position(path)     # (None: unreadable, or a released file)
-            return name if held is None else \
-                f'{name} at round {held[0]} epoch {held[1]}' + (', finished' * held[2])
+            if held is None:
+                return name, False
+            text = f'{name} at round {held[0]} epoch {held[1]}' + (', finished' * held[2])
+            return text, name == LAST and not held[2]
     if not os.path.isfile(os.path.join(folder, LOG_NAME)):
         return None
     try:
         with open(os.path.join(folder, LOG_NAME), errors='replace') as log:
             trained = RECORD_START + '"epoch"' in log.read()
     except OSError:                 # unreadable: it may hold a run
-        return LOG_NAME
-    return f'{LOG_NAME} of trained epochs' if trained else None
+        return LOG_NAME, False
+    return (f'{LOG_NAME} of trained epochs', False) if trained else None
 
 
-def check_resume_position(state, options, path, argv=None):
+def check_resume_position(state, options, path, argv=()):
     """Refuse (UserError) a resume of the last.t7 `state` whose `options` (now: a dict holding
     POSITION_OPTIONS and `rounds`) would give its saved position other images or epochs;
     returns the notes on what an allowed change does. Mid-epoch nothing may change; at a
@@ -232,14 +242,11 @@ def check_resume_position(state, options, path, argv=None):
     where = f'round {nxt["round"]} epoch {nxt["epoch"]}'
     if nxt.get('step'):
         why = ' and '.join(MID_EPOCH_CHANGE[key] for key, _, _ in changed)
-        how = f'resume with {old} --stop-after 1 to finish the epoch, then with {new}'
-        if argv is not None:
-            finish = retyped(argv, {**{f'--{key}': str(value) for key, value, _ in changed},
-                                    '--stop-after': '1'})
-            how = f'finish the epoch with {old}: {finish}; then resume with {new}: ' \
-                f'{command(*argv)}'
+        finish = retyped(argv, {**{f'--{key}': str(value) for key, value, _ in changed},
+                                '--stop-after': '1'})
         raise UserError(f'{path} stopped inside {where}, after step {nxt["step"]} with {old}; '
-                        f'with {new} {why}, so this resume is refused: {how}')
+                        f'with {new} {why}, so this resume is refused: finish the epoch with '
+                        f'{old}: {finish}; then resume with {new}: {command(*argv)}')
     epochs = [value for key, _, value in changed if key == 'epochs']
     if epochs and (nxt['round'] > 0 or nxt['epoch'] >= epochs[0]):
         raise UserError(f'--epochs {epochs[0]} contradicts the run in {path}, now at {where} '
@@ -373,10 +380,9 @@ def nothing_to_train(config, checkpoint, say):
     if own <= trained and config.rounds < trained:
         where += f', and --rounds {config.rounds} is fewer rounds than it trained'
     more = {'--rounds': str(max(own, trained + 1))}
-    home = os.path.dirname(checkpoint.path) or '.'
-    if os.path.isdir(config.model_dir) and not os.path.samefile(home, config.model_dir) and \
+    if os.path.isdir(config.model_dir) and not checkpoint.in_its_folder(config.model_dir) and \
             held_run(config.model_dir) is not None:
-        more['--model_dir'] = home          # (not into another run's folder: the run's own)
+        more['--model_dir'] = checkpoint.folder     # (not into another run's folder)
     say(f'{checkpoint.path}: {where} ({trained} of {plural(own, "round")} x '
         f'{plural(config.epochs, "epoch")} trained{best}); nothing to do; more rounds would '
         f'train on: {retyped(config.argv, more)}')

@@ -616,6 +616,6 @@ def test_an_unreadable_log_counts_as_a_held_run(tmp_path, monkeypatch):
         raise PermissionError(13, 'Permission denied')
     (tmp_path / 'log.jsonl').write_text('{"type": "start"}\n')
     monkeypatch.setattr(lib.resume, 'open', unreadable, raising=False)
-    assert lib.resume.held_run(tmp_path) == 'log.jsonl'
+    assert lib.resume.held_run(tmp_path) == ('log.jsonl', False)
     monkeypatch.undo()
     assert lib.resume.held_run(tmp_path) is None        # (readable: a start record only)
