@@ -91,22 +91,23 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        # A mistyped flag: named with the one meant, also where argparse first misses a
+        # A mistyped flag is named with the one meant, also where argparse first misses a
         # required flag (--image for --images: "the following arguments are required").
-        unknown = message.split(':', 1)[1].split() \
-            if message.startswith('unrecognized arguments:') else \
-            [word for word in self._words if word.startswith('--') and
-             word.split('=')[0] not in self._option_string_actions] \
-            if message.startswith('the following arguments are required:') else []
-        known = list(self._option_string_actions) + [   # (and the subcommand's typed)
+        unknown, said = [], False
+        if message.startswith('unrecognized arguments:'):
+            unknown, said = message.split(':', 1)[1].split(), True
+        elif message.startswith('the following arguments are required:'):
+            unknown = [word for word in self._words
+                       if word.split('=')[0] not in self._option_string_actions]
+        known = list(self._option_string_actions) + [   # (and the typed subcommand's)
             flag for action in self._actions if isinstance(action, argparse._SubParsersAction)
             for name, sub in action.choices.items() if name in self._words
             for flag in sub._option_string_actions]
-        for word in unknown:
-            close = difflib.get_close_matches(word.split('=')[0], known, n=1)
-            if word.startswith('--') and close:
-                message += f' ({word.split("=")[0]}: did you mean {close[0]}?)' \
-                    if message.startswith('the following') else f' (did you mean {close[0]}?)'
+        for word in (word.split('=')[0] for word in unknown if word.startswith('--')):
+            close = difflib.get_close_matches(word, known, n=1)
+            if close:
+                message += f' (did you mean {close[0]}?)' if said else \
+                    f' ({word}: did you mean {close[0]}?)'
                 break
         raise SystemExit(one_line_error(message))
 

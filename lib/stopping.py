@@ -54,12 +54,7 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                # An ignored signal stays ignored: `nohup` ignores SIGHUP so that closing the
-                # terminal does not stop the run, and a shell's background job ignores Ctrl-C.
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = install(self._handle, self.SIGNALS)
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -73,9 +68,8 @@ class StopSignals:
         return False
 
     def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        previous, self._previous = self._previous, {}
+        put_back(previous)
 
     def _handle(self, signum, frame):
         if self.closing:
@@ -127,16 +121,11 @@ def stopped_at_once():
         if signum == signal.SIGHUP:
             detach_from_terminal()
         raise StoppedAtOnce(signum)
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) is not signal.SIG_IGN:     # (nohup's SIGHUP stays ignored)
-                previous[sig] = signal.signal(sig, stop)
+    previous = install(stop, (signal.SIGTERM, signal.SIGHUP))
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        put_back(previous)
 
 
 @contextmanager
@@ -148,8 +137,24 @@ def signal_handlers_kept():
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        put_back(previous)
+
+
+def install(handler, signals):
+    """`handler` for each of `signals` (in the main thread: only it may set them); returns
+    {signal: the handler it replaced} for `put_back`. An ignored signal stays ignored: `nohup`
+    ignores SIGHUP so that closing the terminal does not stop the run, and a shell's
+    background job ignores Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in signals
+            if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
+def put_back(previous):
+    """The handlers `install` replaced, back."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def detach_from_terminal():
