@@ -201,7 +201,7 @@ def frame_colour(query_class, retrieved_class):
 # shows it as its code point instead (写真.jpg as \u5199\u771f.jpg).
 FONT_PATH = font_manager.findfont(font_manager.FontProperties())
 GLYPHS = frozenset(ft2font.FT2Font(FONT_PATH).get_charmap())     # code points it can draw
-ESCAPE = re.compile(r'\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})')
+ESCAPE = re.compile(r'(\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}))')   # (split keeps it)
 
 
 def figure_text(name):
@@ -232,7 +232,9 @@ def _fit(draw, text, font, width):
     and an escape (\\u5199) is kept or left out whole."""
     if draw.textlength(text, font=font) <= width:
         return text
-    units = [piece for escape, plain in _units(text) for piece in ([escape] if escape else plain)]
+    # escapes whole, the text between them a character at a time (split: text, escape, ...)
+    units = [unit for index, part in enumerate(ESCAPE.split(text))
+             for unit in ([part] if index % 2 else part)]
     head, tail = units[:len(units) // 2], units[len(units) // 2:]
     length = lambda part: draw.textlength(''.join(part), font=font)   # noqa: E731
     while head or tail:             # the wider side gives up its innermost unit
@@ -244,16 +246,6 @@ def _fit(draw, text, font, width):
         if draw.textlength(fitted, font=font) <= width:
             return fitted
     return '…'
-
-
-def _units(text):
-    """(escape, '') for each escape of `text` and ('', plain text) between them."""
-    position = 0
-    for match in ESCAPE.finditer(text):
-        yield '', text[position:match.start()]
-        yield match.group(), ''
-        position = match.end()
-    yield '', text[position:]
 
 
 def _paste_tile(canvas, image, box, colour, cell):
