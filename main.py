@@ -14,8 +14,6 @@ lib/engine.py trains it (its rounds, epochs and steps, top to bottom). The algor
 lib/core/ (docs/ALGORITHM.md); the options are declared once in lib/config.py; the rest of lib/
 is the shell around the core: data, the fast path, checkpoints, records, processes.
 """
-import sys
-
 from lib import cli
 from lib.config import parse
 
@@ -90,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    cli.exit_program(main())

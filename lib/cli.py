@@ -7,6 +7,7 @@ Every long flag takes both spellings, `--batch_size` and `--batch-size` (`spelli
 import argparse
 import codecs
 import difflib
+import gc
 import math
 import os
 import select
@@ -155,6 +156,26 @@ def parse_first(parse):
         datasets.import_torchvision()
     except DataError as err:
         sys.exit(one_line_error(err))
+
+
+def exit_program(code):
+    """sys.exit(code) without the shutdown's garbage collections: how main.py and the tools
+    end, as a process's last call.
+
+    Python's shutdown runs its cyclic garbage collector, more than once, over every object
+    that torch and its compiler (dynamo, sympy) made at import: 0.8 s after a tiny run on 2
+    cores (Python 3.11, PyTorch 2.14.1; bench/shutdown.py). Here one collection finalises
+    what is garbage now, and gc.freeze() keeps the rest out of the shutdown's collections.
+    atexit handlers still run and stdout and stderr are still flushed, but no object alive
+    now is finalised, module globals included (a module's functions hold its dict in a
+    cycle): a file left open would lose what it had buffered. Python does not promise to
+    finalise them either, and every file here is closed by a `with` or a `finally`."""
+    try:
+        gc.collect()
+        gc.freeze()
+    except KeyboardInterrupt:       # a Ctrl-C this late: the run's own exit code stands
+        pass
+    sys.exit(code)
 
 
 def run(main_body, argv=None, error_label='error', interrupted='interrupted'):

@@ -147,7 +147,7 @@ def last_written():
         time.sleep(0.01)
 for cls in (lib.pipelines.LoaderPipeline, lib.pipelines.TensorPipeline):
     cls.train_batches = _signalling(cls.train_batches, signal.SIGKILL, {at!r}, last_written)
-sys.exit(main.main(sys.argv[1:]))
+main.cli.exit_program(main.main(sys.argv[1:]))   # as main.py ends
 '''
 
 

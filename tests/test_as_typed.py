@@ -224,6 +224,7 @@ print('torch imported' if 'torch' in sys.modules else 'torch not imported', code
     (['bench/compare_curve.py', '--help'], 0),
     (['bench/epoch_speed.py', '--help'], 0),
     (['bench/augment_vs_pil.py', '--help'], 0),
+    (['bench/shutdown.py', '--help'], 0),
 ])
 def test_help_and_flag_errors_come_before_torch(argv, code):
     proc = subprocess.run([sys.executable, '-c', PROBE.format(root=ROOT), *argv],

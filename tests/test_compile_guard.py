@@ -330,7 +330,7 @@ code = main.main(sys.argv[1:])
 # One file per process: two processes printing to one pipe interleave their lines.
 with open(os.path.join({out!r}, 'compiled-' + os.environ['RANK']), 'w') as f:
     f.write(' '.join(compiled))
-sys.exit(code)
+main.cli.exit_program(code)     # as main.py ends
 '''
 
 
@@ -348,7 +348,7 @@ class Raising(nn.Module):
 def compile(module, mode='default', dynamic=None):
     return Raising(module) if type(module).__name__ == 'StepLosses' else module
 lib.fast_path.COMPILE = compile
-sys.exit(main.main(sys.argv[1:]))
+main.cli.exit_program(main.main(sys.argv[1:]))   # as main.py ends
 '''
 
 

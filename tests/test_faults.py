@@ -111,7 +111,7 @@ def train_batches(self, round_index, epoch, start_step=0):
                             'os.killpg(int(sys.argv[1]), signal.SIGTERM)', str(os.getpgid(0))])
         yield batch
 lib.pipelines.LoaderPipeline.train_batches = train_batches
-sys.exit(main.main(sys.argv[1:]))
+main.cli.exit_program(main.main(sys.argv[1:]))   # as main.py ends
 '''
 
 
@@ -227,7 +227,7 @@ if os.environ['RANK'] == '1':
     def fail(*args, **kwargs):
         raise UserError('injected failure on rank 1')
     engine.run_epoch = fail
-sys.exit(main.main(sys.argv[1:]))
+main.cli.exit_program(main.main(sys.argv[1:]))   # as main.py ends
 '''
 
 

@@ -7,6 +7,7 @@ layout is written here from the format's description (column-major channel plane
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -464,8 +465,9 @@ def test_a_run_without_the_cache_or_streamed_equals_the_run_with_it(tmp_path, ru
             in out
     if '--no-cache' in extra:
         assert 'decoded on 1 process (' in out and 'images/s) into memory' in out
-    else:
-        assert 'from the image cache' in out
+    else:       # all read from the cache, or decoded into it when this run is the first to
+                # read these files (whichever test ran before)
+        assert re.search(r'(all from|\) into) the image cache', out), out
     assert_same_training_state(torch.load(tmp_path / 'run' / 'last.t7', weights_only=True),
                                unbroken_run(pipeline))
 

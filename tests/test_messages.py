@@ -154,6 +154,29 @@ def test_a_reader_that_goes_away_is_exit_1_without_a_traceback():
     assert proc.returncode == 1 and 'Traceback' in proc.stderr and 'BrokenPipeError' in proc.stderr
 
 
+SHUTDOWN = """
+import atexit, gc
+from lib import cli
+atexit.register(lambda: print('atexit ran, objects frozen:', gc.get_freeze_count() > 0))
+class Cycle:
+    def __del__(self):
+        print('cycle finalised')
+cycle = Cycle()
+cycle.itself = cycle
+del cycle                           # garbage that only the cyclic collector finds
+cli.exit_program(3)
+"""
+
+
+def test_a_program_ends_with_its_code_its_exit_handlers_and_its_garbage_finalised():
+    """cli.exit_program (how main.py and the tools end, sparing the shutdown's collections)
+    still runs the atexit handlers and finalises the garbage there is."""
+    proc = subprocess.run([sys.executable, '-c', SHUTDOWN], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines() == ['cycle finalised', 'atexit ran, objects frozen: True']
+
+
 @pytest.mark.parametrize('argv, needle', [
     (['tools.linear_probe', '--ckpt', 'x.t7', '--epochs', '0'], '0 is not an integer >= 1'),
     (['tools.export', '--ckpt', 'x.t7', '--out', 'x.npz', '--subset', '-3'],

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -128,8 +129,11 @@ def test_embed_writes_unit_rows_and_relative_paths(flat_run, tiny_folder, tmp_pa
 
 def test_retrieve_finds_the_query_itself_first(flat_run, tmp_path, capsys):
     root, model_dir = flat_run
+    # A copy of the checkpoint, whose gallery cache (next to it) is this test's alone: the
+    # first retrieval embeds, whichever tests retrieved with the shared run before.
+    shutil.copy(model_dir / 'ckpt.t7', tmp_path / 'ckpt.t7')
     query = os.path.join(root, 'more', 'img03.png')
-    argv = ['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery', root, '--query', query, '--k',
+    argv = ['--ckpt', str(tmp_path / 'ckpt.t7'), '--gallery', root, '--query', query, '--k',
             '4', '--figure', str(tmp_path / 'grid.png')]
     assert retrieve.main(argv) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,14 @@ one line saying so (exit code 2); when a process fails, its own `error (rank N):
 what it printed, and the launcher adds one line (exit code 1). The commands a run prints then
 repeat this launcher.
 """
+import os
 import sys
+
+if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = 'tools'
+
+from lib import cli  # noqa: E402
 
 
 def main(argv=None):
@@ -59,4 +66,4 @@ def rendezvous_setting(args, name, default):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    cli.exit_program(main())
