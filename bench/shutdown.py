@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lib import cli  # noqa: E402
+
 CHILD = '''
 import sys, time
 sys.path.insert(0, {root!r})

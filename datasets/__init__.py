@@ -99,7 +99,6 @@ def torchvision_build():
 def installed(package):
     """The installed version of `package` from its metadata, without importing it ('unknown'
     when none is found)."""
-    import importlib.metadata
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -177,10 +176,7 @@ def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None
         def select(split, count):
             # (modulo: torch takes seeds below 2**64, and the largest --seed is 2**64 - 1)
             return random_subset_indices(count, subset, (seed + (split == 'test')) % 2 ** 64)
-    if os.path.isfile(root):
-        holder = os.path.dirname(root) or '.'
-        raise DataError(f'--data-root {shown(root)} is a file, not a folder: give the folder '
-                        f'that holds the images (such as {shown(holder)})')
+    refuse_a_file(root, '--data-root')
     if name in FIXED_SIZE and image_size not in (None, FIXED_SIZE[name]):
         raise DataError(f'{name} images are {FIXED_SIZE[name]} px; --image-size '
                         f'{image_size} is for --dataset folder')
@@ -194,6 +190,15 @@ def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None
     if name == 'folder':
         return load_folder(root, image_size or 32, select, reading)
     raise DataError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
+
+
+def refuse_a_file(path, flag=None):
+    """DataError when `path`, given (by `flag`) as the folder that holds the images, is a
+    file: the message names the folder the file is in."""
+    if os.path.isfile(path):
+        named = f'{flag} {shown(path)}' if flag else shown(path)
+        raise DataError(f'{named} is a file, not a folder: give the folder that holds the '
+                        f'images (such as {shown(os.path.dirname(path) or ".")})')
 
 
 def mean_std(name, train_set, cache=None):

@@ -81,10 +81,9 @@ class ImageList:
 
 def list_folder(folder):
     """The ImageList of `folder` (datasets.folders: any depth, hidden entries ignored, each
-    real file once), or a UserError if there is none or it holds no images."""
-    if os.path.isfile(folder):
-        raise UserError(f'{shown(folder)} is a file, not a folder: give the folder that holds '
-                        f'the images (such as {shown(os.path.dirname(folder) or ".")})')
+    real file once), or a UserError if there is none or it holds no images (a DataError if
+    it is a file)."""
+    datasets.refuse_a_file(folder)
     if not os.path.isdir(folder):
         raise UserError(f'no folder at {shown(folder)}')
     if datasets.is_class_tree(folder):          # labels, read as runs read a class tree
