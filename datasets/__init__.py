@@ -171,11 +171,10 @@ def load_dataset(name, root, download=True, subset=None, seed=0, image_size=None
     `reading` (a Reading): how image files are decoded (processes, the cache); default: in
     this process, without a cache.
     """
-    select = None
-    if subset is not None:
-        def select(split, count):
-            # (modulo: torch takes seeds below 2**64, and the largest --seed is 2**64 - 1)
-            return random_subset_indices(count, subset, (seed + (split == 'test')) % 2 ** 64)
+    def seeded_subset(split, count):
+        # (modulo: torch takes seeds below 2**64, and the largest --seed is 2**64 - 1)
+        return random_subset_indices(count, subset, (seed + (split == 'test')) % 2 ** 64)
+    select = None if subset is None else seeded_subset
     refuse_a_file(root, '--data-root')
     if name in FIXED_SIZE and image_size not in (None, FIXED_SIZE[name]):
         raise DataError(f'{name} images are {FIXED_SIZE[name]} px; --image-size '
