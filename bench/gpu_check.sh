@@ -11,7 +11,8 @@
 # The console output of each part goes to $OUT as it comes, each run's log.jsonl every 10 s;
 # the curves next to the published one follow at the end. The run folders are under $RUNS
 # (git-ignored), which a warm machine keeps between the calls; a call run again continues its
-# runs and never trains past its epochs.
+# runs and never trains past its epochs. (A lent machine may go back after half a minute idle:
+# make the second call at once, or it finds no last.t7 and runs the fp32 part only.)
 #   DATA   an unpacked CIFAR-10 image-folder copy (default: .devdata/cifar10-jpeg.tar.gz, unpacked)
 #   OUT    where the logs go (default /tmp/gpu_check)
 #   RUNS   the run folders (default checkpoint/gpu_check)
@@ -42,6 +43,11 @@ read -r -a BENCH_EXTRA <<< "${BENCH_EXTRA:-}"
 mkdir -p "$OUT" "$RUNS"
 if [ -z "${DATA:-}" ]; then
   DATA=/tmp/cifar10
+  if [ ! -f "$DATA/.unpacked" ] && [ ! -f .devdata/cifar10-jpeg.tar.gz ]; then
+    echo "error: no .devdata/cifar10-jpeg.tar.gz: copy the CIFAR-10 image-folder tarball there" \
+      "and carry .devdata to the device machine, or give DATA, an unpacked copy" >&2
+    exit 2
+  fi
   if [ ! -f "$DATA/.unpacked" ]; then         # (a call stopped while unpacking unpacks again)
     rm -rf "$DATA" && mkdir -p "$DATA" && tar xzf .devdata/cifar10-jpeg.tar.gz -C "$DATA"
     touch "$DATA/.unpacked"
@@ -114,7 +120,8 @@ first)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
       | tee "$OUT/gpu.txt"
   fi
-  python3 - "$DEVICE" <<'PREFLIGHT' 2>&1 | tee "$OUT/preflight.txt"
+  python3 - "$DEVICE" <<'PREFLIGHT' 2>&1 | tee "$OUT/preflight.txt" \
+    || echo "the preflight failed (above); the phase table follows all the same"
 import platform, sys, time
 import torch, torchvision
 print('python', platform.python_version(), '| torch', torch.__version__, '| torchvision',
@@ -128,9 +135,12 @@ if sys.argv[1] == 'cuda':
     value = double(torch.ones(4, device='cuda')).sum().item()
     print(f'torch.compile on CUDA: {value:.4f} in {time.time() - started:.1f} s')
 PREFLIGHT
+  # (Neither a failed preflight nor a failed phase table stops the call: main.py falls back to
+  # a lower compile mode on its own, and its curve is the other half of the call.)
   # -------------------------------------------------------------- the phase table
   python3 bench/epoch_speed.py --data-root "$DATA" --device "$DEVICE" \
-    --steps "${BENCH_STEPS:-100}" "${BENCH_EXTRA[@]}" 2>&1 | tee "$OUT/epoch_speed.txt"
+    --steps "${BENCH_STEPS:-100}" "${BENCH_EXTRA[@]}" 2>&1 | tee "$OUT/epoch_speed.txt" \
+    || echo "the phase table failed (above); round 0 follows all the same"
   # -------------------------------------------------------------- round 0, epochs 0 to FIRST-1
   train_to fast "$FIRST" 2>&1 | tee "$OUT/round0_first.log"
   ;;
