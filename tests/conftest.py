@@ -169,9 +169,20 @@ def unbroken_run(tiny_folder, tmp_path_factory):
         if pipeline not in made:
             model_dir = tmp_path_factory.mktemp(f'unbroken-{pipeline}')
             assert main.main(fast_args(tiny_folder, model_dir, *UNBROKEN_FLAGS[pipeline])) == 0
-            made[pipeline] = torch.load(model_dir / 'last.t7', weights_only=True)
+            made[pipeline] = finished_state(model_dir)
         return made[pipeline]
     return get
+
+
+def finished_state(model_dir):
+    """The last.t7 of a reference run, which must have trained all its rounds: a run that a
+    stop signal ended early also exits 0, and kept as the session's reference it would fail
+    every test compared with it (not kept: the next test that asks runs it again)."""
+    state = torch.load(model_dir / 'last.t7', weights_only=True)
+    position = {key: state['next'][key] for key in ('round', 'epoch', 'step')}
+    assert position == {'round': state['config']['rounds'], 'epoch': 0, 'step': 0}, \
+        f'the reference run in {model_dir} stopped early, before {position} (a stop signal?)'
+    return state
 
 
 # The flags of the 2-process run that one process and two nodes are compared with.
@@ -197,6 +208,13 @@ def assert_same_training_state(a, b, atol=0.0):
     """Two checkpoints hold the same bank, weights and anchors (exactly, by default). A
     failure names every tensor that differs and by how much at most: float rounding
     (1e-7) and a step trained otherwise (1e-2) read differently."""
+    # First where each continues from: a run stopped early (by a stop signal from outside the
+    # tests, say, which also exits 0) is said as such, not as a difference of every weight.
+    if 'next' in a and 'next' in b:
+        where = [{key: state['next'][key] for key in ('round', 'epoch', 'step')}
+                 for state in (a, b)]
+        assert where[0] == where[1], f'the runs stopped at different places: {where} ' \
+            f'(was one stopped early, by a signal?)'
     close = (lambda x, y: torch.equal(x, y)) if atol == 0 else \
         (lambda x, y: x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=atol))
     pairs = [('bank', a['npc']['memory'], b['npc']['memory'])] + \

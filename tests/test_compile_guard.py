@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import lib.fast_path as fast_path
 from lib.agreement import Agreement, agreement
-from conftest import MECHANICS, ROOT, assert_same_training_state, fast_args, signal_at
+from conftest import (MECHANICS, ROOT, assert_same_training_state, fast_args, finished_state,
+                      signal_at)
 from lib.core.memory_bank import MemoryBank
 from lib.core.neighbourhoods import ANsDiscovery
 from lib.core.step import StepLosses, train_step
@@ -124,7 +125,7 @@ def eager_run(tiny_folder, tmp_path_factory):
     import main
     model_dir = tmp_path_factory.mktemp('eager')
     assert main.main(fast_args(tiny_folder, model_dir, *FLAGS, '--compile', 'none')) == 0
-    return torch.load(model_dir / 'last.t7', weights_only=True)
+    return finished_state(model_dir)
 
 
 def start_record(model_dir):
