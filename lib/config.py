@@ -164,7 +164,7 @@ OPTIONS = (
            'cpu: torchvision transforms in loader workers, as released; auto = gpu on CUDA, cpu '
            'otherwise', choices=('auto', 'gpu', 'cpu')),
     option('--precision', 'auto', 'training arithmetic: bf16 autocast for the network (the '
-           'bank, softmaxes and losses stay float32) or fp32; auto = bf16 on CUDA',
+           'bank, softmaxes and losses stay float32) or fp32 (no TF32); auto = bf16 on CUDA',
            choices=('auto', 'bf16', 'fp32')),
     option('--eval-precision', 'fp32', 'arithmetic of the kNN evaluation\'s embeddings: fp32 '
            '(no TF32), so a checkpoint scores the same on every device', resumed=False,

@@ -3,6 +3,7 @@ released loader path computes, here on CPU tensors in float32."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import datasets
@@ -138,3 +139,23 @@ def test_the_step_parts_are_freed_without_the_garbage_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize('precision, tf32', [('fp32', False), ('bf16', True), ('auto', True)])
+def test_fp32_on_cuda_computes_without_tf32(monkeypatch, precision, tf32):
+    """--precision fp32 is the released arithmetic: on CUDA, whose default lets cuDNN round a
+    convolution's inputs to TF32, it turns TF32 off; bf16 (and auto, bf16 on CUDA) leave it
+    as found. (A machine said to have CUDA: the settings touch no device.)"""
+    from lib.build import device_settings
+    from lib.config import defaults
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    # (torch's flag objects: set and put back by hand, monkeypatch cannot undo them)
+    before = cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        settings = device_settings(defaults(device='cuda', precision=precision))
+        assert settings.precision == ('bf16' if precision == 'auto' else precision)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark = before
