@@ -116,9 +116,11 @@ trap 'exit 143' TERM INT
 case "$STAGE" in
 first)
   # -------------------------------------------------------------- preflight (seconds)
+  # (Neither a failed preflight nor a failed phase table stops the call: main.py falls back to
+  # a lower compile mode on its own, and its curve is the other half of the call.)
   if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
-      | tee "$OUT/gpu.txt"
+      | tee "$OUT/gpu.txt" || echo "nvidia-smi failed (above); the preflight follows"
   fi
   python3 - "$DEVICE" <<'PREFLIGHT' 2>&1 | tee "$OUT/preflight.txt" \
     || echo "the preflight failed (above); the phase table follows all the same"
@@ -135,8 +137,6 @@ if sys.argv[1] == 'cuda':
     value = double(torch.ones(4, device='cuda')).sum().item()
     print(f'torch.compile on CUDA: {value:.4f} in {time.time() - started:.1f} s')
 PREFLIGHT
-  # (Neither a failed preflight nor a failed phase table stops the call: main.py falls back to
-  # a lower compile mode on its own, and its curve is the other half of the call.)
   # -------------------------------------------------------------- the phase table
   python3 bench/epoch_speed.py --data-root "$DATA" --device "$DEVICE" \
     --steps "${BENCH_STEPS:-100}" "${BENCH_EXTRA[@]}" 2>&1 | tee "$OUT/epoch_speed.txt" \

@@ -8,6 +8,7 @@ here, so they train and evaluate the same thing.
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 import datasets
 
 from . import console
-from .core.knn import KnnData, knn_evaluate
+from .core.knn import KnnData, exact_float32, knn_evaluate
 from .distributed import cuda_wanted
 from .errors import UserError
 from .fast_path import compile_augmentation
@@ -56,24 +57,25 @@ def pick_device(choice, cuda_index=0):
 def device_settings(opts, world=None):
     """Resolve --device, --pipeline, --precision and --compile, the one place that settles
     `auto`: the fast path on CUDA (its CUDA-graph-captured step is ~3x faster than eager bf16
-    at batch 128, docs/ALGORITHM.md 9), the released arithmetic on the CPU. Options stay typed.
-    On CUDA, fp32 turns TF32 off (process-wide; bf16 leaves it as it is)."""
+    at batch 128, docs/ALGORITHM.md 9), the released arithmetic on the CPU. Options stay typed."""
     device = pick_device(opts.device, world.local_rank if world is not None else 0)
     cuda = device.type == 'cuda'
     pick = (lambda value, on_cuda, on_cpu: value if value != 'auto'
             else on_cuda if cuda else on_cpu)
-    settings = DeviceSettings(device, pick(opts.pipeline, 'gpu', 'cpu'),
-                              pick(opts.precision, 'bf16', 'fp32'),
-                              pick(opts.compile, 'reduce-overhead', 'none'),
-                              f'the default on {"CUDA" if cuda else "the CPU"}'
-                              if opts.compile == 'auto' else 'as asked')
     if cuda:
         torch.backends.cudnn.benchmark = True
-        if settings.precision == 'fp32':
-            # fp32 as the released code computed (it predates TF32): CUDA's default lets cuDNN
-            # round a convolution's inputs to TF32's 10-bit mantissa, on the GPUs that have it.
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    return settings
+    return DeviceSettings(device, pick(opts.pipeline, 'gpu', 'cpu'),
+                          pick(opts.precision, 'bf16', 'fp32'),
+                          pick(opts.compile, 'reduce-overhead', 'none'),
+                          f'the default on {"CUDA" if cuda else "the CPU"}'
+                          if opts.compile == 'auto' else 'as asked')
+
+
+def training_arithmetic(settings):
+    """The context a run trains in: with fp32 on CUDA, no TF32 (as the released code computed,
+    which predates it: PyTorch's default lets cuDNN round a convolution's inputs to TF32's
+    10-bit mantissa on the GPUs that have it), put back as found afterwards; else nothing."""
+    return exact_float32(settings.device) if settings.precision == 'fp32' else nullcontext()
 
 
 def image_reading(opts, say=None, show=False):

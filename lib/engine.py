@@ -53,7 +53,8 @@ def train(config, settings, world, method, data, checkpoint, say):
         # Signals are answered from here on, compiling included (a minute, on some machines).
         # (The stop line is written by the signal handler: write_line, which a print it
         # interrupts cannot collide with.)
-        with StopSignals(write_line if world.main else silent, world.size) as stop:
+        with StopSignals(write_line if world.main else silent, world.size) as stop, \
+                build.training_arithmetic(settings):
             # -------------------------------------------------------- the fast path, checked
             parts, compiled = step_parts(config, settings, method, optimizer, world,
                                          data.pipeline, progress,

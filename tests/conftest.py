@@ -176,8 +176,9 @@ def unbroken_run(tiny_folder, tmp_path_factory):
 
 def finished_state(model_dir):
     """The last.t7 of a reference run, which must have trained all its rounds: a run that a
-    stop signal ended early also exits 0, and kept as the session's reference it would fail
-    every test compared with it (not kept: the next test that asks runs it again)."""
+    stop signal ended early also exits 0, and kept as the reference it would fail every test
+    compared with it, each by a difference of weights. (unbroken_run then keeps nothing, and
+    the next test that asks runs it again; a fixture's error, as eager_run's, stays.)"""
     state = torch.load(model_dir / 'last.t7', weights_only=True)
     position = {key: state['next'][key] for key in ('round', 'epoch', 'step')}
     assert position == {'round': state['config']['rounds'], 'epoch': 0, 'step': 0}, \

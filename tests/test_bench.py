@@ -39,22 +39,27 @@ def test_epoch_speed_without_a_bank_and_with_100_classes(capsys, monkeypatch):
 
 
 def test_compare_curve_reads_the_log_records(tmp_path, capsys, monkeypatch):
+    def start(time, check):
+        return json.dumps({'type': 'start', 'options': {}, 'time': time, 'compile': {
+            'asked': 'auto', 'used': 'reduce-overhead', 'check': check}}) + '\n'
     with open(tmp_path / 'log.jsonl', 'w') as log:
-        log.write(json.dumps({'type': 'start', 'options': {},
-                              'compile': {'asked': 'auto', 'used': 'reduce-overhead'}}) + '\n')
+        log.write(start(1.0, {'seconds': 41.2}))
         for e in range(40):
+            if e == 10:             # a resume: its own compilation, not the first epoch's
+                log.write(start(20.5, {'seconds': 7.0}))
             log.write(json.dumps({'type': 'epoch', 'round': 0, 'epoch': e, 'global_epoch': e,
-                                  'loss': {'and': 1.0}, 'knn_top1': 20.0 + e,
+                                  'loss': {'and': 1.0}, 'knn_top1': 20.0 + e, 'time': 2.0 + e,
                                   'seconds': 9.0 if e == 0 else 5.0}) + '\n')
     out = run_script(capsys, monkeypatch, 'bench/compare_curve.py', tmp_path)
     assert '| 0 | 25.80 | 20.00 | -5.80 |' in out
     assert '| 39 | 69.64 | 59.00 | -10.64 |' in out
-    assert '40 epochs, 204 s in all; first epoch 9.0 s (with compilation), median of the rest ' \
-        '5.00 s (training + kNN)' in out
+    assert '40 epochs, 204 s in all; first epoch 9.0 s (warm-up; the step was compiled and ' \
+        'checked in 41 s before it), median of the rest 5.00 s (training + kNN)' in out
     with open(tmp_path / 'log.jsonl', 'w') as log:      # one epoch: no rest to take the median of
         log.write(json.dumps({'type': 'start', 'options': {},       # (the CPU's default)
-                              'compile': {'asked': 'auto', 'used': 'none'}}) + '\n')
+                              'compile': {'asked': 'auto', 'used': 'none', 'check': None}})
+                  + '\n')
         log.write(json.dumps({'type': 'epoch', 'round': 0, 'epoch': 0, 'global_epoch': 0,
                               'loss': {'and': 1.0}, 'knn_top1': 20.0, 'seconds': 9.0}) + '\n')
     out = run_script(capsys, monkeypatch, 'bench/compare_curve.py', tmp_path)
-    assert out.strip().splitlines()[-1] == '1 epoch, 9 s in all; first epoch 9.0 s (set-up)'
+    assert out.strip().splitlines()[-1] == '1 epoch, 9 s in all; first epoch 9.0 s (warm-up)'

@@ -13,6 +13,7 @@ from lib.core.neighbourhoods import ANsDiscovery
 from lib.core.step import StepLosses, train_step
 from lib.fast_path import Autocast
 from lib.pipelines import LoaderPipeline, TensorPipeline, epoch_order
+from conftest import MECHANICS, fast_args
 
 WEIGHTS = {'and': 1.0, 'aug': 1.0, 'ue': 0.4}
 
@@ -142,11 +143,12 @@ def test_the_step_parts_are_freed_without_the_garbage_collector():
 
 
 @pytest.mark.parametrize('precision, tf32', [('fp32', False), ('bf16', True), ('auto', True)])
-def test_fp32_on_cuda_computes_without_tf32(monkeypatch, precision, tf32):
+def test_fp32_on_cuda_trains_without_tf32(monkeypatch, precision, tf32):
     """--precision fp32 is the released arithmetic: on CUDA, whose default lets cuDNN round a
-    convolution's inputs to TF32, it turns TF32 off; bf16 (and auto, bf16 on CUDA) leave it
-    as found. (A machine said to have CUDA: the settings touch no device.)"""
-    from lib.build import device_settings
+    convolution's inputs to TF32, a run trains with TF32 off, and puts it back as found; bf16
+    (and auto, bf16 on CUDA) leave it alone. (A machine said to have CUDA: the settings touch
+    no device.)"""
+    from lib.build import device_settings, training_arithmetic
     from lib.config import defaults
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -156,6 +158,38 @@ def test_fp32_on_cuda_computes_without_tf32(monkeypatch, precision, tf32):
     try:
         settings = device_settings(defaults(device='cuda', precision=precision))
         assert settings.precision == ('bf16' if precision == 'auto' else precision)
-        assert (cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)    # not yet
+        with training_arithmetic(settings):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)    # as found
     finally:
         cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark = before
+
+
+def test_a_run_trains_and_checks_its_first_step_in_its_arithmetic(monkeypatch, tiny_folder,
+                                                                  tmp_path, run_main):
+    """The fast path's set-up (compiling, the first step's check) and every step run inside
+    training_arithmetic(settings)."""
+    import contextlib
+    import lib.build
+    import lib.engine
+    inside, seen = [], []
+
+    @contextlib.contextmanager
+    def recorded(settings):
+        inside.append(settings.precision)
+        try:
+            yield
+        finally:
+            inside.pop()
+    for name in ('step_parts', 'train_step'):      # (step_parts compiles and checks)
+        def wrapped(*args, real=getattr(lib.engine, name), name=name, **kwargs):
+            seen.append((name, list(inside)))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(lib.engine, name, wrapped)
+    monkeypatch.setattr(lib.build, 'training_arithmetic', recorded)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '1',
+                                         *MECHANICS))
+    assert code == 0, err
+    assert [name for name, _ in seen] == ['step_parts', 'train_step', 'train_step']
+    assert all(stack == ['fp32'] for _, stack in seen), seen
