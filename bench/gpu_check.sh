@@ -2,26 +2,32 @@
 # The GPU measurement of the fast path, in the two calls of a short device session (run from the
 # repository root on a CUDA machine):
 #
-#   bench/gpu_check.sh first     # preflight; the phase table (bench/epoch_speed.py); round 0 at
-#                                # the released settings from epoch 0 to epoch FIRST-1
-#   bench/gpu_check.sh second    # the same run on to epoch FIRST+MORE-1 (--resume last.t7); then
-#                                # FP32 epochs of the released arithmetic (fp32, cpu pipeline,
-#                                # no compile), to put next to the fast path's curve
+#   BUDGET=450 bench/gpu_check.sh first    # preflight; the phase table (bench/epoch_speed.py);
+#                                          # round 0 at the released settings from epoch 0 on, up
+#                                          # to epoch FAST-1, for as long as the budget lasts
+#   BUDGET=300 bench/gpu_check.sh second   # FP32 epochs of the released arithmetic (fp32, cpu
+#                                          # pipeline, no compile), to put next to the fast path's
+#                                          # curve; then, with the time left, the fast run on
+#                                          # (--resume last.t7) where the machine kept it
 #
-# The console output of each part goes to $OUT as it comes, each run's log.jsonl every 10 s;
-# the curves next to the published one follow at the end. The run folders are under $RUNS
-# (git-ignored), which a warm machine keeps between the calls; a call run again continues its
-# runs and never trains past its epochs. (A lent machine may go back after half a minute idle:
-# make the second call at once, or it finds no last.t7 and runs the fp32 part only.)
+# BUDGET is the seconds the call may take (the device tool's timeout_s less a margin): 45 s
+# before it, a SIGTERM stops the run at its next step with last.t7 written (SIGKILL 30 s later if
+# it does not), so the call ends by itself with its logs whole. The console output of each part
+# goes to $OUT as it comes, each run's log.jsonl every 10 s; the curves next to the published one
+# follow at the end. The run folders are under $RUNS (git-ignored), which a warm machine keeps
+# between the calls; a call run again continues its runs and never trains past their epochs. (A
+# lent machine may go back after half a minute idle: the second call then finds no last.t7, and
+# the fast run's curve is what the first call trained.)
 #   DATA   an unpacked CIFAR-10 image-folder copy (default: .devdata/cifar10-jpeg.tar.gz, unpacked)
 #   OUT    where the logs go (default /tmp/gpu_check)
 #   RUNS   the run folders (default checkpoint/gpu_check)
-#   FIRST, MORE, FP32   epochs of each part (default 10, 30, 5)
+#   FAST, FP32          round-0 epochs of each run, at most (default 40, 5)
+#   BUDGET              seconds of this call (default: no limit)
 #   BENCH_STEPS         steps timed per phase (default 100; the figures are per epoch)
 #   WORKERS             loader processes of the fp32 run's cpu pipeline (default 12)
 #   DEVICE, EXTRA, BENCH_EXTRA   --device (default cuda), more flags of main.py and of
 #                       epoch_speed.py: for trying the script on a CPU at small sizes, e.g.
-#   DEVICE=cpu DATA=/tmp/cifar FIRST=2 MORE=1 FP32=1 BENCH_STEPS=2 \
+#   DEVICE=cpu DATA=/tmp/cifar FAST=3 FP32=1 BENCH_STEPS=2 BUDGET=100 \
 #     EXTRA='--subset 64 --batch_size 16 --network alexnet --knn-k 5' WORKERS=2 \
 #     BENCH_EXTRA='--synthetic-n 256 --synthetic-test 100 --network alexnet --batch_size 16' \
 #     bench/gpu_check.sh first
@@ -34,9 +40,10 @@ if [ "$STAGE" != first ] && [ "$STAGE" != second ]; then
 fi
 OUT=${OUT:-/tmp/gpu_check}
 RUNS=${RUNS:-checkpoint/gpu_check}
-FIRST=${FIRST:-10}
-MORE=${MORE:-30}
+FAST=${FAST:-40}
 FP32=${FP32:-5}
+BUDGET=${BUDGET:-}
+STARTED=$(date +%s)
 DEVICE=${DEVICE:-cuda}
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_EXTRA:-}"
@@ -54,10 +61,26 @@ if [ -z "${DATA:-}" ]; then
   fi
 fi
 
+# The command "$@", stopped by SIGTERM 45 s before the call's BUDGET runs out (main.py then
+# stops at its next step, last.t7 written, and exits 0), and killed 30 s after that if it is
+# still there; without a BUDGET, as it is.
+within_budget() {
+  if [ -z "$BUDGET" ]; then
+    "$@"
+    return
+  fi
+  local left=$((STARTED + BUDGET - 45 - $(date +%s)))
+  if [ "$left" -le 0 ]; then
+    echo "no time left in the budget for: $*"
+    return 0
+  fi
+  timeout --preserve-status -s TERM -k 30 "$left" "$@"
+}
+
 # main.py at the released settings (its defaults), on the released absolute schedule.
 train() {
-  python3 main.py --data-root "$DATA" --device "$DEVICE" --schedule released --no-tensorboard \
-    "${EXTRA[@]}" "$@"
+  within_budget python3 main.py --data-root "$DATA" --device "$DEVICE" --schedule released \
+    --no-tensorboard "${EXTRA[@]}" "$@"
 }
 
 # The epochs run $1 ($RUNS/$1) has left before epoch $2 of round 0: all of them when it has not
@@ -138,21 +161,22 @@ if sys.argv[1] == 'cuda':
     print(f'torch.compile on CUDA: {value:.4f} in {time.time() - started:.1f} s')
 PREFLIGHT
   # -------------------------------------------------------------- the phase table
-  python3 bench/epoch_speed.py --data-root "$DATA" --device "$DEVICE" \
+  within_budget python3 bench/epoch_speed.py --data-root "$DATA" --device "$DEVICE" \
     --steps "${BENCH_STEPS:-100}" "${BENCH_EXTRA[@]}" 2>&1 | tee "$OUT/epoch_speed.txt" \
     || echo "the phase table failed (above); round 0 follows all the same"
-  # -------------------------------------------------------------- round 0, epochs 0 to FIRST-1
-  train_to fast "$FIRST" 2>&1 | tee "$OUT/round0_first.log"
+  # -------------------------------------------------------------- round 0, from epoch 0
+  train_to fast "$FAST" 2>&1 | tee "$OUT/round0_first.log"
   ;;
 second)
-  # -------------------------------------------------------------- round 0 on, then fp32
-  if [ -f "$RUNS/fast/last.t7" ]; then
-    train_to fast "$((FIRST + MORE))" 2>&1 | tee "$OUT/round0_more.log" \
-      || echo "the continued run failed (above); the fp32 run follows all the same"
-  else
-    echo "no $RUNS/fast/last.t7 to continue (a fresh machine?); the fp32 run follows"
-  fi
+  # -------------------------------------------------------------- fp32, then round 0 on
   train_to fp32 "$FP32" --precision fp32 --pipeline cpu --compile none \
-    --workers "${WORKERS:-12}" 2>&1 | tee "$OUT/fp32.log"
+    --workers "${WORKERS:-12}" 2>&1 | tee "$OUT/fp32.log" \
+    || echo "the fp32 run failed (above); the fast run follows all the same"
+  if [ -f "$RUNS/fast/last.t7" ]; then
+    train_to fast "$FAST" 2>&1 | tee "$OUT/round0_more.log"
+  else
+    echo "no $RUNS/fast/last.t7 to continue (a fresh machine): the fast run's curve is the" \
+      "first call's"
+  fi
   ;;
 esac
