@@ -44,6 +44,13 @@ FAST=${FAST:-40}
 FP32=${FP32:-5}
 BUDGET=${BUDGET:-}
 STARTED=$(date +%s)
+for number in FAST FP32 BUDGET; do
+  if [ -n "${!number}" ] && ! [[ "${!number}" =~ ^[0-9]+$ ]]; then
+    echo "error: $number=${!number} is not a whole number (of $( [ "$number" = BUDGET ] \
+      && echo seconds || echo epochs))" >&2
+    exit 2
+  fi
+done
 DEVICE=${DEVICE:-cuda}
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_EXTRA:-}"
