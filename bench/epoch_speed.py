@@ -79,7 +79,7 @@ import torch  # noqa: E402
 from lib.build import (build_optimizer, build_pipeline, device_settings,  # noqa: E402
                        load_data, normalisation)
 from lib.config import defaults  # noqa: E402
-from lib.core.knn import KnnData, knn_evaluate  # noqa: E402
+from lib.core.knn import KnnData, exact_float32, knn_evaluate  # noqa: E402
 from lib.core.losses import loss_weights  # noqa: E402
 from lib.core.schedules import Schedule  # noqa: E402
 from lib.core.step import train_step  # noqa: E402
@@ -165,6 +165,12 @@ def main():
     args = parse_args()
     opts = options(args)
     settings = device_settings(opts)
+    with exact_float32(settings.device, settings.precision):   # as main.py trains: fp32, no TF32
+        measure(args, opts, settings)
+
+
+def measure(args, opts, settings):
+    """Time each phase asked for and print the table."""
     device, cuda = settings.device, settings.cuda
     steps_default, warmup_default = (None, 20) if cuda else (4, 1)
     warmup = args.warmup if args.warmup is not None else warmup_default

@@ -8,7 +8,6 @@ here, so they train and evaluate the same thing.
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch
 import datasets
 
 from . import console
-from .core.knn import KnnData, exact_float32, knn_evaluate
+from .core.knn import KnnData, knn_evaluate
 from .distributed import cuda_wanted
 from .errors import UserError
 from .fast_path import compile_augmentation
@@ -69,13 +68,6 @@ def device_settings(opts, world=None):
                           pick(opts.compile, 'reduce-overhead', 'none'),
                           f'the default on {"CUDA" if cuda else "the CPU"}'
                           if opts.compile == 'auto' else 'as asked')
-
-
-def training_arithmetic(settings):
-    """The context a run trains in: with fp32 on CUDA, no TF32 (as the released code computed,
-    which predates it: PyTorch's default lets cuDNN round a convolution's inputs to TF32's
-    10-bit mantissa on the GPUs that have it), put back as found afterwards; else nothing."""
-    return exact_float32(settings.device) if settings.precision == 'fp32' else nullcontext()
 
 
 def image_reading(opts, say=None, show=False):

@@ -20,6 +20,7 @@ from . import build, console, resume
 from . import checkpoint as ckpt
 from .checkpoint_writer import CheckpointWriter
 from .config import log_folder
+from .core.knn import exact_float32
 from .core.losses import loss_weights
 from .core.schedules import Schedule, set_learning_rate
 from .core.step import train_step
@@ -54,7 +55,7 @@ def train(config, settings, world, method, data, checkpoint, say):
         # (The stop line is written by the signal handler: write_line, which a print it
         # interrupts cannot collide with.)
         with StopSignals(write_line if world.main else silent, world.size) as stop, \
-                build.training_arithmetic(settings):
+                exact_float32(settings.device, settings.precision):     # fp32: no TF32
             # -------------------------------------------------------- the fast path, checked
             parts, compiled = step_parts(config, settings, method, optimizer, world,
                                          data.pipeline, progress,

@@ -148,8 +148,9 @@ def test_fp32_on_cuda_trains_without_tf32(monkeypatch, precision, tf32):
     convolution's inputs to TF32, a run trains with TF32 off, and puts it back as found; bf16
     (and auto, bf16 on CUDA) leave it alone. (A machine said to have CUDA: the settings touch
     no device.)"""
-    from lib.build import device_settings, training_arithmetic
+    from lib.build import device_settings
     from lib.config import defaults
+    from lib.core.knn import exact_float32
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     # (torch's flag objects: set and put back by hand, monkeypatch cannot undo them)
@@ -159,7 +160,7 @@ def test_fp32_on_cuda_trains_without_tf32(monkeypatch, precision, tf32):
         settings = device_settings(defaults(device='cuda', precision=precision))
         assert settings.precision == ('bf16' if precision == 'auto' else precision)
         assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)    # not yet
-        with training_arithmetic(settings):
+        with exact_float32(settings.device, settings.precision):
             assert (cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
         assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)    # as found
     finally:
@@ -169,15 +170,14 @@ def test_fp32_on_cuda_trains_without_tf32(monkeypatch, precision, tf32):
 def test_a_run_trains_and_checks_its_first_step_in_its_arithmetic(monkeypatch, tiny_folder,
                                                                   tmp_path, run_main):
     """The fast path's set-up (compiling, the first step's check) and every step run inside
-    training_arithmetic(settings)."""
+    exact_float32(device, precision): no TF32 for fp32 on CUDA."""
     import contextlib
-    import lib.build
     import lib.engine
     inside, seen = [], []
 
     @contextlib.contextmanager
-    def recorded(settings):
-        inside.append(settings.precision)
+    def recorded(device, precision):
+        inside.append(precision)
         try:
             yield
         finally:
@@ -187,7 +187,7 @@ def test_a_run_trains_and_checks_its_first_step_in_its_arithmetic(monkeypatch, t
             seen.append((name, list(inside)))
             return real(*args, **kwargs)
         monkeypatch.setattr(lib.engine, name, wrapped)
-    monkeypatch.setattr(lib.build, 'training_arithmetic', recorded)
+    monkeypatch.setattr(lib.engine, 'exact_float32', recorded)
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, '--rounds', '1', '--epochs', '1',
                                          *MECHANICS))
     assert code == 0, err

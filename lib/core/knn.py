@@ -11,7 +11,7 @@ in bf16). Q x N similarities are taken in chunks of at most CHUNK_FLOATS.
 `world` arguments are the shell's process group (lib/distributed.py World: rank, size, shard,
 gather_rows, sum); None is one process.
 """
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,9 +105,12 @@ def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude: torch.Te
 
 # ----------------------------------------------------------------------------- embeddings
 @contextmanager
-def exact_float32(device):
-    """No TF32 inside: CUDA's default lets cuDNN convolutions round inputs to 10 bits."""
-    if device.type != 'cuda':
+def exact_float32(device, precision='fp32'):
+    """No TF32 inside, with `precision` fp32 on CUDA (PyTorch's default lets cuDNN round a
+    convolution's inputs to TF32's 10-bit mantissa; the released code predates TF32), put back
+    as found afterwards; nothing for bf16 or on the CPU. Used by the kNN embeddings and by the
+    training loop (--precision)."""
+    if device.type != 'cuda' or precision != 'fp32':
         yield
         return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -125,7 +128,7 @@ def embed(net: torch.nn.Module, batches, precision: str = 'fp32') -> tuple:
     net.eval()
     device = next(net.parameters()).device
     features, targets = [], []
-    with exact_float32(device) if precision == 'fp32' else nullcontext():
+    with exact_float32(device, precision):
         for images, labels in batches:
             if images.device.type == 'cuda':
                 images = images.contiguous(memory_format=torch.channels_last)
