@@ -36,7 +36,7 @@ else:
 
 # A passing test's tmp_path is removed when the test ends; a failing test's stays, to look at.
 # The runs of the suite write checkpoints of 60 to 120 MB (AlexNet and ResNet18 with their
-# momentum): about 13 GB a session, which pytest keeps for its last 3 sessions. That once filled
+# momentum): about 12 GB a session, which pytest keeps for its last 3 sessions. That once filled
 # this machine's disk, and every later run then stopped with "--model_dir has 151 MiB free".
 # (pytest's tmp_path_retention_policy = failed does the same, but needs a file at the top level.)
 PASSED = pytest.StashKey[bool]()
@@ -204,10 +204,16 @@ def finished_state(model_dir):
     compared with it, each by a difference of weights. (unbroken_run then keeps nothing, and
     the next test that asks runs it again; a fixture's error, as eager_run's, stays.)"""
     state = torch.load(model_dir / 'last.t7', weights_only=True)
-    position = {key: state['next'][key] for key in ('round', 'epoch', 'step')}
+    position = continues_from(state)
     assert position == {'round': state['config']['rounds'], 'epoch': 0, 'step': 0}, \
         f'the reference run in {model_dir} stopped early, before {position} (a stop signal?)'
     return state
+
+
+def continues_from(state):
+    """{round, epoch, step} a last.t7 continues from (without the loss sums of a part-done
+    epoch)."""
+    return {key: state['next'][key] for key in ('round', 'epoch', 'step')}
 
 
 # The flags of the 2-process run that one process and two nodes are compared with.
@@ -236,8 +242,7 @@ def assert_same_training_state(a, b, atol=0.0):
     # First where each continues from: a run stopped early (by a stop signal from outside the
     # tests, say, which also exits 0) is said as such, not as a difference of every weight.
     if 'next' in a and 'next' in b:
-        where = [{key: state['next'][key] for key in ('round', 'epoch', 'step')}
-                 for state in (a, b)]
+        where = [continues_from(a), continues_from(b)]
         assert where[0] == where[1], f'the runs stopped at different places: {where} ' \
             f'(was one stopped early, by a signal?)'
     close = (lambda x, y: torch.equal(x, y)) if atol == 0 else \
