@@ -295,9 +295,6 @@ class _RunConfig:
             stored.update(mean=list(mean), std=list(std))
         return stored
 
-    def components(self) -> dict:
-        return {name: getattr(self, name) for name in COMPONENTS}
-
 
 # Generated from OPTIONS, so that an option is declared once.
 RunConfig = make_dataclass(

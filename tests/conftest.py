@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# The README runs the suite as `pytest -n auto` (pytest-xdist): one worker process per core,
-# each computing on one thread, and so are the programs they start (OMP_NUM_THREADS). Two
-# workers of two threads each on 2 cores spend the time spinning (the suite took 424 s, against
-# 245 s so and 345 s as one process of two threads).
+# The README runs the suite as `pytest -n 2` (pytest-xdist): two worker processes, each
+# computing on one thread, and so are the programs they start (OMP_NUM_THREADS). Two workers of
+# two threads each on 2 cores spend the time spinning (the suite took 424 s, against 245 s so
+# and 345 s as one process of two threads).
 if os.environ.get('PYTEST_XDIST_WORKER'):
     os.environ['OMP_NUM_THREADS'] = '1'
     torch.set_num_threads(1)
