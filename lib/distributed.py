@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 from .core.step import Batch, local_batch
 
@@ -182,11 +181,27 @@ def close_world(world, clean=True):
     dist.destroy_process_group()
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: d(sum_r L_r)/dx_r."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm (1d or 2d: N x C, N x C x L, N x C x H x W) whose training statistics cover
     the global batch of every process: a stand-in for torch.nn.SyncBatchNorm on the CPU
     (gloo), where that one does not run. Gradients flow through the all-reduce of the
-    per-channel sums (the gradient of sum_r L_r with respect to x_r is the all-reduced one)."""
+    per-channel sums."""
 
     def _check_input_dim(self, x):
         if x.dim() not in (2, 3, 4):
@@ -197,7 +212,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         channels, dims = x.shape[1], [0] + list(range(2, x.dim()))
         count = x.numel() // channels * dist.get_world_size()
-        sums = differentiable_all_reduce(torch.cat((x.sum(dims), (x * x).sum(dims))))
+        sums = _SumOverRanks.apply(torch.cat((x.sum(dims), (x * x).sum(dims))))
         mean = sums[:channels] / count
         var = sums[channels:] / count - mean * mean
         with torch.no_grad():
