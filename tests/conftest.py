@@ -231,8 +231,8 @@ TWO_PROCESS_FLAGS = ['--rounds', '2', '--epochs', '1', '--batch_size', '16', '--
 
 @pytest.fixture(scope='session')
 def two_process_run(tiny_folder, tmp_path_factory):
-    """(model dir, stdout) of a run of TWO_PROCESS_FLAGS as two gloo processes of one node
-    (torchrun --standalone, a thread each), made once."""
+    """(model dir, stdout, stderr) of a run of TWO_PROCESS_FLAGS as two gloo processes of one
+    node (torchrun --standalone, a thread each), made once."""
     model_dir = tmp_path_factory.mktemp('two-processes')
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
@@ -240,7 +240,7 @@ def two_process_run(tiny_folder, tmp_path_factory):
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return model_dir, proc.stdout
+    return model_dir, proc.stdout, proc.stderr
 
 
 def assert_same_training_state(a, b, atol=0.0):

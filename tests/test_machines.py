@@ -48,7 +48,7 @@ def test_two_nodes_train_as_two_processes_of_one_node(tiny_folder, tmp_path, two
         assert code == 0, err[-3000:]
     printed = [out for _, out, _ in results if 'done:' in out]
     assert len(printed) == 1 and '2 processes' in printed[0]     # rank 0 prints, one node
-    one_node, _ = two_process_run
+    one_node, _, _ = two_process_run
     assert_same_training_state(torch.load(one_node / 'last.t7', weights_only=True),
                                torch.load(tmp_path / 'two' / 'last.t7', weights_only=True))
 
