@@ -514,7 +514,8 @@ class ImageCache:
         found = {}
         path = os.path.join(self.folder, 'files.npz')
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # (our own file object: np.load leaves the one it opens open when the zip is bad)
+            with open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
                 if int(data['version']) != INDEX_VERSION:
                     raise ValueError('another version')
                 ident, check = data['ident'], data['check']

@@ -139,14 +139,15 @@ def set_rng_state(state, device_count=None):
 
 
 # ----------------------------------------------------------------------------- writing
-def save_atomic(state, path):
-    """Write `state` to `path` whole or not at all: to `path.tmp<pid>`, fsynced, renamed over
+def save_atomic(state, path, write=None):
+    """Write `state` to `path` whole or not at all: to `path.tmp<pid>` by `write(state, file)`
+    (None: torch.save; tools/embed.py's .npz files pass their own), fsynced, renamed over
     `path`, and the rename made durable (the folder fsynced), so a kill or power loss leaves
     either the old file or the new one. A failed write (a full disk) removes its temporary."""
     tmp = temporary(path)
     try:
         with open(tmp, 'wb') as f:
-            torch.save(state, f)
+            (write or torch.save)(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -42,6 +42,13 @@ else:
     atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
 
 
+def pytest_configure(config):
+    # A warning raised at a line of the project (a deprecated PyTorch call, say: its warning
+    # names the caller's line) fails the test that reached it: a user would read it on stderr.
+    config.addinivalue_line('filterwarnings',
+                            r'error:::(main|hubconf|lib|models|datasets|tools|bench)(\.|$)')
+
+
 # A passing test's tmp_path is removed when the test ends; a failing test's stays, to look at.
 # The runs of the suite write checkpoints of 60 to 120 MB (AlexNet and ResNet18 with their
 # momentum): about 12 GB a session, which pytest keeps for its last 3 sessions. That once filled

@@ -4,6 +4,7 @@ back through memory-mapped files; STL-10's binary files.
 The reference of every pixel, digest, note and reason is the one-process reader of
 datasets/images.py, called here file by file (`reference_read`); the reference of STL-10's
 layout is written here from the format's description (column-major channel planes)."""
+import gc
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -295,7 +297,11 @@ def test_a_damaged_or_foreign_cache_is_never_read_wrong(tmp_path, damage, monkey
     (pack,) = packs_of(cache_dir)
     DAMAGES[damage](pack)
     cache = datasets.ImageCache(cache_dir)
-    found, notes, stats = read_all(paths, SIZE, Reading(cache, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', ResourceWarning)
+        found, notes, stats = read_all(paths, SIZE, Reading(cache, 2))
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []  # none open
     assert_same_reads(found, expected)
     assert notes == expected_notes
     used = damage in ('foreign files', 'file index damaged', 'pack copied (the same bytes)')

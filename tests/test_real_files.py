@@ -599,6 +599,67 @@ def test_query_notes_are_said_and_old_caches_are_not_reused(tmp_path, capsys):
     assert 'from the cache' not in out and re.search(r'^   1  1\.0000  photo\.jpg$', out, re.M)
 
 
+def damage(path, how):
+    """The file at `path` as a kill, a short copy or a mix-up leaves it."""
+    data = path.read_bytes()
+    if how == 'npy':
+        with open(path, 'wb') as f:
+            np.save(f, np.zeros(3))
+        return
+    path.write_bytes({'cut off': data[:len(data) // 2],
+                      'altered': data[:60] + bytes(b ^ 0xFF for b in data[60:120]) + data[120:],
+                      'empty': b''}[how])
+
+
+@pytest.mark.parametrize('how', ['cut off', 'altered', 'empty', 'npy'])
+def test_a_damaged_gallery_is_one_line_and_a_damaged_cache_is_made_again(tmp_path, capsys,
+                                                                         how):
+    gallery = tmp_path / 'gallery'
+    gallery.mkdir()
+    for i in range(3):
+        Image.fromarray(noisy(i)).save(gallery / f'{i}.png')
+    checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
+    given = tmp_path / 'given.npz'
+    assert embed.main(['--ckpt', checkpoint, '--images', str(gallery), '--out', str(given),
+                       '--device', 'cpu']) == 0
+    damage(given, how)
+    query = ['--query', str(gallery / '0.png'), '--k', '1']
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', ResourceWarning)     # (no file left open either)
+        assert retrieve.main(['--ckpt', checkpoint, '--gallery', str(given), *query]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: cannot read gallery {given}: ') and err.count('\n') == 1, err
+    assert ('one NumPy array (.npy)' if how == 'npy' else 'a damaged or cut-off file?') in err
+    # The cache of a gallery folder, damaged: said, embedded again and cached whole again.
+    argv = ['--ckpt', checkpoint, '--gallery', str(gallery), *query]
+    assert retrieve.main(argv) == 0
+    cached, = [tmp_path / name for name in os.listdir(tmp_path) if '.gallery-' in name]
+    damage(cached, how)
+    capsys.readouterr()
+    assert retrieve.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f'note: cannot read gallery {cached}: ' in out and 'embedding the gallery again' in out
+    assert re.search(r'^   1  1\.0000  0\.png$', out, re.M)
+    assert retrieve.main(argv) == 0 and 'embeddings from the cache' in capsys.readouterr().out
+
+
+def test_an_npz_written_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write stopped midway (Ctrl-C, a full disk) leaves the file as it was, and no
+    temporary."""
+    out = tmp_path / 'e.npz'
+    embed.write_npz(str(out), features=np.ones((2, 3), np.float32))
+    before = out.read_bytes()
+
+    def stopped(f, **arrays):
+        f.write(before[:20])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, 'savez', stopped)
+    with pytest.raises(KeyboardInterrupt):
+        embed.write_npz(str(out), features=np.zeros((5, 3), np.float32))
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ['e.npz']
+
+
 def test_a_query_folder_gives_its_images(tmp_path, capsys):
     gallery = tmp_path / 'gallery'
     queries = tmp_path / 'queries'

@@ -52,7 +52,7 @@ from datasets import shown  # noqa: E402
 from datasets.decoding import read_files  # noqa: E402
 from lib.analysis import load_network  # noqa: E402
 from lib.build import image_reading, pick_device  # noqa: E402
-from lib.checkpoint import checkpoint_digest  # noqa: E402
+from lib.checkpoint import checkpoint_digest, save_atomic  # noqa: E402
 from lib.cli import plural  # noqa: E402
 from lib.console import reading_line, skipped_lines  # noqa: E402
 from lib.core.knn import embed  # noqa: E402
@@ -269,11 +269,13 @@ def embed_folder(loaded, images, device, show=False, say=print, reading=None, ro
 
 
 def write_npz(out, **arrays):
-    """`arrays` into the .npz file `out`, under exactly that name, its folder made. An array
-    may be a memory-mapped .npy file's: it is copied into the archive a chunk at a time."""
+    """`arrays` into the .npz file `out`, under exactly that name, its folder made, whole or
+    not at all (a kill mid-write leaves the file as it was: retrieve reads its gallery cache
+    back). An array may be a memory-mapped .npy file's: it is copied into the archive a chunk
+    at a time."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'wb') as f:     # a file object: np.savez would add .npz to other names
-        np.savez(f, **arrays)
+    # A file object: np.savez would add .npz to other names.
+    save_atomic(arrays, out, write=lambda arrays, f: np.savez(f, **arrays))
 
 
 class FeatureRows:

@@ -12,6 +12,7 @@ wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
 """
 import os
 import sys
+import zipfile
 
 if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,15 +72,24 @@ def cache_path(checkpoint, fingerprint):
 
 
 def load_npz(path):
+    """{name: array} of the .npz at `path`; a UserError for a file that is no .npz of
+    embeddings or is damaged (cut off by a kill, a copy that stopped short)."""
     kind = describe_file(path)
     if kind is not None:
         raise UserError(f'cannot read gallery {shown(path)}: it is {kind}, not an .npz of '
                         f'embeddings (python -m tools.embed writes them)')
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise UserError(f'cannot read gallery {path}: {err}') from None
+        with open(path, 'rb') as f:     # (np.load leaves its own file open when it fails)
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise UserError(f'cannot read gallery {shown(path)}: it is one NumPy array '
+                                f'(.npy), not an .npz of embeddings (python -m tools.embed '
+                                f'writes them)')
+            with data:
+                return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f'cannot read gallery {shown(path)}: {err or type(err).__name__} (a '
+                        f'damaged or cut-off file?)') from None
 
 
 def gallery_from_folder(loaded, images, checkpoint, device, say, reading=None):
@@ -90,7 +100,11 @@ def gallery_from_folder(loaded, images, checkpoint, device, say, reading=None):
                                    reading.cache if reading is not None else None)
     cached, digest = cache_path(checkpoint, fingerprint), checkpoint_digest(checkpoint)
     if os.path.isfile(cached):
-        data = load_npz(cached)
+        try:
+            data = load_npz(cached)
+        except UserError as err:        # a damaged cache is made again
+            say(f'note: {err}; embedding the gallery again')
+            data = {}
         if str(data.get('checkpoint_digest')) == digest and \
                 reader_version(data) == datasets.READER_VERSION:
             say(f'gallery {shown(images.root)}: {len(data["paths"])} embeddings from the cache '
