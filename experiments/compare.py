@@ -105,14 +105,14 @@ def run_one(spec, args):
         for name in ('log.jsonl', 'last.t7', 'ckpt.t7'):
             if os.path.exists(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
-    with open(os.path.join(folder, 'console.txt'), 'w') as console:
-        # The console is shown as it comes and kept for reading; the table uses the records.
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)       # (from here: paths in --extra are too)
+    # The console is shown as it comes and kept for reading; the table uses the records.
+    # (Run from here: paths in --extra are too. Leaving the `with` closes the pipe and waits.)
+    with open(os.path.join(folder, 'console.txt'), 'w') as console, \
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) as proc:
         for line in proc.stdout:
             console.write(line)
             print('   ' + line.rstrip(), flush=True)
-        proc.wait()
     seconds = time.time() - start
     row = dict(method=method, dataset=dataset, network=network,
                schedule=f'{rounds} x {per_round}', seconds=seconds)

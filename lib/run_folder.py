@@ -26,7 +26,7 @@ from .run_log import LOG_NAME
 
 BEST, LAST = 'ckpt.t7', 'last.t7'       # the best kNN epoch; where the run continues from
 LOCK_NAME = 'run.lock'
-TEMPORARY = re.compile(r'.+\.t7\.tmp(\d+)')      # a checkpoint's `temporary`, and whose
+TEMPORARY = re.compile(r'.+\.(?:t7|npz)\.tmp(\d+)')    # a checkpoint's or .npz's `temporary`
 
 
 def temporary(path):
@@ -264,8 +264,9 @@ def check_room(model_dir, checkpoint_bytes, world):
 
 
 def remove_dead_temporaries(model_dir):
-    """Remove the `*.t7.tmp<pid>` files of processes that no longer exist (a run killed while
-    writing); a live process's file is its checkpoint being written, and is left alone."""
+    """Remove the `*.t7.tmp<pid>` and `*.npz.tmp<pid>` files of processes that no longer exist
+    (a run or a tool killed while writing); a live process's file is being written, and is left
+    alone."""
     for name in os.listdir(model_dir):
         match = TEMPORARY.fullmatch(name)
         if match and not process_exists(int(match.group(1))):

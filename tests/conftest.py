@@ -40,13 +40,20 @@ if os.path.basename(os.environ.get('XDG_CACHE_HOME', '')).startswith(CACHE_PREFI
 else:
     CACHE_HOME = os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix=CACHE_PREFIX)
     atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
+# Each pytest-xdist worker a cache of its own, inside the session's: runs of two workers never
+# wait for each other's fill (which says a line of its own on stdout).
+if os.environ.get('PYTEST_XDIST_WORKER') and \
+        os.path.basename(CACHE_HOME) != CACHE_PREFIX + os.environ['PYTEST_XDIST_WORKER']:
+    CACHE_HOME = os.environ['XDG_CACHE_HOME'] = os.path.join(
+        CACHE_HOME, CACHE_PREFIX + os.environ['PYTEST_XDIST_WORKER'])
 
 
 def pytest_configure(config):
     # A warning raised at a line of the project (a deprecated PyTorch call, say: its warning
     # names the caller's line) fails the test that reached it: a user would read it on stderr.
-    config.addinivalue_line('filterwarnings',
-                            r'error:::(main|hubconf|lib|models|datasets|tools|bench)(\.|$)')
+    # (One raised by a finalizer, a file left open, cannot fail a test: pytest reports it.)
+    config.addinivalue_line('filterwarnings', r'error:::(main|hubconf|lib|models|datasets|tools|'
+                                              r'bench|experiments)(\.|$)')
 
 
 # A passing test's tmp_path is removed when the test ends; a failing test's stays, to look at.

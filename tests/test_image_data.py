@@ -297,6 +297,7 @@ def test_a_damaged_or_foreign_cache_is_never_read_wrong(tmp_path, damage, monkey
     (pack,) = packs_of(cache_dir)
     DAMAGES[damage](pack)
     cache = datasets.ImageCache(cache_dir)
+    gc.collect()                        # (what earlier tests left is not this one's)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ResourceWarning)
         found, notes, stats = read_all(paths, SIZE, Reading(cache, 2))

@@ -2,6 +2,7 @@
 class trees as --eval-root uses them, lib.embed, lib.retrieve's queries, gallery and figure, the
 hub transform) reads an image as it looks, each real file once, and every printed figure
 counts only what it claims. Every input is built here; expected values are computed here."""
+import gc
 import gzip
 import io
 import os
@@ -625,12 +626,15 @@ def test_a_damaged_gallery_is_one_line_and_a_damaged_cache_is_made_again(tmp_pat
     damage(given, how)
     query = ['--query', str(gallery / '0.png'), '--k', '1']
     capsys.readouterr()
-    with warnings.catch_warnings():
-        warnings.simplefilter('error', ResourceWarning)     # (no file left open either)
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', ResourceWarning)
         assert retrieve.main(['--ckpt', checkpoint, '--gallery', str(given), *query]) == 2
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []  # none open
     err = capsys.readouterr().err
     assert err.startswith(f'error: cannot read gallery {given}: ') and err.count('\n') == 1, err
-    assert ('one NumPy array (.npy)' if how == 'npy' else 'a damaged or cut-off file?') in err
+    assert ('one NumPy array (.npy)' if how == 'npy' else 'it is damaged or cut off (') in err
     # The cache of a gallery folder, damaged: said, embedded again and cached whole again.
     argv = ['--ckpt', checkpoint, '--gallery', str(gallery), *query]
     assert retrieve.main(argv) == 0
@@ -646,10 +650,16 @@ def test_a_damaged_gallery_is_one_line_and_a_damaged_cache_is_made_again(tmp_pat
 
 def test_an_npz_written_is_whole_or_not_at_all(tmp_path, monkeypatch):
     """A write stopped midway (Ctrl-C, a full disk) leaves the file as it was, and no
-    temporary."""
+    temporary; one of a write killed before (its process gone) is removed by the next write.
+    Written through a link, the link's target is."""
     out = tmp_path / 'e.npz'
+    (tmp_path / 'e.npz.tmp99999999').write_bytes(b'PK cut off by a kill')
     embed.write_npz(str(out), features=np.ones((2, 3), np.float32))
     before = out.read_bytes()
+    os.symlink(out, tmp_path / 'link.npz')
+    embed.write_npz(str(tmp_path / 'link.npz'), features=np.ones((2, 3), np.float32))
+    assert os.path.islink(tmp_path / 'link.npz') and out.read_bytes() == before
+    os.remove(tmp_path / 'link.npz')
 
     def stopped(f, **arrays):
         f.write(before[:20])

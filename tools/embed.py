@@ -58,6 +58,7 @@ from lib.console import reading_line, skipped_lines  # noqa: E402
 from lib.core.knn import embed  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.progress import progress_bar  # noqa: E402
+from lib.run_folder import remove_dead_temporaries  # noqa: E402
 
 EMBED_BATCH = 256               # images per forward pass (memory only; results do not depend)
 NORMALISATION_TOLERANCE = 0.03  # a folder's mean or std this far from the checkpoint's is said
@@ -273,7 +274,9 @@ def write_npz(out, **arrays):
     not at all (a kill mid-write leaves the file as it was: retrieve reads its gallery cache
     back). An array may be a memory-mapped .npy file's: it is copied into the archive a chunk
     at a time."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    out = os.path.realpath(out)         # (a link: its target is written, the link kept)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    remove_dead_temporaries(os.path.dirname(out))       # of writes killed before
     # A file object: np.savez would add .npz to other names.
     save_atomic(arrays, out, write=lambda arrays, f: np.savez(f, **arrays))
 

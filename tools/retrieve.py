@@ -12,7 +12,6 @@ wrote. `--figure` draws each query (blue frame) and its neighbours in a row.
 """
 import os
 import sys
-import zipfile
 
 if not __package__:     # run by its path, python3 tools/<name>.py: the project's packages
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,17 +78,22 @@ def load_npz(path):
         raise UserError(f'cannot read gallery {shown(path)}: it is {kind}, not an .npz of '
                         f'embeddings (python -m tools.embed writes them)')
     try:
-        with open(path, 'rb') as f:     # (np.load leaves its own file open when it fails)
+        f = open(path, 'rb')            # (np.load leaves its own file open when it fails)
+    except OSError as err:
+        raise UserError(f'cannot read gallery {shown(path)}: {err.strerror or err}') from None
+    with f:
+        try:
             data = np.load(f, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise UserError(f'cannot read gallery {shown(path)}: it is one NumPy array '
-                                f'(.npy), not an .npz of embeddings (python -m tools.embed '
-                                f'writes them)')
-            with data:
-                return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f'cannot read gallery {shown(path)}: {err or type(err).__name__} (a '
-                        f'damaged or cut-off file?)') from None
+            npy = not isinstance(data, np.lib.npyio.NpzFile)
+            if not npy:
+                with data:
+                    return {key: data[key] for key in data.files}
+        except Exception as err:        # whatever numpy and zipfile make of damaged bytes
+            # (their own texts can quote kilobytes of the file, or advise allow_pickle)
+            raise UserError(f'cannot read gallery {shown(path)}: it is damaged or cut off '
+                            f'({type(err).__name__}); embed its images again') from None
+    raise UserError(f'cannot read gallery {shown(path)}: it is one NumPy array (.npy), not an '
+                    f'.npz of embeddings (python -m tools.embed writes them)')
 
 
 def gallery_from_folder(loaded, images, checkpoint, device, say, reading=None):
