@@ -3,6 +3,7 @@ machine with gloo: the run equals the one-node run of as many processes; a node 
 checkpoint, with another one, or with other data stops every node with one line; a node that
 never joins ends the others after the rendezvous timeout with one line."""
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,9 +19,22 @@ FLAGS = ['--rounds', '2', '--epochs', '1', '--batch_size', '8', '--pipeline', 'g
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    """A port free now, below the ephemeral range: a port from a bind to port 0 is free only
+    until the kernel hands it to the next such bind (the other xdist worker's launchers, say),
+    which it never does below that range."""
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = None
+    ports = random.Random().sample(range(max(1024, low - 8000), low), 100) if low else []
+    for port in ports + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue                # taken
+            return s.getsockname()[1]
 
 
 def two_nodes(per_node, launcher=(sys.executable, '-m', 'torch.distributed.run'), timeout=600):
