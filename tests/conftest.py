@@ -207,7 +207,8 @@ def run_killed_at(at, *argv):
 
 @pytest.fixture(scope='session')
 def unbroken_run(tiny_folder, tmp_path_factory):
-    """last.t7 of a never-stopped 2 rounds x 2 epochs run, per pipeline (made once)."""
+    """last.t7 of a never-stopped 2 rounds x 2 epochs run, per pipeline (made once in each
+    pytest process: each xdist worker)."""
     import main
     made = {}
 
@@ -246,7 +247,7 @@ TWO_PROCESS_FLAGS = ['--rounds', '2', '--epochs', '1', '--batch_size', '16', '--
 @pytest.fixture(scope='session')
 def two_process_run(tiny_folder, tmp_path_factory):
     """(model dir, stdout, stderr) of a run of TWO_PROCESS_FLAGS as two gloo processes of one
-    node (torchrun --standalone, a thread each), made once."""
+    node (torchrun --standalone, a thread each), made once in each pytest process."""
     model_dir = tmp_path_factory.mktemp('two-processes')
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
