@@ -84,8 +84,7 @@ def load_npz(path):
     with f:
         try:
             data = np.load(f, allow_pickle=False)
-            npy = not isinstance(data, np.lib.npyio.NpzFile)
-            if not npy:
+            if isinstance(data, np.lib.npyio.NpzFile):      # (else one .npy array)
                 with data:
                     return {key: data[key] for key in data.files}
         except Exception as err:        # whatever numpy and zipfile make of damaged bytes
