@@ -1,5 +1,7 @@
 """Shared fixtures: a generated tiny image-folder dataset and ways to run main.py."""
 import atexit
+import contextlib
+import gc
 import os
 import shlex
 import shutil
@@ -7,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +24,8 @@ if ROOT not in sys.path:
 # computing on one thread, and so are the programs they start (OMP_NUM_THREADS). Two workers of
 # two threads each on 2 cores spend the time spinning (the suite took 424 s, against 245 s so
 # and 345 s as one process of two threads).
-if os.environ.get('PYTEST_XDIST_WORKER'):
+WORKER = os.environ.get('PYTEST_XDIST_WORKER')      # 'gw0', 'gw1'; None without xdist
+if WORKER:
     os.environ['OMP_NUM_THREADS'] = '1'
     torch.set_num_threads(1)
 else:
@@ -42,10 +46,8 @@ else:
     atexit.register(shutil.rmtree, CACHE_HOME, ignore_errors=True)
 # Each pytest-xdist worker a cache of its own, inside the session's: runs of two workers never
 # wait for each other's fill (which says a line of its own on stdout).
-if os.environ.get('PYTEST_XDIST_WORKER') and \
-        os.path.basename(CACHE_HOME) != CACHE_PREFIX + os.environ['PYTEST_XDIST_WORKER']:
-    CACHE_HOME = os.environ['XDG_CACHE_HOME'] = os.path.join(
-        CACHE_HOME, CACHE_PREFIX + os.environ['PYTEST_XDIST_WORKER'])
+if WORKER and os.path.basename(CACHE_HOME) != CACHE_PREFIX + WORKER:
+    CACHE_HOME = os.environ['XDG_CACHE_HOME'] = os.path.join(CACHE_HOME, CACHE_PREFIX + WORKER)
 
 
 def pytest_configure(config):
@@ -78,6 +80,18 @@ def _tmp_path_removed_when_passed(request):
     path = request.node.funcargs.get('tmp_path')
     if path is not None and request.node.stash.get(PASSED, False):
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def no_file_left_open():
+    """Fails when the block leaves a file open (a ResourceWarning once it is collected); what
+    ran before is collected first, so that its leaks are not blamed on the block."""
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', ResourceWarning)
+        yield
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def printed_python():

@@ -4,7 +4,6 @@ back through memory-mapped files; STL-10's binary files.
 The reference of every pixel, digest, note and reason is the one-process reader of
 datasets/images.py, called here file by file (`reference_read`); the reference of STL-10's
 layout is written here from the format's description (column-major channel planes)."""
-import gc
 import hashlib
 import json
 import os
@@ -13,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from PIL import Image
 
 import datasets
 from conftest import (ROOT, UNBROKEN_FLAGS, assert_same_training_state, fast_args,
-                      write_image_folder)
+                      no_file_left_open, write_image_folder)
 from datasets import Reading, ReadStats, image_cache
 from datasets.decoding import read_files
 from datasets.image_rows import ImageRows, channel_statistics, chunks, pixel_digest
@@ -297,12 +295,8 @@ def test_a_damaged_or_foreign_cache_is_never_read_wrong(tmp_path, damage, monkey
     (pack,) = packs_of(cache_dir)
     DAMAGES[damage](pack)
     cache = datasets.ImageCache(cache_dir)
-    gc.collect()                        # (what earlier tests left is not this one's)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always', ResourceWarning)
+    with no_file_left_open():
         found, notes, stats = read_all(paths, SIZE, Reading(cache, 2))
-        gc.collect()
-    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []  # none open
     assert_same_reads(found, expected)
     assert notes == expected_notes
     used = damage in ('foreign files', 'file index damaged', 'pack copied (the same bytes)')

@@ -2,7 +2,6 @@
 class trees as --eval-root uses them, lib.embed, lib.retrieve's queries, gallery and figure, the
 hub transform) reads an image as it looks, each real file once, and every printed figure
 counts only what it claims. Every input is built here; expected values are computed here."""
-import gc
 import gzip
 import io
 import os
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 
 import datasets
-from conftest import write_image_folder
+from conftest import no_file_left_open, write_image_folder
 from tools import embed, retrieve
 from lib.core.knn import topk_correct
 
@@ -626,12 +625,8 @@ def test_a_damaged_gallery_is_one_line_and_a_damaged_cache_is_made_again(tmp_pat
     damage(given, how)
     query = ['--query', str(gallery / '0.png'), '--k', '1']
     capsys.readouterr()
-    gc.collect()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always', ResourceWarning)
+    with no_file_left_open():
         assert retrieve.main(['--ckpt', checkpoint, '--gallery', str(given), *query]) == 2
-        gc.collect()
-    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []  # none open
     err = capsys.readouterr().err
     assert err.startswith(f'error: cannot read gallery {given}: ') and err.count('\n') == 1, err
     assert ('one NumPy array (.npy)' if how == 'npy' else 'it is damaged or cut off (') in err
