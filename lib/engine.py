@@ -50,58 +50,59 @@ def train(config, settings, world, method, data, checkpoint, say):
                             evaluated=data.knn is not None)
     schedule = Schedule(config.epochs, config.schedule)
     epochs_run, (first_round, first_epoch) = 0, (progress.round, progress.epoch)
-    try:
-        # Signals are answered from here on, compiling included (a minute, on some machines).
-        # (The stop line is written by the signal handler: write_line, which a print it
-        # interrupts cannot collide with.)
-        with StopSignals(write_line if world.main else silent, world.size) as stop, \
-                exact_float32(settings.device, settings.precision):     # fp32: no TF32
-            # -------------------------------------------------------- the fast path, checked
-            parts, compiled = step_parts(config, settings, method, optimizer, world,
-                                         data.pipeline, progress,
-                                         loss_weights(config, schedule, progress.epoch), say)
-            if world.size == 1 and stop():      # while compiling: nothing trained or written
-                # (several processes agree on a stop in the training loop, a few steps on)
-                say(console.stopped_before_training_line(config, stop.name, progress))
-                return
-            log.start(config.record(data.mean, data.std), data.train.fingerprint,
-                      settings.device, resumed_from=checkpoint.path if config.resume else None,
-                      compile=compiled.record(), data=data.record())
-            run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
-                      schedule, say, {**settings.arithmetic(), 'processes': world.size})
-            console.announce(config, settings, world, schedule, data, log, compiled, say)
-            # -------------------------------------------------------- the rounds and epochs
-            for round_index in range(first_round, config.rounds):
-                if resume.starts_round(config, progress, round_index, method):
-                    record = build.anchor_discovery(method, round_index, data.labels, world)
-                    say.progress(console.round_line(record))
-                    log.round(record, entropy=method.anchors.entropy)
-                for epoch in range(first_epoch if round_index == first_round else 0,
-                                   config.epochs):
-                    if not train_one_epoch(run, round_index, epoch, stop):
-                        return                  # a stop signal: last.t7 continues from it
-                    epochs_run += 1
-                    if config.stop_after and epochs_run >= config.stop_after and \
-                            (round_index, epoch) != (config.rounds - 1, config.epochs - 1):
-                        say(console.stopped_after_line(config, epochs_run))
-                        return
-    except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
-        writer.wait()
-        raise KeyboardInterrupt(console.interrupted_line(config, progress)) from None
-    except RuntimeError as err:     # another process died: one line, not the transport's wall
-        lost = console.lost_loader_line if 'DataLoader worker' in str(err) else \
-            console.lost_process_line if world.lost_peer(err) else None
-        if lost is None:
-            raise
-        writer.wait()
-        raise UserError(lost(config, progress, world)) from None
-    finally:
-        writer.wait()               # every checkpoint whole on disk before anything is said
-        log.close()
-    # ---------------------------------------------------------------- the end
-    for line in console.end_lines(config, progress, log.jsonl_path):
-        say(line)
-    log.end(progress, time.time() - started)
+    # Signals are answered from here to the end, compiling included (a minute, on some
+    # machines), and the last checkpoint's writing. (The stop line is written by the signal
+    # handler: write_line, which a print it interrupts cannot collide with.)
+    with StopSignals(write_line if world.main else silent, world.size) as stop:
+        try:
+            with exact_float32(settings.device, settings.precision):     # fp32: no TF32
+                # -------------------------------------------------------- the fast path, checked
+                parts, compiled = step_parts(config, settings, method, optimizer, world,
+                                             data.pipeline, progress,
+                                             loss_weights(config, schedule, progress.epoch), say)
+                if world.size == 1 and stop():      # while compiling: nothing trained or written
+                    # (several processes agree on a stop in the training loop, a few steps on)
+                    say(console.stopped_before_training_line(config, stop.name, progress))
+                    return
+                log.start(config.record(data.mean, data.std), data.train.fingerprint,
+                          settings.device, resumed_from=checkpoint.path if config.resume else None,
+                          compile=compiled.record(), data=data.record())
+                run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
+                          schedule, say, {**settings.arithmetic(), 'processes': world.size})
+                console.announce(config, settings, world, schedule, data, log, compiled, say)
+                # -------------------------------------------------------- the rounds and epochs
+                for round_index in range(first_round, config.rounds):
+                    if resume.starts_round(config, progress, round_index, method):
+                        record = build.anchor_discovery(method, round_index, data.labels, world)
+                        say.progress(console.round_line(record))
+                        log.round(record, entropy=method.anchors.entropy)
+                    for epoch in range(first_epoch if round_index == first_round else 0,
+                                       config.epochs):
+                        if not train_one_epoch(run, round_index, epoch, stop):
+                            return                  # a stop signal: last.t7 continues from it
+                        epochs_run += 1
+                        if config.stop_after and epochs_run >= config.stop_after and \
+                                (round_index, epoch) != (config.rounds - 1, config.epochs - 1):
+                            say(console.stopped_after_line(config, epochs_run))
+                            return
+        except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
+            writer.wait()
+            raise KeyboardInterrupt(console.interrupted_line(config, progress)) from None
+        except RuntimeError as err:     # another process died: one line, not the transport's wall
+            lost = console.lost_loader_line if 'DataLoader worker' in str(err) else \
+                console.lost_process_line if world.lost_peer(err) else None
+            if lost is None:
+                raise
+            writer.wait()
+            raise UserError(lost(config, progress, world)) from None
+        finally:
+            stop.finishing = True       # (a signal now: the run ends once this is written)
+            writer.wait()               # every checkpoint whole on disk before anything is said
+            log.close()
+        # ---------------------------------------------------------------- the end
+        for line in console.end_lines(config, progress, log.jsonl_path):
+            say(line)
+        log.end(progress, time.time() - started)
 
 
 @dataclass

@@ -51,6 +51,7 @@ class StopSignals:
         self.say = say
         self.processes = processes
         self.closing = False
+        self.finishing = False      # training is over: its last checkpoint is being written
         self._previous = {}
 
     def __enter__(self):
@@ -83,7 +84,10 @@ class StopSignals:
         if signum == signal.SIGHUP:
             detach_from_terminal()
         again = '; Ctrl-C again to quit at once' if signum == signal.SIGINT else ''
-        if self.processes > 1:
+        if self.finishing:
+            self.say(f'{NAMES.get(signum, signum)}: the run is ending: it stops once its last '
+                     f'checkpoint is written{again}')
+        elif self.processes > 1:
             self.say(f'{NAMES.get(signum, signum)}: stopping at a step all '
                      f'{self.processes} processes agree on{again}')
         else:
@@ -103,8 +107,8 @@ class StopSignals:
 
 
 class StoppedAtOnce(KeyboardInterrupt):
-    """A stop signal before training (or in an evaluation): out at once as from Ctrl-C, with
-    a line and the signal's exit code (128 + its number)."""
+    """A stop signal before training (or in an evaluation): out at once, with a line and the
+    signal's exit code (128 + its number: 130 for Ctrl-C)."""
 
     def __init__(self, signum):
         super().__init__(f'stopped by {NAMES[signum]}: nothing was trained or written')
@@ -113,15 +117,16 @@ class StoppedAtOnce(KeyboardInterrupt):
 
 @contextmanager
 def stopped_at_once():
-    """SIGTERM and SIGHUP end the start-up (checkpoint, data, network) and an evaluation as
-    Ctrl-C does: StoppedAtOnce, whose line is said and whose run takes back the folder it
-    made, where their default action killed the process and left its run.lock. Training
-    answers them itself (StopSignals, which puts these handlers back after it)."""
+    """SIGTERM, SIGHUP and Ctrl-C end the start-up (checkpoint, data, network) and an
+    evaluation: StoppedAtOnce, whose line says that nothing was trained or written and whose
+    run takes back the folder it made, where the default action of the first two killed the
+    process and left its run.lock. Training answers them itself (StopSignals, which puts these
+    handlers back after it)."""
     def stop(signum, frame):
         if signum == signal.SIGHUP:
             detach_from_terminal()
         raise StoppedAtOnce(signum)
-    previous = install(stop, (signal.SIGTERM, signal.SIGHUP))
+    previous = install(stop, (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
     try:
         yield
     finally:

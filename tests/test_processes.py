@@ -154,15 +154,18 @@ main.cli.exit_program(main.main(sys.argv[1:]))   # as main.py ends
 '''
 
 
-@pytest.mark.parametrize('signum, decoding', [(signal.SIGHUP, False), (signal.SIGTERM, True)])
+@pytest.mark.parametrize('signum, decoding', [(signal.SIGHUP, False), (signal.SIGTERM, True),
+                                              (signal.SIGINT, True)])
 def test_a_stop_signal_before_training_quits_at_once_and_leaves_no_folder(tiny_folder, tmp_path,
                                                                           signum, decoding):
-    """Where the default action killed the run silently and left its run.lock: one line, the
-    signal's exit code, the folder the run made taken back, and the processes decoding images
-    ended (they inherit the run's handlers by fork: left to them, the run waited on them)."""
-    name = signal.Signals(signum).name
+    """Where the default action killed the run silently and left its run.lock (or, for
+    Ctrl-C, said only 'interrupted'): one line, the signal's exit code, the folder the run made
+    taken back, and the processes decoding images ended (they inherit the run's handlers by
+    fork: left to them, the run waited on them)."""
     script = tmp_path / 'signalled.py'
-    script.write_text(SIGNAL_BEFORE_TRAINING.format(root=ROOT, signal=name, decoding=decoding))
+    script.write_text(SIGNAL_BEFORE_TRAINING.format(root=ROOT, signal=signal.Signals(signum).name,
+                                                    decoding=decoding))
+    name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
     model_dir = tmp_path / 'new' / 'run'
     proc = subprocess.run([sys.executable, str(script),
                            *fast_args(tiny_folder, model_dir, *MECHANICS, '--rounds', '1',
@@ -175,6 +178,26 @@ def test_a_stop_signal_before_training_quits_at_once_and_leaves_no_folder(tiny_f
         f'stopped by {name}: nothing was trained or written'
     assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'new').exists()
+
+
+def test_a_stop_signal_after_the_last_epoch_lets_the_run_end(tiny_folder, tmp_path, run_main,
+                                                             monkeypatch):
+    """SIGTERM after the last epoch, while its checkpoint is still being written: the run ends
+    as it would have (its result, exit code 0, its end record), after a line saying that it
+    ends once the file is written; before, this said 'nothing was trained or written'."""
+    from lib.run_log import RunLog
+    close = RunLog.close
+
+    def signalled(self):                # (in the engine's `finally`, beside the writer's wait)
+        os.kill(os.getpid(), signal.SIGTERM)
+        close(self)
+    monkeypatch.setattr(RunLog, 'close', signalled)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '1', '--no-tensorboard'))
+    assert code == 0, err
+    assert 'SIGTERM: the run is ending: it stops once its last checkpoint is written' in out
+    assert out.splitlines()[-2].startswith('done: best kNN top-1')
+    assert records(tmp_path, 'end') and 'nothing was trained' not in out + err
 
 
 # ----------------------------------------------------------------------------- 4. SIGHUP
