@@ -68,7 +68,8 @@ def train(config, settings, world, method, data, checkpoint, say):
                           settings.device, resumed_from=checkpoint.path if config.resume else None,
                           compile=compiled.record(), data=data.record())
                 run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
-                          schedule, say, {**settings.arithmetic(), 'processes': world.size})
+                          schedule, say, {**settings.arithmetic(), 'processes': world.size},
+                          (first_round, first_epoch) if config.resume else None)
                 console.announce(config, settings, world, schedule, data, log, compiled, say)
                 # -------------------------------------------------------- the rounds and epochs
                 for round_index in range(first_round, config.rounds):
@@ -120,6 +121,7 @@ class Run:
     schedule: Schedule
     say: object                 # lib.console.Console
     trained_with: dict          # the pipeline and arithmetic `auto` chose: kept in checkpoints
+    resumed_at: tuple           # (round, epoch) where a --resume continued the run, else None
 
     def save(self, is_best, position):
         """last.t7, continuing from `position`, and ckpt.t7 when `is_best` (rank 0 writes)."""
@@ -150,8 +152,8 @@ def train_one_epoch(run, round_index, epoch, stop):
             raise NonFiniteLoss(None)
     except NonFiniteLoss as bad:
         run.writer.wait()               # the message names the last.t7 on disk
-        raise console.non_finite_loss(config, progress, round_index, epoch, bad.step) \
-            from None
+        raise console.non_finite_loss(config, progress, round_index, epoch, bad.step,
+                                      retried=run.resumed_at == (round_index, epoch)) from None
     if result.stopped:
         progress.round, progress.epoch = round_index, epoch
         run.save(False, dict(round=round_index, epoch=epoch, step=result.steps,

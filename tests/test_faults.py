@@ -157,7 +157,7 @@ def test_overflowing_batchnorm_statistics_stop_before_the_epoch_is_saved(tiny_fo
     assert err.strip().splitlines()[-1].startswith(
         'error: non-finite weights, BatchNorm statistics or bank entries (NaN or infinite) '
         'after round 0 epoch 1: stopped; ')
-    assert 'last good epoch (round 0 epoch 0)' in err
+    assert 'still holds round 0 epoch 0, the last epoch whose values were all finite' in err
     for name in ('last.t7', 'ckpt.t7'):
         state = torch.load(tmp_path / name, weights_only=True)
         assert (state['round'], state['epoch']) == (0, 0)
@@ -189,14 +189,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder, t
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(
         'error: non-finite loss (NaN or infinite) at round 0 epoch 1 step 1')
-    assert 'last good epoch (round 0 epoch 0)' in err
+    assert 'still holds round 0 epoch 0, the last epoch whose values were all finite' in err
     state = torch.load(tmp_path / 'last.t7', weights_only=True)
     assert state['next'] == {'round': 0, 'epoch': 1, 'step': 0}
     assert torch.isfinite(state['npc']['memory']).all()
-    # The command it suggests continues this run from there with a tenth of the lr.
-    monkeypatch.setattr(lib.core.losses, 'ue_loss', real_ue_loss)
     command = shlex.split(err[err.index(f'{PYTHON} main.py'):].splitlines()[0])
     assert command[:2] == [*shlex.split(PYTHON), 'main.py']
+    # Continued while the loss stays NaN, the same epoch fails again: the command offered then
+    # is no longer a continuation (a loop, where the weights are past saving) but a new run
+    # with the run's options and a tenth of this lr, in an unused folder.
+    code, out, err = run_main(*command[2:])
+    assert code == 2 and 'this run continued from it and failed in its first epoch' in err
+    again = shlex.split(err[err.index(f'{PYTHON} main.py'):].splitlines()[0])
+    monkeypatch.setattr(lib.core.losses, 'ue_loss', real_ue_loss)
+    code, out, err = run_main(*again[2:])
+    assert code == 0, err
+    first, new = ([json.loads(line) for line in open(os.path.join(folder, 'log.jsonl'))][0]
+                  ['options'] for folder in (tmp_path, again[again.index('--model_dir') + 1]))
+    changed = {key for key in first if first[key] != new[key]}
+    assert changed - {'name'} == {'lr', 'model_dir'}    # (the name: the date and time of day)
+    assert new['lr'] == pytest.approx(first['lr'] / 100)
+    # The command of the first failure continues this run from there with a tenth of the lr.
     code, out, err = run_main(*command[2:])
     assert code == 0, err
     assert f'resuming at round 0 epoch 1 from {tmp_path / "last.t7"}' in out
