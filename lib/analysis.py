@@ -2,7 +2,7 @@
 retrieval of any folder), or with the data it was trained on (the linear probe, export and
 figures), built as the run built it.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -123,8 +123,9 @@ def load_trained(path, say=print, **overrides):
     state = ckpt.load(path)
     stored = ckpt.stored_options(state, path)
     # (the image cache and the memory budget are this machine's, not the run's)
-    config = defaults(**{**stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto',
-                         'cache': True, 'cache_dir': None, 'data_memory': None, **overrides})
+    config = replace(defaults(**{
+        **stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto', 'cache': True,
+        'cache_dir': None, 'data_memory': None, **overrides}), typed=frozenset(overrides))
     settings = device_settings(config)
     reading = image_reading(config)
     train, test = load_data(config, reading=reading)

@@ -87,10 +87,16 @@ def load_data(opts, root=None, reading=None):
     """(train, test) of the run's dataset (test None for an unlabeled folder), read through
     `reading` (default: image_reading(opts)), checked against the options that depend on its
     size."""
-    train, test = datasets.load_dataset(opts.dataset, root or opts.data_root,
-                                        subset=opts.subset, seed=opts.seed,
-                                        image_size=opts.image_size,
-                                        reading=reading or image_reading(opts))
+    try:
+        train, test = datasets.load_dataset(opts.dataset, root or opts.data_root,
+                                            subset=opts.subset, seed=opts.seed,
+                                            image_size=opts.image_size,
+                                            reading=reading or image_reading(opts))
+    except datasets.DataError as err:
+        hint = '' if root else moved_folder_hint(opts, 'data_root')
+        if not hint:
+            raise
+        raise UserError(f'{err}{hint}') from None
     if opts.test_only:
         return train, test
     if opts.batch_size > len(train):
@@ -101,6 +107,19 @@ def load_data(opts, root=None, reading=None):
     return train, test
 
 
+def moved_folder_hint(opts, name):
+    """' (... give their new place with --data-root DIR)' when the folder of the option `name`
+    ('data_root', 'eval_root') is not there and was not typed but taken from the checkpoint
+    (--resume, --test_only, the analysis commands): the user never typed the path that fails,
+    so the error says where it came from. Else ''."""
+    if name in opts.typed or not (opts.resume or opts.test_only) or \
+            os.path.exists(getattr(opts, name)):
+        return ''
+    flag = '--' + name.replace('_', '-')
+    return (f' ({flag} {getattr(opts, name)} is the run\'s own, from its checkpoint: if its '
+            f'images have moved, give their new place with {flag} DIR)')
+
+
 def load_eval_data(opts, reading=None):
     """(train, test) of --eval-root, a labelled tree that runs on unlabeled data are evaluated
     on (kNN of the network's embeddings), at the run's image size."""
@@ -108,7 +127,7 @@ def load_eval_data(opts, reading=None):
         raise UserError(f'--eval-root {opts.eval_root} ' + (
             'is a file, not a folder' if os.path.exists(opts.eval_root) else 'does not exist') +
             f': give a labelled tree, {opts.eval_root}/train/<class>/* and '
-            f'{opts.eval_root}/test/<class>/*')
+            f'{opts.eval_root}/test/<class>/*' + moved_folder_hint(opts, 'eval_root'))
     if datasets.folder_layout(opts.eval_root) != 'labelled':
         raise UserError(f'--eval-root {opts.eval_root} is not a labelled tree: it needs '
                         f'{opts.eval_root}/train/<class>/* and {opts.eval_root}/test/<class>/*')

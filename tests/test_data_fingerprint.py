@@ -104,3 +104,32 @@ def test_analysis_commands_check_the_data(tiny_folder, tmp_path, run_main, capsy
     code = export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--data-root', other,
                         '--out', str(tmp_path / 'x.npz'), '--device', 'cpu'])
     assert code == 2 and 'was trained on other data' in capsys.readouterr().err
+
+
+def test_a_data_folder_moved_since_training_is_said_to_be_the_runs(tmp_path, run_main, capsys):
+    """The path that fails was never typed: it is the run's, from its checkpoint. The error
+    says so and names the flag that gives the folder's new place, which then works."""
+    from tools import export
+    photos = write_image_folder(tmp_path / 'photos')
+    code, _, err = run_main(*fast_args(photos, tmp_path / 'run', '--dataset', 'folder',
+                                       '--rounds', '1', '--epochs', '1', '--no-tensorboard',
+                                       '--quiet', *MECHANICS))
+    assert code == 0, err
+    moved = str(tmp_path / 'moved')
+    os.rename(photos, moved)
+    hint = (f"(--data-root {photos} is the run's own, from its checkpoint: if its images have "
+            f"moved, give their new place with --data-root DIR)")
+    for argv in (['--model_dir', tmp_path / 'run', '--resume', 'last.t7', '--rounds', '2'],
+                 ['--resume', tmp_path / 'run', '--test_only']):
+        code, _, err = run_main(*argv, '--workers', '0')
+        assert code == 2 and err.strip().endswith(hint), err
+        assert err.count('\n') == 1
+    assert export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--device', 'cpu',
+                        '--out', str(tmp_path / 'x.npz')]) == 2
+    assert capsys.readouterr().err.strip().endswith(hint)
+    assert export.main(['--ckpt', str(tmp_path / 'run' / 'ckpt.t7'), '--device', 'cpu',
+                        '--out', str(tmp_path / 'x.npz'), '--data-root', moved]) == 0
+    assert hint not in capsys.readouterr().err
+    code, _, err = run_main('--resume', tmp_path / 'run', '--test_only', '--workers', '0',
+                            '--data-root', moved)
+    assert code == 0, err
