@@ -209,17 +209,26 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
     assert printed.count('was embedded at 64 px') == 1
     assert re.search(r'\n\s+1\s+1\.0000\s+img01\.png', printed)
     # ...but one made by another checkpoint would compare two different embeddings: refused.
+    # Its own file, since written over by more training, is named as such.
     data['checkpoint_digest'] = np.asarray('0123456789abcdef')
-    np.savez(tmp_path / 'foreign.npz', **data)
+    np.savez(tmp_path / 'stale.npz', **data)
     query = ['--query', os.path.join(gallery, 'img01.png'), '--k', '2']
     assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
+                          str(tmp_path / 'stale.npz'), *query]) == 2
+    one_line_error(capsys, f'was embedded with an earlier {model_dir / "ckpt.t7"}, written over '
+                           f'since (the run trained on)')
+    data['checkpoint'] = np.asarray(str(tmp_path / 'other_run' / 'ckpt.t7'))
+    np.savez(tmp_path / 'foreign.npz', **data)
+    assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
                           str(tmp_path / 'foreign.npz'), *query]) == 2
-    line = one_line_error(capsys, 'was embedded with another checkpoint')
+    line = one_line_error(capsys, f'was embedded with another checkpoint '
+                                  f'({tmp_path / "other_run" / "ckpt.t7"})')
     # The command it gives embeds the gallery again, with this checkpoint, as printed.
     command = shlex.split(line[line.index(f'{PYTHON} -m tools.embed'):])
     assert command[:3] == [*shlex.split(PYTHON), '-m', 'tools.embed']
     assert embed.main(command[3:]) == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out.splitlines()[-1].startswith(      # (said: it was there)
+        f'replaced {tmp_path}/foreign.npz: 6 x 128')
     assert retrieve.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--gallery',
                           str(tmp_path / 'foreign.npz'), *query]) == 0
     assert re.search(r'\n\s+1\s+1\.0000\s+img01\.png', capsys.readouterr().out)

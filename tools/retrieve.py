@@ -150,8 +150,12 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
         if 'root' in data:
             fix += ', or embed it again: ' + tool_command(
                 'embed', '--ckpt', checkpoint, '--images', str(data['root']), '--out', path)
-        raise UserError(f'{path} was embedded with another checkpoint '
-                        f'({data.get("checkpoint", "unknown")}), so its similarities to these '
+        made_with = str(data['checkpoint']) if 'checkpoint' in data else 'unknown'
+        same_file = made_with != 'unknown' and os.path.realpath(made_with) == \
+            os.path.realpath(checkpoint)
+        which = (f'an earlier {checkpoint}, written over since (the run trained on)'
+                 if same_file else f'another checkpoint ({made_with})')
+        raise UserError(f'{path} was embedded with {which}, so its similarities to these '
                         f'queries would mean nothing: {fix}')
     features = torch.from_numpy(data['features'].astype(np.float32)).to(device)
     width = loaded.net.linear.out_features
@@ -257,9 +261,11 @@ def retrieve(argv):
             print(f'{rank:4d}  {sim:.4f}  {shown(gallery.paths[index])}')
     report_skipped(done.skipped)
     if args.figure:
+        existed = os.path.exists(args.figure)
         width, height = neighbours_figure(queries, gallery.root, gallery.paths, similarities,
                                           positions, args.figure, args.cell)
-        print(f'wrote {shown(args.figure)} ({width} x {height} px)')
+        print(f'{"replaced" if existed else "wrote"} {shown(args.figure)} ({width} x {height} '
+              f'px)')
 
 
 def main(argv=None):
