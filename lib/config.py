@@ -98,8 +98,8 @@ OPTIONS = (
            type=cli.POSITIVE_INT, metavar='K'),
     option('--lr', A['lr'], 'learning rate at the start of each round', type=cli.POSITIVE_FLOAT),
     option('--momentum', A['momentum'], 'SGD momentum (Nesterov\'s where the recipe has '
-           'nesterov)', type=cli.NON_NEGATIVE_FLOAT,
-           metavar='M'),
+           'nesterov)', metavar='M',
+           type=cli.checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')),
     option('--weight_decay', A['weight_decay'], 'SGD weight decay', extra=('--wd',),
            type=cli.NON_NEGATIVE_FLOAT, metavar='WD'),
     option('--epochs', A['epochs'], 'epochs per round', type=cli.POSITIVE_INT, metavar='E'),

@@ -256,11 +256,27 @@ def knn_warnings(config, knn):
     if knn.num_classes < 2:
         found.append(f'warning: {plural(knn.num_classes, "class", "classes")}: every kNN vote '
                      f'goes to it, so the accuracy means nothing')
+    elif top5_note(knn.num_classes, config.knn_k):
+        found.append(top5_note(knn.num_classes, config.knn_k))
     if config.knn_k >= count:
         found.append(f'warning: --knn-k {config.knn_k} is at least the {count} training '
                      f'images: every test image is voted on by all of them, so the accuracy '
                      f'means little; use a smaller --knn-k')
     return found
+
+
+def top5_note(num_classes, knn_k=None):
+    """With 5 classes or fewer the five best-scored classes are all of them: the note that
+    top-5 then says little (the kNN's: a hit whenever the image's class got any of the
+    `knn_k` votes, lib/core/knn.topk_correct) or nothing (a probe's: 100%), else None."""
+    if num_classes > 5:
+        return None
+    classes = plural(num_classes, 'class', 'classes')
+    if knn_k is None:
+        return (f'note: with {classes}, the five best-scored classes are all of them, so top-5 '
+                f'is 100% by construction')
+    return (f'note: with {classes}, kNN top-5 is a hit whenever the image\'s class got any of '
+            f'its {knn_k} neighbours\' votes, so it says little; top-1 is the measure')
 
 
 def schedule_line(schedule, base_lr, losses):

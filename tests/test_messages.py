@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from conftest import PYTHON, ROOT, fast_args, write_image_folder
+from conftest import MECHANICS, PYTHON, ROOT, fast_args, write_image_folder
 from lib import cli
 from lib.core.memory_bank import MemoryBank
 from lib.stopping import StopSignals
@@ -86,6 +86,30 @@ def test_warnings_when_the_accuracy_means_nothing(tmp_path, run_main):
     assert 'warning: --knn-k 6 is at least the 6 training images' in out
     assert 'data: 6 training and 2 test images, 1 class,' in out
     assert '1 round x 1 epoch, 1 step of 4 images' in out
+
+
+@pytest.mark.parametrize('classes', [5, 6])
+def test_top5_of_five_classes_or_fewer_is_said_to_be_100_by_construction(classes, tmp_path,
+                                                                         run_main, capsys):
+    """With 5 classes or fewer every class is among the five best-scored: the linear probe's
+    top-5 is 100% whatever the embedding, the kNN's a hit whenever the class got any vote
+    (lib/core/knn.topk_correct); both say so, and with 6 classes neither does."""
+    from tools import linear_probe
+    root = write_image_folder(tmp_path / 'few', classes=classes, train_per_class=3,
+                              test_per_class=2)
+    code, out, err = run_main('--dataset', 'folder', *fast_args(
+        root, tmp_path / 'ck', '--rounds', '1', '--epochs', '1', '--knn-k', '5',
+        '--no-tensorboard', *MECHANICS))
+    assert code == 0, err
+    assert (f'note: with {classes} classes, kNN top-5 is a hit whenever the image\'s class got '
+            f'any of its 5 neighbours\' votes, so it says little; top-1 is the measure'
+            in out) == (classes <= 5)
+    assert linear_probe.main(['--ckpt', str(tmp_path / 'ck'), '--epochs', '1', '--device', 'cpu',
+                              '--quiet']) == 0
+    out = capsys.readouterr().out
+    assert (f'note: with {classes} classes, the five best-scored classes are all of them, so '
+            f'top-5 is 100% by construction' in out) == (classes <= 5)
+    assert 'top-5 100.00%' in out or classes > 5
 
 
 def starred(method_line):
@@ -262,6 +286,16 @@ def test_a_seed_torch_cannot_take_and_a_name_that_is_a_path_are_refused_at_once(
     """Answered when the flags are read, as any flag error is: not a traceback once the run
     has started, nor TensorBoard events outside --log-dir."""
     assert run_main(*argv) == (2, '', f'error: argument {message}\n')
+
+
+@pytest.mark.parametrize('value', ['1', '1.5', '-0.1', 'nan'])
+def test_a_momentum_outside_0_to_1_is_refused_at_once(value, run_main):
+    """SGD with a momentum of 1 or more never forgets a gradient and diverges; a negative
+    one alternates. The ends of the range are taken."""
+    from lib.config import parse
+    assert run_main('--momentum', value) == \
+        (2, '', f'error: argument --momentum: {value} is not a number in [0, 1)\n')
+    assert [parse(['--momentum', ok]).typed['momentum'] for ok in ('0', '0.999')] == [0, 0.999]
 
 
 def test_the_ends_of_the_seed_range_and_a_plain_name_are_taken():

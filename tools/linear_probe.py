@@ -113,6 +113,7 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
 
 def probe(argv):
     from lib.analysis import labels_of, load_for_analysis
+    from lib.console import top5_note
     from lib.errors import UserError
     args = build_parser().parse_args(argv)
     if not labels_of(args.ckpt, args.data_root):       # said before the data is read
@@ -138,6 +139,8 @@ def probe(argv):
           f'{len(test_x)} test images, {cli.plural(args.epochs, "epoch")}): test top-1 '
           f'{result["top1"]:.2f}% top-5 {result["top5"]:.2f}% (train top-1 '
           f'{result["train_top1"]:.2f}%)')
+    if top5_note(len(trained.train.classes)):
+        print(top5_note(len(trained.train.classes)))
 
 
 def main(argv=None):
