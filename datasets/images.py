@@ -146,6 +146,10 @@ def unreadable_reason(err, head=b''):
         return (f'more than twice Pillow\'s decompression-bomb limit of '
                 f'{Image.MAX_IMAGE_PIXELS:,} pixels')
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if 'truncated' in text.lower():     # 'image file is truncated (...)', 'Truncated File Read'
+        text = 'the file ends before its image does (cut off, or not completely copied)'
+        kind = describe_bytes(head) if head else None
+        return f'a damaged {kind[2:]}: {text}' if kind in IMAGE_KINDS else text
     return text.split(' <_io.')[0].split(' <PIL.')[0]
 
 

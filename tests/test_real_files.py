@@ -534,6 +534,11 @@ def test_unreadable_reasons_and_pillow_warnings_become_notes(tmp_path, monkeypat
     (folder / 'broken.png').write_bytes(b'not an image at all')
     (folder / 'page.jpg').write_bytes(b'<html><body>404</body></html>')
     (folder / 'cut.png').write_bytes((folder / 'ok0.png').read_bytes()[:60])
+    Image.fromarray(noisy(3)).save(folder / 'whole.jpg')
+    jpeg = (folder / 'whole.jpg').read_bytes()
+    os.remove(folder / 'whole.jpg')
+    (folder / 'half.jpg').write_bytes(jpeg[:len(jpeg) // 2])    # (Pillow: 'image file is
+    (folder / 'head.jpg').write_bytes(jpeg[:300])               # truncated', 'Truncated File Read')
     (folder / 'header.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\xff' * 30)
     (folder / 'empty.png').write_bytes(b'')
     transparent_palette(str(folder / 'palette.png'))
@@ -544,6 +549,9 @@ def test_unreadable_reasons_and_pillow_warnings_become_notes(tmp_path, monkeypat
         train, _ = datasets.load_dataset('folder', str(folder))
     reasons = dict((os.path.basename(path), reason) for path, reason in train.skipped)
     assert reasons.pop('cut.png').startswith('a damaged PNG image: ')   # (Pillow's words follow)
+    cut_off = 'a damaged JPEG image: the file ends before its image does (cut off, or not ' \
+        'completely copied)'
+    assert (reasons.pop('half.jpg'), reasons.pop('head.jpg')) == (cut_off, cut_off)
     assert reasons == {'broken.png': 'it is a text file, not an image',
                        'page.jpg': 'it is an HTML page, not an image',
                        'header.png': 'a damaged PNG image: Pillow cannot read it',
