@@ -12,7 +12,7 @@ import sys
 import datasets
 
 from .cli import plural
-from .config import DEFAULTS, MACHINE, OPTIONS, defaults, typed_words
+from .config import DEFAULTS, MACHINE, typed_words
 from .core.losses import LOSSES, active_losses
 from .cpu_estimate import cpu_hours_estimate
 from .errors import UserError
@@ -130,26 +130,6 @@ def retyped(argv, changes):
     for flag, value in changes.items():
         kept += [flag, value]
     return command(*kept)
-
-
-def new_run_command(config, changes):
-    """The command of a new run with the options of the run `config` (those a resumed run takes
-    from its checkpoint, where they differ from the defaults; not its --name, which a new run
-    draws anew), those of `changes` ({'--lr': '0.003'}) instead, and what was typed of this
-    machine: what starts a resumed run over."""
-    base, words = defaults(method=config.method, dataset=config.dataset), []
-    changed = {'name'} | {flag[2:].replace('-', '_') for flag in changes}
-    for option in OPTIONS:
-        value, flag = getattr(config, option.name), option.flags[0]
-        if not option.resumed or option.name in changed or value == getattr(base, option.name):
-            continue
-        if isinstance(value, bool):
-            words.append(flag if value else '--no-' + flag[2:])
-        elif value is not None:
-            words += [flag, *map(str, value if isinstance(value, (tuple, list)) else [value])]
-    for flag, value in changes.items():
-        words += [flag, value]
-    return command(*words, *typed_words(config.argv, MACHINE))
 
 
 def unused_folder(model_dir):
@@ -390,20 +370,21 @@ def last_path(config):
     return os.path.join(config.model_dir, LAST)
 
 
-def non_finite_loss(config, progress, round_index, epoch, step, retried=False):
+def non_finite_loss(config, progress, round_index, epoch, step, lowered_from=None):
     """The UserError of a NaN or infinite loss at `step`, or (`step` None) of weights, BatchNorm
     statistics or bank entries that became so (once the checkpoint it names is on disk).
-    `retried`: this run continued from last.t7 and failed in that very epoch, so a lower
-    learning rate from there is not offered again: its weights may be past saving."""
+    `lowered_from`: the run's learning rate, where this run continued from last.t7 with a lower
+    one and failed in that very epoch: a lower one again is not offered (the weights may be
+    past saving, and the suggestion would loop), but starting over."""
     lower = f'{config.lr / 10:g}'
     saved = progress.saved
-    if saved and retried:
-        again = new_run_command(config, {'--lr': lower,
-                                         '--model_dir': unused_folder(config.model_dir)})
+    if saved and lowered_from is not None:
         kept = (f'{last_path(config)} holds round {saved[0]} epoch {saved[1]}, the last epoch '
-                f'whose values were all finite, but this run continued from it and failed in '
-                f'its first epoch, so its weights have likely grown past what any learning rate '
-                f'brings back; start the run again with a lower one: {again}')
+                f'whose values were all finite, but continuing from it with a lower learning '
+                f'rate (--lr {config.lr:g}; the run had {lowered_from:g}) failed in its first '
+                f'epoch, so its weights have likely grown past what a learning rate brings '
+                f'back: start the run over in an unused folder, with the command that started '
+                f'it and --lr {lower} --model_dir {shlex.quote(unused_folder(config.model_dir))}')
     elif saved:
         kept = (f'{last_path(config)} still holds round {saved[0]} epoch {saved[1]}, the last '
                 f'epoch whose values were all finite; a lower learning rate may help: '

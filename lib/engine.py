@@ -69,7 +69,7 @@ def train(config, settings, world, method, data, checkpoint, say):
                           compile=compiled.record(), data=data.record())
                 run = Run(config, world, method, data, optimizer, parts, writer, log, progress,
                           schedule, say, {**settings.arithmetic(), 'processes': world.size},
-                          (first_round, first_epoch) if config.resume else None)
+                          lowered_lr(config, checkpoint, first_round, first_epoch))
                 console.announce(config, settings, world, schedule, data, log, compiled, say)
                 # -------------------------------------------------------- the rounds and epochs
                 for round_index in range(first_round, config.rounds):
@@ -87,15 +87,20 @@ def train(config, settings, world, method, data, checkpoint, say):
                             say(console.stopped_after_line(config, epochs_run))
                             return
         except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
+            stop.closing = True         # (an error on its way to its line: no stop line now)
             writer.wait()
             raise KeyboardInterrupt(console.interrupted_line(config, progress)) from None
         except RuntimeError as err:     # another process died: one line, not the transport's wall
+            stop.closing = True
             lost = console.lost_loader_line if 'DataLoader worker' in str(err) else \
                 console.lost_process_line if world.lost_peer(err) else None
             if lost is None:
                 raise
             writer.wait()
             raise UserError(lost(config, progress, world)) from None
+        except BaseException:
+            stop.closing = True
+            raise
         finally:
             stop.finishing = True       # (a signal now: the run ends once this is written)
             writer.wait()               # every checkpoint whole on disk before anything is said
@@ -121,7 +126,7 @@ class Run:
     schedule: Schedule
     say: object                 # lib.console.Console
     trained_with: dict          # the pipeline and arithmetic `auto` chose: kept in checkpoints
-    resumed_at: tuple           # (round, epoch) where a --resume continued the run, else None
+    lowered_lr: tuple           # (round, epoch, the run's lr): continued with a lower --lr
 
     def save(self, is_best, position):
         """last.t7, continuing from `position`, and ckpt.t7 when `is_best` (rank 0 writes)."""
@@ -152,8 +157,9 @@ def train_one_epoch(run, round_index, epoch, stop):
             raise NonFiniteLoss(None)
     except NonFiniteLoss as bad:
         run.writer.wait()               # the message names the last.t7 on disk
+        retried = run.lowered_lr is not None and run.lowered_lr[:2] == (round_index, epoch)
         raise console.non_finite_loss(config, progress, round_index, epoch, bad.step,
-                                      retried=run.resumed_at == (round_index, epoch)) from None
+                                      run.lowered_lr[2] if retried else None) from None
     if result.stopped:
         progress.round, progress.epoch = round_index, epoch
         run.save(False, dict(round=round_index, epoch=epoch, step=result.steps,
@@ -174,6 +180,16 @@ def train_one_epoch(run, round_index, epoch, stop):
     run.log.epoch(record)
     run.say.progress(console.epoch_line(config, record))
     return True
+
+
+def lowered_lr(config, checkpoint, round_index, epoch):
+    """(round, epoch, the run's lr) where this --resume continues the run at `round_index`
+    `epoch` with a lower --lr than its checkpoint's (what a non-finite loss suggests), else
+    None."""
+    if not config.resume or checkpoint is None:
+        return None
+    before = checkpoint.config.get('lr')
+    return (round_index, epoch, before) if before and config.lr < before else None
 
 
 class NonFiniteLoss(Exception):

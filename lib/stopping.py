@@ -17,6 +17,10 @@ import threading
 from contextlib import contextmanager
 
 NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM', signal.SIGHUP: 'SIGHUP'}
+# Set when a training loop's StopSignals ends without an error (its files written), cleared by
+# each stopped_at_once(): a signal in the moments left (the run folder's unlock) is ignored,
+# not answered with "nothing was trained or written".
+TRAINING_ENDED = threading.Event()
 
 
 def write_line(text):
@@ -65,6 +69,8 @@ class StopSignals:
             # handlers stay, ignoring signals; `restore()` puts the previous ones back.
             self.closing = True
             return False
+        if exc_type is None:
+            TRAINING_ENDED.set()
         self.restore()
         return False
 
@@ -125,7 +131,9 @@ def stopped_at_once():
     def stop(signum, frame):
         if signum == signal.SIGHUP:
             detach_from_terminal()
-        raise StoppedAtOnce(signum)
+        if not TRAINING_ENDED.is_set():
+            raise StoppedAtOnce(signum)
+    TRAINING_ENDED.clear()
     previous = install(stop, (signal.SIGTERM, signal.SIGHUP, signal.SIGINT))
     try:
         yield

@@ -200,6 +200,41 @@ def test_a_stop_signal_after_the_last_epoch_lets_the_run_end(tiny_folder, tmp_pa
     assert records(tmp_path, 'end') and 'nothing was trained' not in out + err
 
 
+def test_no_stop_line_while_an_error_is_said_nor_once_the_run_has_ended(tiny_folder, tmp_path,
+                                                                        run_main, monkeypatch):
+    """A signal while an error is on its way to its line (torchrun ends the other processes
+    when one fails) adds no stop line; one after the run (its folder being unlocked) is
+    ignored: the run's own result and exit code stand, not 'nothing was trained'."""
+    import lib.console
+    import lib.engine
+    from lib.run_folder import RunLock
+
+    def lost_worker(*args, **kwargs):
+        raise RuntimeError('DataLoader worker (pid 1) is killed by signal: Killed.')
+    lost_loader_line = lib.console.lost_loader_line
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return lost_loader_line(*args)
+    monkeypatch.setattr(lib.engine, 'run_epoch', lost_worker)
+    monkeypatch.setattr(lib.console, 'lost_loader_line', signalled)
+    flags = fast_args(tiny_folder, tmp_path / 'a', *MECHANICS, '--rounds', '1', '--epochs', '1',
+                      '--no-tensorboard')
+    code, out, err = run_main(*flags)
+    assert code == 2 and 'a data-loader worker process was killed' in err
+    assert 'SIGTERM' not in out + err
+    monkeypatch.undo()
+    release = RunLock.release
+
+    def unlocked(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        release(self)
+    monkeypatch.setattr(RunLock, 'release', unlocked)
+    code, out, err = run_main(*flags[:3], tmp_path / 'b', *flags[4:])
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith('files: ') and err == ''
+
+
 # ----------------------------------------------------------------------------- 4. SIGHUP
 def test_sighup_stops_at_a_step_like_sigterm_and_resumes_exactly(tiny_folder, tmp_path,
                                                                   run_main, monkeypatch,
