@@ -125,7 +125,8 @@ def load_trained(path, say=print, **overrides):
     # (the image cache and the memory budget are this machine's, not the run's)
     config = replace(defaults(**{
         **stored, 'test_only': True, 'compile': 'none', 'pipeline': 'auto', 'cache': True,
-        'cache_dir': None, 'data_memory': None, **overrides}), typed=frozenset(overrides))
+        'cache_dir': None, 'data_memory': None, **overrides}),
+        typed=frozenset(overrides) & {'data_root'})     # (given: not the checkpoint's)
     settings = device_settings(config)
     reading = image_reading(config)
     train, test = load_data(config, reading=reading)

@@ -15,6 +15,7 @@ import torch
 import datasets
 
 from . import console
+from .config import DEFAULTS
 from .core.knn import KnnData, knn_evaluate
 from .distributed import cuda_wanted
 from .errors import UserError
@@ -110,13 +111,15 @@ def load_data(opts, root=None, reading=None):
 def moved_folder_hint(opts, name):
     """' (... give their new place with --data-root DIR)' when the folder of the option `name`
     ('data_root', 'eval_root') is not there and was not typed but taken from the checkpoint
-    (--resume, --test_only, the analysis commands): the user never typed the path that fails,
-    so the error says where it came from. Else ''."""
-    if name in opts.typed or not (opts.resume or opts.test_only) or \
-            os.path.exists(getattr(opts, name)):
+    (--resume, --test_only, the analysis commands; not the default, as for a released file
+    without options): the user never typed the path that fails, so the error says where it
+    came from. Else ''."""
+    path = getattr(opts, name)
+    if name in opts.typed or not (opts.resume or opts.test_only) or path == DEFAULTS[name] or \
+            os.path.exists(path):
         return ''
     flag = '--' + name.replace('_', '-')
-    return (f' ({flag} {getattr(opts, name)} is the run\'s own, from its checkpoint: if its '
+    return (f' ({flag} {path} is the run\'s own, from its checkpoint: if its '
             f'images have moved, give their new place with {flag} DIR)')
 
 

@@ -133,3 +133,29 @@ def test_a_data_folder_moved_since_training_is_said_to_be_the_runs(tmp_path, run
     code, _, err = run_main('--resume', tmp_path / 'run', '--test_only', '--workers', '0',
                             '--data-root', moved)
     assert code == 0, err
+
+
+def test_a_moved_eval_root_is_said_to_be_the_runs_and_a_default_never_is(tmp_path, run_main,
+                                                                         monkeypatch):
+    """--eval-root, taken from the checkpoint, is named as the run's too; the default
+    --data-root of a checkpoint that keeps no options (a released file) is not."""
+    unlabeled = os.path.join(write_image_folder(tmp_path / 'photos'), 'train')  # (no test/)
+    labelled = write_image_folder(tmp_path / 'labelled', seed=3)
+    code, _, err = run_main(*fast_args(unlabeled, tmp_path / 'run', '--dataset', 'folder',
+                                       '--eval-root', labelled, '--rounds', '1', '--epochs', '1',
+                                       '--no-tensorboard', '--quiet', *MECHANICS))
+    assert code == 0, err
+    os.rename(labelled, tmp_path / 'moved')
+    code, _, err = run_main('--resume', tmp_path / 'run', '--test_only', '--workers', '0')
+    assert code == 2 and err.strip().endswith(
+        f"(--eval-root {labelled} is the run's own, from its checkpoint: if its images have "
+        f"moved, give their new place with --eval-root DIR)"), err
+    code, _, err = run_main('--resume', tmp_path / 'run', '--test_only', '--workers', '0',
+                            '--eval-root', tmp_path / 'moved')
+    assert code == 0, err
+    state = torch.load(tmp_path / 'run' / 'ckpt.t7', weights_only=True)
+    del state['config']
+    torch.save(state, tmp_path / 'released.t7')
+    monkeypatch.chdir(tmp_path)                 # (no ./data here)
+    code, _, err = run_main('--resume', 'released.t7', '--test_only', '--workers', '0')
+    assert code == 2 and 'no cifar10 data under' in err and 'from its checkpoint' not in err
