@@ -214,10 +214,11 @@ def test_runs_of_one_method_are_labelled_by_their_folders(checkpoints, tiny_fold
 # ----------------------------------------------------------------------------- embedding
 def test_embedding_png(checkpoints, tiny_folder, tmp_path, capsys):
     out = tmp_path / 'embedding.png'
-    code, _, err = run(capsys, 'embedding', '--ckpt', checkpoints['super-and'],
-                       checkpoints['and'], '--data-root', tiny_folder, '--device', 'cpu',
-                       '--out', out)
+    code, printed, err = run(capsys, 'embedding', '--ckpt', checkpoints['super-and'],
+                             checkpoints['and'], '--data-root', tiny_folder, '--device', 'cpu',
+                             '--out', out, '--points', '11')
     assert code == 0, err
+    assert 'note: --points 11 is more than the 10 test images: all of them are drawn' in printed
     # width = DPI (checkpoints MAP_SIDE_IN + LEGEND_WIDTH_IN), height = DPI MAP_SIDE_IN
     assert png_size(out) == (round(vis.DPI * (2 * vis.MAP_SIDE_IN + vis.LEGEND_WIDTH_IN)),
                              round(vis.DPI * vis.MAP_SIDE_IN))

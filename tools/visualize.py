@@ -191,6 +191,9 @@ def run_command(args):
     if args.command == 'probabilities':
         return probabilities_figure(checkpoints, labels, queries_of(args, checkpoints),
                                     args.knn_features), 'mpl'
+    if args.points is not None and args.points > len(checkpoints[0].test):
+        print(f'note: --points {args.points} is more than the {len(checkpoints[0].test)} test '
+              f'images: all of them are drawn')
     return embedding_figure(checkpoints, labels, args.method, args.seed, args.perplexity,
                             args.points), 'mpl'
 
