@@ -60,18 +60,29 @@ def python():
     return 'python3' if same else shlex.quote(sys.executable)
 
 
+def torchrun():
+    """How a command names PyTorch's launcher: torchrun where the one on PATH is in this
+    interpreter's folder (its venv's), else python() -m torch.distributed.run (a venv not
+    activated has no torchrun on PATH)."""
+    found = shutil.which('torchrun')
+    if found is not None and os.path.realpath(os.path.dirname(found)) == \
+            os.path.realpath(os.path.dirname(sys.executable)):
+        return 'torchrun'
+    return f'{python()} -m torch.distributed.run'
+
+
 def launcher(processes=None):
     """How main.py is started: python(), or torchrun (or tools/launch.py) with the options
     this run was started with ('torchrun --nproc_per_node 2'); `processes` asks for a launcher
     of that many processes on this machine instead."""
     if processes is not None:
-        return python() if processes == 1 else f'torchrun --nproc_per_node {processes}'
+        return python() if processes == 1 else f'{torchrun()} --nproc_per_node {processes}'
     if 'TORCHELASTIC_RUN_ID' not in os.environ:
         return python()
     found = torchrun_options()
     if found is None:
-        return shlex.join(['torchrun', '--nproc_per_node',
-                           os.environ.get('LOCAL_WORLD_SIZE', '1')])
+        processes = shlex.quote(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        return f'{torchrun()} --nproc_per_node {processes}'
     program, options = found
     return ' '.join([program, shlex.join(options)]) if options else program
 
@@ -89,7 +100,7 @@ def torchrun_options():
     ours = os.path.join(PROJECT, 'tools', 'launch.py')
     for start, word in enumerate(words):
         if os.path.basename(word) == 'torchrun' or word == 'torch.distributed.run':
-            program = 'torchrun'
+            program = torchrun()
         elif os.path.abspath(word) == ours:
             program = f'{python()} {shlex.quote(project_file("tools", "launch.py"))}'
         else:
@@ -422,7 +433,10 @@ def stopped_before_training_line(config, signal_name, progress):
 
 def held_text(config, progress):
     """What last.t7 holds and the command that continues it, or that there is none yet: how
-    the lines of a run that cannot go on end."""
+    the lines of a run that cannot go on end. `progress` None: a process that does not write
+    checkpoints found none on its disk (engine.held_progress)."""
+    if progress is None:
+        return f'no checkpoint is in {config.model_dir} on this machine (rank 0 writes them)'
     if progress.resumes_at is None:
         return 'no checkpoint had been written yet'
     return (f'{last_path(config)} {continues_from(progress)}; continue with: '
@@ -451,12 +465,7 @@ def stopped_after_line(config, epochs_run):
 
 def interrupted_line(config, progress):
     """What a second Ctrl-C leaves: what last.t7 holds, and the command that continues it."""
-    if progress.resumes_at is None:
-        held = 'no checkpoint was written yet'
-    else:
-        held = (f'{last_path(config)} {continues_from(progress)}: '
-                f'{continue_command(config)}')
-    return f'interrupted: stopped at once (a second Ctrl-C); {held}'
+    return f'interrupted: stopped at once (a second Ctrl-C); {held_text(config, progress)}'
 
 
 def end_lines(config, progress, log_path):

@@ -147,10 +147,16 @@ def cuda_wanted(device_choice):
 def init_world(device_choice):
     """The World of this process: torchrun's environment, or a single process. Raises
     WorldError (one line) when the group does not form: a process that never joins."""
-    size = int(os.environ.get('WORLD_SIZE', '1'))
+    size = environment_number('WORLD_SIZE', '1', 'a number of processes')
     if size == 1:
         return World()
-    rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
+    rank = environment_number('RANK', None, f'a rank from 0 to {size - 1}', size)
+    local_rank = environment_number('LOCAL_RANK', '0', 'a rank on this machine')
+    if 'TORCHELASTIC_RUN_ID' not in os.environ and rank == 0:   # (torchrun says it itself)
+        print(f'joining a group of {size} processes at {os.environ.get("MASTER_ADDR")}:'
+              f'{os.environ.get("MASTER_PORT")} as rank 0, as WORLD_SIZE and RANK set in the '
+              f'environment (not by torchrun) ask: this waits until all {size} have joined',
+              flush=True)
     cuda = cuda_wanted(device_choice)
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -166,6 +172,26 @@ def init_world(device_choice):
     node = int(os.environ.get('GROUP_RANK', os.environ.get('NODE_RANK', '0')))
     world.places = world.gather_objects((node, socket.gethostname()))
     return world
+
+
+def environment_number(name, default, meaning, below=None):
+    """The whole number of the environment variable `name` (torchrun's WORLD_SIZE, RANK,
+    LOCAL_RANK), `default` where unset (None: it must be set); WorldError when it is not one
+    (`meaning`: what it counts) or not below `below`."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise WorldError(f'WORLD_SIZE={os.environ["WORLD_SIZE"]} is set in the environment but '
+                         f'{name} is not: torchrun sets both (and MASTER_ADDR, MASTER_PORT); '
+                         f'unset WORLD_SIZE to run one process')
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < (1 if name == 'WORLD_SIZE' else 0) or (below is not None and value >= below):
+        also = '' if name == 'WORLD_SIZE' else ' and WORLD_SIZE'
+        raise WorldError(f'{name}={text} in the environment is not {meaning} (torchrun sets it); '
+                         f'unset it{also} to run one process')
+    return value
 
 
 def close_world(world, clean=True):

@@ -89,7 +89,8 @@ def train(config, settings, world, method, data, checkpoint, say):
         except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
             stop.closing = True         # (an error on its way to its line: no stop line now)
             writer.wait()
-            raise KeyboardInterrupt(console.interrupted_line(config, progress)) from None
+            raise KeyboardInterrupt(console.interrupted_line(
+                config, held_progress(config, progress, world))) from None
         except RuntimeError as err:     # another process died: one line, not the transport's wall
             stop.closing = True
             lost = console.lost_loader_line if 'DataLoader worker' in str(err) else \
@@ -97,7 +98,8 @@ def train(config, settings, world, method, data, checkpoint, say):
             if lost is None:
                 raise
             writer.wait()
-            raise UserError(lost(config, progress, world)) from None
+            raise UserError(lost(config, held_progress(config, progress, world), world)) \
+                from None
         except BaseException:
             stop.closing = True
             raise
@@ -180,6 +182,13 @@ def train_one_epoch(run, round_index, epoch, stop):
     run.log.epoch(record)
     run.say.progress(console.epoch_line(config, record))
     return True
+
+
+def held_progress(config, progress, world):
+    """Where the last.t7 that the lines of a stopped run name continues from: this process's
+    own record on rank 0, which writes it; on the others, the file on their disk, read now
+    (None: there is none on this machine; rank 0 may have died before writing any)."""
+    return progress if world.main else resume.progress_on_disk(config.model_dir)
 
 
 def lowered_lr(config, checkpoint, round_index, epoch):

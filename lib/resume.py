@@ -272,6 +272,16 @@ def saved_position(path):
         return None
 
 
+def progress_on_disk(model_dir):
+    """The Progress of the last.t7 in `model_dir` as it is on disk now (mmap: no tensor is
+    read), None when there is none or it cannot be read."""
+    try:
+        return ckpt.progress_of(torch.load(os.path.join(model_dir, LAST), map_location='cpu',
+                                           weights_only=True, mmap=True))
+    except Exception:
+        return None
+
+
 def repeated_epoch_note(path, progress):
     """A note when the ckpt.t7 beside the last.t7 at `path` holds the epoch where `progress`
     continues, or a later one: a run killed after writing ckpt.t7 and before last.t7 (written

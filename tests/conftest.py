@@ -110,6 +110,23 @@ def printed_python():
 PYTHON = printed_python()
 
 
+def printed_torchrun():
+    """How the printed commands should name PyTorch's launcher: torchrun where the one on PATH
+    starts this interpreter's folder's python (its first line names it), else this python's
+    -m torch.distributed.run (a venv not activated has no torchrun on PATH)."""
+    try:
+        with open(shutil.which('torchrun')) as script:
+            first = script.readline()
+    except (TypeError, OSError, UnicodeDecodeError):     # (TypeError: none on PATH)
+        first = ''
+    named = first[2:].strip().split()[0] if first.startswith('#!') and first[2:].strip() else ''
+    same = named and os.path.dirname(named) == os.path.dirname(sys.executable)
+    return 'torchrun' if same else f'{PYTHON} -m torch.distributed.run'
+
+
+TORCHRUN_PRINTED = printed_torchrun()
+
+
 def write_image_folder(root, classes=10, train_per_class=2, test_per_class=1, size=32, seed=0):
     """train/<class>/*.png and test/<class>/*.png, each class a noisy colour of its own."""
     rng = np.random.default_rng(seed)

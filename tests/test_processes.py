@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (MECHANICS, PYTHON, ROOT, UNBROKEN_FLAGS, WITH_SOBEL,
+from conftest import (MECHANICS, PYTHON, ROOT, TORCHRUN_PRINTED, UNBROKEN_FLAGS, WITH_SOBEL,
                       assert_same_training_state, fast_args, signal_at)
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
@@ -61,7 +61,7 @@ def test_a_resume_on_another_number_of_processes_says_so_and_how_to_keep_it(tiny
     assert code == 0, err
     assert 'note: this run last trained on 2 processes; here it continues on 1 process; with ' \
            '--sync-bn' in out
-    assert 'exactly: torchrun --nproc_per_node 2 main.py' in out
+    assert f'exactly: {TORCHRUN_PRINTED} --nproc_per_node 2 main.py' in out
 
 
 # ----------------------------------------------------------------------------- 2. a lost process
@@ -76,7 +76,7 @@ model_dir = sys.argv[sys.argv.index('--model_dir') + 1]
 def last_written():
     while not os.path.exists(os.path.join(model_dir, 'last.t7')):
         time.sleep(0.01)
-if os.environ['RANK'] == '1':
+if os.environ['RANK'] == '{killed}':
     for cls in (lib.pipelines.LoaderPipeline, lib.pipelines.TensorPipeline):
         cls.train_batches = _signalling(cls.train_batches, signal.SIGKILL, (0, 1, 1),
                                         last_written)
@@ -84,9 +84,13 @@ main.cli.exit_program(main.main(sys.argv[1:]))   # as main.py ends
 '''
 
 
-def test_a_lost_process_is_one_line_saying_what_last_t7_holds(tiny_folder, tmp_path):
+@pytest.mark.parametrize('killed', [1, 0])
+def test_a_lost_process_is_one_line_saying_what_last_t7_holds(tiny_folder, tmp_path, killed):
+    """Either rank killed once last.t7 holds epoch 0: the other says what the file holds (rank
+    1, which writes no checkpoint, reads it from the disk: it said 'no checkpoint had been
+    written yet')."""
     script = tmp_path / 'rank_killed.py'
-    script.write_text(RANK_KILLED.format(root=ROOT))
+    script.write_text(RANK_KILLED.format(root=ROOT, killed=killed))
     model_dir = tmp_path / 'ck'
     proc = subprocess.run([*TORCHRUN, str(script),
                            *fast_args(tiny_folder, model_dir, *MECHANICS, '--rounds', '1',
@@ -94,14 +98,14 @@ def test_a_lost_process_is_one_line_saying_what_last_t7_holds(tiny_folder, tmp_p
                                       '--no-tensorboard')],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert proc.returncode != 0
-    ours = [line for line in proc.stderr.splitlines() if line.startswith('error (rank 0)')]
-    assert ours == [f'error (rank 0): process rank 1 (of 2) of this run stopped or stopped '
-                    f'answering (killed, out of memory, or stuck?), and this one cannot go on '
-                    f'without it; {model_dir}/last.t7 '
-                    f'continues from round 0 epoch 1; continue with: torchrun --standalone '
-                    f'--nproc_per_node 2 main.py --model_dir {model_dir} --resume last.t7 '
-                    f'--workers 0 --device cpu']
-    assert '[rank0]: Traceback' not in proc.stderr
+    left = 1 - killed
+    ours = [line for line in proc.stderr.splitlines() if line.startswith(f'error (rank {left})')]
+    assert ours == [f'error (rank {left}): process rank {killed} (of 2) of this run stopped or '
+                    f'stopped answering (killed, out of memory, or stuck?), and this one cannot '
+                    f'go on without it; {model_dir}/last.t7 continues from round 0 epoch 1; '
+                    f'continue with: {TORCHRUN_PRINTED} --standalone --nproc_per_node 2 main.py '
+                    f'--model_dir {model_dir} --resume last.t7 --workers 0 --device cpu']
+    assert f'[rank{left}]: Traceback' not in proc.stderr
     assert 'after writing last.t7' not in proc.stdout        # no promise it could not keep
     assert torch.load(model_dir / 'last.t7', weights_only=True)['next']['epoch'] == 1
 
@@ -296,6 +300,44 @@ def test_a_compiler_switched_off_by_the_environment_is_said_and_recorded(tiny_fo
     assert 'agrees with the eager step' not in out and 'compile none)' in out
     (start,) = records(tmp_path, 'start')
     assert start['compile']['used'] == 'none' and start['compile']['check'] is None
+
+
+# ----------------------------------------------------------------------------- 6. torchrun's env
+@pytest.mark.parametrize('environment, message', [
+    ({'WORLD_SIZE': '2'}, 'error (rank ?): WORLD_SIZE=2 is set in the environment but RANK is '
+                          'not: torchrun sets both (and MASTER_ADDR, MASTER_PORT); unset '
+                          'WORLD_SIZE to run one process'),
+    ({'WORLD_SIZE': 'abc'}, 'error (rank ?): WORLD_SIZE=abc in the environment is not a number '
+                            'of processes (torchrun sets it); unset it to run one process'),
+    ({'WORLD_SIZE': '2', 'RANK': '2'}, 'error (rank 2): RANK=2 in the environment is not a rank '
+                                       'from 0 to 1 (torchrun sets it); unset it and WORLD_SIZE '
+                                       'to run one process')])
+def test_torchruns_variables_set_by_hand_are_one_line(environment, message, run_main,
+                                                      monkeypatch):
+    """Left over in a shell, or set by hand: one line, not a KeyError or ValueError traceback."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    assert run_main('--device', 'cpu') == (2, '', message + '\n')
+
+
+def test_a_group_joined_without_torchrun_says_that_it_waits(run_main, monkeypatch):
+    """Without torchrun nothing else says why the run waits (for processes that may never
+    come, up to the backend's timeout of 30 minutes): rank 0 says so first."""
+    import torch.distributed
+
+    def no_peers(*args, **kwargs):
+        raise RuntimeError('timed out')
+    monkeypatch.setattr(torch.distributed, 'init_process_group', no_peers)
+    for name, value in (('WORLD_SIZE', '2'), ('RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
+                        ('MASTER_PORT', '29533')):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    code, out, err = run_main('--device', 'cpu')
+    assert code == 2 and err.startswith('error (rank 0): the 2 processes of this run did not')
+    assert out == ('joining a group of 2 processes at 127.0.0.1:29533 as rank 0, as WORLD_SIZE '
+                   'and RANK set in the environment (not by torchrun) ask: this waits until all '
+                   '2 have joined\n')
 
 
 # ----------------------------------------------------------------------------- 7. folders
