@@ -16,9 +16,11 @@ class CheckpointWriter:
     everything submitted is on disk (log.jsonl's records: the log never claims an epoch that
     last.t7 cannot continue after), without making training wait. `wait` (at the end of a run,
     and before any message that names a checkpoint) returns once everything is on disk and
-    every such function has run, or raises the first error."""
+    every such function has run, or raises the first error. `held()` (optional) ends the line
+    of a file that could not be written (a full disk): what is on disk, and what to do."""
 
-    def __init__(self):
+    def __init__(self, held=None):
+        self._held = held
         self._error = None
         self._lock = threading.Lock()
         self._busy, self._after = False, []
@@ -67,8 +69,10 @@ class CheckpointWriter:
                 checkpoint.save_atomic(state, path)
         except Exception as err:      # raised in the training thread at the next wait
             cause = os_error_of(err)
+            held = f'; {self._held()}' if self._held is not None else ''
             self._fail(err if cause is None else   # no OSError behind it: a bug
-                       UserError(f'cannot write checkpoint {path}: {cause.strerror or cause}'))
+                       UserError(f'cannot write checkpoint {path}: {cause.strerror or cause}'
+                                 f'{held}'))
             return
         while True:
             with self._lock:

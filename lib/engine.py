@@ -41,7 +41,9 @@ def train(config, settings, world, method, data, checkpoint, say):
     where its last.t7 stopped, in its folder (locked by `run`)."""
     started = time.time()
     # ---------------------------------------------------------------- records
-    writer = CheckpointWriter()
+    # (a file that cannot be written: what last.t7 on disk holds then, and how to continue)
+    writer = CheckpointWriter(lambda: console.held_text(
+        config, resume.progress_on_disk(config.model_dir) or ckpt.Progress()))
     log = RunLog(config.model_dir, log_folder(config) if config.tensorboard else None,
                  enabled=world.main, after=writer.then)
     # ---------------------------------------------------------------- optimizer, resume

@@ -341,3 +341,29 @@ def test_a_failed_background_write_is_one_error_line(tmp_path):
     writer.submit([({'net': {}, 'npc': {}}, str(tmp_path / 'missing' / 'last.t7'))])
     with pytest.raises(lib.checkpoint.UserError, match='cannot write checkpoint .*last.t7'):
         writer.wait()
+
+
+def test_a_disk_that_fills_during_the_run_is_one_line_saying_how_to_continue(
+        tiny_folder, tmp_path, run_main, monkeypatch):
+    """The second epoch's checkpoint meets a full disk: the line says what last.t7 still holds
+    (read from the disk) and the command that continues once there is room, which works."""
+    import errno
+    save, calls = torch.save, []
+
+    def fills(state, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:          # (epoch 0: ckpt.t7 and last.t7)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(state, f, *args, **kwargs)
+    monkeypatch.setattr(lib.checkpoint.torch, 'save', fills)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '3', '--no-tensorboard'))
+    assert code == 2
+    assert err.strip().endswith(
+        f'No space left on device; {tmp_path}/last.t7 continues from round 0 epoch 1; continue '
+        f'with: {PYTHON} main.py --model_dir {tmp_path} --resume last.t7 --workers 0 --device '
+        f'cpu'), err
+    monkeypatch.setattr(lib.checkpoint.torch, 'save', save)
+    command = shlex.split(err[err.index(f'{PYTHON} main.py'):])
+    code, out, err = run_main(*command[2:])
+    assert code == 0 and f'resuming at round 0 epoch 1 from {tmp_path}/last.t7' in out, err
