@@ -18,7 +18,7 @@ from lib import cli
 from lib.config import parse
 
 if __name__ == '__main__':
-    cli.parse_first(parse)          # flags answered before torch is imported (seconds)
+    cli.parse_first(parse, 'stopped by Ctrl-C: nothing was trained or written')  # (before torch)
 
 import os  # noqa: E402
 

@@ -146,16 +146,20 @@ ESCAPE_BYTES = 'superand-escape-bytes'
 codecs.register_error(ESCAPE_BYTES, _escape_bytes)
 
 
-def parse_first(parse):
+def parse_first(parse, interrupted='interrupted'):
     """For an entry point run as a program, before its heavy imports: `parse()` its flags, so
     that --help and a mistyped flag are answered at once (importing torch takes seconds), then
     import torchvision (and torch) here, where a pair that does not match is said in one line
-    with exit code 2 rather than in a traceback. The program parses its flags again after."""
+    with exit code 2 rather than in a traceback, and so is a Ctrl-C in those seconds (the line
+    `interrupted`, exit code 130). The program parses its flags again after."""
     parse()                     # exits on --help (0) or a flag error (2, one line)
     try:
         datasets.import_torchvision()
     except DataError as err:
         sys.exit(one_line_error(err))
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def exit_program(code):

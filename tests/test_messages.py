@@ -152,6 +152,20 @@ def test_first_signal_is_answered_at_once_second_ctrl_c_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_ctrl_c_while_torch_is_imported_is_one_line(capsys, monkeypatch):
+    """The seconds of `import torch` come before any handler of the program's own: Ctrl-C
+    there was a KeyboardInterrupt traceback."""
+    import datasets
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(datasets, 'import_torchvision', interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_first(lambda: None, 'stopped by Ctrl-C: nothing was trained or written')
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == 'stopped by Ctrl-C: nothing was trained or written\n'
+
+
 def test_interrupt_is_exit_130_and_one_line(capsys):
     def interrupted(argv):
         raise KeyboardInterrupt
