@@ -167,10 +167,10 @@ def compare(argv):
     text = table(rows)
     out = args.out or os.path.join(args.work_dir, 'results.md')
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    existed = os.path.exists(out)
+    written = 'replaced' if os.path.exists(out) else 'written to'
     with open(out, 'w') as f:
         f.write(text + '\n')
-    print('\n' + text + f'\n\n({"replaced" if existed else "written to"} {out}; "best" is the best of every epoch\'s test '
+    print('\n' + text + f'\n\n({written} {out}; "best" is the best of every epoch\'s test '
           'evaluation, as the paper reports; "final" is the last epoch\'s)')
     failed = [spec for spec, row in zip(args.runs, rows) if row['final'] == 'failed']
     if failed:

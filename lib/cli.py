@@ -132,6 +132,12 @@ def plural(count, word, plural_word=None):
     return f'{count} {word if count == 1 else plural_word or word + "s"}'
 
 
+def wrote_or_replaced(path):
+    """'replaced' where `path` already exists, else 'wrote': asked before a command writes its
+    file, for the line that names it (a file written over is said so)."""
+    return 'replaced' if os.path.exists(path) else 'wrote'
+
+
 def _escape_bytes(err):
     """A codec error handler: the undecodable bytes of a file name (lone surrogates
     U+DC80..U+DCFF, PEP 383) as \\xNN, anything else unencodable as \\uNNNN."""

@@ -247,8 +247,8 @@ def knn_warnings(config, knn):
     if knn.num_classes < 2:
         found.append(f'warning: {plural(knn.num_classes, "class", "classes")}: every kNN vote '
                      f'goes to it, so the accuracy means nothing')
-    elif top5_note(knn.num_classes, config.knn_k):
-        found.append(top5_note(knn.num_classes, config.knn_k))
+    elif note := top5_note(knn.num_classes, config.knn_k):
+        found.append(note)
     if config.knn_k >= count:
         found.append(f'warning: --knn-k {config.knn_k} is at least the {count} training '
                      f'images: every test image is voted on by all of them, so the accuracy '

@@ -332,7 +332,7 @@ def embed_command(argv):
         print(f'embedding {len(listed.paths)} image files of {args.images} with {args.ckpt} '
               f'({device.type})', flush=True)
     rows = FeatureRows(args.out, len(listed.paths))
-    existed = os.path.exists(args.out)        # (said: an earlier gallery is replaced)
+    wrote = cli.wrote_or_replaced(args.out)
     try:
         images, features, fingerprint = embed_folder(
             loaded, listed, device, show=not args.quiet, reading=image_reading(args, print),
@@ -346,7 +346,7 @@ def embed_command(argv):
     skipped = len(listed.paths) - features.shape[0]
     left_out = f' ({plural(skipped, "unreadable file")} left out, named above)' if skipped \
         else ''
-    print(f'{"replaced" if existed else "wrote"} {shown(args.out)}: {features.shape[0]} x '
+    print(f'{wrote} {shown(args.out)}: {features.shape[0]} x '
           f'{features.shape[1]} unit-length features, paths relative to {shown(args.images)}'
           f'{labels}{left_out}')
 

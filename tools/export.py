@@ -71,10 +71,10 @@ def export(argv):
               f'python -m tools.embed resizes the files straight to '
               f'{trained.config.image_size} px, which moves each embedding slightly (cosine '
               f'about 0.998)')
-    existed = os.path.exists(args.out)
+    wrote = cli.wrote_or_replaced(args.out)
     write_npz(args.out, features=features.cpu().numpy().astype(np.float32),
               indexes=np.asarray(image_set.indexes, dtype=np.int64), **extra)
-    print(f'{"replaced" if existed else "wrote"} {args.out}: {features.shape[0]} x '
+    print(f'{wrote} {args.out}: {features.shape[0]} x '
           f'{features.shape[1]} {args.knn_features} features of the {args.split} split')
 
 

@@ -139,8 +139,9 @@ def probe(argv):
           f'{len(test_x)} test images, {cli.plural(args.epochs, "epoch")}): test top-1 '
           f'{result["top1"]:.2f}% top-5 {result["top5"]:.2f}% (train top-1 '
           f'{result["train_top1"]:.2f}%)')
-    if top5_note(len(trained.train.classes)):
-        print(top5_note(len(trained.train.classes)))
+    note = top5_note(len(trained.train.classes))
+    if note:
+        print(note)
 
 
 def main(argv=None):

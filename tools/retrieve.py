@@ -150,11 +150,11 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
         if 'root' in data:
             fix += ', or embed it again: ' + tool_command(
                 'embed', '--ckpt', checkpoint, '--images', str(data['root']), '--out', path)
-        made_with = str(data['checkpoint']) if 'checkpoint' in data else 'unknown'
-        same_file = made_with != 'unknown' and os.path.realpath(made_with) == \
+        embedded_by = str(data['checkpoint']) if 'checkpoint' in data else 'unknown'
+        same_file = embedded_by != 'unknown' and os.path.realpath(embedded_by) == \
             os.path.realpath(checkpoint)
         which = (f'an earlier {checkpoint}, written over since (the run trained on)'
-                 if same_file else f'another checkpoint ({made_with})')
+                 if same_file else f'another checkpoint ({embedded_by})')
         raise UserError(f'{path} was embedded with {which}, so its similarities to these '
                         f'queries would mean nothing: {fix}')
     features = torch.from_numpy(data['features'].astype(np.float32)).to(device)
@@ -261,11 +261,10 @@ def retrieve(argv):
             print(f'{rank:4d}  {sim:.4f}  {shown(gallery.paths[index])}')
     report_skipped(done.skipped)
     if args.figure:
-        existed = os.path.exists(args.figure)
+        wrote = cli.wrote_or_replaced(args.figure)
         width, height = neighbours_figure(queries, gallery.root, gallery.paths, similarities,
                                           positions, args.figure, args.cell)
-        print(f'{"replaced" if existed else "wrote"} {shown(args.figure)} ({width} x {height} '
-              f'px)')
+        print(f'{wrote} {shown(args.figure)} ({width} x {height} px)')
 
 
 def main(argv=None):

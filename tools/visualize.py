@@ -240,9 +240,9 @@ def draw(argv):
     args = parse_args(argv)
     out = args.out or default_out(args)
     figure, kind = run_command(args)
-    existed = os.path.exists(out)
+    wrote = cli.wrote_or_replaced(out)
     width, height = save(figure, kind, out)
-    print(f'{"replaced" if existed else "wrote"} {out} ({width} x {height} px)')
+    print(f'{wrote} {out} ({width} x {height} px)')
 
 
 def main(argv=None):
