@@ -42,6 +42,31 @@ class Console:
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def quote(word):
+    """`word` (a str) quoted for a POSIX shell, as shlex.quote does; where it holds bytes that
+    are not valid UTF-8 (escaped as lone surrogates, PEP 383) or a control character, in bash's
+    $'...' form, with those as \\xNN: printed, such a name stays one line of ASCII that the
+    shell turns back into the very bytes (shlex.quote would print '\\xe9', four characters)."""
+    if word.isprintable():          # (a lone surrogate is not)
+        return shlex.quote(word)
+    escaped = []
+    for c in word:
+        if 0xDC80 <= ord(c) <= 0xDCFF:
+            escaped.append(f'\\x{ord(c) - 0xDC00:02x}')
+        elif c in '\\\'':
+            escaped.append('\\' + c)
+        elif c.isprintable():
+            escaped.append(c)
+        else:
+            escaped.append(''.join(f'\\x{byte:02x}' for byte in c.encode(errors='surrogatepass')))
+    return "$'" + ''.join(escaped) + "'"
+
+
+def join(words):
+    """The command of `words`, each quote()d: shlex.join for names of any bytes."""
+    return ' '.join(quote(str(word)) for word in words)
+
+
 def project_file(*parts):
     """A file of the project as a command typed in the current folder names it: relative
     (`main.py` in the project, `../sand/main.py` next to it), else its whole path."""
@@ -57,7 +82,7 @@ def python():
     found, folder = shutil.which('python3'), os.path.dirname(sys.executable)
     same = found is not None and os.path.samefile(found, sys.executable) and \
         os.path.realpath(os.path.dirname(found)) == os.path.realpath(folder)
-    return 'python3' if same else shlex.quote(sys.executable)
+    return 'python3' if same else quote(sys.executable)
 
 
 def torchrun():
@@ -81,10 +106,10 @@ def launcher(processes=None):
         return python()
     found = torchrun_options()
     if found is None:
-        processes = shlex.quote(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        processes = quote(os.environ.get('LOCAL_WORLD_SIZE', '1'))
         return f'{torchrun()} --nproc_per_node {processes}'
     program, options = found
-    return ' '.join([program, shlex.join(options)]) if options else program
+    return ' '.join([program, join(options)]) if options else program
 
 
 def torchrun_options():
@@ -102,7 +127,7 @@ def torchrun_options():
         if os.path.basename(word) == 'torchrun' or word == 'torch.distributed.run':
             program = torchrun()
         elif os.path.abspath(word) == ours:
-            program = f'{python()} {shlex.quote(project_file("tools", "launch.py"))}'
+            program = f'{python()} {quote(project_file("tools", "launch.py"))}'
         else:
             continue
         for end in range(start + 1, len(words)):
@@ -114,16 +139,16 @@ def torchrun_options():
 def command(*argv, processes=None):
     """The main.py command of `argv`, as it works typed in the current folder, with this
     run's launcher (or one of `processes`)."""
-    return (f'{launcher(processes)} {shlex.quote(project_file("main.py"))} '
-            + shlex.join(str(a) for a in argv))
+    return (f'{launcher(processes)} {quote(project_file("main.py"))} '
+            + join(argv))
 
 
 def tool_command(name, *argv):
     """The command of tools/<name>.py with `argv`, as it works typed in the current folder:
     `-m tools.<name>` in the project folder, the script's path elsewhere."""
     program = (f'-m tools.{name}' if os.path.abspath(os.getcwd()) == PROJECT
-               else shlex.quote(project_file('tools', name + '.py')))
-    return f'{python()} {program} ' + shlex.join(str(a) for a in argv)
+               else quote(project_file('tools', name + '.py')))
+    return f'{python()} {program} ' + join(argv)
 
 
 def continue_command(config, *more, processes=None):
@@ -395,7 +420,7 @@ def non_finite_loss(config, progress, round_index, epoch, step, lowered_from=Non
                 f'rate (--lr {config.lr:g}; the run had {lowered_from:g}) failed in its first '
                 f'epoch, so its weights have likely grown past what a learning rate brings '
                 f'back: start the run over in an unused folder, with the command that started '
-                f'it and --lr {lower} --model_dir {shlex.quote(unused_folder(config.model_dir))}')
+                f'it and --lr {lower} --model_dir {quote(unused_folder(config.model_dir))}')
     elif saved:
         kept = (f'{last_path(config)} still holds round {saved[0]} epoch {saved[1]}, the last '
                 f'epoch whose values were all finite; a lower learning rate may help: '

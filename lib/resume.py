@@ -20,7 +20,7 @@ from datasets import describe_fingerprint
 from . import checkpoint as ckpt
 from .cli import plural
 from .config import DEFAULTS
-from .console import command, continue_command, retyped, unused_folder
+from .console import command, continue_command, quote, retyped, unused_folder
 from .core.recipes import COMPONENTS
 from .errors import UserError
 from .run_folder import BEST, LAST, refuse_file
@@ -144,8 +144,8 @@ def _open_checkpoint(flags, say):
     if continuing and not {'optimizer', 'next'} <= set(state):     # weights only
         raise UserError(f'{path} holds no optimizer state (a best-kNN ckpt.t7 or a released '
                         f'checkpoint), so --resume cannot continue a run from it; '
-                        f'--init-from {path} starts a new run from its weights, bank and '
-                        f'anchors (in another --model_dir); to evaluate it: '
+                        f'--init-from {quote(path)} starts a new run from its weights, bank '
+                        f'and anchors (in another --model_dir); to evaluate it: '
                         f'{command(*flags.argv, "--test_only")}')
     if continuing and 'model_dir' not in typed and \
             os.path.abspath(checkpoint.folder) != os.path.abspath(model_dir):
@@ -164,7 +164,8 @@ def refuse_recipe_change(typed, stored, path):
             flag = (f'--{name}' if value else f'--no-{name}') if isinstance(value, bool) \
                 else f'--{name} {words(value)}'
             why = (f'a resumed run keeps its recipe, image size and normalisation; start a new '
-                   f'run in another --model_dir, or one from its weights with --init-from {path}')
+                   f'run in another --model_dir, or one from its weights with --init-from '
+                   f'{quote(path)}')
             if typed.get('test_only') and key in ('image_size', 'mean', 'std'):
                 if typed.get('knn_features') == 'network':
                     continue            # both sides embedded with it: a scoring of its own

@@ -126,6 +126,41 @@ def test_every_printed_command_continues_the_same_run(tiny_folder, tmp_path, run
     assert sorted(os.listdir('checkpoint')) == ['last.t7', 'log.jsonl', 'stoptest', 'stoptest-2']
 
 
+def as_bash_reads(words):
+    """The argv that bash makes of the command text `words` (the reference for quoting)."""
+    out = subprocess.run(['bash', '-c', 'printf "%s\\0" ' + words], capture_output=True,
+                         check=True).stdout
+    return [os.fsdecode(word) for word in out.split(b'\0')[:-1]]
+
+
+@pytest.mark.parametrize('word', ['plain', 'two words', "it's", '', 'café', 'back\\slash $HOME',
+                                  os.fsdecode(b'caf\xe9'), os.fsdecode(b'\xff\xfe/x y'),
+                                  'two\nlines', 'tab\there', '\u00a0before', "\\'\xe9"])
+def test_a_printed_word_is_one_line_that_the_shell_reads_back_as_its_bytes(word):
+    from lib.console import join, quote
+    assert '\n' not in quote(word) and quote(word).isprintable()
+    assert as_bash_reads(quote(word)) == [word]
+    assert as_bash_reads(join([word, 'next', word])) == [word, 'next', word]
+
+
+def test_a_folder_whose_name_is_not_utf8_is_continued_by_the_printed_command(
+        tiny_folder, tmp_path, run_main, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = os.fsdecode(b'caf\xe9 run')          # Latin-1 bytes, as old zip tools write names
+    code, out, err = run_main(*fast_args(tiny_folder, run, *MECHANICS, '--epochs', '2',
+                                         '--rounds', '1', '--stop-after', '1',
+                                         '--no-tensorboard'))
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if 'continue with:' in line)
+    assert line.isascii(), line
+    program = main_program()
+    argv = as_bash_reads(line[line.index(program) + len(program):])
+    assert argv[:2] == ['--model_dir', run]
+    code, out, err = run_main(*argv)
+    assert code == 0, err
+    assert epochs_logged(run) == [(0, 0), (0, 1)]
+
+
 def test_a_printed_command_names_python3_only_where_that_is_this_python(tmp_path,
                                                                        monkeypatch):
     """A venv's python run by its path, the venv not on PATH: a python3 there that is the
