@@ -81,11 +81,14 @@ def train(config, settings, world, method, data, checkpoint, say):
                         log.round(record, entropy=method.anchors.entropy)
                     for epoch in range(first_epoch if round_index == first_round else 0,
                                        config.epochs):
-                        if not train_one_epoch(run, round_index, epoch, stop):
+                        final = (round_index, epoch) == (config.rounds - 1, config.epochs - 1)
+                        stopping_after = bool(config.stop_after) and not final and \
+                            epochs_run + 1 >= config.stop_after
+                        if not train_one_epoch(run, round_index, epoch, stop,
+                                               final or stopping_after):
                             return                  # a stop signal: last.t7 continues from it
                         epochs_run += 1
-                        if config.stop_after and epochs_run >= config.stop_after and \
-                                (round_index, epoch) != (config.rounds - 1, config.epochs - 1):
+                        if stopping_after:
                             say(console.stopped_after_line(config, epochs_run))
                             return
         except KeyboardInterrupt:       # a second Ctrl-C: out at once, saying what last.t7 holds
@@ -142,9 +145,11 @@ class Run:
                        self.progress, position, record, self.data.train.fingerprint, is_best)
 
 
-def train_one_epoch(run, round_index, epoch, stop):
+def train_one_epoch(run, round_index, epoch, stop, ends_run=False):
     """Train an epoch (from the step a stopped run left), evaluate, save and record it.
-    Returns False when a stop signal ended it early: last.t7 then continues from that step."""
+    Returns False when a stop signal ended it early: last.t7 then continues from that step.
+    `ends_run`: no epoch follows (the last, or --stop-after's): a signal after its steps is
+    told that the run ends once its checkpoint is written, not that it stops at a next step."""
     config, progress, started = run.config, run.progress, time.time()
     lr, weights = run.schedule.learning_rate(config.lr, epoch), \
         loss_weights(config, run.schedule, epoch)
@@ -164,6 +169,7 @@ def train_one_epoch(run, round_index, epoch, stop):
         retried = run.lowered_lr is not None and run.lowered_lr[:2] == (round_index, epoch)
         raise console.non_finite_loss(config, progress, round_index, epoch, bad.step,
                                       run.lowered_lr[2] if retried else None) from None
+    stop.finishing = ends_run and not result.stopped
     if result.stopped:
         progress.round, progress.epoch = round_index, epoch
         run.save(False, dict(round=round_index, epoch=epoch, step=result.steps,

@@ -184,24 +184,54 @@ def test_a_stop_signal_before_training_quits_at_once_and_leaves_no_folder(tiny_f
     assert not (tmp_path / 'new').exists()
 
 
-def test_a_stop_signal_after_the_last_epoch_lets_the_run_end(tiny_folder, tmp_path, run_main,
-                                                             monkeypatch):
-    """SIGTERM after the last epoch, while its checkpoint is still being written: the run ends
-    as it would have (its result, exit code 0, its end record), after a line saying that it
-    ends once the file is written; before, this said 'nothing was trained or written'."""
+@pytest.mark.parametrize('when, extra, ending', [
+    ('close', [], 'done: best kNN top-1'),              # its checkpoint being written
+    ('evaluate', [], 'done: best kNN top-1'),           # its kNN pass
+    ('evaluate', ['--epochs', '2', '--stop-after', '1'], 'stopping after 1 epoch')])
+def test_a_stop_signal_after_the_last_epochs_steps_lets_the_run_end(
+        when, extra, ending, tiny_folder, tmp_path, run_main, monkeypatch):
+    """SIGTERM after the steps of the run's last epoch (or --stop-after's), while it is being
+    evaluated or its checkpoint is still being written: the run ends as it would have (its
+    result, exit code 0, its end record), after a line saying that it ends once the file is
+    written; before, this said 'nothing was trained or written', or 'stopping at the next
+    step', of which there is none."""
+    import lib.build
     from lib.run_log import RunLog
-    close = RunLog.close
+    owner, name = (RunLog, 'close') if when == 'close' else (lib.build, 'evaluate')
+    real = getattr(owner, name)
 
-    def signalled(self):                # (in the engine's `finally`, beside the writer's wait)
+    def signalled(*args, **kwargs):     # (close: in the engine's `finally`, by the writer's wait)
         os.kill(os.getpid(), signal.SIGTERM)
-        close(self)
-    monkeypatch.setattr(RunLog, 'close', signalled)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, signalled)
     code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
-                                         '--epochs', '1', '--no-tensorboard'))
+                                         '--epochs', '1', '--no-tensorboard', *extra))
     assert code == 0, err
     assert 'SIGTERM: the run is ending: it stops once its last checkpoint is written' in out
-    assert out.splitlines()[-2].startswith('done: best kNN top-1')
-    assert records(tmp_path, 'end') and 'nothing was trained' not in out + err
+    assert 'next step' not in out and 'nothing was trained' not in out + err
+    assert any(line.startswith(ending) for line in out.splitlines()[-2:]), out
+    assert records(tmp_path, 'epoch')
+
+
+def test_a_stop_signal_in_an_evaluation_stops_at_the_next_epochs_first_step(
+        tiny_folder, tmp_path, run_main, monkeypatch):
+    """SIGTERM in the kNN pass of an epoch that is not the last: the run stops at the next
+    step, the first of the next epoch, with last.t7 continuing from it."""
+    import lib.build
+    evaluate = lib.build.evaluate
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(lib.build, 'evaluate', evaluate)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(lib.build, 'evaluate', signalled)
+    code, out, err = run_main(*fast_args(tiny_folder, tmp_path, *MECHANICS, '--rounds', '1',
+                                         '--epochs', '3', '--no-tensorboard'))
+    assert code == 0, err
+    assert 'SIGTERM: stopping at the next step, after writing last.t7' in out
+    assert [(r['round'], r['epoch']) for r in records(tmp_path, 'epoch')] == [(0, 0)]
+    held = torch.load(tmp_path / 'last.t7', weights_only=True)['next']
+    assert (held['round'], held['epoch']) == (0, 1)
 
 
 def test_no_stop_line_while_an_error_is_said_nor_once_the_run_has_ended(tiny_folder, tmp_path,
