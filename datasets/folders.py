@@ -3,7 +3,7 @@
 
 - A folder of unlabeled images is walked at any depth; a class tree `<split>/<class>/*` takes
   the images directly inside each class folder (as it always has: a folder of thumbnails
-  inside a class folder is not read).
+  inside a class folder is not read, and a note counts the image files left so).
 - Hidden files and folders (names starting with '.', such as Jupyter's `.ipynb_checkpoints`)
   are ignored at every level, class folders included.
 - Links are followed, but a folder already walked is never walked again, so a link back up the
@@ -163,11 +163,14 @@ def list_class_tree(folder):
     if not classes:
         raise FolderError(f'{shown(folder)} holds no class folders (expected '
                           f'{shown(folder)}/<class>/*)')
-    found = []
+    found, deeper = [], set()
     for label, name in enumerate(classes):
-        files, _ = _walk(os.path.join(folder, name), any_depth=False)
+        files, _ = _walk(os.path.join(folder, name))
         found += [(label, Found(os.path.join(name, item.path), item.link, item.identity))
-                  for item in files]
+                  for item in files if os.sep not in item.path]
+        deeper |= {item.identity or os.path.join(name, item.path) for item in files
+                   if os.sep in item.path}
+    deeper -= {item.identity for _, item in found}      # (a link inside to a class's image)
     kept, repeated = _once([item for _, item in found], set())
     kept = set(kept)
     chosen = sorted(((label, item) for label, item in found if item in kept),
@@ -179,9 +182,14 @@ def list_class_tree(folder):
                     'class' if any(item.path.startswith(name + os.sep) for _, item in found)
                     else f'no images ({", ".join(IMAGE_EXTENSIONS)})')
             raise FolderError(f'class folder {shown(os.path.join(folder, name))} holds {held}')
+    left_out = [f'note: under {shown(folder)}, {len(deeper)} image file'
+                + (' in a folder inside a class folder is' if len(deeper) == 1 else
+                   's in folders inside class folders are')
+                + ' not read: a class holds the images directly inside its folder'] \
+        if deeper else []
     return ClassTree(classes, [item.path for _, item in chosen],
                      [label for label, _ in chosen], [item.identity for _, item in chosen],
-                     Listing([], repeated).notes(folder))
+                     Listing([], repeated).notes(folder) + left_out)
 
 
 def is_class_tree(folder):

@@ -417,6 +417,36 @@ def test_names_print_on_one_line_and_draw(tmp_path):
     curve_figure([(os.fsdecode(b'run_caf\xe9'), records)]).savefig(tmp_path / 'c.png')
 
 
+def test_images_in_folders_inside_a_class_folder_are_counted_not_dropped_in_silence(
+        tmp_path, capsys):
+    """A photo library by year (2019/a.png, 2019/summer/b.png, 2020/c.png) is a class tree,
+    whose classes hold the images directly inside their folders: the one in 2019/summer/ is
+    not read, and every reader of class trees says so in a note with the count."""
+    library = tmp_path / 'years'
+    for path in ('2019/a.png', '2019/summer/b.png', '2019/summer/deep/c.png', '2020/d.png',
+                 '2020/e.png'):
+        (library / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy(len(path))).save(library / path)
+    os.symlink(library / '2020' / 'd.png', library / '2019' / 'summer' / 'link.png')
+    tree = datasets.list_class_tree(str(library))
+    assert tree.paths == ['2019/a.png', '2020/d.png', '2020/e.png']
+    assert tree.notes == [f'note: under {library}, 2 image files in folders inside class '
+                          f'folders are not read: a class holds the images directly inside '
+                          f'its folder']
+    checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
+    assert embed.main(['--ckpt', checkpoint, '--images', str(library), '--out',
+                       str(tmp_path / 'e.npz')]) == 0
+    assert tree.notes[0] in capsys.readouterr().out
+    (library / '2019' / 'summer' / 'deep' / 'c.png').unlink()
+    assert datasets.list_class_tree(str(library)).notes[0].startswith(
+        f'note: under {library}, 1 image file in a folder inside a class folder is not read')
+    flat = tmp_path / 'flat'                # none: no note
+    flat.mkdir()
+    (flat / 'cls').mkdir()
+    Image.fromarray(noisy(0)).save(flat / 'cls' / 'a.png')
+    assert datasets.list_class_tree(str(flat)).notes == []
+
+
 # ----------------------------------------------------------------------------- 5. normalisation
 def test_a_channel_without_spread_is_refused_before_training(tmp_path, run_main):
     folder = tmp_path / 'noblue'

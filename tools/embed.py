@@ -29,8 +29,8 @@ def build_parser():
                    description='Embed every image of a folder with a trained checkpoint.')
     cli.add_checkpoint_option(p)
     p.add_argument('--images', required=True, metavar='DIR',
-                   help='folder of images (any depth); a class tree <class>/<image> also gives '
-                        'labels')
+                   help='folder of images (any depth); a class tree <class>/<image> gives '
+                        'labels, and its images are those directly inside each class folder')
     p.add_argument('--out', required=True, type=cli.output_file('.npz'), metavar='FILE.npz',
                    help='the .npz file to write')
     cli.add_reading_options(p)
