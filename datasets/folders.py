@@ -17,7 +17,7 @@
 - The order is the sorted order of the relative paths, the same on every machine.
 """
 import os
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .images import IMAGE_EXTENSIONS, shown
@@ -41,9 +41,18 @@ class Listing:
     paths: list                     # relative to the folder, sorted, each real file once
     repeated: int = 0               # paths left out: they reach a file already listed
     folders_again: int = 0          # links to folders already walked, not followed again
+    others: list = field(default_factory=list)  # files whose names are of no image type
 
     def notes(self, folder):
-        """One note line on what was left out, or none."""
+        """The note lines on what was left out (none when nothing was)."""
+        return other_files_notes(folder, self.others) + self.repeated_notes(folder)
+
+    def empty_text(self, folder):
+        """What a folder without images is told: their types, and what it holds instead."""
+        return (f'{shown(folder)} holds no images ({", ".join(IMAGE_EXTENSIONS)}), at any depth'
+                + (f'; it holds {counted_by_kind(self.others)}' if self.others else ''))
+
+    def repeated_notes(self, folder):
         parts = []
         if self.repeated:
             parts.append(f'{self.repeated} path' + (' reaches' if self.repeated == 1 else
@@ -87,12 +96,34 @@ def _identity(path):
     return info.st_dev, info.st_ino
 
 
+def other_files_notes(folder, others):
+    """A note on the files `others` (paths) under `folder` that are not read, their names
+    being of no image type (a phone's .heic, a .txt, a name without an extension), counted by
+    kind; none when there are none."""
+    if not others:
+        return []
+    return [f'note: under {shown(folder)}, {counted_by_kind(others)} '
+            + ('is' if len(others) == 1 else 'are') + ' not read; the image types read are '
+            + ', '.join(IMAGE_EXTENSIONS)]
+
+
+def counted_by_kind(others):
+    """'3 files not named as images (1 .heic, 1 .txt, 1 without an extension)'."""
+    kinds = Counter(os.path.splitext(path)[1].lower() or 'without an extension'
+                    for path in others)
+    listed = [f'{count} {kind}' for kind, count in kinds.most_common(5)]
+    if len(kinds) > 5:
+        listed.append(f'{len(kinds) - 5} more kinds')
+    return (f'{len(others)} file' + ('' if len(others) == 1 else 's')
+            + f' not named as images ({", ".join(listed)})')
+
+
 def _walk(folder, any_depth=True):
-    """The image files under `folder` (Found, in no particular order) and how many folder links
-    were not followed. The real tree is walked before the folders that links lead to, so a
+    """The image files under `folder` (Found, in no particular order), how many folder links
+    were not followed, and the paths of the other files (not hidden, of no image type). The real tree is walked before the folders that links lead to, so a
     folder reached both ways keeps its real path. Without `any_depth`, only `folder`'s own
     files."""
-    found, again, visited = [], 0, set()
+    found, again, visited, others = [], 0, set(), []
     real_folders, linked_folders = deque([('', folder)]), deque()
     while real_folders or linked_folders:
         relative, directory = (real_folders or linked_folders).popleft()
@@ -114,7 +145,9 @@ def _walk(folder, any_depth=True):
                     (path, entry.path))
             elif kind in ('file', 'broken') and is_image_file(entry.name):
                 found.append(Found(path, entry.is_symlink(), _identity(entry.path)))
-    return found, again
+            elif kind == 'file':
+                others.append(path)
+    return found, again, others
 
 
 def _once(found, seen):
@@ -133,9 +166,9 @@ def _once(found, seen):
 
 def list_images(folder):
     """The Listing of every image file under `folder`, at any depth (the module's rules)."""
-    found, again = _walk(folder)
+    found, again, others = _walk(folder)
     kept, repeated = _once(found, set())
-    return Listing(sorted(item.path for item in kept), repeated, again)
+    return Listing(sorted(item.path for item in kept), repeated, again, sorted(others))
 
 
 def subfolders(folder):
@@ -163,9 +196,10 @@ def list_class_tree(folder):
     if not classes:
         raise FolderError(f'{shown(folder)} holds no class folders (expected '
                           f'{shown(folder)}/<class>/*)')
-    found, deeper = [], set()
+    found, deeper, others = [], set(), []
     for label, name in enumerate(classes):
-        files, _ = _walk(os.path.join(folder, name))
+        files, _, other_files = _walk(os.path.join(folder, name))
+        others += [os.path.join(name, path) for path in other_files if os.sep not in path]
         found += [(label, Found(os.path.join(name, item.path), item.link, item.identity))
                   for item in files if os.sep not in item.path]
         deeper |= {item.identity or os.path.join(name, item.path) for item in files
@@ -189,7 +223,7 @@ def list_class_tree(folder):
         if deeper else []
     return ClassTree(classes, [item.path for _, item in chosen],
                      [label for label, _ in chosen], [item.identity for _, item in chosen],
-                     Listing([], repeated).notes(folder) + left_out)
+                     Listing([], repeated, others=others).notes(folder) + left_out)
 
 
 def is_class_tree(folder):

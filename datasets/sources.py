@@ -24,7 +24,7 @@ from .folders import (FolderError, describe_class_difference, list_class_tree,
                       list_images)
 from .image_cache import size_rule
 from .image_rows import pixel_digest, take
-from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, failure_reason, shown)
+from .images import (ImageNotes, UnreadableImage, failure_reason, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -244,8 +244,7 @@ def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True,
     listing = list_images(folder)
     relative = listing.paths
     if not relative:
-        raise DataError(f'{shown(folder)} holds no images ({", ".join(IMAGE_EXTENSIONS)}), at '
-                        f'any depth')
+        raise DataError(listing.empty_text(folder))
     keep = select('train', len(relative)) if select else np.arange(len(relative))
     paths = [os.path.join(folder, relative[i]) for i in keep]
     size = image_size if _all_square(paths, image_size, reading, quiet=True) \

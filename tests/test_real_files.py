@@ -447,6 +447,36 @@ def test_images_in_folders_inside_a_class_folder_are_counted_not_dropped_in_sile
     assert datasets.list_class_tree(str(flat)).notes == []
 
 
+def test_files_not_named_as_images_are_counted_not_dropped_in_silence(tmp_path, capsys):
+    """A phone's .HEIC, a name without an extension, a .txt: not read, and a note (or, with
+    no image at all, the error) counts them by kind; hidden files are not counted."""
+    photos = tmp_path / 'photos'
+    (photos / 'trip').mkdir(parents=True)
+    Image.fromarray(noisy(0)).save(photos / 'a.png')
+    for name in ('IMG_1.HEIC', 'trip/IMG_2.heic', 'noext', 'notes.txt', '.DS_Store'):
+        (photos / name).write_bytes(b'not read')
+    counted = '4 files not named as images (2 .heic, 1 without an extension, 1 .txt)'
+    listing = datasets.list_images(str(photos))
+    assert listing.paths == ['a.png']
+    assert listing.notes(str(photos))[0].startswith(f'note: under {photos}, {counted} are '
+                                                    f'not read; the image types read are .jpg')
+    checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
+    assert embed.main(['--ckpt', checkpoint, '--images', str(photos), '--out',
+                       str(tmp_path / 'e.npz')]) == 0
+    assert counted in capsys.readouterr().out
+    (photos / 'a.png').unlink()
+    assert embed.main(['--ckpt', checkpoint, '--images', str(photos), '--out',
+                       str(tmp_path / 'e.npz')]) == 2
+    assert capsys.readouterr().err.strip().endswith(f'at any depth; it holds {counted}')
+    tree = tmp_path / 'tree'                # a class tree: its class folders' own files
+    (tree / 'cat').mkdir(parents=True)
+    Image.fromarray(noisy(1)).save(tree / 'cat' / 'a.png')
+    (tree / 'cat' / 'b.heic').write_bytes(b'not read')
+    assert datasets.list_class_tree(str(tree)).notes == [
+        f'note: under {tree}, 1 file not named as images (1 .heic) is not read; the image '
+        f'types read are ' + ', '.join(datasets.IMAGE_EXTENSIONS)]
+
+
 # ----------------------------------------------------------------------------- 5. normalisation
 def test_a_channel_without_spread_is_refused_before_training(tmp_path, run_main):
     folder = tmp_path / 'noblue'

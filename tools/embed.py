@@ -96,8 +96,7 @@ def list_folder(folder):
                          tree.classes, tree.notes)
     listing = datasets.list_images(folder)
     if not listing.paths:
-        raise UserError(f'{shown(folder)} holds no images '
-                        f'({", ".join(datasets.IMAGE_EXTENSIONS)}), at any depth')
+        raise UserError(listing.empty_text(folder))
     return ImageList(folder, listing.paths, notes=listing.notes(folder))
 
 

@@ -215,8 +215,7 @@ def query_paths(given, say):
         if os.path.isdir(query):
             listing = datasets.list_images(query)
             if not listing.paths:
-                raise UserError(f'query folder {shown(query)} holds no images '
-                                f'({", ".join(datasets.IMAGE_EXTENSIONS)}), at any depth')
+                raise UserError('query folder ' + listing.empty_text(query))
             for note in listing.notes(query):
                 say(note)
             paths += [os.path.join(query, path) for path in listing.paths]
