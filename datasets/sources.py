@@ -24,7 +24,7 @@ from .folders import (FolderError, describe_class_difference, list_class_tree,
                       list_images)
 from .image_cache import size_rule
 from .image_rows import pixel_digest, take
-from .images import (ImageNotes, UnreadableImage, failure_reason, shown)
+from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, failure_reason, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -306,6 +306,19 @@ def first_missing_folder(path):
     return missing
 
 
+def refuse_download_among_images(root, name):
+    """A DataError where `root` holds an image file (the first met, at any depth): a folder of
+    one's own images given without --dataset folder must not receive a download of dataset
+    `name` (and a run on it)."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith('.'))
+        image = next((f for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)), None)
+        if image is not None:
+            raise DataError(f'{shown(root)} holds images ({shown(os.path.join(folder, image))}, '
+                            f'...) but no {name} files: for images of your own, give --dataset '
+                            f'folder; a download of {name} into it was not started')
+
+
 def torchvision_fetch(root, fetch):
     """`fetch()`, a torchvision reader that may download into `root`. When it fails, the
     folders it created are removed again: a mistyped --data-root leaves no empty folder."""
@@ -327,6 +340,8 @@ def load_svhn(root, download=True, select=None):
         found = [d for d in (root, os.path.join(root, 'svhn'))
                  if os.path.isfile(os.path.join(d, name))]
         if not found:
+            if download:
+                refuse_download_among_images(root, 'SVHN')
             try:
                 import torchvision
                 torchvision_fetch(root, lambda: torchvision.datasets.SVHN(root, split=split,
@@ -376,6 +391,8 @@ def load_cifar(dataset, root, download=True, select=None, reading=None):
         return train, test
     if os.path.isdir(os.path.join(root, TORCHVISION_FOLDERS[dataset])):
         download = False
+    if download:
+        refuse_download_among_images(root, dataset)
     try:
         sets = torchvision_fetch(root, lambda: read_torchvision_cifar(dataset, root, download))
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously

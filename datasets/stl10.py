@@ -21,7 +21,8 @@ import numpy as np
 
 from .image_rows import ImageRows, MappedArray, concatenate, pixel_digest, take
 from .images import shown
-from .sources import UNLABELED, DataError, ImageSet, torchvision_fetch
+from .sources import (UNLABELED, DataError, ImageSet, refuse_download_among_images,
+                      torchvision_fetch)
 
 SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE
@@ -88,6 +89,8 @@ def load_stl10(root, download=True, select=None, cache=None):
     so a second start does not read 2.9 GB to fingerprint them."""
     folder = find_folder(root)
     if folder is None:
+        if download:
+            refuse_download_among_images(root, 'STL-10')
         try:
             import torchvision
             torchvision_fetch(root, lambda: torchvision.datasets.STL10(

@@ -100,6 +100,9 @@ def load_data(opts, root=None, reading=None):
         raise UserError(f'{err}{hint}') from None
     if opts.test_only:
         return train, test
+    if len(train) < 2:              # (--batch_size is 2 or more: a step needs two images)
+        raise UserError(f'a run needs at least 2 training images, and there '
+                        f'{"is 1" if len(train) == 1 else "are none"}')
     if opts.batch_size > len(train):
         raise UserError(f'--batch_size {opts.batch_size} is larger than the {len(train)} '
                         f'training images')

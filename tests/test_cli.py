@@ -126,10 +126,14 @@ def assert_user_error(result, *needles):
 
 
 def test_size_checks_name_what_does_not_fit(tiny_folder, tmp_path, run_main):
-    # One image: the batch does not fit; with one round there are no anchors to check.
+    # One image: no step of two images; three: the batch does not fit; with one round there
+    # are no anchors to check.
     assert_user_error(run_main(*fast_args(tiny_folder, tmp_path / 'one', '--subset', '1',
                                           '--rounds', '1', *MECHANICS)),
-                      '--batch_size 8 is larger than the 1 training images')
+                      'a run needs at least 2 training images, and there is 1')
+    assert_user_error(run_main(*fast_args(tiny_folder, tmp_path / 'three', '--subset', '3',
+                                          '--rounds', '1', *MECHANICS)),
+                      '--batch_size 8 is larger than the 3 training images')
     assert_user_error(run_main(*fast_args(tiny_folder, tmp_path / 'two', '--rounds', '2',
                                           '--ANs_size', '20', *MECHANICS)),
                       '--ANs_size 20 needs more than 20 training images')

@@ -54,6 +54,33 @@ def test_a_run_with_relative_paths_is_evaluated_and_resumed_from_another_folder(
 
 
 # ----------------------------------------------------------------------------- 3. refuse first
+@pytest.mark.parametrize('dataset, name', [('cifar10', 'cifar10'), ('cifar100', 'cifar100'),
+                                           ('svhn', 'SVHN'), ('stl10', 'STL-10')])
+def test_own_images_without_dataset_folder_are_not_a_download_target(dataset, name, tmp_path,
+                                                                     run_main, monkeypatch):
+    """A folder of one's own photos given with the default --dataset (cifar10) or another
+    downloadable one: refused before any download, naming --dataset folder; on a machine with
+    network access the download went into the photos' folder, and the run trained on it."""
+    import torchvision.datasets
+
+    def no_download(*args, **kwargs):
+        raise AssertionError('a download was started')
+    for reader in ('CIFAR10', 'CIFAR100', 'SVHN', 'STL10'):
+        monkeypatch.setattr(torchvision.datasets, reader, no_download)
+    photos = tmp_path / 'photos'
+    (photos / '2024').mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(photos / '2024' / 'a.jpg')
+    argv = ['--data-root', photos, '--model_dir', tmp_path / 'run', '--device', 'cpu']
+    code, out, err = run_main(*argv, *(['--dataset', dataset] if dataset != 'cifar10' else []))
+    assert code == 2
+    assert err.strip() == (f'error: {photos} holds images ({photos}/2024/a.jpg, ...) but no '
+                           f'{name} files: for images of your own, give --dataset folder; a '
+                           f'download of {name} into it was not started')
+    assert sorted(os.listdir(photos)) == ['2024']
+    code, out, err = run_main(*argv, '--dataset', 'folder', *SMALL, '--batch_size', '2')
+    assert code == 2 and 'a run needs at least 2 training images, and there is 1' in err
+
+
 def test_a_busy_or_unwritable_run_folder_is_refused_before_the_data_is_read(tiny_folder,
                                                                             tmp_path, run_main):
     from lib.run_folder import acquire
