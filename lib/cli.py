@@ -12,6 +12,7 @@ import math
 import os
 import select
 import sys
+from contextlib import contextmanager
 
 import datasets
 from datasets import DataError
@@ -130,6 +131,17 @@ def one_line_error(message, label='error'):
 def plural(count, word, plural_word=None):
     """'1 round', '2 rounds'; `plural_word` where adding an s is wrong ('classes')."""
     return f'{count} {word if count == 1 else plural_word or word + "s"}'
+
+
+@contextmanager
+def writing(path):
+    """An OSError while the block writes `path`, a file the user named, as one line (a UserError:
+    exit code 2): a full disk, a read-only mount, a folder that takes no files (/proc), which
+    the checks of `output_file` cannot all see before."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f'cannot write {datasets.shown(path)}: {err.strerror or err}') from None
 
 
 def wrote_or_replaced(path):

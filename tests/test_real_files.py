@@ -20,6 +20,7 @@ import datasets
 from conftest import no_file_left_open, write_image_folder
 from tools import embed, retrieve
 from lib.core.knn import topk_correct
+from lib.errors import UserError
 
 SIZE = 32
 
@@ -475,6 +476,38 @@ def test_files_not_named_as_images_are_counted_not_dropped_in_silence(tmp_path, 
     assert datasets.list_class_tree(str(tree)).notes == [
         f'note: under {tree}, 1 file not named as images (1 .heic) is not read; the image '
         f'types read are ' + ', '.join(datasets.IMAGE_EXTENSIONS)]
+
+
+def test_outputs_never_land_on_inputs_and_unwritable_ones_are_one_line(tmp_path, capsys):
+    """retrieve --figure refuses to write over a query image or into the gallery folder (the
+    user's photo was replaced by the figure); an output the system refuses (/proc) is one line
+    with exit code 2, for embed, export's writer and retrieve alike."""
+    gallery = tmp_path / 'gallery'
+    gallery.mkdir()
+    for i in range(3):
+        Image.fromarray(noisy(i)).save(gallery / f'{i}.png')
+    query = tmp_path / 'query.png'
+    Image.fromarray(noisy(9)).save(query)
+    photo = query.read_bytes()
+    checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
+    common = ['--ckpt', checkpoint, '--gallery', str(gallery), '--query', str(query)]
+    for figure, says in [(query, f'--figure {query} is the query image {query}, which the '
+                                 f'figure would be written over: give another file'),
+                         (gallery / 'new.png', f'--figure {gallery}/new.png is in the gallery '
+                          f'folder {gallery}, where it would replace or join its images: write '
+                          f'it elsewhere'),
+                         ('/proc/figure.png', 'cannot write /proc/figure.png: No such file or '
+                                              'directory')]:
+        assert retrieve.main([*common, '--k', '2', '--figure', str(figure)]) == 2
+        assert capsys.readouterr().err == f'error: {says}\n'
+    assert query.read_bytes() == photo and sorted(os.listdir(gallery)) == \
+        ['0.png', '1.png', '2.png']
+    assert embed.main(['--ckpt', checkpoint, '--images', str(gallery), '--out',
+                       '/proc/e.npz']) == 2
+    assert capsys.readouterr().err == 'error: cannot write /proc/e.npz: No such file or ' \
+                                      'directory\n'
+    with pytest.raises(UserError, match='^cannot write /proc/x.npz: '):
+        embed.write_npz('/proc/x.npz', features=np.zeros((1, 2)))
 
 
 # ----------------------------------------------------------------------------- 5. normalisation

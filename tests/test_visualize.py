@@ -3,6 +3,7 @@ log reading and round starts, and one-line errors."""
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -274,6 +275,38 @@ def test_curve_from_two_logs(tmp_path, capsys, monkeypatch):
     assert code == 0 and out.startswith('wrote fig/curve-run_a.png'), err
     code, out, err = run(capsys, 'curve', '--log', first)
     assert code == 0 and out.startswith('replaced fig/curve-run_a.png'), err
+
+
+@pytest.mark.parametrize('suffix', ['.png', '.jpg', '.svg', '.pdf'])
+@pytest.mark.parametrize('command', ['curve', 'retrieval'])
+def test_every_format_the_help_names_is_written_at_its_size(command, suffix, checkpoints,
+                                                            tiny_folder, tmp_path, capsys):
+    """A curve (matplotlib) and the retrieval grid (PIL pixels) in each format --out takes:
+    the file is of that format, at the size said (for .svg and .pdf: in points, 72 to the
+    inch, of the figure at DPI); before, .svg and .pdf ended in a traceback."""
+    out = tmp_path / f'figure{suffix}'
+    argv = ['curve', '--log', os.path.dirname(checkpoints['and'])] if command == 'curve' else \
+        ['retrieval', '--ckpt', checkpoints['and'], '--data-root', tiny_folder, '--device', 'cpu']
+    code, said, err = run(capsys, *argv, '--out', out)
+    assert code == 0, err
+    width, height = map(int, re.fullmatch(rf'wrote {out} \((\d+) x (\d+) px\)',
+                                          said.splitlines()[-1]).groups())
+    head = out.read_bytes()[:2000]
+    if suffix in ('.png', '.jpg'):
+        assert png_size(out) == (width, height)
+        assert head.startswith(b'\x89PNG' if suffix == '.png' else b'\xff\xd8')
+    elif suffix == '.pdf':
+        assert head.startswith(b'%PDF')
+    else:
+        points = re.search(rb'<svg [^>]*width="([\d.]+)pt" height="([\d.]+)pt"', head).groups()
+        assert [float(p) for p in points] == pytest.approx(
+            [width * 72 / vis.DPI, height * 72 / vis.DPI], abs=0.01)
+
+
+def test_a_figure_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    first = write_log(tmp_path / 'run_a' / 'log.jsonl', 1, 2)
+    code, out, err = run(capsys, 'curve', '--log', first, '--out', '/proc/curve.png')
+    assert code == 2 and err == 'error: cannot write /proc/curve.png: No such file or directory\n'
 
 
 def test_a_curve_without_labels_is_the_loss_sgd_minimised():

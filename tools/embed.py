@@ -273,11 +273,12 @@ def write_npz(out, **arrays):
     not at all (a kill mid-write leaves the file as it was: retrieve reads its gallery cache
     back). An array may be a memory-mapped .npy file's: it is copied into the archive a chunk
     at a time."""
-    out = os.path.realpath(out)         # (a link: its target is written, the link kept)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    remove_dead_temporaries(os.path.dirname(out))       # of writes killed before
-    # A file object: np.savez would add .npz to other names.
-    save_atomic(arrays, out, write=lambda arrays, f: np.savez(f, **arrays))
+    with cli.writing(out):
+        out = os.path.realpath(out)     # (a link: its target is written, the link kept)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        remove_dead_temporaries(os.path.dirname(out))       # of writes killed before
+        # A file object: np.savez would add .npz to other names.
+        save_atomic(arrays, out, write=lambda arrays, f: np.savez(f, **arrays))
 
 
 class FeatureRows:
@@ -286,13 +287,15 @@ class FeatureRows:
     of an embedding does not grow with the folder. `close()` removes it."""
 
     def __init__(self, out, count):
-        self.path, self.count, self.filled, self.array = out + '.rows.npy', count, 0, None
+        self.out, self.path = out, out + '.rows.npy'
+        self.count, self.filled, self.array = count, 0, None
 
     def __call__(self, features):
         if self.array is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self.array = np.lib.format.open_memmap(self.path, mode='w+', dtype=np.float32,
-                                                   shape=(self.count, features.shape[1]))
+            with cli.writing(self.out):     # (the file named: this one is beside it)
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self.array = np.lib.format.open_memmap(self.path, mode='w+', dtype=np.float32,
+                                                       shape=(self.count, features.shape[1]))
         self.array[self.filled:self.filled + len(features)] = features.cpu().numpy()
         self.filled += len(features)
 

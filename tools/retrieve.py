@@ -196,8 +196,9 @@ def neighbours_figure(queries, root, paths, similarities, positions, out, cell):
         rows.append(NeighbourRow(shown(os.path.basename(query)), thumbnail(query, cell),
                                  neighbours, sims))
     image = draw_retrieval(rows, cell=cell)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    image.save(out)
+    with cli.writing(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        image.save(out)
     return image.size
 
 
@@ -226,11 +227,27 @@ def query_paths(given, say):
     return paths
 
 
+def refuse_figure_over_inputs(figure, queries, gallery):
+    """A UserError where the --figure file would be written over a query image, or into the
+    gallery folder (over one of its images, or as a new one the next embedding reads)."""
+    target = os.path.realpath(figure)
+    for query in queries:
+        if os.path.realpath(query) == target:
+            raise UserError(f'--figure {shown(figure)} is the query image {shown(query)}, which '
+                            f'the figure would be written over: give another file')
+    if os.path.isdir(gallery) and os.path.commonpath(
+            [target, os.path.realpath(gallery)]) == os.path.realpath(gallery):
+        raise UserError(f'--figure {shown(figure)} is in the gallery folder {shown(gallery)}, '
+                        f'where it would replace or join its images: write it elsewhere')
+
+
 def retrieve(argv):
     args = build_parser().parse_args(argv)
     args.query = query_paths(args.query, print)
     if not os.path.exists(args.gallery):
         raise UserError(f'no gallery at {shown(args.gallery)} (a folder of images or an .npz)')
+    if args.figure:
+        refuse_figure_over_inputs(args.figure, args.query, args.gallery)
     device = pick_device(args.device)
     loaded = load_network(args.ckpt, device)
     reading = image_reading(args, print)

@@ -128,7 +128,7 @@ if __name__ == '__main__':
     cli.parse_first(parse_args)
 
 # The engine, imported once the flags are known to be right (importing torch takes seconds).
-from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402
 
 from lib.errors import UserError  # noqa: E402
 from tools.figures import (DPI, UNLABELED_FIGURE, check_same_test_set,  # noqa: E402
@@ -199,18 +199,27 @@ def run_command(args):
 
 
 def save(figure, kind, out):
-    """Write the PNG; matplotlib figures at DPI without bbox cropping, so the size stays the
-    documented one. Returns (width, height)."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    """Write the figure in the format `out` names (.png, .jpg, .pdf, .svg); matplotlib figures
+    at DPI without bbox cropping, so the size stays the documented one; a PIL image (the
+    retrieval grid) in a .pdf or .svg goes in as a picture of its pixels. Returns (width,
+    height) in pixels (of the figure at DPI, for .pdf and .svg)."""
     if kind == 'pil':
-        figure.save(out)
-        return figure.size
+        if not out.lower().endswith(('.pdf', '.svg')):
+            with cli.writing(out):
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                figure.save(out)
+            return figure.size
+        pixels = figure
+        figure = plt.figure(figsize=(pixels.size[0] / DPI, pixels.size[1] / DPI), dpi=DPI)
+        figure.figimage(np.asarray(pixels.convert('RGB')), resize=False)
+    size = tuple(int(round(side)) for side in figure.get_size_inches() * DPI)
     try:
-        figure.savefig(out, dpi=DPI)
+        with cli.writing(out):
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            figure.savefig(out, dpi=DPI)
     finally:
         plt.close(figure)
-    with Image.open(out) as written:
-        return written.size
+    return size
 
 
 def run_names(paths, logs=False):
