@@ -181,6 +181,23 @@ def test_export_and_embed_agree_and_map_back_to_files(unlabeled_run, tiny_folder
     assert list(exported['labels']) == list(embedded['labels'])
     cosine = (exported['features'] * embedded['features']).sum(1)
     assert cosine.min() > 1 - 1e-6
+    # Either is a gallery for retrieve, which finds what made them (no note of an older
+    # reader or an unknown checkpoint), and says when the rows are the memory bank's.
+    from tools import retrieve
+    query = os.path.join(tiny_folder, 'test', str(embedded['paths'][0]))
+    for gallery, features in (('x.npz', 'network'), ('e.npz', 'network'), ('b.npz', 'bank')):
+        if features == 'bank':
+            assert export.main(['--ckpt', str(run), '--split', 'train', '--features', 'bank',
+                                '--out', str(tmp_path / gallery), '--device', 'cpu']) == 0
+        capsys.readouterr()
+        assert retrieve.main(['--ckpt', str(run), '--gallery', str(tmp_path / gallery),
+                              '--query', query, '--k', '1', '--device', 'cpu']) == 0
+        notes = [line for line in capsys.readouterr().out.splitlines()
+                 if line.startswith('note:')]
+        assert notes == ([f'note: {tmp_path / gallery} holds the memory bank\'s rows '
+                          f'(tools.export --features bank), to which the queries\' network '
+                          f'embeddings are compared, as the kNN evaluation does']
+                         if features == 'bank' else []), notes
     # an unlabeled run's training split: paths to map rows to files, no made-up labels
     folder, unlabeled = unlabeled_run
     capsys.readouterr()

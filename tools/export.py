@@ -5,7 +5,9 @@
 Writes `features` (N x D float32: the network's eval-mode embeddings with the test transform,
 or with `--features bank` the memory bank, training split only), `indexes` (N, each image's
 position in the full split, so subsets map back to files), for image folders `paths` (N,
-relative to `root`), and for labelled data `labels` (N) and `classes`.
+relative to `root`), and for labelled data `labels` (N) and `classes`; and what made them, as
+tools.embed does (`checkpoint`, `checkpoint_digest`, `reader_version`, `image_size`, `mean`,
+`std`) with `features_of` (network or bank), so that tools.retrieve takes the file as a gallery.
 
 `python -m tools.embed` embeds any folder the same way, with one difference for a folder's
 training split at a size other than its files': a run keeps its training images 8/7 larger (to
@@ -45,7 +47,10 @@ if __name__ == '__main__':
 # The engine, imported once the flags are known to be right (importing torch takes seconds).
 import numpy as np  # noqa: E402
 
+import datasets  # noqa: E402
+
 from lib.analysis import labels_of, load_for_analysis  # noqa: E402
+from lib.checkpoint import checkpoint_digest  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from tools.embed import write_npz  # noqa: E402
 
@@ -71,6 +76,12 @@ def export(argv):
               f'python -m tools.embed resizes the files straight to '
               f'{trained.config.image_size} px, which moves each embedding slightly (cosine '
               f'about 0.998)')
+    # What retrieve --gallery checks: which checkpoint, reader and image geometry made them.
+    extra.update(checkpoint=os.path.abspath(args.ckpt),
+                 checkpoint_digest=checkpoint_digest(args.ckpt),
+                 reader_version=datasets.READER_VERSION, features_of=args.knn_features,
+                 image_size=trained.config.image_size, mean=np.asarray(trained.mean),
+                 std=np.asarray(trained.std))
     wrote = cli.wrote_or_replaced(args.out)
     write_npz(args.out, features=features.cpu().numpy().astype(np.float32),
               indexes=np.asarray(image_set.indexes, dtype=np.int64), **extra)

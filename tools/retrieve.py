@@ -141,6 +141,10 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
         say(f'note: {shown(path)} was embedded by an earlier version of the image reader, '
             f'which read EXIF-rotated photos sideways and clipped 16-bit images: embed it again '
             f'with {tool_command("embed").rstrip()} if the gallery holds such images')
+    if str(data.get('features_of')) == 'bank':
+        say(f'note: {shown(path)} holds the memory bank\'s rows (tools.export --features bank), '
+            f'to which the queries\' network embeddings are compared, as the kNN evaluation '
+            f'does')
     made_by = str(data['checkpoint_digest']) if 'checkpoint_digest' in data else None
     if made_by is None:
         say(f'note: {path} does not say which checkpoint embedded it: that it is {checkpoint} '
