@@ -510,6 +510,30 @@ def test_outputs_never_land_on_inputs_and_unwritable_ones_are_one_line(tmp_path,
         embed.write_npz('/proc/x.npz', features=np.zeros((1, 2)))
 
 
+def test_a_figure_from_a_gallery_npz_needs_the_files_it_embedded(tmp_path, capsys):
+    """The figure of a gallery .npz draws its files as they are now: once one is replaced, it
+    would show other pixels beside the similarities ranked, so it is refused (the ranking,
+    from the .npz alone, is still printed); unchanged, it is drawn."""
+    gallery = tmp_path / 'gallery'
+    gallery.mkdir()
+    for i in range(3):
+        Image.fromarray(noisy(i)).save(gallery / f'{i}.png')
+    checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
+    npz = str(tmp_path / 'g.npz')
+    assert embed.main(['--ckpt', checkpoint, '--images', str(gallery), '--out', npz]) == 0
+    query = str(gallery / '0.png')
+    common = ['--ckpt', checkpoint, '--gallery', npz, '--query', query, '--k', '2']
+    assert retrieve.main([*common, '--figure', str(tmp_path / 'a.png')]) == 0
+    Image.fromarray(noisy(5)).save(gallery / '2.png')
+    capsys.readouterr()
+    assert retrieve.main([*common, '--figure', str(tmp_path / 'b.png')]) == 2
+    out, err = capsys.readouterr()
+    assert f'query {query}' in out and not (tmp_path / 'b.png').exists()
+    assert err.startswith(f'error: cannot draw the figure: the files under {gallery} are not '
+                          f'those {npz} embedded (some were replaced, edited or removed since)')
+    assert retrieve.main(common) == 0
+
+
 # ----------------------------------------------------------------------------- 5. normalisation
 def test_a_channel_without_spread_is_refused_before_training(tmp_path, run_main):
     folder = tmp_path / 'noblue'

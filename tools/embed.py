@@ -78,6 +78,7 @@ class ImageList:
     labels: np.ndarray = None
     classes: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    fingerprint: str = None     # of the files as an .npz embedded them (file_fingerprint)
 
 
 def list_folder(folder):
