@@ -43,6 +43,9 @@ def load_network(path=None, device='cpu', network=None, low_dim=None, sobel=None
         config = {'network': spec['name'], 'sobel': spec['sobel'], 'stem': spec['stem'],
                   'low_dim': spec['low_dim'], **stored}
     image_size = config.get('image_size', 32)
+    if path is not None:
+        refuse_contradicting_shape(path, weights, config, image_size, network=network,
+                                   low_dim=low_dim, sobel=sobel, stem=stem)
     stem = stem or config.get('stem') or 'auto'
     net = models.build_network(network or config.get('network') or ALGORITHM['network'],
                                low_dim or config.get('low_dim') or ALGORITHM['low_dim'],
@@ -59,6 +62,23 @@ def load_network(path=None, device='cpu', network=None, low_dim=None, sobel=None
     return LoadedNetwork(net.to(device).eval(), tuple(config.get('mean') or mean),
                          tuple(config.get('std') or std), image_size, config)
 
+
+
+def refuse_contradicting_shape(path, weights, config, image_size, **asked):
+    """A UserError where a shape asked for (network='resnet18', low_dim=64, ...; None and
+    'auto' ask nothing) is not what the checkpoint at `path` holds: the file decides, and the
+    line names the keyword that contradicts it, not the file."""
+    stem = config.get('stem') or 'auto'
+    held = {'network': config.get('network'), 'low_dim': config.get('low_dim'),
+            'sobel': config.get('sobel', True),
+            'stem': models.default_stem(image_size) if stem == 'auto' else stem}
+    wrong = {name: value for name, value in asked.items()
+             if value not in (None, 'auto') and value != held[name]}
+    if wrong:
+        raise UserError(f'checkpoint {path} holds {models.describe_weights(weights)}, but '
+                        + ', '.join(f'{name}={value!r}' for name, value in wrong.items())
+                        + ' was asked for: leave ' + ('it' if len(wrong) == 1 else 'them')
+                        + ' out, or give what the checkpoint holds')
 
 
 @dataclass

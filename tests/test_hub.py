@@ -69,3 +69,22 @@ def test_hub_leaves_the_callers_modules_of_the_same_names(trained_checkpoint, tm
     assert out.shape == (1, 128)
     backbone = torch.hub.load(ROOT, 'superand_backbone', source='local')
     assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 1024)
+
+
+@pytest.mark.parametrize('asked, said', [
+    ({'network': 'alexnet'}, "network='alexnet' was asked for: leave it out"),
+    ({'low_dim': 64, 'stem': 'imagenet'},
+     "low_dim=64, stem='imagenet' was asked for: leave them out"),
+    ({'sobel': False}, 'sobel=False was asked for: leave it out')])
+def test_a_keyword_that_contradicts_the_checkpoint_is_named(trained_checkpoint, asked, said):
+    """The checkpoint (ResNet18 with the Sobel branch, cifar stem, 128-d) decides its shape; a
+    keyword that says otherwise is named, where the file used to be called unbuildable. The
+    ones it holds are taken."""
+    with pytest.raises(Exception) as raised:     # (hub's own copy of lib.errors.UserError)
+        torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint, **asked)
+    assert type(raised.value).__name__ == 'UserError' and str(raised.value) == (f'checkpoint {trained_checkpoint} holds resnet18 with the Sobel '
+                                 f'branch, cifar stem, 128-d embedding, but {said}, or give what '
+                                 f'the checkpoint holds')
+    same = torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint,
+                          network='resnet18', low_dim=128, sobel=True, stem='cifar')
+    assert same.linear.out_features == 128
