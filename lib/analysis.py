@@ -178,6 +178,19 @@ def labels_of(path, data_root=None):
         return True                 # (the loading says what is wrong with the folder)
 
 
+def unlabeled_text(path, data_root=None):
+    """Why the checkpoint at `path` has no labels to analyse with (`labels_of` said False), in
+    words that blame the right thing: the --data-root given, or the run's own data."""
+    stored = ckpt.stored_options(ckpt.load(path), path)
+    if data_root is not None:
+        return (f'--data-root {datasets.shown(data_root)} holds unlabeled images (no '
+                f'train/<class> and test/<class> folders)')
+    held = ('; its --eval-root is labelled, but that is test images only' if
+            stored.get('eval_root') else '')
+    return (f'{path} was trained on unlabeled images ({datasets.shown(stored["data_root"])})'
+            + held)
+
+
 def load_for_analysis(path, data_root=None, subset=None, device='auto', say=print):
     """`load_trained` as the analysis commands (linear probe, export, figures) call it: the
     data root and subset are the checkpoint's unless given; no loader processes."""

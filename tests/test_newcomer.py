@@ -120,15 +120,25 @@ def test_analysis_of_an_unlabeled_run_is_refused_before_the_data_is_read(unlabel
     def never(*args, **kwargs):
         raise AssertionError('the data was read before the refusal')
     monkeypatch.setattr(lib.analysis, 'load_for_analysis', never)
-    _, run = unlabeled_run
-    for command, needle in (
-            (lambda: export.main(['--ckpt', str(run / 'ckpt.t7'), '--out',
-                                  str(tmp_path / 'x.npz')]), 'there is no test split'),
+    folder, run = unlabeled_run
+    ckpt = run / 'ckpt.t7'
+    trained_on = f'{ckpt} was trained on unlabeled images ({folder})'
+    for command, said in (
+            (lambda: export.main(['--ckpt', str(ckpt), '--out', str(tmp_path / 'x.npz')]),
+             f'{trained_on}: there is no test split to export; --split train exports the '
+             f'training images'),
             (lambda: visualize.main(['retrieval', '--ckpt', str(run)]),
-             'a run on unlabeled images has none'),
-            (lambda: linear_probe.main(['--ckpt', str(run)]), 'a linear probe needs labels')):
+             f'this figure shows test images and their classes, and {trained_on} (python -m '
+             f'tools.retrieve --figure draws the nearest images of unlabeled ones)'),
+            (lambda: linear_probe.main(['--ckpt', str(run)]),
+             f'a linear probe trains on labelled training images, and {trained_on}')):
         assert command() == 2
-        assert needle in capsys.readouterr().err
+        assert capsys.readouterr().err == f'error: {said}\n'
+    # A labelled run given an unlabeled --data-root: the folder is named, not the run.
+    assert linear_probe.main(['--ckpt', str(ckpt), '--data-root', str(folder)]) == 2
+    assert capsys.readouterr().err == (
+        f'error: a linear probe trains on labelled training images, and --data-root {folder} '
+        f'holds unlabeled images (no train/<class> and test/<class> folders)\n')
 
 
 # ----------------------------------------------------------------------------- 4. true words

@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
 
-from lib.analysis import labels_of, load_for_analysis  # noqa: E402
+from lib.analysis import labels_of, load_for_analysis, unlabeled_text  # noqa: E402
 from lib.checkpoint import checkpoint_digest  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from tools.embed import write_npz  # noqa: E402
@@ -58,8 +58,8 @@ from tools.embed import write_npz  # noqa: E402
 def export(argv):
     args = build_parser().parse_args(argv)
     if args.split == 'test' and not labels_of(args.ckpt, args.data_root):   # before the data
-        raise UserError(f'{args.ckpt} was trained on unlabeled images: there is no test split '
-                        f'to export; --split train exports its training images')
+        raise UserError(f'{unlabeled_text(args.ckpt, args.data_root)}: there is no test split '
+                        f'to export; --split train exports the training images')
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     features, labels = trained.embeddings(args.split, args.knn_features)
     image_set = trained.train if args.split == 'train' else trained.test

@@ -96,9 +96,10 @@ def select_queries(num_test, count=DEFAULT_QUERIES, indexes=None, seed=0):
     return sorted(torch.randperm(num_test, generator=generator)[:count].tolist())
 
 
-UNLABELED_FIGURE = ('this figure shows test images and their classes; a run on unlabeled '
-                    'images has none (python -m tools.retrieve --figure draws its nearest '
-                    'images)')
+def unlabeled_figure(why='a run on unlabeled images has none'):
+    """The refusal of a figure of test images and classes, for a run without them (`why`)."""
+    return (f'this figure shows test images and their classes, and {why} (python -m '
+            f'tools.retrieve --figure draws the nearest images of unlabeled ones)')
 
 
 def check_same_test_set(checkpoints):
@@ -106,7 +107,7 @@ def check_same_test_set(checkpoints):
     and runs without labels (no test split)."""
     for trained in checkpoints:
         if trained.test is None:
-            raise UserError(UNLABELED_FIGURE)
+            raise UserError(unlabeled_figure())
     first = checkpoints[0].test
     for trained in checkpoints[1:]:
         if not np.array_equal(trained.test.indexes, first.indexes) or \

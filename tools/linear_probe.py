@@ -112,17 +112,17 @@ def train_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=50,
 
 
 def probe(argv):
-    from lib.analysis import labels_of, load_for_analysis
+    from lib.analysis import labels_of, load_for_analysis, unlabeled_text
     from lib.console import top5_note
     from lib.errors import UserError
     args = build_parser().parse_args(argv)
     if not labels_of(args.ckpt, args.data_root):       # said before the data is read
-        raise UserError('a linear probe needs labels, and this checkpoint was trained on '
-                        'unlabeled images')
+        raise UserError(f'a linear probe trains on labelled training images, and '
+                        f'{unlabeled_text(args.ckpt, args.data_root)}')
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     if trained.test is None:
-        raise UserError('a linear probe needs labels, and this checkpoint was trained on '
-                        'unlabeled images')
+        raise UserError(f'a linear probe trains on labelled training images, and '
+                        f'{unlabeled_text(args.ckpt, args.data_root)}')
     if not args.quiet:
         print(f'linear probe of {args.ckpt}: embedding {trained.train.num_labelled} training and '
               f'{len(trained.test)} test images ({trained.device.type}), then '

@@ -131,9 +131,9 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 
 from lib.errors import UserError  # noqa: E402
-from tools.figures import (DPI, UNLABELED_FIGURE, check_same_test_set,  # noqa: E402
+from tools.figures import (DPI, check_same_test_set,  # noqa: E402
                            curve_figure, embedding_figure, plt, probabilities_figure,
-                           retrieval_figure, select_queries)
+                           retrieval_figure, select_queries, unlabeled_figure)
 from lib.run_folder import BEST  # noqa: E402
 from lib.run_log import epoch_records, log_path  # noqa: E402
 
@@ -149,12 +149,12 @@ def labels_for(names, labels, what):
 
 def load_checkpoints(args):
     """Trained objects of --ckpt, and their labels."""
-    from lib.analysis import labels_of, load_for_analysis
+    from lib.analysis import labels_of, load_for_analysis, unlabeled_text
     if args.labels is not None:
         labels_for(args.ckpt, args.labels, 'checkpoints')      # fail before the slow loading
     for path in args.ckpt:
         if not labels_of(path, args.data_root):
-            raise UserError(UNLABELED_FIGURE)
+            raise UserError(unlabeled_figure(unlabeled_text(path, args.data_root)))
     checkpoints = []
     for path in args.ckpt:
         trained = load_for_analysis(path, args.data_root, args.subset, args.device)
