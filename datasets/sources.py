@@ -28,6 +28,7 @@ from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, failure_reas
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
+ARCHIVES = {'cifar10': 'cifar-10-python.tar.gz', 'cifar100': 'cifar-100-python.tar.gz'}
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 UNLABELED = -1                 # the target of every image of an unlabeled folder
 
@@ -310,6 +311,11 @@ def refuse_download_among_images(root, name):
     """A DataError where `root` holds an image file (the first met, at any depth): a folder of
     one's own images given without --dataset folder must not receive a download of dataset
     `name` (and a run on it)."""
+    parent, split = os.path.split(os.path.normpath(os.path.abspath(root)))
+    if split in ('train', 'test') and all(os.path.isdir(os.path.join(parent, other))
+                                          for other in ('train', 'test')):
+        raise DataError(f'{shown(root)} is the {split}/ split of an image-folder copy: give the '
+                        f'folder that holds train/ and test/, --data-root {shown(parent)}')
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith('.'))
         image = next((f for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)), None)
@@ -389,7 +395,8 @@ def load_cifar(dataset, root, download=True, select=None, reading=None):
             raise DataError(f'{folder}/train has {len(train.classes)} classes, but {dataset} has '
                             f'{NUM_CLASSES[dataset]}: wrong --data-root or --dataset?')
         return train, test
-    if os.path.isdir(os.path.join(root, TORCHVISION_FOLDERS[dataset])):
+    extracted = os.path.join(root, TORCHVISION_FOLDERS[dataset])
+    if os.path.isdir(extracted):
         download = False
     if download:
         refuse_download_among_images(root, dataset)
@@ -397,6 +404,11 @@ def load_cifar(dataset, root, download=True, select=None, reading=None):
         sets = torchvision_fetch(root, lambda: read_torchvision_cifar(dataset, root, download))
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not download:        # (torchvision's words advise download=True, nothing typed)
+            raise DataError(f'{shown(extracted)} is incomplete or damaged (torchvision could not '
+                            f'read it; no download was tried): delete it, or unpack '
+                            f'{ARCHIVES[dataset]} there again'
+                            ) from None
         raise DataError(
             f'no {dataset} data under {root!r}: looked for {root}/train/<class>/* + '
             f'{root}/test/<class>/* image folders and torchvision\'s '

@@ -27,6 +27,7 @@ from .sources import (UNLABELED, DataError, ImageSet, refuse_download_among_imag
 SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE
 FOLDER = 'stl10_binary'
+OFFICIAL_COUNTS = (5000, 100000, 8000)     # labelled training, unlabeled, test images
 CLASSES = ('airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck')
 # Stored axes of one image (channel, column, row) -> (row, column, channel).
 STORED_ORDER = (2, 1, 0)
@@ -57,13 +58,19 @@ def image_file(folder, name):
     return MappedArray(path, size // IMAGE_BYTES, (3, SIDE, SIDE), order=STORED_ORDER)
 
 
-def label_file(folder, name, count):
-    """The labels of `folder/name` as class numbers 0..9 (stored as 1..10), `count` of them."""
-    path = os.path.join(folder, name)
+def label_file(folder, name, images):
+    """The labels of `folder/name` as class numbers 0..9 (stored as 1..10), one per image of
+    `images` (the MappedArray of their image file)."""
+    path, count = os.path.join(folder, name), images.count
     try:
         stored = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise DataError(f'cannot read STL-10 file {shown(path)}: {err.strerror}') from None
+    in_range = not len(stored) or (stored.min() >= 1 and stored.max() <= len(CLASSES))
+    if len(stored) != count and in_range:       # (either file may be the one cut short)
+        raise DataError(f'STL-10 files {shown(images.path)} and {shown(path)} disagree: '
+                        f'{count:,} images and {len(stored):,} labels; one of them is cut short '
+                        f'(a copy that did not finish?)')
     if len(stored) != count or (count and (stored.min() < 1 or stored.max() > len(CLASSES))):
         raise DataError(f'STL-10 file {shown(path)} should hold {count:,} labels from 1 to '
                         f'{len(CLASSES)}, one per image; it holds {len(stored):,} bytes'
@@ -106,17 +113,24 @@ def load_stl10(root, download=True, select=None, cache=None):
     labelled = image_file(folder, 'train_X.bin')
     unlabeled = image_file(folder, 'unlabeled_X.bin')
     test = image_file(folder, 'test_X.bin')
-    train_targets = np.concatenate([label_file(folder, 'train_y.bin', labelled.count),
+    train_targets = np.concatenate([label_file(folder, 'train_y.bin', labelled),
                                     np.full(unlabeled.count, UNLABELED, dtype=np.int64)])
     sets = []
     for split, images, targets in (
             ('train', concatenate([labelled, unlabeled]), train_targets),
-            ('test', ImageRows.of_block(test), label_file(folder, 'test_y.bin', test.count))):
+            ('test', ImageRows.of_block(test), label_file(folder, 'test_y.bin', test))):
         keep = select(split, len(targets)) if select else np.arange(len(targets))
         chosen = take(images, keep)
         files = [labelled, unlabeled] if split == 'train' else [test]
         sets.append(ImageSet(chosen, targets[keep], classes, folder, np.asarray(keep),
                              content=_content(files, keep, chosen, cache)))
+    counts = (labelled.count, unlabeled.count, test.count)
+    if counts != OFFICIAL_COUNTS:
+        sets[0].notes.append(
+            f'note: the STL-10 files in {shown(folder)} hold {counts[0]:,} labelled, '
+            f'{counts[1]:,} unlabeled and {counts[2]:,} test images, not the '
+            f'{OFFICIAL_COUNTS[0]:,}, {OFFICIAL_COUNTS[1]:,} and {OFFICIAL_COUNTS[2]:,} of the '
+            f'official distribution (a copy cut short?)')
     return sets
 
 

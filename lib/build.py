@@ -262,6 +262,10 @@ def run_data(opts, settings, world, say):
             'image from the image cache as it needs it')
     device = settings.device
     knn = labels = stats_rows = None
+    if train.labelled and train.num_labelled == 0:     # (STL-10's unlabeled split only)
+        raise UserError(f'none of the {len(train)} training images of --subset {opts.subset} '
+                        f'is labelled, so the kNN would have no votes and its accuracy no '
+                        f'meaning: give a larger --subset')
     if train.labelled:
         labels = torch.from_numpy(train.targets).to(device)
         knn = KnnData(pipeline, labels[:train.num_labelled], len(train.classes),

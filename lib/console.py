@@ -275,7 +275,7 @@ def knn_warnings(config, knn):
     elif note := top5_note(knn.num_classes, config.knn_k):
         found.append(note)
     if config.knn_k >= count:
-        found.append(f'warning: --knn-k {config.knn_k} is at least the {count} training '
+        found.append(f'warning: --knn-k {config.knn_k} is at least the {count} labelled training '
                      f'images: every test image is voted on by all of them, so the accuracy '
                      f'means little; use a smaller --knn-k')
     return found

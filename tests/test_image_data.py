@@ -540,6 +540,66 @@ def test_a_damaged_stl10_copy_is_refused_in_one_line(tmp_path, run_main, damage,
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize('damage, said', [
+    (lambda f: os.truncate(f / 'train_X.bin', 27648 * 5),
+     'STL-10 files {f}/train_X.bin and {f}/train_y.bin disagree: 5 images and 6 labels; one '
+     'of them is cut short (a copy that did not finish?)'),
+    (lambda f: (f / 'test_y.bin').write_bytes((f / 'test_y.bin').read_bytes()[:-1]),
+     'STL-10 files {f}/test_X.bin and {f}/test_y.bin disagree: 5 images and 4 labels; one of '
+     'them is cut short (a copy that did not finish?)')])
+def test_stl10_files_cut_short_by_whole_images_name_both_files(tmp_path, run_main, damage,
+                                                               said):
+    """A copy that stops on a whole number of images: the image and label files disagree, and
+    both are named (the label file alone was blamed)."""
+    write_stl10(tmp_path / 'data')
+    folder = tmp_path / 'data' / 'stl10_binary'
+    damage(folder)
+    code, _, err = run_main('--dataset', 'stl10', '--data-root', tmp_path / 'data',
+                            '--model_dir', tmp_path / 'run', '--device', 'cpu', '--epochs', '1')
+    assert code == 2 and err == f'error: {said.format(f=folder)}\n'
+
+
+def test_stl10_counts_other_than_the_official_ones_are_said_and_no_labels_no_knn(tmp_path,
+                                                                                  run_main):
+    """An unlabeled_X.bin cut short by whole images is read (nothing disagrees) but the
+    counts, not the official 5,000, 100,000 and 8,000, are said; a --subset that holds no
+    labelled image has no kNN to report (0.00% of no votes), and is refused."""
+    write_stl10(tmp_path / 'data', labelled=2, unlabeled=40, test=5)
+    folder = tmp_path / 'data' / 'stl10_binary'
+    flags = ['--dataset', 'stl10', '--data-root', tmp_path / 'data', '--device', 'cpu',
+             '--epochs', '1', '--rounds', '1', '--batch_size', '2', '--workers', '0',
+             '--no-tensorboard', '--network', 'alexnet', '--knn-k', '1']
+    code, out, err = run_main(*flags, '--model_dir', tmp_path / 'a', '--stop-after', '1')
+    assert code == 0, err
+    assert (f'note: the STL-10 files in {folder} hold 2 labelled, 40 unlabeled and 5 test '
+            f'images, not the 5,000, 100,000 and 8,000 of the official distribution (a copy '
+            f'cut short?)') in out
+    chosen = datasets.random_subset_indices(42, 3, 0)
+    assert min(chosen) >= 2                 # (seed 0 picks 3 of the 40 unlabeled images)
+    code, out, err = run_main(*flags, '--model_dir', tmp_path / 'b', '--subset', '3')
+    assert code == 2 and err == ('error: none of the 3 training images of --subset 3 is '
+                                 'labelled, so the kNN would have no votes and its accuracy '
+                                 'no meaning: give a larger --subset\n')
+
+
+def test_a_split_or_a_damaged_torchvision_folder_is_named_not_downloaded_over(tmp_path,
+                                                                              run_main):
+    copy = write_image_folder(tmp_path / 'copy')
+    code, _, err = run_main('--data-root', os.path.join(copy, 'train'), '--model_dir',
+                            tmp_path / 'run', '--device', 'cpu')
+    assert code == 2 and err == (f'error: {copy}/train is the train/ split of an image-folder '
+                                 f'copy: give the folder that holds train/ and test/, '
+                                 f'--data-root {copy}\n')
+    extracted = tmp_path / 'tv' / 'cifar-10-batches-py'
+    extracted.mkdir(parents=True)
+    (extracted / 'data_batch_1').write_bytes(b'junk')
+    code, _, err = run_main('--data-root', tmp_path / 'tv', '--model_dir', tmp_path / 'run',
+                            '--device', 'cpu')
+    assert code == 2 and err == (f'error: {extracted} is incomplete or damaged (torchvision '
+                                 f'could not read it; no download was tried): delete it, or '
+                                 f'unpack cifar-10-python.tar.gz there again\n')
+
+
 def test_knn_votes_with_the_labelled_images_only():
     """STL-10's kNN: the bank rows of unlabeled images (which come after the labelled ones)
     never vote, however close they are."""

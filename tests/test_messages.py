@@ -83,7 +83,7 @@ def test_warnings_when_the_accuracy_means_nothing(tmp_path, run_main):
     assert 'warning: 1 class: every kNN vote goes to it, so the accuracy means nothing' in out
     assert 'note: --subset 50 is more than the 6 training images there are: all of them are ' \
         'used' in out
-    assert 'warning: --knn-k 6 is at least the 6 training images' in out
+    assert 'warning: --knn-k 6 is at least the 6 labelled training images' in out
     assert 'data: 6 training and 2 test images, 1 class,' in out
     assert '1 round x 1 epoch, 1 step of 4 images' in out
 
