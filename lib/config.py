@@ -146,7 +146,7 @@ OPTIONS = (
            'checkpoints written; the run prints the command that continues it',
            resumed=False, type=cli.POSITIVE_INT, metavar='EPOCHS'),
     option('--name', None, 'run name, the TensorBoard folder log_dir/name (default: '
-           'method-dataset-network-date-time)',     # (sweep/lr0.1 nests; .. would lead out)
+           'method-dataset-network-date-time-pid)',     # (sweep/lr0.1 nests; .. would lead out)
            type=cli.checked(str, lambda v: v.strip('/') and not os.path.isabs(v) and '..' not in
                             v.split('/'), 'a folder under --log-dir (not empty or absolute, no ..)')),
     option('--log-dir', 'runs', 'TensorBoard root', metavar='DIR'),
@@ -357,9 +357,10 @@ def resolve(flags: Flags, stored=None, say=print, model_dir=None) -> RunConfig:
     values.update(flags.typed)
     if model_dir is not None:
         values['model_dir'] = model_dir
-    if values['name'] is None:
+    if values['name'] is None:      # (the process id: runs started in one second, a sweep's,
+        # would share a TensorBoard folder and event file, one run's curves lost)
         values['name'] = (f'{values["method"]}-{values["dataset"]}-{values["network"]}-'
-                          f'{time.strftime("%Y%m%d-%H%M%S")}')
+                          f'{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}')
     return _freeze(values, frozenset(flags.typed), flags.argv)
 
 

@@ -227,3 +227,21 @@ def test_an_option_is_declared_once(unbroken_run):
         want = stored[name] if name in RESUMED else defaults[name]
         if name not in ('mean', 'std'):     # (stored as lists)
             assert getattr(config, name) == want, name
+
+
+def test_runs_started_in_one_second_get_tensorboard_folders_of_their_own(monkeypatch):
+    """The default --name (the TensorBoard folder) of two runs that start in the same second,
+    in two processes (a sweep): distinct, where they shared one folder and event file and one
+    run's curves were lost. A typed name, or a resumed run's, is kept as it is."""
+    import time
+    from lib.config import parse, resolve
+    monkeypatch.setattr(time, 'strftime', lambda fmt: '20261208-030537')
+    names = []
+    for pid in (4242, 4243):
+        monkeypatch.setattr(os, 'getpid', lambda pid=pid: pid)
+        names.append(resolve(parse([]), say=lambda line: None).name)
+    assert names == ['super-and-cifar10-resnet18-20261208-030537-4242',
+                     'super-and-cifar10-resnet18-20261208-030537-4243']
+    assert resolve(parse(['--name', 'sweep/lr0.1']), say=lambda line: None).name == \
+        'sweep/lr0.1'
+    assert resolve(parse([]), {'name': 'earlier'}, say=lambda line: None).name == 'earlier'
