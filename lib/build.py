@@ -88,6 +88,8 @@ def load_data(opts, root=None, reading=None):
     """(train, test) of the run's dataset (test None for an unlabeled folder), read through
     `reading` (default: image_reading(opts)), checked against the options that depend on its
     size."""
+    if root is None and opts.eval_root and opts.dataset == 'folder':
+        check_eval_root(opts)
     try:
         train, test = datasets.load_dataset(opts.dataset, root or opts.data_root,
                                             subset=opts.subset, seed=opts.seed,
@@ -129,6 +131,15 @@ def moved_folder_hint(opts, name):
 def load_eval_data(opts, reading=None):
     """(train, test) of --eval-root, a labelled tree that runs on unlabeled data are evaluated
     on (kNN of the network's embeddings), at the run's image size."""
+    check_eval_root(opts)
+    return datasets.load_dataset('folder', opts.eval_root, subset=opts.subset, seed=opts.seed,
+                                 image_size=opts.image_size,
+                                 reading=reading or image_reading(opts))
+
+
+def check_eval_root(opts):
+    """A UserError where --eval-root is not a labelled tree: said before the training images
+    are read (minutes, for a large folder), and again where it is read."""
     if not os.path.isdir(opts.eval_root):
         raise UserError(f'--eval-root {opts.eval_root} ' + (
             'is a file, not a folder' if os.path.exists(opts.eval_root) else 'does not exist') +
@@ -137,9 +148,6 @@ def load_eval_data(opts, reading=None):
     if datasets.folder_layout(opts.eval_root) != 'labelled':
         raise UserError(f'--eval-root {opts.eval_root} is not a labelled tree: it needs '
                         f'{opts.eval_root}/train/<class>/* and {opts.eval_root}/test/<class>/*')
-    return datasets.load_dataset('folder', opts.eval_root, subset=opts.subset, seed=opts.seed,
-                                 image_size=opts.image_size,
-                                 reading=reading or image_reading(opts))
 
 
 CHANNELS = ('red', 'green', 'blue')

@@ -84,6 +84,8 @@ def test_eval_root_adds_knn_and_test_only_needs_it(flat_run, tiny_folder, run_ma
         code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir',
                                   model_dir, '--eval-root', missing)
         assert code == 2 and f'--eval-root {missing} {needle}: give a labelled tree' in err, err
+        # before the training images are read (minutes, for a large folder)
+        assert 'images:' not in out and 'data:' not in out, out
     code, out, err = run_main('--resume', 'ckpt.t7', '--test_only', '--model_dir', model_dir,
                               '--eval-root', tiny_folder, '--knn-k', '5')
     assert code == 0, err
