@@ -122,6 +122,26 @@ def spellings(flag, *more):
                                + more))
 
 
+class OnOff(argparse.BooleanOptionalAction):
+    """--x and --no-x, as argparse.BooleanOptionalAction, with --no_x too: every flag takes
+    both spellings, the off ones included (argparse makes --no-sobel only)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        on = [flag for flag in option_strings if flag.startswith('--')]
+        made = [flag for flag in self.option_strings if flag not in option_strings]
+        self.off = list(dict.fromkeys([f'--no{sep}{flag[2:].replace(other, sep)}'
+                                       for sep, other in (('-', '_'), ('_', '-'))
+                                       for flag in on] + made))     # (argparse's: --no-aug_loss)
+        self.option_strings = list(dict.fromkeys(option_strings)) + self.off
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string not in self.off)
+
+    def format_usage(self):
+        return f'{self.option_strings[0]} | {self.off[0]}'     # (the help lists them all)
+
+
 def one_line_error(message, label='error'):
     """Print `error: message` on stderr; returns the exit code 2."""
     print(f'{label}: {message}', file=sys.stderr, flush=True)
@@ -266,7 +286,7 @@ def add_reading_options(p):
     p.add_argument('--workers', type=NON_NEGATIVE_INT, default=None, metavar='N',
                    help='processes that decode image files not in the image cache (default: '
                         'every core; 0: this process only)')
-    p.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument('--cache', action=OnOff, default=True,
                    help='keep decoded images in the image cache, so the next command on the '
                         'same files maps them instead of decoding them again (default: on)')
     p.add_argument(*spellings('--cache-dir'), dest='cache_dir', default=None, metavar='DIR',

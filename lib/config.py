@@ -54,7 +54,7 @@ def option(flag, default, help, resumed=True, extra=(), **kind):
                   resumed, kind)
 
 
-ON_OFF = dict(action=argparse.BooleanOptionalAction)
+ON_OFF = dict(action=cli.OnOff)
 T_FLOAT = dict(type=cli.POSITIVE_FLOAT, metavar='T')
 
 OPTIONS = (

@@ -245,3 +245,21 @@ def test_runs_started_in_one_second_get_tensorboard_folders_of_their_own(monkeyp
     assert resolve(parse(['--name', 'sweep/lr0.1']), say=lambda line: None).name == \
         'sweep/lr0.1'
     assert resolve(parse([]), {'name': 'earlier'}, say=lambda line: None).name == 'earlier'
+
+
+def test_every_on_off_flag_takes_both_spellings_of_its_off_side():
+    """--no-sobel and --no_sobel, --no-aug-loss and --no_aug_loss: every flag takes both
+    spellings, the off side included (argparse made the dashed one only)."""
+    from lib.cli import OnOff
+    from lib.config import OPTIONS, parse
+    switches = [o for o in OPTIONS if o.kind.get('action') is OnOff]
+    assert {'sobel', 'aug_loss', 'ue_loss', 'cache', 'tensorboard'} <= {o.name for o in switches}
+    for o in switches:
+        body = o.name
+        for on in (f'--{body}', f'--{body.replace("_", "-")}'):
+            assert parse([on]).typed == {o.name: True}
+        for off in (f'--no_{body}', f'--no-{body.replace("_", "-")}'):
+            assert parse([off]).typed == {o.name: False}, off
+    from tools import embed
+    assert embed.build_parser().parse_args(['--ckpt', 'c', '--images', 'i', '--out', 'o.npz',
+                                            '--no_cache']).cache is False
