@@ -45,7 +45,7 @@ MEMORY_BATCH = 8                # images per step of the memory runs
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     p.add_argument('--folder', required=True, help='where the files, caches and runs go')
     p.add_argument('--counts', type=int, nargs='+', default=[2000, 20000])
     p.add_argument('--sizes', type=int, nargs='+', default=[96, 224])

@@ -59,6 +59,7 @@ class Reading:
     workers: int = 1
     progress: object = None
     say: object = None
+    said_waiting: bool = False
 
     @property
     def processes(self):
@@ -295,7 +296,8 @@ def _reads(paths, size, reading, notes, stats):
         return
 
     def waiting():
-        if reading.say:
+        if reading.say and not reading.said_waiting:      # (once, not once per split)
+            reading.said_waiting = True
             reading.say(f'waiting for another process that is reading these images into the '
                         f'cache {shown(cache.root)}')
     with cache.filling(rule, paths, waiting) as (packs, waited):

@@ -157,6 +157,9 @@ def failure_reason(err):
     """The phrase for an OSError (a missing file, a broken link, no permission) or an
     UnreadableImage met while reading an image file."""
     if isinstance(err, OSError) and err.strerror:
+        if isinstance(err, FileNotFoundError) and err.filename and \
+                os.path.islink(err.filename):   # (ls lists it: "no such file" puzzles)
+            return f'a link to {shown(os.readlink(err.filename))}, which does not exist'
         return err.strerror
     return str(err) or type(err).__name__
 

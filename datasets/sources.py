@@ -254,8 +254,9 @@ def read_unlabeled_folder(folder, image_size, select=None, skip_unreadable=True,
     images, digests, kept, skipped = decode_images(paths, size, skip_unreadable, notes,
                                                    reading, stats)
     if not kept:
-        raise DataError(f'{shown(folder)} holds no readable image ({len(skipped)} files could '
-                        f'not be read, e.g. {shown(skipped[0][0])}: {skipped[0][1]})')
+        unread = f'{len(skipped)} files' if len(skipped) > 1 else 'its 1 file'
+        raise DataError(f'{shown(folder)} holds no readable image ({unread} could not be read, '
+                        f'e.g. {shown(skipped[0][0])}: {skipped[0][1]})')
     chosen = np.asarray(keep)[kept]
     return ImageSet(images, np.full(len(kept), UNLABELED, dtype=np.int64), [], folder, chosen,
                     [relative[i] for i in chosen], folder, digests, skipped,
@@ -392,7 +393,8 @@ def load_cifar(dataset, root, download=True, select=None, reading=None):
     if folder is not None:
         train, test = read_image_folder(folder, select, reading=reading)
         if len(train.classes) != NUM_CLASSES[dataset]:
-            raise DataError(f'{folder}/train has {len(train.classes)} classes, but {dataset} has '
+            count = f'{len(train.classes)} class' + ('' if len(train.classes) == 1 else 'es')
+            raise DataError(f'{folder}/train has {count}, but {dataset} has '
                             f'{NUM_CLASSES[dataset]}: wrong --data-root or --dataset?')
         return train, test
     extracted = os.path.join(root, TORCHVISION_FOLDERS[dataset])

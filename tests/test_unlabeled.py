@@ -195,7 +195,8 @@ def test_corrupt_and_different_images_are_named_skipped_and_said_once(flat_run, 
     assert embed.main(['--ckpt', str(model_dir / 'ckpt.t7'), '--images', gallery, '--out',
                        str(out)]) == 0
     printed = capsys.readouterr().out
-    assert 'skipped bad.png: ' in printed and 'skipped gone.png: No such file' in printed \
+    assert 'skipped bad.png: ' in printed and \
+        f'skipped gone.png: a link to {tmp_path}/nowhere.png, which does not exist' in printed \
         and 'skipped 2 unreadable files' in printed
     assert printed.count('are not 32 x 32 px') == 1 and '6 of 6 images' in printed
     assert printed.count("the checkpoint's normalisation is used") <= 1

@@ -332,8 +332,8 @@ def embed_command(argv):
     loaded = load_network(args.ckpt, device)
     listed = list_folder(args.images)
     if not args.quiet:
-        print(f'embedding {len(listed.paths)} image files of {args.images} with {args.ckpt} '
-              f'({device.type})', flush=True)
+        print(f'embedding {plural(len(listed.paths), "image file")} of {args.images} with '
+              f'{args.ckpt} ({device.type})', flush=True)
     rows = FeatureRows(args.out, len(listed.paths))
     wrote = cli.wrote_or_replaced(args.out)
     try:

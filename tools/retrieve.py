@@ -121,11 +121,11 @@ def gallery_from_folder(loaded, images, checkpoint, device, say, reading=None):
     try:
         save_embeddings(cached, images, features, loaded, checkpoint, fingerprint=fingerprint,
                         checkpoint_digest=digest)
-        say(f'gallery {shown(images.root)}: {features.shape[0]} images embedded, cached in '
-            f'{shown(cached)}')
+        say(f'gallery {shown(images.root)}: {cli.plural(features.shape[0], "image")} embedded, '
+            f'cached in {shown(cached)}')
     except OSError as err:
-        say(f'gallery {shown(images.root)}: {features.shape[0]} images embedded (not cached: '
-            f'{err.strerror or err})')
+        say(f'gallery {shown(images.root)}: {cli.plural(features.shape[0], "image")} embedded '
+            f'(not cached: {err.strerror or err})')
     return images, features
 
 
