@@ -213,8 +213,23 @@ def resolve_path(model_dir, name, in_folder=LAST):
             return os.path.join(candidate, in_folder)
         if os.path.exists(candidate):
             return candidate
-    raise UserError(f'no checkpoint at {looked_in[0]}' +
-                    (f' (nor at {looked_in[1]})' if len(looked_in) > 1 else ''))
+    raise UserError(f'no checkpoint at {looked_in[0]}' + (
+        f' (nor at {looked_in[1]}' + (' in this folder' if os.path.dirname(looked_in[1]) == ''
+                                      else '') + ')' if len(looked_in) > 1 else '')
+        + not_yet_written(looked_in[0]))
+
+
+def not_yet_written(path):
+    """Where `path` (a missing checkpoint) is in a run's folder: why it may not be there yet
+    (the first epoch not finished; only last.t7 of a run stopped in its first epoch)."""
+    folder, name = os.path.split(path)
+    if not os.path.isfile(os.path.join(folder or '.', 'log.jsonl')):
+        return ''
+    run = f'the run in {shown(folder or os.curdir)}'
+    if name == BEST and os.path.isfile(os.path.join(folder, LAST)):
+        return (f': {run} has last.t7 only (ckpt.t7 is written once an epoch is evaluated): '
+                f'give {os.path.join(folder, LAST)}')
+    return f': {run} has written none yet (the first is written at the end of its first epoch)'
 
 
 def load(path):
@@ -223,7 +238,7 @@ def load(path):
         raise UserError(f'{path} is a folder, not a checkpoint file: give a checkpoint in it, '
                         f'e.g. {os.path.join(path, BEST)}')
     if not os.path.isfile(path):
-        raise UserError(f'no checkpoint at {path}')
+        raise UserError(f'no checkpoint at {path}{not_yet_written(path)}')
     size = os.path.getsize(path)
     if size == 0:
         raise UserError(f'checkpoint {path} is empty (0 bytes): it was never written')

@@ -223,8 +223,34 @@ def test_a_missing_checkpoint_names_both_places(tmp_path, monkeypatch):
                                         r'checkpoint/checkpoint/quick\)$'):
         ckpt.resolve_path('checkpoint/', 'checkpoint/quick')
     with pytest.raises(UserError, match=r'^no checkpoint at checkpoint/missing.t7 \(nor at '
-                                        r'missing.t7\)$'):
+                                        r'missing.t7 in this folder\)$'):
         ckpt.resolve_path('checkpoint/', 'missing.t7')
+
+
+def test_a_checkpoint_a_run_has_not_written_yet_says_so(tmp_path, monkeypatch):
+    """A run's folder (its log.jsonl) without the checkpoint asked for: killed or still in its
+    first epoch (none yet), or stopped in it (last.t7 only, which is named)."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('run')
+    open('run/log.jsonl', 'w').close()
+    none_yet = ': the run in run has written none yet (the first is written at the end of its ' \
+        'first epoch)'
+    with pytest.raises(UserError) as raised:
+        ckpt.resolve_path('run', 'last.t7')
+    assert str(raised.value) == f'no checkpoint at run/last.t7 (nor at last.t7 in this folder)' \
+        f'{none_yet}'
+    with pytest.raises(UserError) as raised:
+        ckpt.load('run/ckpt.t7')
+    assert str(raised.value) == f'no checkpoint at run/ckpt.t7{none_yet}'
+    open('run/last.t7', 'w').close()
+    with pytest.raises(UserError) as raised:
+        ckpt.load('run/ckpt.t7')
+    assert str(raised.value) == ('no checkpoint at run/ckpt.t7: the run in run has last.t7 only '
+                                 '(ckpt.t7 is written once an epoch is evaluated): give '
+                                 'run/last.t7')
+    with pytest.raises(UserError) as raised:        # no run there: no guess
+        ckpt.load('elsewhere/ckpt.t7')
+    assert str(raised.value) == 'no checkpoint at elsewhere/ckpt.t7'
 
 
 # ----------------------------------------------------------------------------- answered at once
