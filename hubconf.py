@@ -13,9 +13,11 @@ resized and centre-cropped as runs read their test images.
 
 This project's packages have common names (`lib`, `models`, `datasets`: a user's own, or
 HuggingFace's `datasets`). The entry points import them only while they run, and leave the
-caller's modules of those names as they were. So a model they return is saved as its weights,
-`torch.save(model.state_dict(), path)`, and loaded into `torch.hub.load(...)`'s next model;
-pickling the whole module (`torch.save(model)`) would need those packages importable by name.
+caller's modules of those names as they were. So keep the checkpoint file and load it again
+with `checkpoint=`: pickling the whole module (`torch.save(model)`) would need those packages
+importable by name, and a `state_dict()` holds the weights only: loaded into an untrained
+model, it would keep that model's size, normalisation and transform (32 px, CIFAR-10's).
+`checkpoint` may also be a run's folder, meaning its ckpt.t7 (as the tools' --ckpt).
 """
 import contextlib
 import os
@@ -58,6 +60,8 @@ def _load(checkpoint, network, low_dim, sobel, stem, backbone):
         import models
         from datasets import image_transform
         from lib.analysis import load_network
+        if checkpoint is not None and os.path.isdir(checkpoint):
+            checkpoint = os.path.join(checkpoint, 'ckpt.t7')    # (a run's folder: its best)
         loaded = load_network(checkpoint, 'cpu', network, low_dim, sobel, stem)
         module = models.Backbone(loaded.net) if backbone else loaded.net
         module.mean, module.std = loaded.mean, loaded.std

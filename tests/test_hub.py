@@ -30,6 +30,14 @@ def test_hub_model_embeds_as_the_trained_network(trained_checkpoint, tiny_folder
     assert model.mean == pytest.approx(trained.mean) and model.image_size == 32
 
 
+def test_a_runs_folder_means_its_best_checkpoint(trained_checkpoint):
+    import os
+    by_folder = torch.hub.load(ROOT, 'superand', source='local',
+                               checkpoint=os.path.dirname(trained_checkpoint))
+    by_file = torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint)
+    assert torch.equal(by_folder.linear.weight, by_file.linear.weight)
+
+
 def test_hub_backbone_and_untrained_model(trained_checkpoint):
     backbone = torch.hub.load(ROOT, 'superand_backbone', source='local',
                               checkpoint=trained_checkpoint)
