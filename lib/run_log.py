@@ -206,9 +206,12 @@ def read_records(path, note=None):
     with open(path, 'rb') as f:
         head = f.read(2)
     if head == b'PK' or head[:1] == b'\x80':     # a zip archive or a pickle: torch.save's
+        folder = os.path.dirname(path) or '.'
+        fix = (f'give the run\'s folder ({folder}), which holds its {LOG_NAME}'
+               if os.path.isfile(os.path.join(folder, LOG_NAME)) else
+               f'give the folder of the run (its --model_dir), which holds its {LOG_NAME}')
         raise UserError(f'{path} is a checkpoint (or another binary file), not a training log: '
-                        f'give the run\'s folder ({os.path.dirname(path) or "."}), which holds '
-                        f'its {LOG_NAME}')
+                        + fix)
     note = note or (lambda text: print(text, file=sys.stderr, flush=True))
     records, torn = [], []
     with open(path, errors='replace') as f:

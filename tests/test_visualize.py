@@ -380,3 +380,9 @@ def test_a_checkpoint_given_as_a_log_names_its_folder(checkpoints, tmp_path, cap
     assert code == 2 and err.strip() == (
         f'error: {checkpoints["and"]} is a checkpoint (or another binary file), not a training '
         f'log: give the run\'s folder ({folder}), which holds its log.jsonl')
+    other = tmp_path / 'embeddings.npz'         # (a zip, beside no log: no folder to name)
+    other.write_bytes(b'PK\x03\x04')
+    code, _, err = run(capsys, 'curve', '--log', other, '--out', tmp_path / 'c.png')
+    assert code == 2 and err.strip() == (
+        f'error: {other} is a checkpoint (or another binary file), not a training log: give the '
+        f'folder of the run (its --model_dir), which holds its log.jsonl')
