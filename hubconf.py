@@ -74,9 +74,10 @@ def superand(checkpoint=None, network=None, low_dim=None, sobel=None, stem=None)
     """The Super-AND embedding network in eval mode: normalised images (B x 3 x H x W) ->
     B x low_dim unit-length embeddings.
 
-    checkpoint: a ckpt.t7 / last.t7 of this project or a released file; None gives an
-    untrained network of the released shape (ResNet18 with the Sobel branch, 128-d), or of
-    `network`, `low_dim`, `sobel`, `stem` where given.
+    checkpoint: a ckpt.t7 / last.t7 of this project, a run's folder (its ckpt.t7) or a
+    released file, whose shape is taken: `network`, `low_dim`, `sobel`, `stem` given with it
+    must agree (a UserError names the one that does not). None gives an untrained network of
+    the released shape (ResNet18 with the Sobel branch, 128-d), or of those keywords.
     """
     return _load(checkpoint, network, low_dim, sobel, stem, backbone=False)
 

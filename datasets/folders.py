@@ -118,11 +118,12 @@ def counted_by_kind(others):
             + f' not named as images ({", ".join(listed)})')
 
 
-def _walk(folder, any_depth=True):
+def _walk(folder, any_depth=True, links=True):
     """The image files under `folder` (Found, in no particular order), how many folder links
-    were not followed, and the paths of the other files (not hidden, of no image type). The real tree is walked before the folders that links lead to, so a
-    folder reached both ways keeps its real path. Without `any_depth`, only `folder`'s own
-    files."""
+    were not followed, and the paths of the other files (not hidden, of no image type). The
+    real tree is walked before the folders that links lead to, so a folder reached both ways
+    keeps its real path. Without `any_depth`, only `folder`'s own files; with `links=False`,
+    folder links are not followed."""
     found, again, visited, others = [], 0, set(), []
     real_folders, linked_folders = deque([('', folder)]), deque()
     while real_folders or linked_folders:
@@ -140,7 +141,7 @@ def _walk(folder, any_depth=True):
             if is_hidden(entry.name):
                 continue
             kind, path = _entry_kind(entry), os.path.join(relative, entry.name)
-            if kind == 'folder' and any_depth:
+            if kind == 'folder' and any_depth and (links or not entry.is_symlink()):
                 (linked_folders if entry.is_symlink() else real_folders).append(
                     (path, entry.path))
             elif kind in ('file', 'broken') and is_image_file(entry.name):
@@ -196,14 +197,16 @@ def list_class_tree(folder):
     if not classes:
         raise FolderError(f'{shown(folder)} holds no class folders (expected '
                           f'{shown(folder)}/<class>/*)')
-    found, deeper, others = [], set(), []
+    found, deeper, deeper_in, others = [], set(), {}, []
     for label, name in enumerate(classes):
-        files, _, other_files = _walk(os.path.join(folder, name))
+        # (deeper folders only counted: a link there, to a tree or a mount, is not walked)
+        files, _, other_files = _walk(os.path.join(folder, name), links=False)
         others += [os.path.join(name, path) for path in other_files if os.sep not in path]
         found += [(label, Found(os.path.join(name, item.path), item.link, item.identity))
                   for item in files if os.sep not in item.path]
-        deeper |= {item.identity or os.path.join(name, item.path) for item in files
-                   if os.sep in item.path}
+        deeper_in[name] = {item.identity or os.path.join(name, item.path) for item in files
+                           if os.sep in item.path}
+        deeper |= deeper_in[name]
     deeper -= {item.identity for _, item in found}      # (a link inside to a class's image)
     kept, repeated = _once([item for _, item in found], set())
     kept = set(kept)
@@ -212,8 +215,11 @@ def list_class_tree(folder):
     counts = [sum(label == c for label, _ in chosen) for c in range(len(classes))]
     for name, count in zip(classes, counts):
         if not count:
+            below = len(deeper_in[name] - {item.identity for _, item in found})
             held = ('only links to images of other classes, each of which counts in its own '
                     'class' if any(item.path.startswith(name + os.sep) for _, item in found)
+                    else f'no images directly inside it ({below} in folders inside it, which '
+                    f'a class does not read)' if below
                     else f'no images ({", ".join(IMAGE_EXTENSIONS)})')
             raise FolderError(f'class folder {shown(os.path.join(folder, name))} holds {held}')
     left_out = [f'note: under {shown(folder)}, {len(deeper)} image file'

@@ -20,11 +20,11 @@ import numpy as np
 
 from .decoding import Reading, ReadStats, header_sizes, read_files
 from .errors import DataError
-from .folders import (FolderError, describe_class_difference, list_class_tree,
-                      list_images)
+from .folders import (FolderError, describe_class_difference, is_class_tree, is_image_file,
+                      list_class_tree, list_images)
 from .image_cache import size_rule
 from .image_rows import pixel_digest, take
-from .images import (IMAGE_EXTENSIONS, ImageNotes, UnreadableImage, failure_reason, shown)
+from .images import (ImageNotes, UnreadableImage, failure_reason, shown)
 
 TRAIN_STORE_RATIO = 8 / 7      # stored training side / crop side for resized folder data
 TORCHVISION_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
@@ -309,21 +309,29 @@ def first_missing_folder(path):
 
 
 def refuse_download_among_images(root, name):
-    """A DataError where `root` holds an image file (the first met, at any depth): a folder of
+    """A DataError where `root` holds image files itself or in its sub-folders (one level: a
+    photo library by year), or is the train/ or test/ split of a labelled copy: a folder of
     one's own images given without --dataset folder must not receive a download of dataset
-    `name` (and a run on it)."""
+    `name` (and a run on it). An image-folder copy of another dataset beside (data/train/
+    <class>/*) is two levels down, and no reason to refuse."""
+    if not os.path.isdir(root):
+        return
     parent, split = os.path.split(os.path.normpath(os.path.abspath(root)))
-    if split in ('train', 'test') and all(os.path.isdir(os.path.join(parent, other))
-                                          for other in ('train', 'test')):
+    if split in ('train', 'test') and folder_layout(parent) == 'labelled' and \
+            is_class_tree(root):
         raise DataError(f'{shown(root)} is the {split}/ split of an image-folder copy: give the '
                         f'folder that holds train/ and test/, --data-root {shown(parent)}')
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith('.'))
-        image = next((f for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)), None)
+    folders = [root] + sorted(os.path.join(root, sub) for sub in os.listdir(root)
+                              if not sub.startswith('.') and
+                              os.path.isdir(os.path.join(root, sub)))
+    for folder in folders:
+        image = next((entry for entry in sorted(os.listdir(folder)) if is_image_file(entry)
+                      and os.path.isfile(os.path.join(folder, entry))), None)
         if image is not None:
             raise DataError(f'{shown(root)} holds images ({shown(os.path.join(folder, image))}, '
                             f'...) but no {name} files: for images of your own, give --dataset '
-                            f'folder; a download of {name} into it was not started')
+                            f'folder; to download {name}, give it a folder of its own (a '
+                            f'download of {name} into this one was not started)')
 
 
 def torchvision_fetch(root, fetch):
@@ -408,9 +416,8 @@ def load_cifar(dataset, root, download=True, select=None, reading=None):
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not download:        # (torchvision's words advise download=True, nothing typed)
             raise DataError(f'{shown(extracted)} is incomplete or damaged (torchvision could not '
-                            f'read it; no download was tried): delete it, or unpack '
-                            f'{ARCHIVES[dataset]} there again'
-                            ) from None
+                            f'read it: {reason}; no download was tried): delete it, or unpack '
+                            f'{ARCHIVES[dataset]} there again') from None
         raise DataError(
             f'no {dataset} data under {root!r}: looked for {root}/train/<class>/* + '
             f'{root}/test/<class>/* image folders and torchvision\'s '

@@ -100,6 +100,11 @@ def load_data(opts, root=None, reading=None):
         if not hint:
             raise
         raise UserError(f'{err}{hint}') from None
+    if train.labelled and train.num_labelled == 0:     # (STL-10's unlabeled split only)
+        chosen = f' of --subset {opts.subset}' if opts.subset else ''
+        raise UserError(f'none of the {len(train)} training images{chosen} is labelled, so the '
+                        f'kNN would have no votes and its accuracy no meaning'
+                        + (': give a larger --subset' if opts.subset else ''))
     if opts.test_only:
         return train, test
     if len(train) < 2:              # (--batch_size is 2 or more: a step needs two images)
@@ -270,10 +275,6 @@ def run_data(opts, settings, world, say):
             'image from the image cache as it needs it')
     device = settings.device
     knn = labels = stats_rows = None
-    if train.labelled and train.num_labelled == 0:     # (STL-10's unlabeled split only)
-        raise UserError(f'none of the {len(train)} training images of --subset {opts.subset} '
-                        f'is labelled, so the kNN would have no votes and its accuracy no '
-                        f'meaning: give a larger --subset')
     if train.labelled:
         labels = torch.from_numpy(train.targets).to(device)
         knn = KnnData(pipeline, labels[:train.num_labelled], len(train.classes),

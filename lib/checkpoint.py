@@ -226,10 +226,14 @@ def not_yet_written(path):
     if not os.path.isfile(os.path.join(folder or '.', 'log.jsonl')):
         return ''
     run = f'the run in {shown(folder or os.curdir)}'
-    if name == BEST and os.path.isfile(os.path.join(folder, LAST)):
+    held = [written for written in (BEST, LAST) if os.path.isfile(os.path.join(folder, written))]
+    if not held:
+        return (f': {run} has written none yet (the first is written at the end of its first '
+                f'epoch)')
+    if name == BEST and held == [LAST]:
         return (f': {run} has last.t7 only (ckpt.t7 is written once an epoch is evaluated): '
                 f'give {os.path.join(folder, LAST)}')
-    return f': {run} has written none yet (the first is written at the end of its first epoch)'
+    return f': {run} holds {" and ".join(held)}'
 
 
 def load(path):

@@ -248,6 +248,9 @@ def test_a_checkpoint_a_run_has_not_written_yet_says_so(tmp_path, monkeypatch):
     assert str(raised.value) == ('no checkpoint at run/ckpt.t7: the run in run has last.t7 only '
                                  '(ckpt.t7 is written once an epoch is evaluated): give '
                                  'run/last.t7')
+    with pytest.raises(UserError) as raised:        # a name mistyped: what is there
+        ckpt.load('run/ckpt_t7')
+    assert str(raised.value) == 'no checkpoint at run/ckpt_t7: the run in run holds last.t7'
     with pytest.raises(UserError) as raised:        # no run there: no guess
         ckpt.load('elsewhere/ckpt.t7')
     assert str(raised.value) == 'no checkpoint at elsewhere/ckpt.t7'

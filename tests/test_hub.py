@@ -90,7 +90,8 @@ def test_a_keyword_that_contradicts_the_checkpoint_is_named(trained_checkpoint, 
     ones it holds are taken."""
     with pytest.raises(Exception) as raised:     # (hub's own copy of lib.errors.UserError)
         torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint, **asked)
-    assert type(raised.value).__name__ == 'UserError' and str(raised.value) == (f'checkpoint {trained_checkpoint} holds resnet18 with the Sobel '
+    assert type(raised.value).__name__ == 'UserError'
+    assert str(raised.value) == (f'checkpoint {trained_checkpoint} holds resnet18 with the Sobel '
                                  f'branch, cifar stem, 128-d embedding, but {said}, or give what '
                                  f'the checkpoint holds')
     same = torch.hub.load(ROOT, 'superand', source='local', checkpoint=trained_checkpoint,

@@ -74,9 +74,17 @@ def test_own_images_without_dataset_folder_are_not_a_download_target(dataset, na
     code, out, err = run_main(*argv, *(['--dataset', dataset] if dataset != 'cifar10' else []))
     assert code == 2
     assert err.strip() == (f'error: {photos} holds images ({photos}/2024/a.jpg, ...) but no '
-                           f'{name} files: for images of your own, give --dataset folder; a '
-                           f'download of {name} into it was not started')
+                           f'{name} files: for images of your own, give --dataset folder; to '
+                           f'download {name}, give it a folder of its own (a download of '
+                           f'{name} into this one was not started)')
     assert sorted(os.listdir(photos)) == ['2024']
+    # An image-folder copy of another dataset in the same data root (the README's offline
+    # layout, data/train/<class>/*) is no reason to refuse: the download is tried.
+    if dataset in ('svhn', 'stl10'):        # (cifar100 would read that copy as its own)
+        write_image_folder(tmp_path / 'data')
+        code, out, err = run_main('--data-root', tmp_path / 'data', '--dataset', dataset,
+                                  '--model_dir', tmp_path / 'run', '--device', 'cpu')
+        assert code == 2 and 'a download was started' in err, err
     code, out, err = run_main(*argv, '--dataset', 'folder', *SMALL, '--batch_size', '2')
     assert code == 2 and 'a run needs at least 2 training images, and there is 1' in err
 

@@ -441,6 +441,11 @@ def test_images_in_folders_inside_a_class_folder_are_counted_not_dropped_in_sile
     (library / '2019' / 'summer' / 'deep' / 'c.png').unlink()
     assert datasets.list_class_tree(str(library)).notes[0].startswith(
         f'note: under {library}, 1 image file in a folder inside a class folder is not read')
+    (library / '2019' / 'a.png').unlink()   # a class with images deeper down only
+    with pytest.raises(datasets.FolderError) as raised:
+        datasets.list_class_tree(str(library))
+    assert str(raised.value) == (f'class folder {library}/2019 holds no images directly inside '
+                                 f'it (1 in folders inside it, which a class does not read)')
     flat = tmp_path / 'flat'                # none: no note
     flat.mkdir()
     (flat / 'cls').mkdir()
@@ -513,11 +518,13 @@ def test_outputs_never_land_on_inputs_and_unwritable_ones_are_one_line(tmp_path,
 def test_a_figure_from_a_gallery_npz_needs_the_files_it_embedded(tmp_path, capsys):
     """The figure of a gallery .npz draws its files as they are now: once one is replaced, it
     would show other pixels beside the similarities ranked, so it is refused (the ranking,
-    from the .npz alone, is still printed); unchanged, it is drawn."""
+    from the .npz alone, is still printed); unchanged, it is drawn, also where the embedding
+    skipped an unreadable file (which is not among the files ranked)."""
     gallery = tmp_path / 'gallery'
     gallery.mkdir()
     for i in range(3):
         Image.fromarray(noisy(i)).save(gallery / f'{i}.png')
+    (gallery / 'bad.png').write_bytes(b'not an image')
     checkpoint = untrained_checkpoint(tmp_path / 'ckpt.t7')
     npz = str(tmp_path / 'g.npz')
     assert embed.main(['--ckpt', checkpoint, '--images', str(gallery), '--out', npz]) == 0

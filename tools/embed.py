@@ -7,8 +7,9 @@ Every image under the folder, at any depth, goes through the checkpoint's test t
 and the network in eval mode, in float32 and in batches. The .npz holds `features` (N x D,
 unit rows: the dot product of two rows is their cosine similarity), `paths` (relative to the
 folder), and when the folder is a class tree (<class>/<image>) `labels` and `classes`; also
-`root`, `image_size`, `mean`, `std`, `checkpoint`, `fingerprint` (of the folder's files) and
-`reader_version` (of the image reader, datasets.READER_VERSION).
+`root`, `image_size`, `mean`, `std`, `checkpoint`, `fingerprint` (of the folder's files),
+`kept_fingerprint` (of the files embedded: `paths`) and `reader_version` (of the image reader,
+datasets.READER_VERSION).
 An unreadable file is named and skipped.
 """
 import hashlib
@@ -78,7 +79,7 @@ class ImageList:
     labels: np.ndarray = None
     classes: list = field(default_factory=list)
     notes: list = field(default_factory=list)
-    fingerprint: str = None     # of the files as an .npz embedded them (file_fingerprint)
+    fingerprint: str = None     # file_fingerprint of `paths` as they were embedded
 
 
 def list_folder(folder):
@@ -132,6 +133,7 @@ class Embedded:
     notes: list                 # what differed from the checkpoint's training images
     stats: object = None        # datasets.ReadStats: what reading the files cost
     fingerprint: str = None     # file_fingerprint of the bytes read
+    kept_fingerprint: str = None    # of the files embedded only (the unreadable left out)
 
 
 class ImageReader:
@@ -203,7 +205,8 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
     The Embedded's `fingerprint` is `file_fingerprint` of the bytes that were read."""
     reader = ImageReader(image_size, mean, std)
     reading = reading or datasets.Reading()
-    skipped, stats, digest = [], datasets.ReadStats(), hashlib.sha1()
+    skipped, stats, digest, kept_digest = [], datasets.ReadStats(), hashlib.sha1(), \
+        hashlib.sha1()
     reads = read_files([os.path.join(root, path) for path in paths], image_size, reading,
                        reader.read_notes, stats)
 
@@ -216,6 +219,7 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
                 if read.reason is not None:
                     skipped.append((paths[read.position], read.reason))
                 else:
+                    kept_digest.update(os.fsencode(paths[read.position]) + b'\0' + read.digest)
                     images.append(reader.tensor(read))
                     positions.append(read.position)
                 if len(images) == batch_size:
@@ -238,7 +242,8 @@ def embed_files(net, root, paths, image_size, mean, std, device, show=False,
     else:
         features = torch.cat(features) if features else torch.zeros(0, 0, device=device)
     notes = reader.notes() + (reading.cache.take_notes() if reading.cache is not None else [])
-    return Embedded(features, kept, skipped, notes, stats, digest.hexdigest()[:16])
+    return Embedded(features, kept, skipped, notes, stats, digest.hexdigest()[:16],
+                    kept_digest.hexdigest()[:16])
 
 
 def report_skipped(skipped, say=print):
@@ -265,7 +270,7 @@ def embed_folder(loaded, images, device, show=False, say=print, reading=None, ro
         say(reading_line(done.stats))
     kept = ImageList(images.root, [images.paths[i] for i in done.kept],
                      images.labels[done.kept] if images.labels is not None else None,
-                     images.classes)
+                     images.classes, fingerprint=done.kept_fingerprint)
     return kept, done.features, done.fingerprint
 
 
@@ -323,6 +328,7 @@ def save_embeddings(out, images, features, loaded, checkpoint, **extra):
               root=os.path.abspath(images.root), image_size=loaded.image_size,
               mean=np.asarray(loaded.mean), std=np.asarray(loaded.std),
               checkpoint=os.path.abspath(checkpoint),
+              kept_fingerprint=str(images.fingerprint),
               reader_version=datasets.READER_VERSION, **extra)
 
 

@@ -7,7 +7,8 @@ or with `--features bank` the memory bank, training split only), `indexes` (N, e
 position in the full split, so subsets map back to files), for image folders `paths` (N,
 relative to `root`), and for labelled data `labels` (N) and `classes`; and what made them, as
 tools.embed does (`checkpoint`, `checkpoint_digest`, `reader_version`, `image_size`, `mean`,
-`std`) with `features_of` (network or bank), so that tools.retrieve takes the file as a gallery.
+`std`) with `features_of` (network or bank), so that tools.retrieve takes the file of an image
+folder (which has `paths`) as a gallery.
 
 `python -m tools.embed` embeds any folder the same way, with one difference for a folder's
 training split at a size other than its files': a run keeps its training images 8/7 larger (to

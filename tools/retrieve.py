@@ -176,15 +176,15 @@ def gallery_from_npz(loaded, path, checkpoint, device, say):
             f'{wanted[2]}: the queries are embedded with the checkpoint\'s')
     root = str(data['root']) if 'root' in data else os.path.dirname(os.path.abspath(path))
     return ImageList(root, [str(p) for p in data['paths']], fingerprint=str(
-        data['fingerprint']) if 'fingerprint' in data else None), features
+        data['kept_fingerprint']) if 'kept_fingerprint' in data else None), features
 
 
-def refuse_changed_files(gallery, path, checkpoint):
+def refuse_changed_files(gallery, path, checkpoint, cache=None):
     """A UserError where the files of a gallery .npz are no longer the bytes it embedded
     (replaced, edited, removed): a figure would show today's files beside the similarities
     of others."""
     if gallery.fingerprint is not None and \
-            file_fingerprint(gallery.root, gallery.paths) != gallery.fingerprint:
+            file_fingerprint(gallery.root, gallery.paths, cache) != gallery.fingerprint:
         raise UserError(f'cannot draw the figure: the files under {shown(gallery.root)} are not '
                         f'those {shown(path)} embedded (some were replaced, edited or removed '
                         f'since), so its images would not be the ones ranked: embed them again: '
@@ -296,7 +296,7 @@ def retrieve(argv):
     report_skipped(done.skipped)
     if args.figure:
         if not os.path.isdir(args.gallery):
-            refuse_changed_files(gallery, args.gallery, args.ckpt)
+            refuse_changed_files(gallery, args.gallery, args.ckpt, reading.cache)
         wrote = cli.wrote_or_replaced(args.figure)
         width, height = neighbours_figure(queries, gallery.root, gallery.paths, similarities,
                                           positions, args.figure, args.cell)
