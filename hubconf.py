@@ -60,9 +60,9 @@ def _load(checkpoint, network, low_dim, sobel, stem, backbone):
         import models
         from datasets import image_transform
         from lib.analysis import load_network
-        if checkpoint is not None and os.path.isdir(checkpoint):
-            checkpoint = os.path.join(checkpoint, 'ckpt.t7')    # (a run's folder: its best)
-        loaded = load_network(checkpoint, 'cpu', network, low_dim, sobel, stem)
+        from lib.cli import checkpoint_file         # (a run's folder: its ckpt.t7)
+        loaded = load_network(checkpoint and checkpoint_file(checkpoint), 'cpu', network,
+                              low_dim, sobel, stem)
         module = models.Backbone(loaded.net) if backbone else loaded.net
         module.mean, module.std = loaded.mean, loaded.std
         module.image_size = loaded.image_size

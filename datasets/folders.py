@@ -197,7 +197,7 @@ def list_class_tree(folder):
     if not classes:
         raise FolderError(f'{shown(folder)} holds no class folders (expected '
                           f'{shown(folder)}/<class>/*)')
-    found, deeper, deeper_in, others = [], set(), {}, []
+    found, deeper_in, others = [], {}, []
     for label, name in enumerate(classes):
         # (deeper folders only counted: a link there, to a tree or a mount, is not walked)
         files, _, other_files = _walk(os.path.join(folder, name), links=False)
@@ -206,8 +206,9 @@ def list_class_tree(folder):
                   for item in files if os.sep not in item.path]
         deeper_in[name] = {item.identity or os.path.join(name, item.path) for item in files
                            if os.sep in item.path}
-        deeper |= deeper_in[name]
-    deeper -= {item.identity for _, item in found}      # (a link inside to a class's image)
+    listed = {item.identity for _, item in found}       # (a link deeper down to a class's image)
+    deeper_in = {name: files - listed for name, files in deeper_in.items()}
+    deeper = set().union(*deeper_in.values())
     kept, repeated = _once([item for _, item in found], set())
     kept = set(kept)
     chosen = sorted(((label, item) for label, item in found if item in kept),
@@ -215,7 +216,7 @@ def list_class_tree(folder):
     counts = [sum(label == c for label, _ in chosen) for c in range(len(classes))]
     for name, count in zip(classes, counts):
         if not count:
-            below = len(deeper_in[name] - {item.identity for _, item in found})
+            below = len(deeper_in[name])
             held = ('only links to images of other classes, each of which counts in its own '
                     'class' if any(item.path.startswith(name + os.sep) for _, item in found)
                     else f'no images directly inside it ({below} in folders inside it, which '
@@ -232,6 +233,12 @@ def list_class_tree(folder):
                      Listing([], repeated, others=others).notes(folder) + left_out)
 
 
+def images_inside(folder):
+    """The image files directly inside `folder` (the module's rules: hidden ones left out,
+    broken links kept), as sorted names."""
+    return sorted(item.path for item in _walk(folder, any_depth=False)[0])
+
+
 def is_class_tree(folder):
     """Whether `folder` holds class folders of images only: visible sub-folders, each with
     images directly inside, and no loose images beside them."""
@@ -239,7 +246,7 @@ def is_class_tree(folder):
     if any(is_image_file(entry.name) and _entry_kind(entry) != 'folder' for entry in entries):
         return False
     classes = [entry.path for entry in entries if _entry_kind(entry) == 'folder']
-    return bool(classes) and all(_walk(path, any_depth=False)[0] for path in classes)
+    return bool(classes) and all(images_inside(path) for path in classes)
 
 
 def describe_class_difference(found, expected):

@@ -20,8 +20,8 @@ import numpy as np
 
 from .decoding import Reading, ReadStats, header_sizes, read_files
 from .errors import DataError
-from .folders import (FolderError, describe_class_difference, is_class_tree, is_image_file,
-                      list_class_tree, list_images)
+from .folders import (FolderError, describe_class_difference, images_inside, is_class_tree,
+                      list_class_tree, list_images, subfolders)
 from .image_cache import size_rule
 from .image_rows import pixel_digest, take
 from .images import (ImageNotes, UnreadableImage, failure_reason, shown)
@@ -321,14 +321,11 @@ def refuse_download_among_images(root, name):
             is_class_tree(root):
         raise DataError(f'{shown(root)} is the {split}/ split of an image-folder copy: give the '
                         f'folder that holds train/ and test/, --data-root {shown(parent)}')
-    folders = [root] + sorted(os.path.join(root, sub) for sub in os.listdir(root)
-                              if not sub.startswith('.') and
-                              os.path.isdir(os.path.join(root, sub)))
-    for folder in folders:
-        image = next((entry for entry in sorted(os.listdir(folder)) if is_image_file(entry)
-                      and os.path.isfile(os.path.join(folder, entry))), None)
-        if image is not None:
-            raise DataError(f'{shown(root)} holds images ({shown(os.path.join(folder, image))}, '
+    for folder in [root] + [os.path.join(root, sub) for sub in subfolders(root)]:
+        images = images_inside(folder)
+        if images:
+            image = os.path.join(folder, images[0])
+            raise DataError(f'{shown(root)} holds images ({shown(image)}, '
                             f'...) but no {name} files: for images of your own, give --dataset '
                             f'folder; to download {name}, give it a folder of its own (a '
                             f'download of {name} into this one was not started)')

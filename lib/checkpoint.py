@@ -213,10 +213,11 @@ def resolve_path(model_dir, name, in_folder=LAST):
             return os.path.join(candidate, in_folder)
         if os.path.exists(candidate):
             return candidate
-    raise UserError(f'no checkpoint at {looked_in[0]}' + (
-        f' (nor at {looked_in[1]}' + (' in this folder' if os.path.dirname(looked_in[1]) == ''
-                                      else '') + ')' if len(looked_in) > 1 else '')
-        + not_yet_written(looked_in[0]))
+    elsewhere = ''
+    if len(looked_in) > 1:
+        here = ' in this folder' if os.path.dirname(looked_in[1]) == '' else ''
+        elsewhere = f' (nor at {looked_in[1]}{here})'
+    raise UserError(f'no checkpoint at {looked_in[0]}{elsewhere}{not_yet_written(looked_in[0])}')
 
 
 def not_yet_written(path):

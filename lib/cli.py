@@ -155,10 +155,11 @@ def plural(count, word, plural_word=None):
 
 @contextmanager
 def writing(path):
-    """An OSError while the block writes `path`, a file the user named, as one line (a UserError:
-    exit code 2): a full disk, a read-only mount, a folder that takes no files (/proc), which
-    the checks of `output_file` cannot all see before."""
+    """For a block that writes `path`, a file the user named: its folder made first, and an
+    OSError as one line (a UserError: exit code 2): a full disk, a read-only mount, a folder
+    that takes no files (/proc), which the checks of `output_file` cannot all see before."""
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         yield
     except OSError as err:
         raise UserError(f'cannot write {datasets.shown(path)}: {err.strerror or err}') from None

@@ -49,16 +49,9 @@ def quote(word):
     shell turns back into the very bytes (shlex.quote would print '\\xe9', four characters)."""
     if word.isprintable():          # (a lone surrogate is not)
         return shlex.quote(word)
-    escaped = []
-    for c in word:
-        if 0xDC80 <= ord(c) <= 0xDCFF:
-            escaped.append(f'\\x{ord(c) - 0xDC00:02x}')
-        elif c in '\\\'':
-            escaped.append('\\' + c)
-        elif c.isprintable():
-            escaped.append(c)
-        else:
-            escaped.append(''.join(f'\\x{byte:02x}' for byte in c.encode(errors='surrogatepass')))
+    escaped = [('\\' + c if c in '\\\'' else c) if c.isprintable()
+               else ''.join(f'\\x{byte:02x}' for byte in os.fsencode(c))   # (the very bytes)
+               for c in word]
     return "$'" + ''.join(escaped) + "'"
 
 

@@ -260,27 +260,31 @@ def check_resume_position(state, options, path, argv=()):
             f'trained with {old} throughout']
 
 
+def _from_mapped(path, read):
+    """`read(state)` of the checkpoint at `path` mapped, not read (mmap: no tensor's bytes are
+    loaded); None when there is none, it cannot be read, or `read` finds what it needs
+    missing (a released file has no position)."""
+    try:
+        return read(torch.load(path, map_location='cpu', weights_only=True, mmap=True))
+    except Exception:
+        return None
+
+
 def saved_position(path):
     """(round, epoch, finished) of the checkpoint at `path`, reading no tensor (mmap):
     `finished` when it is a last.t7 whose run trained all its rounds; None when it is
     unreadable or has no position (a released file)."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    def position(state):
         rounds = (state.get('config') or {}).get('rounds')
         finished = 'next' in state and rounds is not None and state['next']['round'] >= rounds
         return int(state['round']), int(state['epoch']), finished
-    except Exception:
-        return None
+    return _from_mapped(path, position)
 
 
 def progress_on_disk(model_dir):
     """The Progress of the last.t7 in `model_dir` as it is on disk now (mmap: no tensor is
     read), None when there is none or it cannot be read."""
-    try:
-        return ckpt.progress_of(torch.load(os.path.join(model_dir, LAST), map_location='cpu',
-                                           weights_only=True, mmap=True))
-    except Exception:
-        return None
+    return _from_mapped(os.path.join(model_dir, LAST), ckpt.progress_of)
 
 
 def repeated_epoch_note(path, progress):

@@ -279,12 +279,12 @@ def write_npz(out, **arrays):
     not at all (a kill mid-write leaves the file as it was: retrieve reads its gallery cache
     back). An array may be a memory-mapped .npy file's: it is copied into the archive a chunk
     at a time."""
+    target = os.path.realpath(out)      # (a link: its target is written, the link kept)
     with cli.writing(out):
-        out = os.path.realpath(out)     # (a link: its target is written, the link kept)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        remove_dead_temporaries(os.path.dirname(out))       # of writes killed before
+        os.makedirs(os.path.dirname(target), exist_ok=True)     # (a link's target's folder)
+        remove_dead_temporaries(os.path.dirname(target))        # of writes killed before
         # A file object: np.savez would add .npz to other names.
-        save_atomic(arrays, out, write=lambda arrays, f: np.savez(f, **arrays))
+        save_atomic(arrays, target, write=lambda arrays, f: np.savez(f, **arrays))
 
 
 class FeatureRows:
@@ -299,7 +299,6 @@ class FeatureRows:
     def __call__(self, features):
         if self.array is None:
             with cli.writing(self.out):     # (the file named: this one is beside it)
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
                 self.array = np.lib.format.open_memmap(self.path, mode='w+', dtype=np.float32,
                                                        shape=(self.count, features.shape[1]))
         self.array[self.filled:self.filled + len(features)] = features.cpu().numpy()

@@ -116,13 +116,15 @@ def probe(argv):
     from lib.console import top5_note
     from lib.errors import UserError
     args = build_parser().parse_args(argv)
+
+    def unlabeled():
+        return UserError(f'a linear probe trains on labelled training images, and '
+                         f'{unlabeled_text(args.ckpt, args.data_root)}')
     if not labels_of(args.ckpt, args.data_root):       # said before the data is read
-        raise UserError(f'a linear probe trains on labelled training images, and '
-                        f'{unlabeled_text(args.ckpt, args.data_root)}')
+        raise unlabeled()
     trained = load_for_analysis(args.ckpt, args.data_root, args.subset, args.device)
     if trained.test is None:
-        raise UserError(f'a linear probe trains on labelled training images, and '
-                        f'{unlabeled_text(args.ckpt, args.data_root)}')
+        raise unlabeled()
     if not args.quiet:
         print(f'linear probe of {args.ckpt}: embedding {trained.train.num_labelled} training and '
               f'{len(trained.test)} test images ({trained.device.type}), then '

@@ -215,7 +215,6 @@ def neighbours_figure(queries, root, paths, similarities, positions, out, cell):
                                  neighbours, sims))
     image = draw_retrieval(rows, cell=cell)
     with cli.writing(out):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         image.save(out)
     return image.size
 

@@ -206,7 +206,6 @@ def save(figure, kind, out):
     if kind == 'pil':
         if not out.lower().endswith(('.pdf', '.svg')):
             with cli.writing(out):
-                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
                 figure.save(out)
             return figure.size
         pixels = figure
@@ -215,7 +214,6 @@ def save(figure, kind, out):
     size = tuple(int(round(side)) for side in figure.get_size_inches() * DPI)
     try:
         with cli.writing(out):
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             figure.savefig(out, dpi=DPI)
     finally:
         plt.close(figure)
