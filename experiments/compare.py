@@ -166,12 +166,12 @@ def compare(argv):
     rows = [run_one(spec, args) for spec in args.runs]
     text = table(rows)
     out = args.out or os.path.join(args.work_dir, 'results.md')
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     written = 'replaced' if os.path.exists(out) else 'written to'
-    with open(out, 'w') as f:
+    print('\n' + text)                  # (first: a file that cannot be written loses no result)
+    with cli.writing(out), open(out, 'w') as f:
         f.write(text + '\n')
-    print('\n' + text + f'\n\n({written} {out}; "best" is the best of every epoch\'s test '
-          'evaluation, as the paper reports; "final" is the last epoch\'s)')
+    print(f'\n({written} {out}; "best" is the best of every epoch\'s test evaluation, as the '
+          'paper reports; "final" is the last epoch\'s)')
     failed = [spec for spec, row in zip(args.runs, rows) if row['final'] == 'failed']
     if failed:
         print(f'{len(failed)} of {len(rows)} runs failed: {" ".join(failed)}', file=sys.stderr)

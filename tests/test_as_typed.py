@@ -467,6 +467,14 @@ def test_compare_paths_are_the_users_and_a_failed_run_fails_it(tmp_path, monkeyp
     assert '| lemniscate | cifar10 | alexnet | 1 x 1 | failed |' in \
         (tmp_path / 'work' / 'results.md').read_text()
     assert not os.path.exists(os.path.join(ROOT, 'work'))
+    # A table that cannot be written: one line, exit code 2, and the table is still printed.
+    code = compare.main(['--runs', 'lemniscate:cifar10:alexnet:1', '--data-root', 'missing',
+                         '--work-dir', 'work', '--extra', '--device cpu', '--out',
+                         '/proc/results.md'])
+    out, err = capsys.readouterr()
+    assert code == 2 and '| lemniscate | cifar10 | alexnet | 1 x 1 | failed |' in out
+    assert err.splitlines()[-1] == ('error: cannot write /proc/results.md: No such file or '
+                                    'directory')
 
 
 def test_visualize_without_a_command_lists_them(capsys):
